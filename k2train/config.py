@@ -1,0 +1,459 @@
+"""Typed configuration schema for k2train.
+
+Hydra composes the YAML files under ``conf/`` against these dataclasses (registered with the
+ConfigStore in :func:`register_configs`), so an unknown key or a wrong type fails at composition
+time. :func:`to_job_config` then turns the composed ``DictConfig`` into plain dataclasses and
+:meth:`JobConfig.validate` checks the values that types alone cannot (divisibility, ranges). Past
+the entry point nothing sees Hydra or OmegaConf: each component receives only its own sub-config.
+"""
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+
+def _fail(msg: str) -> None:
+    raise ValueError(msg)
+
+
+def _positive(section: str, **values: float) -> None:
+    for name, v in values.items():
+        if v is None or v <= 0:
+            _fail(f"{section}.{name}={v} must be > 0")
+
+
+# ---------------------------------------------------------------------------------------------
+# model
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RopeScalingConfig:
+    """YaRN context extension (DeepSeek-V3 / Kimi K2 variant). ``type=none`` is plain RoPE."""
+
+    type: Literal["none", "yarn"] = "none"
+    factor: float = 32.0
+    original_max_position_embeddings: int = 4096
+    beta_fast: float = 1.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 1.0
+
+
+@dataclass
+class ModelConfig:
+    """The Kimi K2 / DeepSeek-V3 architecture. Field names follow the HF config where one exists."""
+
+    name: str = "k2_tiny"
+    vocab_size: int = 163840
+    hidden_size: int = 7168
+    num_hidden_layers: int = 61
+    first_k_dense_replace: int = 1
+    intermediate_size: int = 18432
+    moe_intermediate_size: int = 2048
+    num_attention_heads: int = 64
+    q_lora_rank: int = 1536
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    n_routed_experts: int = 384
+    num_experts_per_tok: int = 8
+    n_shared_experts: int = 1
+    routed_scaling_factor: float = 2.827
+    norm_topk_prob: bool = True
+    aux_loss_alpha: float = 0.001
+    # Aux-loss-free balancing: after each step, bias_i += rate * sign(mean_load - load_i).
+    bias_update_rate: float = 1e-3
+    rope_theta: float = 50000.0
+    max_position_embeddings: int = 131072
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
+    rms_norm_eps: float = 1e-6
+    initializer_range: float = 0.02
+    bos_token_id: int = 163584
+    eos_token_id: int = 163585
+    # Implementation switches (the plain torch path is the reference and the CPU fallback).
+    attn_impl: Literal["eager", "sdpa", "triton"] = "eager"
+    moe_impl: Literal["loop", "grouped_mm", "triton"] = "grouped_mm"
+    norm_impl: Literal["torch", "triton"] = "torch"
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.num_hidden_layers - self.first_k_dense_replace
+
+    def validate(self) -> None:
+        s = "model"
+        _positive(
+            s,
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            num_hidden_layers=self.num_hidden_layers,
+            intermediate_size=self.intermediate_size,
+            moe_intermediate_size=self.moe_intermediate_size,
+            num_attention_heads=self.num_attention_heads,
+            q_lora_rank=self.q_lora_rank,
+            kv_lora_rank=self.kv_lora_rank,
+            qk_nope_head_dim=self.qk_nope_head_dim,
+            qk_rope_head_dim=self.qk_rope_head_dim,
+            v_head_dim=self.v_head_dim,
+            rope_theta=self.rope_theta,
+            rms_norm_eps=self.rms_norm_eps,
+            initializer_range=self.initializer_range,
+            max_position_embeddings=self.max_position_embeddings,
+        )
+        if self.qk_rope_head_dim % 2:
+            _fail(f"model.qk_rope_head_dim={self.qk_rope_head_dim} must be even (RoPE rotates pairs)")
+        if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
+            _fail(
+                f"model.first_k_dense_replace={self.first_k_dense_replace} must be in "
+                f"[0, num_hidden_layers={self.num_hidden_layers}]"
+            )
+        if self.num_moe_layers > 0:
+            _positive(s, n_routed_experts=self.n_routed_experts, num_experts_per_tok=self.num_experts_per_tok)
+            if self.num_experts_per_tok > self.n_routed_experts:
+                _fail(
+                    f"model.num_experts_per_tok={self.num_experts_per_tok} exceeds "
+                    f"model.n_routed_experts={self.n_routed_experts}: lower the top-k or add experts"
+                )
+        if self.n_shared_experts < 0:
+            _fail(f"model.n_shared_experts={self.n_shared_experts} must be >= 0")
+        if self.aux_loss_alpha < 0 or self.bias_update_rate < 0:
+            _fail("model.aux_loss_alpha and model.bias_update_rate must be >= 0")
+        for name in ("bos_token_id", "eos_token_id"):
+            tid = getattr(self, name)
+            if not 0 <= tid < self.vocab_size:
+                _fail(f"model.{name}={tid} is outside the vocabulary [0, {self.vocab_size})")
+        rs = self.rope_scaling
+        if rs.type == "yarn":
+            _positive("model.rope_scaling", factor=rs.factor, original_max_position_embeddings=rs.original_max_position_embeddings)
+
+
+# ---------------------------------------------------------------------------------------------
+# optimizer
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["muonclip", "muon", "adamw"] = "muonclip"
+    lr: float = 2e-4
+    weight_decay: float = 0.1
+    # Muon (2-D matrices inside the blocks)
+    momentum: float = 0.95
+    nesterov: bool = True
+    ns_steps: int = 5
+    ns_coefficients: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
+    ns_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    rms_match: float = 0.2
+    ns_impl: Literal["torch", "triton"] = "torch"
+    # AdamW (embedding, head, norms, everything that is not a block matrix)
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    adam_eps: float = 1e-8
+    # QK-Clip
+    qk_clip: bool = True
+    qk_clip_tau: float = 100.0
+    # ZeRO-1: shard optimizer state over the data-parallel ranks
+    zero1: bool = True
+    # LR schedule
+    schedule: Literal["wsd", "cosine", "constant"] = "wsd"
+    warmup_steps: int = 500
+    # WSD: constant until (steps - decay_steps), then cosine down to min_lr.
+    decay_steps: Optional[int] = None
+    decay_fraction: float = 0.2
+    min_lr: float = 2e-5
+
+    def validate(self) -> None:
+        _positive("optim", lr=self.lr, ns_steps=self.ns_steps, qk_clip_tau=self.qk_clip_tau, adam_eps=self.adam_eps)
+        if self.weight_decay < 0:
+            _fail(f"optim.weight_decay={self.weight_decay} must be >= 0")
+        if not 0 <= self.momentum < 1:
+            _fail(f"optim.momentum={self.momentum} must be in [0, 1)")
+        if any(not 0 <= b < 1 for b in self.adam_betas):
+            _fail(f"optim.adam_betas={list(self.adam_betas)} must each be in [0, 1)")
+        if self.warmup_steps < 0:
+            _fail(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+        if not 0 <= self.min_lr <= self.lr:
+            _fail(f"optim.min_lr={self.min_lr} must be in [0, optim.lr={self.lr}]")
+        if not 0 <= self.decay_fraction <= 1:
+            _fail(f"optim.decay_fraction={self.decay_fraction} must be in [0, 1]")
+        if len(self.ns_coefficients) != 3:
+            _fail(f"optim.ns_coefficients needs 3 values (a, b, c), got {list(self.ns_coefficients)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DatasetSpec:
+    """One prepared dataset: a Megatron indexed-dataset prefix (``path.bin``/``path.idx``)."""
+
+    path: str = ""
+    weight: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    # "embedded": the corpus and tokenizer the package builds offline (the default run).
+    # "megatron": prepared .bin/.idx shards listed in `datasets`, blended by weight.
+    source: Literal["embedded", "megatron"] = "embedded"
+    # tiktoken rank file; empty = the tokenizer that matches the source (embedded: built in).
+    tokenizer_path: str = ""
+    datasets: list[DatasetSpec] = field(default_factory=list)
+    # Where derived files (the embedded corpus shards, sample indices) are cached.
+    cache_dir: str = "~/.cache/k2train"
+    seed: int = 1234
+    # Reset positions and mask attention at document boundaries inside packed samples.
+    document_mask: bool = False
+    num_workers: int = 1
+    prefetch: int = 4
+
+    def validate(self) -> None:
+        if self.source == "megatron" and not self.datasets:
+            _fail("data.source=megatron needs at least one entry in data.datasets (path prefix and weight)")
+        for i, d in enumerate(self.datasets):
+            if not d.path:
+                _fail(f"data.datasets[{i}].path is empty: give the prefix of a .bin/.idx pair")
+            if d.weight <= 0:
+                _fail(f"data.datasets[{i}].weight={d.weight} must be > 0")
+        if self.num_workers < 0 or self.prefetch < 1:
+            _fail(f"data.num_workers={self.num_workers} must be >= 0 and data.prefetch={self.prefetch} >= 1")
+
+
+# ---------------------------------------------------------------------------------------------
+# parallelism
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel degrees. ``dp=-1`` means: whatever the world size leaves over."""
+
+    name: str = "single"
+    dp: int = -1
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    cp: int = 1
+    # Virtual pipeline stages per rank (interleaved 1F1B when > 1).
+    vpp: int = 1
+    pp_schedule: Literal["1F1B", "Interleaved1F1B", "GPipe"] = "1F1B"
+    sequence_parallel: bool = True
+    # Selective activation recompute as K2 used it, or none / full.
+    recompute: Literal["none", "selective", "full"] = "none"
+    # Collective timeout (NCCL/gloo), seconds.
+    timeout_s: int = 600
+
+    def validate(self) -> None:
+        for name in ("tp", "pp", "ep", "cp", "vpp"):
+            if getattr(self, name) < 1:
+                _fail(f"parallel.{name}={getattr(self, name)} must be >= 1")
+        if self.dp == 0 or self.dp < -1:
+            _fail(f"parallel.dp={self.dp} must be >= 1, or -1 to use the rest of the world size")
+        if self.cp != 1:
+            _fail("parallel.cp > 1 (context parallelism) is reserved for the long-context stage and not implemented yet")
+        if self.vpp > 1 and self.pp_schedule != "Interleaved1F1B":
+            _fail(f"parallel.vpp={self.vpp} needs parallel.pp_schedule=Interleaved1F1B (got {self.pp_schedule})")
+        _positive("parallel", timeout_s=self.timeout_s)
+
+
+# ---------------------------------------------------------------------------------------------
+# trainer, checkpoints, logging
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CheckpointConfig:
+    enable: bool = True
+    # Save every N steps (0 = only the final save).
+    interval: int = 0
+    keep_last: int = 3
+    keep_every: int = 0
+    async_save: bool = False
+    # Resume from the latest valid checkpoint under the run's checkpoint folder.
+    resume: bool = True
+    # Load model weights from here (a k2train checkpoint or an HF folder) before training.
+    load_path: str = ""
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = 200
+    seq_len: int = 128
+    micro_batch_size: int = 8
+    # Global batch in sequences; gradient accumulation = global / (micro * dp).
+    global_batch_size: int = 8
+    grad_clip: float = 1.0
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0
+    log_interval: int = 10
+    # Non-finite loss or grad norm: skip the step, or stop the run.
+    on_nonfinite: Literal["skip", "stop"] = "skip"
+    # A loss above spike_factor x its running mean is logged as a spike.
+    spike_factor: float = 3.0
+    compile: bool = False
+    output_dir: str = "runs"
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def validate(self) -> None:
+        _positive(
+            "trainer",
+            steps=self.steps,
+            seq_len=self.seq_len,
+            micro_batch_size=self.micro_batch_size,
+            global_batch_size=self.global_batch_size,
+            log_interval=self.log_interval,
+        )
+        if self.grad_clip < 0:
+            _fail(f"trainer.grad_clip={self.grad_clip} must be >= 0 (0 disables clipping)")
+        if self.checkpoint.interval < 0 or self.checkpoint.keep_last < 1 or self.checkpoint.keep_every < 0:
+            _fail("trainer.checkpoint: interval >= 0, keep_last >= 1 and keep_every >= 0 are required")
+
+
+@dataclass
+class LoggingConfig:
+    console: bool = True
+    jsonl: bool = True
+    progress_bar: bool = True
+    wandb: bool = True
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    wandb_project: str = "k2train"
+    wandb_entity: Optional[str] = None
+    run_name: Optional[str] = None
+
+
+@dataclass
+class JobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    experiment: str = "default"
+
+    def validate(self, world_size: int = 1) -> "JobConfig":
+        self.model.validate()
+        self.optim.validate()
+        self.data.validate()
+        self.parallel.validate()
+        self.trainer.validate()
+        m, t = self.model, self.trainer
+        if t.seq_len > m.max_position_embeddings:
+            _fail(f"trainer.seq_len={t.seq_len} exceeds model.max_position_embeddings={m.max_position_embeddings}")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Hydra plumbing (the only place that knows about OmegaConf)
+# ---------------------------------------------------------------------------------------------
+
+
+def _schema(cls: type) -> type:
+    """An OmegaConf-compatible twin of a config dataclass.
+
+    OmegaConf cannot type ``Literal`` fields, so they become ``str`` here and :func:`_build` checks
+    the allowed values afterwards; nested dataclasses are converted recursively.
+    """
+    cached = _SCHEMAS.get(cls)
+    if cached is not None:
+        return cached
+    hints = typing.get_type_hints(cls)
+    fields = []
+    for f in dataclasses.fields(cls):
+        t = hints[f.name]
+        if typing.get_origin(t) is Literal:
+            t = str
+        elif dataclasses.is_dataclass(t):
+            t = _schema(t)
+        elif typing.get_origin(t) is list and dataclasses.is_dataclass(typing.get_args(t)[0]):
+            t = list[_schema(typing.get_args(t)[0])]
+        if f.default_factory is not dataclasses.MISSING:
+            factory = f.default_factory
+            if dataclasses.is_dataclass(t) and isinstance(t, type):
+                factory = t
+            spec = field(default_factory=factory)
+        else:
+            spec = field(default=f.default)
+        fields.append((f.name, t, spec))
+    twin = dataclasses.make_dataclass(cls.__name__, fields)
+    _SCHEMAS[cls] = twin
+    return twin
+
+
+_SCHEMAS: dict[type, type] = {}
+
+
+def register_configs() -> None:
+    """Register the schema so that Hydra type-checks every YAML file and override against it."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="job_schema", node=_schema(JobConfig))
+
+
+def _build(cls: type, data: Any, where: str = "") -> Any:
+    """Plain containers -> dataclass instances, checking ``Literal`` choices with a clear message."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{where}{k}"
+        if k not in hints:
+            _fail(f"unknown config key {key!r}; valid keys here: {sorted(hints)}")
+        t = hints[k]
+        if typing.get_origin(t) is Literal and v not in typing.get_args(t):
+            _fail(f"{key}={v!r} is not one of {list(typing.get_args(t))}")
+        if dataclasses.is_dataclass(t) and isinstance(v, dict):
+            v = _build(t, v, f"{key}.")
+        elif typing.get_origin(t) is list and isinstance(v, list):
+            (item,) = typing.get_args(t)
+            if dataclasses.is_dataclass(item):
+                v = [_build(item, x, f"{key}[{i}].") for i, x in enumerate(v)]
+        elif typing.get_origin(t) is tuple and isinstance(v, list):
+            v = tuple(v)
+        kwargs[k] = v
+    return cls(**kwargs)
+
+
+def to_job_config(cfg: Any) -> JobConfig:
+    """Composed Hydra config (DictConfig or dict) -> validated :class:`JobConfig`."""
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(cfg, DictConfig):
+            cfg = OmegaConf.to_container(cfg, resolve=True)
+    except ImportError:  # pragma: no cover - hydra is a core dependency
+        pass
+    cfg = {k: v for k, v in dict(cfg).items() if k != "hydra"}
+    return _build(JobConfig, cfg)
+
+
+def job_config_to_dict(cfg: JobConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def load_config(overrides: Optional[list[str]] = None, config_name: str = "config") -> JobConfig:
+    """Compose ``conf/`` with Hydra's compose API (for tests, notebooks and the planner)."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="k2train.conf", version_base=None):
+        composed = compose(config_name=config_name, overrides=list(overrides or []))
+    return to_job_config(composed)
+
+
+def num_params_fmt(n: float) -> str:
+    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.3f}{unit}"
+    return str(int(n)) if math.isfinite(n) else str(n)
