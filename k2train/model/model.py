@@ -1,0 +1,111 @@
+"""The Kimi K2 transformer: embedding, one dense block, MoE blocks, final norm, untied head.
+
+Plain ``nn.Module``: builds on the meta device (the 1T config in seconds), is materialized with
+``to_empty()`` + :meth:`K2Model.init_weights`, and is parallelized from outside (k2train/parallel).
+Layers live in a ``ModuleDict`` keyed by their global index so that names stay stable when a
+pipeline stage keeps only some of them.
+"""
+
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from .attention import MLA
+from .moe import MoE, FeedForward
+from .norms import RMSNorm
+from .rope import rope_cos_sin, rope_inv_freq
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLA(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if layer_id < cfg.first_k_dense_replace:
+            self.mlp = FeedForward(cfg.hidden_size, cfg.intermediate_size)
+        else:
+            self.mlp = MoE(cfg)
+
+    def forward(self, x, cos, sin, doc_ids=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, doc_ids)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class K2Model(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.num_hidden_layers)})
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        inv_freq, self.rope_attention_factor = rope_inv_freq(cfg)
+        self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
+
+    @torch.no_grad()
+    def init_weights(self, seed: Optional[int] = None) -> None:
+        """(Re)initialize every parameter and buffer in place: N(0, initializer_range) for matrices,
+        ones for norms, zeros for router biases. Works after ``to_empty()`` from the meta device."""
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device="cpu").manual_seed(seed)
+        std = self.cfg.initializer_range
+        for name, p in self.named_parameters():
+            if name.endswith("layernorm.weight") or name == "norm.weight" or p.ndim == 1:
+                p.fill_(1.0)
+            elif gen is not None:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(std))
+            else:
+                nn.init.normal_(p, 0.0, std)
+        for name, b in self.named_buffers():
+            if name.endswith("e_score_correction_bias") or name.endswith("tokens_per_expert"):
+                b.zero_()
+            elif name.endswith("max_logit"):
+                b.fill_(float("-inf"))
+        self.rope_inv_freq.copy_(rope_inv_freq(self.cfg)[0])
+
+    def forward(
+        self,
+        tokens: Optional[torch.Tensor],
+        position_ids: Optional[torch.Tensor] = None,
+        doc_ids: Optional[torch.Tensor] = None,
+        hidden: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """tokens [B, S] -> logits [B, S, V].
+
+        A pipeline stage without the embedding (``embed_tokens`` set to None) takes ``hidden``
+        instead; one without the head returns hidden states.
+        """
+        x = self.embed_tokens(tokens) if self.embed_tokens is not None else hidden
+        B, S = x.shape[:2]
+        if position_ids is None:
+            position_ids = torch.arange(S, device=x.device).expand(B, S)
+        cos, sin = rope_cos_sin(self.rope_inv_freq, position_ids, self.rope_attention_factor)
+        for layer in self.layers.values():
+            x = layer(x, cos, sin, doc_ids)
+        if self.norm is not None:
+            x = self.norm(x)
+        if self.lm_head is not None:
+            x = self.lm_head(x)
+        return x
+
+    @property
+    def aux_loss(self) -> torch.Tensor:
+        """Sum of the MoE auxiliary losses of the last forward pass (0 when disabled)."""
+        total = torch.zeros((), device=self.rope_inv_freq.device)
+        for moe in self.moe_layers():
+            total = total + moe.aux_loss.to(total.device)
+        return total
+
+    def attention_layers(self) -> Iterator[tuple[int, MLA]]:
+        for i, layer in self.layers.items():
+            yield int(i), layer.self_attn
+
+    def moe_layers(self) -> Iterator[MoE]:
+        for layer in self.layers.values():
+            if isinstance(layer.mlp, MoE):
+                yield layer.mlp
