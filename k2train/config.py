@@ -155,6 +155,8 @@ class OptimConfig:
     # AdamW (embedding, head, norms, everything that is not a block matrix)
     adam_betas: tuple[float, float] = (0.9, 0.95)
     adam_eps: float = 1e-8
+    # Megatron convention: 1-D params (norm scales, biases) get no weight decay.
+    no_decay_1d: bool = True
     # QK-Clip
     qk_clip: bool = True
     qk_clip_tau: float = 100.0

@@ -1,0 +1,25 @@
+"""MuonClip: Muon + AdamW with QK-Clip for MLA (DESIGN.md section 3), LR schedules, ZeRO-1 sharding.
+
+Trainer usage::
+
+    opt = build_optimizer(model_parts, cfg.optim, dp_group)
+    print(describe_param_groups(opt))
+    sched = build_lr_scheduler(opt, cfg.optim, total_steps)
+    attn = attention_modules(model)          # once, at build time
+    ...  # forward/backward over the micro-batches (MLA records max_logit)
+    opt.step(); sched.step(); opt.zero_grad()
+    metrics = apply_qk_clip(attn, cfg.optim.qk_clip_tau if cfg.optim.qk_clip else None, dp_group, opt)
+"""
+
+from .grouping import build_optimizer, build_param_groups, describe_param_groups, is_muon_param
+from .muon import MuonClip
+from .newton_schulz import zeropower_via_newtonschulz
+
+__all__ = [
+    "MuonClip",
+    "build_optimizer",
+    "build_param_groups",
+    "describe_param_groups",
+    "is_muon_param",
+    "zeropower_via_newtonschulz",
+]

@@ -1,0 +1,129 @@
+"""Which parameter gets Muon and which AdamW, and the optimizer built from that grouping.
+
+The rule (DESIGN.md section 3): Muon for every matrix inside the transformer blocks, i.e. a
+parameter whose FQN starts with ``layers.`` and that is 2-D (attention projections, dense FFN,
+router gate, shared expert) or a 3-D expert stack ``[E, out, in]`` (each expert a matrix).
+AdamW for the rest: embedding, LM head, final norm, every norm scale and bias. The router's
+``e_score_correction_bias`` is a buffer, not a parameter: no optimizer touches it.
+"""
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from k2train.config import OptimConfig
+
+from .muon import MuonClip
+
+# Wrappers that torch.compile / activation checkpointing / DDP insert into FQNs.
+_WRAPPER_PREFIXES = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.", "module.")
+
+
+def clean_param_name(name: str) -> str:
+    """The model-level FQN of a parameter, without wrapper modules' path components."""
+    for w in _WRAPPER_PREFIXES:
+        name = name.replace(w, "")
+    return name
+
+
+def is_muon_param(name: str, p: torch.Tensor) -> bool:
+    """Muon for block matrices (2-D) and expert stacks (3-D) whose FQN starts with ``layers.``."""
+    return clean_param_name(name).startswith("layers.") and p.ndim in (2, 3)
+
+
+def _resolve_ns_fn(impl: str):
+    if impl == "torch":
+        return None
+    try:
+        from k2train.kernels import newton_schulz as kernel
+    except ImportError as e:
+        raise ValueError(
+            f"optim.ns_impl={impl!r} needs k2train.kernels.newton_schulz (triton), which failed to import "
+            f"({e}); use optim.ns_impl=torch"
+        ) from e
+    for attr in ("zeropower_via_newtonschulz", "newton_schulz"):
+        if hasattr(kernel, attr):
+            return getattr(kernel, attr)
+    raise ValueError("k2train.kernels.newton_schulz defines no zeropower_via_newtonschulz(); use optim.ns_impl=torch")
+
+
+def build_param_groups(model_parts: list[nn.Module], cfg: OptimConfig) -> list[dict]:
+    """The explicit grouping: ``muon`` (block matrices), ``adamw`` (other params with >= 2 dims, and
+    1-D ones when ``cfg.no_decay_1d`` is off), ``adamw_no_decay`` (1-D params, weight decay 0).
+
+    ``cfg.name == "adamw"`` puts every parameter in the AdamW groups. Each group carries the FQNs
+    of its params in ``names``. A parameter shared by two parts is listed once.
+    """
+    groups: dict[str, dict] = {
+        "muon": {"kind": "muon", "name": "muon", "params": [], "names": []},
+        "adamw": {"kind": "adamw", "name": "adamw", "params": [], "names": []},
+        "adamw_no_decay": {"kind": "adamw", "name": "adamw_no_decay", "params": [], "names": [], "weight_decay": 0.0},
+    }
+    seen: set[int] = set()
+    for part in model_parts:
+        for name, p in part.named_parameters():
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            if cfg.name != "adamw" and is_muon_param(name, p):
+                key = "muon"
+            elif p.ndim < 2 and cfg.no_decay_1d:
+                key = "adamw_no_decay"
+            else:
+                key = "adamw"
+            groups[key]["params"].append(p)
+            groups[key]["names"].append(clean_param_name(name))
+    return [g for g in groups.values() if g["params"]]
+
+
+def build_optimizer(model_parts: list[nn.Module], cfg: OptimConfig, dp_group=None) -> MuonClip:
+    """MuonClip over the params of ``model_parts`` (the pipeline stages this rank holds).
+
+    ``dp_group``: the data-parallel process group. With ``cfg.zero1`` and more than one rank in it,
+    the result is a :class:`~k2train.optim.distributed.DistributedMuonClip` that shards the optimizer
+    state over the group; the caller must have averaged the gradients over the group before ``step``.
+    """
+    cfg.validate()
+    kwargs = dict(
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        momentum=cfg.momentum,
+        nesterov=cfg.nesterov,
+        ns_steps=cfg.ns_steps,
+        ns_coefficients=tuple(cfg.ns_coefficients),
+        ns_dtype=getattr(torch, cfg.ns_dtype),
+        rms_match=cfg.rms_match,
+        betas=tuple(cfg.adam_betas),
+        eps=cfg.adam_eps,
+        ns_fn=_resolve_ns_fn(cfg.ns_impl),
+    )
+    groups = build_param_groups(model_parts, cfg)
+    if dp_group is not None and cfg.zero1:
+        import torch.distributed as dist
+
+        if dist.get_world_size(dp_group) > 1:
+            from .distributed import DistributedMuonClip
+
+            return DistributedMuonClip(groups, dp_group=dp_group, **kwargs)
+    return MuonClip(groups, **kwargs)
+
+
+def describe_param_groups(optimizer: torch.optim.Optimizer, max_names: int = 3) -> str:
+    """A printable table: group, kind, number of tensors, number of params, lr, wd, example FQNs."""
+    rows = [("group", "kind", "tensors", "params", "lr", "wd", "examples")]
+    total_t = total_p = 0
+    for i, g in enumerate(optimizer.param_groups):
+        n_t = len(g["params"])
+        n_p = sum(p.numel() for p in g["params"])
+        total_t += n_t
+        total_p += n_p
+        names = g.get("names", [])
+        ex = ", ".join(names[:max_names]) + (", ..." if len(names) > max_names else "")
+        lr = g.get("initial_lr", g["lr"])
+        rows.append((g.get("name", str(i)), g.get("kind", "-"), str(n_t), f"{n_p:,}", f"{lr:g}", f"{g['weight_decay']:g}", ex))
+    rows.append(("total", "", str(total_t), f"{total_p:,}", "", "", ""))
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

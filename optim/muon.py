@@ -1,0 +1,281 @@
+"""Muon (for the matrices inside the transformer blocks) and AdamW (for everything else) in one optimizer.
+
+The math is in pure functions on tensors (:func:`muon_momentum_`, :func:`muon_lr_scale`,
+:func:`apply_muon_update_`, :func:`adamw_update_`); :class:`MuonClip` only does the bookkeeping
+(state, batching same-shape matrices into one Newton-Schulz call, fp32 master copies). Which
+parameter goes where is decided in :mod:`k2train.optim.grouping`; QK-Clip is
+:func:`k2train.optim.qk_clip.apply_qk_clip`, called by the trainer after :meth:`MuonClip.step`.
+
+Shapes: a Muon parameter is one matrix ``[out, in]`` or a stack of matrices ``[E, out, in]`` (the
+experts of one MoE layer); each matrix of a stack is orthogonalised and RMS-matched on its own.
+"""
+
+import math
+from collections import defaultdict
+from typing import Callable, Iterable, Optional
+
+import torch
+from torch import Tensor
+
+from .newton_schulz import NS_COEFFICIENTS, zeropower_via_newtonschulz
+
+GROUP_KINDS = ("muon", "adamw")
+
+# Newton-Schulz inputs of the same matrix shape are concatenated into batches of at most this many
+# elements (bf16: 1 GiB), which bounds the temporary memory of one call.
+NS_BATCH_MAX_ELEMENTS = 1 << 29
+
+NSFn = Callable[..., Tensor]
+
+
+# ----------------------------------------------------------------------------------------------
+# pure math
+# ----------------------------------------------------------------------------------------------
+
+
+def muon_momentum_(grad: Tensor, momentum_buf: Tensor, momentum: float, nesterov: bool) -> Tensor:
+    """Update ``momentum_buf`` in place and return the Newton-Schulz input.
+
+    Written as torch.optim.Muon writes it: ``B <- mu B + (1 - mu) G`` and, with Nesterov,
+    ``NS input = (1 - mu) G + mu B``. That is ``(1 - mu)`` times DESIGN.md's (Moonlight's)
+    ``M <- mu M + G``, ``NS input = G + mu M``; Newton-Schulz divides by the Frobenius norm, so the
+    positive factor cancels and the update is the same. We keep torch's form so that the result is
+    bit-identical to torch.optim.Muon (the bf16 cast rounds ``0.05 x`` and ``x`` differently).
+    """
+    momentum_buf.lerp_(grad, 1 - momentum)
+    return grad.lerp(momentum_buf, momentum) if nesterov else momentum_buf
+
+
+def muon_lr_scale(shape: torch.Size, rms_match: float) -> float:
+    """``rms_match * sqrt(max(rows, cols))`` of one matrix: gives the orthogonalised update the
+    RMS of a typical AdamW update (Moonlight), so AdamW's lr and weight decay carry over."""
+    rows, cols = shape[-2], shape[-1]
+    return rms_match * math.sqrt(max(rows, cols))
+
+
+def apply_muon_update_(param: Tensor, ortho: Tensor, lr: float, weight_decay: float, lr_scale: float) -> None:
+    """``W <- W (1 - lr wd) - lr lr_scale O`` (decoupled weight decay, torch.optim.Muon's op order)."""
+    param.mul_(1 - lr * weight_decay)
+    param.add_(ortho, alpha=-(lr * lr_scale))
+
+
+def adamw_update_(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    step: int,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """One AdamW step for a tensor whose moments are already at step ``step - 1``.
+
+    Same op order as torch.optim.AdamW's single-tensor path, hence bit-identical to it on CPU.
+    """
+    beta1, beta2 = betas
+    param.mul_(1 - lr * weight_decay)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    step_size = lr / (1 - beta1**step)
+    denom = (exp_avg_sq.sqrt() / (1 - beta2**step) ** 0.5).add_(eps)
+    param.addcdiv_(exp_avg, denom, value=-step_size)
+
+
+def batched_newton_schulz(inputs: list[Tensor], ns_fn: NSFn, **ns_kwargs) -> list[Tensor]:
+    """Orthogonalise every matrix of ``inputs`` (each ``[r, c]`` or ``[n, r, c]``) with as few
+    ``ns_fn`` calls as possible: matrices of one shape are concatenated into one batch (up to
+    :data:`NS_BATCH_MAX_ELEMENTS`). Returns the results in input order and shapes."""
+    out: list[Optional[Tensor]] = [None] * len(inputs)
+    buckets: dict[tuple, list[int]] = defaultdict(list)
+    for i, x in enumerate(inputs):
+        buckets[(tuple(x.shape[-2:]), x.device)].append(i)
+    for (shape, _), idx in buckets.items():
+        per_matrix = shape[0] * shape[1]
+        chunk: list[int] = []
+        count = 0
+        for j, i in enumerate(idx):
+            chunk.append(i)
+            count += inputs[i].numel() // per_matrix
+            if j + 1 == len(idx) or (count + 1) * per_matrix > NS_BATCH_MAX_ELEMENTS:
+                if len(chunk) == 1 and inputs[i].ndim == 2:
+                    out[i] = ns_fn(inputs[i], **ns_kwargs)
+                else:
+                    stack = torch.cat([inputs[k].reshape(-1, *shape) for k in chunk])
+                    result = ns_fn(stack, **ns_kwargs)
+                    start = 0
+                    for k in chunk:
+                        n = inputs[k].numel() // per_matrix
+                        out[k] = result[start : start + n].reshape(inputs[k].shape)
+                        start += n
+                chunk, count = [], 0
+    return out  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------------------------
+# the optimizer
+# ----------------------------------------------------------------------------------------------
+
+
+class MuonClip(torch.optim.Optimizer):
+    """Muon for the param groups with ``kind="muon"``, AdamW for those with ``kind="adamw"``.
+
+    Use :func:`k2train.optim.build_optimizer` rather than building the groups by hand. Per-group
+    keys (defaults from the constructor): ``lr``, ``weight_decay``; Muon: ``momentum``,
+    ``nesterov``, ``ns_steps``, ``ns_coefficients``, ``rms_match``; AdamW: ``betas``, ``eps``.
+    An optional ``names`` list (parameter FQNs, same order as ``params``) is used in messages.
+
+    Parameters stored in a low precision (bf16) get an fp32 master copy in the optimizer state
+    (``state[p]["master"]``); the update runs on it and is copied back. :meth:`master_weight`
+    returns it, so that QK-Clip can scale the master too.
+
+    ``ns_fn`` replaces the Newton-Schulz function (e.g. the Triton kernel); it must accept
+    ``(G, steps=, coefficients=, dtype=)`` for 3-D batches.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[dict],
+        lr: float = 2e-4,
+        weight_decay: float = 0.1,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_steps: int = 5,
+        ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+        ns_dtype: torch.dtype = torch.bfloat16,
+        rms_match: float = 0.2,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        ns_fn: Optional[NSFn] = None,
+    ):
+        if lr < 0 or weight_decay < 0:
+            raise ValueError(f"lr={lr} and weight_decay={weight_decay} must be >= 0")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"momentum={momentum} must be in [0, 1)")
+        defaults = dict(
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            nesterov=nesterov,
+            ns_steps=ns_steps,
+            ns_coefficients=tuple(ns_coefficients),
+            rms_match=rms_match,
+            betas=tuple(betas),
+            eps=eps,
+        )
+        super().__init__(list(params), defaults)
+        self.ns_dtype = ns_dtype
+        self.ns_fn = ns_fn or zeropower_via_newtonschulz
+        for g in self.param_groups:
+            kind = g.get("kind")
+            if kind not in GROUP_KINDS:
+                raise ValueError(f"param group kind={kind!r} must be one of {GROUP_KINDS}")
+            names = g.setdefault("names", [f"param{i}" for i in range(len(g["params"]))])
+            if kind == "muon":
+                for name, p in zip(names, g["params"]):
+                    if p.ndim not in (2, 3):
+                        raise ValueError(
+                            f"{name} has shape {tuple(p.shape)}: Muon takes matrices [out, in] or stacks "
+                            "[E, out, in]; put it in an AdamW group"
+                        )
+
+    # -- hooks for the distributed subclass ---------------------------------------------------
+
+    def _owns(self, p: Tensor) -> bool:
+        """Whether this process keeps the state of ``p`` and computes its update (ZeRO-1)."""
+        return True
+
+    def _after_update(self) -> None:
+        """Called at the end of :meth:`step` (the ZeRO-1 subclass broadcasts the updated params)."""
+
+    # -- state -------------------------------------------------------------------------------
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # torch casts loaded state to the param's dtype; our state of a bf16 param is fp32 on purpose
+        # (master copy, moments), so put the fp32 tensors back after torch's load.
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        for pid, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(pid)
+            if saved is None or p.dtype not in (torch.bfloat16, torch.float16):
+                continue
+            for key, value in saved.items():
+                if key != "step" and torch.is_tensor(value) and value.is_floating_point():
+                    self.state[p][key] = value.to(device=p.device, dtype=torch.float32, copy=True)
+
+    def master_weight(self, p: Tensor) -> Optional[Tensor]:
+        """The fp32 master copy of ``p`` held here, or None (fp32 param, or state not on this rank)."""
+        state = self.state.get(p)
+        return None if not state else state.get("master")
+
+    def _target(self, p: Tensor) -> Tensor:
+        """The tensor the update is applied to: the fp32 master if the param is low precision."""
+        state = self.state[p]
+        if "master" not in state and p.dtype in (torch.bfloat16, torch.float16):
+            state["master"] = p.detach().float()
+        return state.get("master", p)
+
+    # -- step --------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None and self._owns(p)]
+            if not params:
+                continue
+            if group["kind"] == "muon":
+                self._muon_group(group, params)
+            else:
+                self._adamw_group(group, params)
+        self._after_update()
+        return loss
+
+    def _muon_group(self, group: dict, params: list[Tensor]) -> None:
+        targets = [self._target(p) for p in params]
+        ns_inputs = []
+        for p, w in zip(params, targets):
+            state = self.state[p]
+            grad = p.grad.to(w.dtype)
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(w)
+            ns_inputs.append(muon_momentum_(grad, state["momentum_buffer"], group["momentum"], group["nesterov"]))
+        orthos = batched_newton_schulz(
+            ns_inputs,
+            self.ns_fn,
+            steps=group["ns_steps"],
+            coefficients=group["ns_coefficients"],
+            dtype=self.ns_dtype,
+        )
+        for p, w, o in zip(params, targets, orthos):
+            apply_muon_update_(w, o, group["lr"], group["weight_decay"], muon_lr_scale(p.shape, group["rms_match"]))
+            if w is not p:
+                p.copy_(w)
+
+    def _adamw_group(self, group: dict, params: list[Tensor]) -> None:
+        for p in params:
+            w = self._target(p)
+            state = self.state[p]
+            if "step" not in state:
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(w)
+                state["exp_avg_sq"] = torch.zeros_like(w)
+            state["step"] += 1
+            adamw_update_(
+                w,
+                p.grad.to(w.dtype),
+                state["exp_avg"],
+                state["exp_avg_sq"],
+                int(state["step"].item()),
+                group["lr"],
+                group["betas"],
+                group["eps"],
+                group["weight_decay"],
+            )
+            if w is not p:
+                p.copy_(w)
