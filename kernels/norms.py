@@ -1,0 +1,166 @@
+"""Fused RMSNorm with residual add: one pass over the row forward, one backward.
+
+Shapes: T = rows (tokens), D = normalized dim.
+
+    s = x + residual            (the new residual stream, in x's dtype, as the unfused model has it)
+    y = s * rsqrt(mean(s^2) + eps) * weight      (statistics in fp32, one rounding at the end)
+
+`rmsnorm_residual(x, residual, w, eps) -> (y, s)`; `rmsnorm(x, w, eps) -> y` is the same kernel
+without the add. Backward takes gradients for both y and s (s feeds the next residual add) and
+returns dx = dresidual = ds + dnorm(dy), and dweight.
+
+Without Triton, or for CPU tensors when Triton is not in interpreter mode (TRITON_INTERPRET=1),
+the same math runs in plain torch (`rmsnorm_residual_torch`).
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+
+def _interpreted(kernel) -> bool:
+    return type(kernel).__name__ == "InterpretedFunction"
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rmsnorm_fwd_kernel(X, R, W, Y, S, RSTD, D, s_x, s_r, s_y, s_s, eps,
+                            HAS_RES: tl.constexpr, BLOCK_D: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK_D)
+        mask = cols < D
+        x = tl.load(X + row * s_x + cols, mask=mask, other=0.0)
+        if HAS_RES:
+            # round the sum to the stream dtype first: the model's residual stream is stored so
+            s = (x + tl.load(R + row * s_r + cols, mask=mask, other=0.0)).to(S.dtype.element_ty)
+            tl.store(S + row * s_s + cols, s, mask=mask)
+        else:
+            s = x
+        sf = s.to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(sf * sf, axis=0) / D + eps)
+        tl.store(RSTD + row, rstd)
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(Y + row * s_y + cols, (sf * rstd * w).to(Y.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _rmsnorm_bwd_kernel(DY, DS, S, W, RSTD, DX, DW_PART, T, D, s_dy, s_ds, s_s, s_dx,
+                            HAS_DS: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
+        """Each program does ROWS consecutive rows and writes its partial dweight (fp32)."""
+        pid = tl.program_id(0)
+        cols = tl.arange(0, BLOCK_D)
+        mask = cols < D
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        dw = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        for i in range(ROWS):
+            row = pid.to(tl.int64) * ROWS + i
+            if row < T:
+                s = tl.load(S + row * s_s + cols, mask=mask, other=0.0).to(tl.float32)
+                dy = tl.load(DY + row * s_dy + cols, mask=mask, other=0.0).to(tl.float32)
+                rstd = tl.load(RSTD + row)
+                n = s * rstd
+                dn = dy * w
+                dw += dy * n
+                ds = rstd * (dn - n * (tl.sum(dn * n, axis=0) / D))
+                if HAS_DS:
+                    ds += tl.load(DS + row * s_ds + cols, mask=mask, other=0.0).to(tl.float32)
+                tl.store(DX + row * s_dx + cols, ds.to(DX.dtype.element_ty), mask=mask)
+        tl.store(DW_PART + pid * D + cols, dw, mask=mask)
+
+
+def _rows(t: torch.Tensor, D: int) -> torch.Tensor:
+    t2 = t.reshape(-1, D)
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def _bwd_launch(dy, ds, s, w, rstd, dx, T, D):
+    interpret = _interpreted(_rmsnorm_bwd_kernel)
+    BLOCK_D = triton.next_power_of_2(D)
+    # enough programs to fill the GPU twice over, each amortizing its dweight row over many rows
+    num_sm = torch.cuda.get_device_properties(s.device).multi_processor_count if s.is_cuda else 4
+    rows = max(1, triton.cdiv(T, 4 * num_sm))
+    P = triton.cdiv(T, rows)
+    dw_part = torch.empty(P, D, device=s.device, dtype=torch.float32)
+    _rmsnorm_bwd_kernel[(P,)](
+        dy, ds if ds is not None else dy, s, w, rstd, dx, dw_part, T, D,
+        dy.stride(0), ds.stride(0) if ds is not None else 0, s.stride(0), dx.stride(0),
+        HAS_DS=ds is not None, BLOCK_D=BLOCK_D, ROWS=rows,
+        num_warps=1 if interpret else min(16, max(4, BLOCK_D // 512)))
+    return dw_part.sum(0)
+
+
+class _RMSNormResidual(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, residual, weight, eps):
+        D = x.shape[-1]
+        x2 = _rows(x, D)
+        has_res = residual is not None
+        r2 = _rows(residual, D) if has_res else x2
+        T = x2.shape[0]
+        y = torch.empty_like(x2)
+        s = torch.empty_like(x2) if has_res else x2
+        rstd = torch.empty(T, device=x.device, dtype=torch.float32)
+        interpret = _interpreted(_rmsnorm_fwd_kernel)
+        BLOCK_D = triton.next_power_of_2(D)
+        _rmsnorm_fwd_kernel[(T,)](
+            x2, r2, weight, y, s, rstd, D, x2.stride(0), r2.stride(0), y.stride(0), s.stride(0), eps,
+            HAS_RES=has_res, BLOCK_D=BLOCK_D,
+            num_warps=1 if interpret else min(16, max(4, BLOCK_D // 512)))
+        ctx.save_for_backward(s, weight, rstd)
+        ctx.has_res = has_res
+        ctx.shape = x.shape
+        if has_res:
+            return y.view(x.shape), s.view(x.shape)
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy, ds=None):
+        s, weight, rstd = ctx.saved_tensors
+        T, D = s.shape
+        dy2 = _rows(dy, D)
+        ds2 = _rows(ds, D) if ds is not None else None
+        dx = torch.empty_like(s)
+        dw = _bwd_launch(dy2, ds2, s, weight, rstd, dx, T, D).to(weight.dtype)
+        dx = dx.view(ctx.shape)
+        if ctx.has_res:
+            return dx, dx, dw, None
+        return dx, None, dw, None
+
+
+def triton_norms_available(t: torch.Tensor) -> bool:
+    if triton is None:
+        return False
+    return t.is_cuda or (t.device.type == "cpu" and _interpreted(_rmsnorm_fwd_kernel))
+
+
+def rmsnorm_residual_torch(x, residual, weight, eps: float = 1e-6):
+    """Reference: s = x + residual (x's dtype); y = weight * s / rms(s), statistics in fp32."""
+    s = x + residual if residual is not None else x
+    sf = s.float()
+    y = (sf * torch.rsqrt(sf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
+    return (y, s) if residual is not None else y
+
+
+def rmsnorm_residual(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                     eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(x + residual) * weight, x + residual), fused; differentiable in all three tensors."""
+    if x.shape != residual.shape or weight.shape != x.shape[-1:]:
+        raise ValueError(f"rmsnorm_residual: x {tuple(x.shape)}, residual {tuple(residual.shape)} and "
+                         f"weight {tuple(weight.shape)} must be [..., D], [..., D], [D]")
+    if not triton_norms_available(x):
+        return rmsnorm_residual_torch(x, residual, weight, eps)
+    return _RMSNormResidual.apply(x, residual, weight, eps)
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """norm(x) * weight over the last dim, fused; differentiable in x and weight."""
+    if weight.shape != x.shape[-1:]:
+        raise ValueError(f"rmsnorm: weight {tuple(weight.shape)} must match x's last dim {x.shape[-1]}")
+    if not triton_norms_available(x):
+        return rmsnorm_residual_torch(x, None, weight, eps)
+    return _RMSNormResidual.apply(x, None, weight, eps)

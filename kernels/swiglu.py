@@ -1,0 +1,121 @@
+"""Fused SwiGLU activation: h = silu(gate) * up, forward and backward in one pass each.
+
+gate and up are [..., I] with unit stride in the last dim and any row stride, so the two halves of a
+fused gate/up projection output ([N, 2I] sliced into [:, :I] and [:, I:]) need no copy. Math in
+fp32, one rounding to the input dtype. Backward recomputes silu from the saved inputs instead of
+saving h (the activation memory of the unfused version is three tensors, here two).
+
+Without Triton, or for CPU tensors when Triton is not in interpreter mode (TRITON_INTERPRET=1),
+the same math runs in plain torch (`swiglu_torch`).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+
+def _interpreted(kernel) -> bool:
+    return type(kernel).__name__ == "InterpretedFunction"
+
+
+if triton is not None:
+
+    @triton.jit
+    def _swiglu_fwd_kernel(G, U, H, C, s_g, s_u, s_h, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < C
+        g = tl.load(G + row * s_g + cols, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(U + row * s_u + cols, mask=mask, other=0.0).to(tl.float32)
+        h = g * tl.sigmoid(g) * u
+        tl.store(H + row * s_h + cols, h.to(H.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _swiglu_bwd_kernel(G, U, DH, DG, DU, C, s_g, s_u, s_dh, s_dg, s_du, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < C
+        g = tl.load(G + row * s_g + cols, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(U + row * s_u + cols, mask=mask, other=0.0).to(tl.float32)
+        dh = tl.load(DH + row * s_dh + cols, mask=mask, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(g)
+        silu = g * sig
+        # d silu/dg = sig * (1 + g * (1 - sig))
+        dg = dh * u * sig * (1.0 + g * (1.0 - sig))
+        tl.store(DG + row * s_dg + cols, dg.to(DG.dtype.element_ty), mask=mask)
+        tl.store(DU + row * s_du + cols, (dh * silu).to(DU.dtype.element_ty), mask=mask)
+
+
+def _as_rows(t: torch.Tensor) -> torch.Tensor:
+    """A 2-D view [rows, C] with unit column stride, copying only if no such view exists."""
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    if t.dim() == 2:
+        return t
+    try:
+        return t.view(-1, t.shape[-1])
+    except RuntimeError:
+        return t.reshape(-1, t.shape[-1]).contiguous()
+
+
+def _launch_cfg(C: int, kernel) -> tuple[int, int]:
+    if _interpreted(kernel):
+        return triton.next_power_of_2(min(C, 64)), 1
+    block = min(triton.next_power_of_2(C), 2048)
+    return block, max(1, min(8, block // 256))
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up):
+        g2, u2 = _as_rows(gate), _as_rows(up)
+        R, C = g2.shape
+        h = torch.empty(R, C, device=gate.device, dtype=gate.dtype)
+        block, warps = _launch_cfg(C, _swiglu_fwd_kernel)
+        if R > 0:
+            _swiglu_fwd_kernel[(R, triton.cdiv(C, block))](
+                g2, u2, h, C, g2.stride(0), u2.stride(0), h.stride(0), BLOCK=block, num_warps=warps)
+        ctx.save_for_backward(g2, u2)
+        ctx.shape = gate.shape
+        return h.view(gate.shape)
+
+    @staticmethod
+    def backward(ctx, dh):
+        g2, u2 = ctx.saved_tensors
+        R, C = g2.shape
+        dh2 = _as_rows(dh)
+        dg = torch.empty(R, C, device=g2.device, dtype=g2.dtype)
+        du = torch.empty_like(dg)
+        block, warps = _launch_cfg(C, _swiglu_bwd_kernel)
+        if R > 0:
+            _swiglu_bwd_kernel[(R, triton.cdiv(C, block))](
+                g2, u2, dh2, dg, du, C, g2.stride(0), u2.stride(0), dh2.stride(0), dg.stride(0), du.stride(0),
+                BLOCK=block, num_warps=warps)
+        return dg.view(ctx.shape), du.view(ctx.shape)
+
+
+def triton_swiglu_available(t: torch.Tensor) -> bool:
+    if triton is None:
+        return False
+    return t.is_cuda or (t.device.type == "cpu" and _interpreted(_swiglu_fwd_kernel))
+
+
+def swiglu_torch(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Reference: silu(gate) * up in fp32, rounded once to gate's dtype."""
+    return (F.silu(gate.float()) * up.float()).to(gate.dtype)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, fused; differentiable in both. Same shape and dtype required."""
+    if gate.shape != up.shape or gate.dtype != up.dtype:
+        raise ValueError(f"swiglu: gate {tuple(gate.shape)} {gate.dtype} and up {tuple(up.shape)} {up.dtype} "
+                         "must have the same shape and dtype")
+    if not triton_swiglu_available(gate):
+        return swiglu_torch(gate, up)
+    return _SwiGLU.apply(gate, up)
