@@ -1,0 +1,47 @@
+"""The planner's counts equal what the public K2 config's tensors add up to."""
+
+import subprocess
+import sys
+
+from k2train.config import load_config
+from k2train.flops import count_params, flops_per_token
+
+
+def _public_k2_tensor_sizes() -> tuple[int, int]:
+    """Sum of the HF tensor shapes of DESIGN.md section 1 (params, plus the fp32 router-bias buffers)."""
+    D, V, L, E, I_dense, I_exp = 7168, 163840, 61, 384, 18432, 2048
+    attn = 1536 * D + 1536 + 12288 * 1536 + 576 * D + 512 + 16384 * 512 + D * 8192
+    norms = 2 * D
+    dense_mlp = 3 * I_dense * D
+    moe = E * D + E * 3 * I_exp * D + 3 * I_exp * D
+    params = V * D + D + V * D + L * (attn + norms) + dense_mlp + (L - 1) * moe
+    return params, (L - 1) * E
+
+
+def test_k2_1t_counts_match_public_config():
+    cfg = load_config(["model=k2_1t"]).model
+    c = count_params(cfg)
+    params, bias = _public_k2_tensor_sizes()
+    assert c.total == params == 1_026_408_209_408
+    assert c.embedding == c.head == 163840 * 7168
+    # activated: everything but 376 of 384 routed experts per MoE layer
+    assert c.active == params - 60 * 376 * 3 * 2048 * 7168
+    assert bias == 23_040
+
+
+def test_k2_flops_per_token_matches_baselines():
+    cfg = load_config(["model=k2_1t"]).model
+    meg = flops_per_token(cfg, 4096, "megatron")
+    tt = flops_per_token(cfg, 4096, "torchtitan")
+    assert abs(meg / 1e9 - 204.5) < 0.05  # BASELINES.md
+    assert 1.07 < tt / meg < 1.09  # "about 8% more"
+
+
+def test_plan_cli_prints_counts():
+    out = subprocess.run(
+        [sys.executable, "-m", "k2train.plan", "model=k2_1t"], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    assert "1,026,408,209,408" in out.stdout
+    assert "Megatron convention" in out.stdout and "TorchTitan convention" in out.stdout
+    assert out.stdout.count(" moe ") == 60 and out.stdout.count(" dense ") == 1
