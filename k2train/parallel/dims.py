@@ -1,0 +1,234 @@
+"""The parallel degrees and the named DeviceMesh: the one object that knows the layout.
+
+Mesh axes, outermost first: ``("pp", "dp", "ep", "tp")``. Adjacent ranks differ in ``tp`` (the
+most communication-hungry axis stays inside a node), then ``ep``, then ``dp``; pipeline stages are
+the outermost blocks.
+
+Who holds what (see docs/parallelism.md):
+- every (dp, ep) coordinate reads different data, so the loader's data-parallel size is dp x ep;
+- dense parameters are replicated over dp x ep (and sharded or replicated over tp by the TP plan),
+  so their gradients are averaged over the flattened ``dp_ep`` axis;
+- routed experts are sharded over ep (E/ep consecutive experts per rank) and replicated over dp and
+  tp, so their gradients are averaged over ``dp`` (and ``tp``, whose ranks route different tokens
+  under sequence parallelism);
+- the pipeline axis holds different layers and never reduces gradients.
+"""
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from ..config import ModelConfig, ParallelConfig, TrainerConfig
+
+MESH_AXES = ("pp", "dp", "ep", "tp")
+
+
+def _fail(msg: str) -> None:
+    raise ValueError(msg)
+
+
+@dataclass
+class ParallelDims:
+    """Degrees of one run. Build with :meth:`from_config`, check with :meth:`validate`, then
+    :meth:`build_mesh` (needs an initialized default process group)."""
+
+    pp: int
+    dp: int
+    ep: int
+    tp: int
+    world_size: int
+    vpp: int = 1
+    pp_schedule: str = "1F1B"
+    sequence_parallel: bool = True
+    mesh: Optional["torch.distributed.device_mesh.DeviceMesh"] = field(default=None, repr=False)
+    _flat: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_config(cls, cfg: ParallelConfig, world_size: int) -> "ParallelDims":
+        """Resolve ``dp=-1`` to whatever the world size leaves after pp x ep x tp."""
+        cfg.validate()
+        other = cfg.pp * cfg.ep * cfg.tp * cfg.cp
+        dp = cfg.dp
+        if dp == -1:
+            if world_size % other:
+                _fail(
+                    f"world size {world_size} is not divisible by pp*ep*tp = {cfg.pp}*{cfg.ep}*{cfg.tp} = {other}; "
+                    f"launch a multiple of {other} processes or change the degrees"
+                )
+            dp = world_size // other
+        return cls(
+            pp=cfg.pp,
+            dp=dp,
+            ep=cfg.ep,
+            tp=cfg.tp,
+            world_size=world_size,
+            vpp=cfg.vpp,
+            pp_schedule=cfg.pp_schedule,
+            sequence_parallel=cfg.sequence_parallel,
+        )
+
+    # ------------------------------------------------------------------------------------------
+    # validation
+    # ------------------------------------------------------------------------------------------
+
+    def num_microbatches(self, trainer: TrainerConfig) -> int:
+        """Micro-batches per step on one data-parallel rank (= gradient accumulation steps)."""
+        per_step = trainer.micro_batch_size * self.dp_size
+        if trainer.global_batch_size % per_step:
+            _fail(
+                f"trainer.global_batch_size={trainer.global_batch_size} is not divisible by "
+                f"trainer.micro_batch_size * data-parallel size = {trainer.micro_batch_size} * {self.dp_size} "
+                f"(dp={self.dp} x ep={self.ep}) = {per_step}"
+            )
+        return trainer.global_batch_size // per_step
+
+    def validate(self, model: ModelConfig, trainer: Optional[TrainerConfig] = None) -> "ParallelDims":
+        """Fail early, with the numbers, on a layout that cannot run this model."""
+        for name in MESH_AXES + ("vpp",):
+            if getattr(self, name) < 1:
+                _fail(f"parallel.{name}={getattr(self, name)} must be >= 1")
+        product = self.pp * self.dp * self.ep * self.tp
+        if product != self.world_size:
+            _fail(
+                f"world size {self.world_size} != pp*dp*ep*tp = {self.pp}*{self.dp}*{self.ep}*{self.tp} = {product}; "
+                f"set parallel.dp=-1 to infer dp, or launch {product} processes"
+            )
+        if self.tp > 1:
+            for name in ("num_attention_heads", "vocab_size", "intermediate_size"):
+                v = getattr(model, name)
+                if v % self.tp:
+                    _fail(f"model.{name}={v} is not divisible by tensor parallel degree {self.tp}")
+            shared = model.moe_intermediate_size * model.n_shared_experts
+            if model.num_moe_layers and shared % self.tp:
+                _fail(
+                    f"shared expert width moe_intermediate_size*n_shared_experts = {shared} is not divisible "
+                    f"by tensor parallel degree {self.tp}"
+                )
+        if model.num_moe_layers and model.n_routed_experts % self.ep:
+            _fail(f"model.n_routed_experts={model.n_routed_experts} is not divisible by expert parallel degree {self.ep}")
+        if self.ep > 1 and model.num_moe_layers == 0:
+            _fail(f"parallel.ep={self.ep} needs MoE layers, but the model has none (first_k_dense_replace = num_hidden_layers)")
+        stages = self.pp * self.vpp
+        if model.num_hidden_layers < stages:
+            _fail(
+                f"model.num_hidden_layers={model.num_hidden_layers} cannot fill pp*vpp = {self.pp}*{self.vpp} = {stages} "
+                f"pipeline stages (at least one layer each): lower parallel.pp or parallel.vpp"
+            )
+        if self.vpp > 1 and self.pp_schedule != "Interleaved1F1B":
+            _fail(f"parallel.vpp={self.vpp} needs parallel.pp_schedule=Interleaved1F1B (got {self.pp_schedule})")
+        if trainer is not None:
+            if self.tp > 1 and self.sequence_parallel and trainer.seq_len % self.tp:
+                _fail(
+                    f"trainer.seq_len={trainer.seq_len} is not divisible by tensor parallel degree {self.tp} "
+                    f"(sequence parallelism splits the sequence); change seq_len or set parallel.sequence_parallel=false"
+                )
+            n_micro = self.num_microbatches(trainer)
+            if self.pp > 1 and n_micro < self.pp:
+                _fail(
+                    f"{self.pp_schedule} with pp={self.pp} needs at least {self.pp} micro-batches per step, got "
+                    f"global_batch_size / (micro_batch_size * dp_size) = {trainer.global_batch_size} / "
+                    f"({trainer.micro_batch_size} * {self.dp_size}) = {n_micro}: raise trainer.global_batch_size"
+                )
+            if self.pp > 1 and self.pp_schedule == "Interleaved1F1B" and n_micro % self.pp:
+                _fail(
+                    f"Interleaved1F1B needs the micro-batch count ({n_micro}) to be a multiple of pp={self.pp}"
+                )
+        return self
+
+    # ------------------------------------------------------------------------------------------
+    # mesh
+    # ------------------------------------------------------------------------------------------
+
+    def build_mesh(self, device_type: str) -> "torch.distributed.device_mesh.DeviceMesh":
+        """The 4-D mesh (size-1 axes included, so every name always exists) and its flattened
+        ``dp_ep`` (dense data parallel), ``dp_tp`` (expert replicas) and ``dp_ep_tp`` (all ranks
+        that see different tokens) axes. Stored on ``self.mesh`` and returned."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(
+            device_type, (self.pp, self.dp, self.ep, self.tp), mesh_dim_names=MESH_AXES
+        )
+        # Keep the flattened meshes ourselves: slicing them back out of the root mesh is deprecated.
+        self._flat = {
+            "dp_ep": mesh["dp", "ep"]._flatten("dp_ep"),
+            "dp_tp": mesh["dp", "tp"]._flatten("dp_tp"),
+            "dp_ep_tp": mesh["dp", "ep", "tp"]._flatten("dp_ep_tp"),
+        }
+        self.mesh = mesh
+        return mesh
+
+    def _require_mesh(self):
+        if self.mesh is None:
+            raise RuntimeError("ParallelDims.build_mesh(device_type) must be called first")
+        return self.mesh
+
+    @property
+    def pp_mesh(self):
+        return self._require_mesh()["pp"]
+
+    @property
+    def dp_mesh(self):
+        """Pure data-parallel replicas (the axis over which expert gradients are averaged)."""
+        return self._require_mesh()["dp"]
+
+    @property
+    def ep_mesh(self):
+        return self._require_mesh()["ep"]
+
+    @property
+    def tp_mesh(self):
+        return self._require_mesh()["tp"]
+
+    @property
+    def dense_dp_mesh(self):
+        """1-D flattened (dp, ep): the replicas of every dense parameter; the loader's DP group."""
+        self._require_mesh()
+        return self._flat["dp_ep"]
+
+    @property
+    def expert_dp_mesh(self):
+        """1-D flattened (dp, tp): the replicas of one routed expert shard."""
+        self._require_mesh()
+        return self._flat["dp_tp"]
+
+    @property
+    def token_mesh(self):
+        """1-D flattened (dp, ep, tp): every rank of one pipeline stage; expert-load sums run here."""
+        self._require_mesh()
+        return self._flat["dp_ep_tp"]
+
+    # ------------------------------------------------------------------------------------------
+    # the loader's view
+    # ------------------------------------------------------------------------------------------
+
+    @property
+    def dp_size(self) -> int:
+        """Number of different data streams: dp x ep (tp and pp ranks share their stream)."""
+        return self.dp * self.ep
+
+    @property
+    def dp_rank(self) -> int:
+        """This rank's data stream, the flattened (dp, ep) coordinate: ``dp_coord * ep + ep_coord``."""
+        return self.dense_dp_mesh.get_local_rank()
+
+    @property
+    def pp_enabled(self) -> bool:
+        return self.pp > 1
+
+    @property
+    def tp_enabled(self) -> bool:
+        return self.tp > 1
+
+    @property
+    def ep_enabled(self) -> bool:
+        return self.ep > 1
+
+    @property
+    def dp_enabled(self) -> bool:
+        return self.dp_size > 1
+
+
+def backend_for(device_type: str) -> str:
+    """NCCL on CUDA, gloo on CPU."""
+    return "nccl" if device_type == "cuda" else "gloo"
