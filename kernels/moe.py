@@ -1,0 +1,234 @@
+"""The routed-expert path of a MoE layer: permute, grouped GEMMs, fused SwiGLU, weighted combine.
+
+Legend: T tokens, D hidden, E experts, I expert hidden, K experts per token, N = T*K routed rows
+(in expert order).
+
+    route   = build_routing(topk_idx_TK, E)      # stable sort of the (token, slot) pairs by expert
+    x_ND    = permute(x_TD, route.pos_TK)        # Triton: each token row read once, written K times
+    gate/up = grouped_linear(x_ND, w_{gate,up}_EID, route.offs_E)   # torch._grouped_mm (CUTLASS)
+    h_NI    = swiglu(gate, up)                   # Triton, fused fwd/bwd
+    y_ND    = grouped_linear(h_NI, w_down_EDI, route.offs_E)
+    y_TD    = combine(y_ND, topk_w_TK, route.pos_TK)  # Triton: sum_k w[t,k] * y[pos[t,k]], no atomics
+
+Backward of permute is a gather-sum (combine with unit weights); backward of combine writes
+dy[pos[t,k]] = w[t,k] * dout[t] and dw[t,k] = <dout[t], y[pos[t,k]]>. Every index map is a
+permutation, so no kernel needs atomics and results are deterministic.
+
+Without Triton (or CPU tensors outside TRITON_INTERPRET=1) permute/combine run as torch gathers;
+without a usable torch._grouped_mm (CUDA needs bf16 on sm90+, CPU needs torch >= 2.13) the GEMMs
+run as a per-expert loop.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .swiglu import swiglu
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+
+def _interpreted(kernel) -> bool:
+    return type(kernel).__name__ == "InterpretedFunction"
+
+
+if triton is not None:
+
+    @triton.jit
+    def _scatter_rows_kernel(X, POS, XP, D, s_x, s_xp, K: tl.constexpr, BLOCK: tl.constexpr):
+        """XP[pos[t, k]] = X[t] for every k: the permute forward."""
+        t = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < D
+        x = tl.load(X + t * s_x + cols, mask=mask)
+        for k in tl.static_range(K):
+            p = tl.load(POS + t * K + k).to(tl.int64)
+            tl.store(XP + p * s_xp + cols, x, mask=mask)
+
+    @triton.jit
+    def _gather_sum_kernel(Y, POS, W, OUT, D, s_y, s_out, K: tl.constexpr, HAS_W: tl.constexpr,
+                           BLOCK: tl.constexpr):
+        """OUT[t] = sum_k w[t, k] * Y[pos[t, k]] (fp32 sum): combine forward, permute backward."""
+        t = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < D
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for k in tl.static_range(K):
+            p = tl.load(POS + t * K + k).to(tl.int64)
+            y = tl.load(Y + p * s_y + cols, mask=mask, other=0.0).to(tl.float32)
+            if HAS_W:
+                y = y * tl.load(W + t * K + k).to(tl.float32)
+            acc += y
+        tl.store(OUT + t * s_out + cols, acc.to(OUT.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _combine_bwd_kernel(DOUT, Y, POS, W, DY, DW, D, s_dout, s_y, s_dy,
+                            K: tl.constexpr, BLOCK: tl.constexpr):
+        """DY[pos[t,k]] = w[t,k] * DOUT[t];  DW[t,k] = <DOUT[t], Y[pos[t,k]]>, one token per program.
+
+        The token's dout row is re-read once per k; at D = 7168 it stays in L1/L2 between reads."""
+        t = tl.program_id(0).to(tl.int64)
+        for k in tl.static_range(K):
+            p = tl.load(POS + t * K + k).to(tl.int64)
+            w = tl.load(W + t * K + k).to(tl.float32)
+            dot = tl.zeros((BLOCK,), dtype=tl.float32)
+            for d0 in range(0, D, BLOCK):
+                cols = d0 + tl.arange(0, BLOCK)
+                mask = cols < D
+                g = tl.load(DOUT + t * s_dout + cols, mask=mask, other=0.0).to(tl.float32)
+                y = tl.load(Y + p * s_y + cols, mask=mask, other=0.0).to(tl.float32)
+                tl.store(DY + p * s_dy + cols, (w * g).to(DY.dtype.element_ty), mask=mask)
+                dot += g * y
+            tl.store(DW + t * K + k, tl.sum(dot, axis=0))
+
+
+class Routing(NamedTuple):
+    """Where each (token, slot) pair goes: pos_TK[t, k] is its row in expert order; offs_E the
+    cumulative row counts per expert (int32, torch._grouped_mm's offs); token_N the source token of
+    each expert-ordered row."""
+    pos_TK: torch.Tensor
+    offs_E: torch.Tensor
+    token_N: torch.Tensor
+
+
+def build_routing(topk_idx_TK: torch.Tensor, num_experts: int) -> Routing:
+    """Stable sort of the T*K pairs by expert (tokens keep their order inside an expert)."""
+    T, K = topk_idx_TK.shape
+    flat_N = topk_idx_TK.reshape(-1)
+    order_N = torch.argsort(flat_N, stable=True)
+    pos_N = torch.empty_like(order_N)
+    pos_N[order_N] = torch.arange(flat_N.numel(), device=flat_N.device)
+    counts_E = torch.bincount(flat_N, minlength=num_experts)
+    offs_E = torch.cumsum(counts_E, 0).to(torch.int32)
+    return Routing(pos_N.view(T, K).to(torch.int32), offs_E, order_N // K)
+
+
+def _triton_ok(t: torch.Tensor) -> bool:
+    if triton is None:
+        return False
+    return t.is_cuda or (t.device.type == "cpu" and _interpreted(_gather_sum_kernel))
+
+
+def _block(D: int, kernel) -> tuple[int, int]:
+    if _interpreted(kernel):
+        return triton.next_power_of_2(min(D, 64)), 1
+    block = min(triton.next_power_of_2(D), 2048)
+    return block, max(1, min(8, block // 256))
+
+
+def _gather_sum(y_ND, pos_TK, w_TK, out_dtype):
+    T, K = pos_TK.shape
+    D = y_ND.shape[1]
+    out = torch.empty(T, D, device=y_ND.device, dtype=out_dtype)
+    block, warps = _block(D, _gather_sum_kernel)
+    if T > 0:
+        _gather_sum_kernel[(T, triton.cdiv(D, block))](
+            y_ND, pos_TK, w_TK if w_TK is not None else pos_TK, out, D, y_ND.stride(0), out.stride(0),
+            K=K, HAS_W=w_TK is not None, BLOCK=block, num_warps=warps)
+    return out
+
+
+class _Permute(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_TD, pos_TK):
+        x_TD = x_TD.contiguous()
+        T, D = x_TD.shape
+        K = pos_TK.shape[1]
+        x_ND = torch.empty(T * K, D, device=x_TD.device, dtype=x_TD.dtype)
+        block, warps = _block(D, _scatter_rows_kernel)
+        if T > 0:
+            _scatter_rows_kernel[(T, triton.cdiv(D, block))](
+                x_TD, pos_TK, x_ND, D, x_TD.stride(0), x_ND.stride(0), K=K, BLOCK=block, num_warps=warps)
+        ctx.save_for_backward(pos_TK)
+        return x_ND
+
+    @staticmethod
+    def backward(ctx, dx_ND):
+        (pos_TK,) = ctx.saved_tensors
+        return _gather_sum(dx_ND.contiguous(), pos_TK, None, dx_ND.dtype), None
+
+
+class _Combine(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y_ND, w_TK, pos_TK):
+        y_ND, w_TK = y_ND.contiguous(), w_TK.contiguous()
+        ctx.save_for_backward(y_ND, w_TK, pos_TK)
+        return _gather_sum(y_ND, pos_TK, w_TK, y_ND.dtype)
+
+    @staticmethod
+    def backward(ctx, dout_TD):
+        y_ND, w_TK, pos_TK = ctx.saved_tensors
+        dout_TD = dout_TD.contiguous()
+        T, K = pos_TK.shape
+        D = y_ND.shape[1]
+        dy_ND = torch.empty_like(y_ND)
+        dw_TK = torch.empty(T, K, device=y_ND.device, dtype=torch.float32)
+        block, warps = _block(D, _combine_bwd_kernel)
+        if T > 0:
+            _combine_bwd_kernel[(T,)](dout_TD, y_ND, pos_TK, w_TK, dy_ND, dw_TK, D,
+                                      dout_TD.stride(0), y_ND.stride(0), dy_ND.stride(0),
+                                      K=K, BLOCK=block, num_warps=warps)
+        return dy_ND, dw_TK.to(w_TK.dtype), None
+
+
+def permute(x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """Rows of x in expert order [N, D] (row pos_TK[t, k] is a copy of token t); differentiable."""
+    if _triton_ok(x_TD):
+        return _Permute.apply(x_TD, routing.pos_TK)
+    return x_TD[routing.token_N]
+
+
+def combine(y_ND: torch.Tensor, topk_w_TK: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """out[t] = sum_k w[t, k] * y[pos[t, k]] in y's dtype (fp32 sum); differentiable in y and w."""
+    if _triton_ok(y_ND):
+        return _Combine.apply(y_ND, topk_w_TK, routing.pos_TK)
+    T, K = routing.pos_TK.shape
+    y_TKD = y_ND[routing.pos_TK.reshape(-1).long()].view(T, K, -1)
+    return (y_TKD.float() * topk_w_TK.float().unsqueeze(-1)).sum(1).to(y_ND.dtype)
+
+
+def grouped_mm_ok(x: torch.Tensor) -> bool:
+    """torch._grouped_mm runs here: CUDA bf16 on sm90+, or CPU from torch 2.13 on."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if x.is_cuda:
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
+    major, minor = (int(v) for v in torch.__version__.split(".")[:2])
+    return (major, minor) >= (2, 13)
+
+
+def grouped_linear(x_ND: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    """Row block e of x (rows offs[e-1]:offs[e]) times w[e]^T: [N, I] x [E, O, I] -> [N, O]."""
+    if grouped_mm_ok(x_ND):
+        return torch._grouped_mm(x_ND, w_EOI.transpose(1, 2), offs=offs_E)
+    # a host sync per call: this is the fallback for machines without grouped_mm, not a fast path
+    bounds = [0] + offs_E.tolist()
+    return torch.cat([x_ND[bounds[e]:bounds[e + 1]] @ w_EOI[e].T for e in range(w_EOI.shape[0])])
+
+
+def moe_experts_forward(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_w_TK: torch.Tensor,
+                        w_gate_EID: torch.Tensor, w_up_EID: torch.Tensor,
+                        w_down_EDI: torch.Tensor) -> torch.Tensor:
+    """sum_k w[t,k] * down_e(silu(gate_e(x_t)) * up_e(x_t)), e = topk_idx[t,k]; returns [T, D].
+
+    Same function as the per-expert loop `k2train.model.moe.experts_reference`; differentiable in
+    x, topk_w and the three weights (stacked nn.Linear-style, out x in)."""
+    E, I, D = w_gate_EID.shape
+    if x_TD.dim() != 2 or x_TD.shape[1] != D or w_up_EID.shape != (E, I, D) or w_down_EDI.shape != (E, D, I):
+        raise ValueError(f"moe_experts_forward: x {tuple(x_TD.shape)} must be [T, {D}] and w_up "
+                         f"{tuple(w_up_EID.shape)} / w_down {tuple(w_down_EDI.shape)} must be [E, I, D] / [E, D, I]")
+    if topk_idx_TK.shape != topk_w_TK.shape or topk_idx_TK.shape[0] != x_TD.shape[0]:
+        raise ValueError(f"moe_experts_forward: topk_idx {tuple(topk_idx_TK.shape)} and topk_w "
+                         f"{tuple(topk_w_TK.shape)} must both be [T={x_TD.shape[0]}, K]")
+    with torch.no_grad():
+        routing = build_routing(topk_idx_TK, E)
+    x_ND = permute(x_TD, routing)
+    h_NI = swiglu(grouped_linear(x_ND, w_gate_EID, routing.offs_E),
+                  grouped_linear(x_ND, w_up_EID, routing.offs_E))
+    y_ND = grouped_linear(h_NI, w_down_EDI, routing.offs_E)
+    return combine(y_ND, topk_w_TK, routing)
