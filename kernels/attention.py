@@ -110,10 +110,11 @@ class _MLAAttention(torch.autograd.Function):
             EVEN_S=S % _MAX_BLOCK == 0, UPCAST=_INTERPRET, IEEE=q.dtype == torch.float32,
         )
         grid = lambda meta: (triton.cdiv(S, meta["BLOCK_M"]), B * H)  # noqa: E731
-        _fwd_launcher()[grid](
+        kernel, cfg = _launcher("fwd", common["IEEE"])
+        kernel[grid](
             q, k, v, out, lse, max_blk, doc, softmax_scale,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *sdoc,
-            H, S, max_blk.shape[1], **common, **_interp_cfg("fwd"),
+            H, S, max_blk.shape[1], **common, **cfg,
         )
         max_logit_H = max_blk.view(B, H, -1).amax(dim=(0, 2))
         ctx.save_for_backward(q, k, v, out, lse, doc_ids)
@@ -136,66 +137,50 @@ class _MLAAttention(torch.autograd.Function):
         )
         strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
         grid_kv = lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * H)  # noqa: E731
-        _dkdv_launcher()[grid_kv](
+        kernel, cfg = _launcher("dkdv", common["IEEE"])
+        kernel[grid_kv](
             q, k, v, dout, lse, delta, dk, dv, doc, ctx.softmax_scale,
-            *strides, *dk.stride(), *dv.stride(), *sdoc, H, S, **common, **_interp_cfg("dkdv"),
+            *strides, *dk.stride(), *dv.stride(), *sdoc, H, S, **common, **cfg,
         )
         grid_q = lambda meta: (triton.cdiv(S, meta["BLOCK_M"]), B * H)  # noqa: E731
-        _dq_launcher()[grid_q](
+        kernel, cfg = _launcher("dq", common["IEEE"])
+        kernel[grid_q](
             q, k, v, dout, lse, delta, dq, doc, ctx.softmax_scale,
-            *strides, *dq.stride(), *sdoc, H, S, **common, **_interp_cfg("dq"),
+            *strides, *dq.stride(), *sdoc, H, S, **common, **cfg,
         )
         return dq, dk, dv, None, None, None
 
 
 # Block sizes: all configs use blocks in [_MIN_BLOCK, _MAX_BLOCK] that divide _MAX_BLOCK, so
-# EVEN_S (S % _MAX_BLOCK == 0) lets every config drop the sequence-bound masks.
+# EVEN_S (S % _MAX_BLOCK == 0) lets every config drop the sequence-bound masks. Causal loops also
+# need BLOCK_N % BLOCK_M == 0 (dkdv) and BLOCK_M % BLOCK_N == 0 (fwd, dq).
 _MIN_BLOCK, _MAX_BLOCK = 16, 128
-# Under the interpreter (CPU tests) the tuner would run every config; use one small one.
-_INTERP_CFGS = {
-    "fwd": dict(BLOCK_M=16, BLOCK_N=16),
-    "dkdv": dict(BLOCK_M=16, BLOCK_N=16),
-    "dq": dict(BLOCK_M=16, BLOCK_N=16),
-}
-
-
-def _interp_cfg(name):
-    return _INTERP_CFGS[name] if _INTERPRET else {}
-
-
-def _configs(pairs):
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in pairs
-    ]
-
-
-# Candidates for H100/H200 with Dqk 192 / Dv 128 (shared memory ~ stages * BLOCK * 320 * 2 B).
+# Candidates (BLOCK_M, BLOCK_N, num_warps, num_stages) for H100/H200 at Dqk 192 / Dv 128, 16-bit
+# inputs; the first is used when AUTOTUNE is off. Shared memory ~ stages * BLOCK * 320 * 2 bytes.
 FWD_CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 4, 3)]
 DKDV_CONFIGS = [(32, 128, 8, 2), (64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 1)]
 DQ_CONFIGS = [(128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 3), (128, 64, 8, 1)]
+# fp32 tiles are twice as large: one small config that fits shared memory, no tuning.
+_FP32_CONFIGS = {"fwd": (64, 32, 4, 1), "dkdv": (32, 64, 4, 1), "dq": (64, 32, 4, 1)}
+# Under the interpreter (CPU tests) the tuner would run every config; use small blocks.
+_INTERP_CONFIG = (16, 16, 4, 1)
+AUTOTUNE = os.environ.get("K2TRAIN_ATTN_AUTOTUNE", "1") != "0"
 _TUNE_KEY = ["S", "DQK", "DV", "CAUSAL", "HAS_DOC", "IEEE"]
-_LAUNCHERS = {}
+_LAUNCHERS = {}  # name -> triton.autotune wrapper (read best_config from it)
 
 
-def _tuned(name, kernel, pairs):
-    if _INTERPRET:
-        return kernel
+def _launcher(name, fp32):
+    """(kernel, extra launch kwargs) for one of "fwd", "dkdv", "dq"."""
+    kernel, pairs = {"fwd": (_fwd_kernel, FWD_CONFIGS), "dkdv": (_dkdv_kernel, DKDV_CONFIGS),
+                     "dq": (_dq_kernel, DQ_CONFIGS)}[name]
+    if _INTERPRET or fp32 or not AUTOTUNE:
+        bm, bn, w, st = _INTERP_CONFIG if _INTERPRET else _FP32_CONFIGS[name] if fp32 else pairs[0]
+        return kernel, dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
     if name not in _LAUNCHERS:
-        _LAUNCHERS[name] = triton.autotune(_configs(pairs), key=_TUNE_KEY)(kernel)
-    return _LAUNCHERS[name]
-
-
-def _fwd_launcher():
-    return _tuned("fwd", _fwd_kernel, FWD_CONFIGS)
-
-
-def _dkdv_launcher():
-    return _tuned("dkdv", _dkdv_kernel, DKDV_CONFIGS)
-
-
-def _dq_launcher():
-    return _tuned("dq", _dq_kernel, DQ_CONFIGS)
+        configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+                   for bm, bn, w, st in pairs]
+        _LAUNCHERS[name] = triton.autotune(configs, key=_TUNE_KEY)(kernel)
+    return _LAUNCHERS[name], {}
 
 
 __all__ = ["mla_attention", "mla_attention_reference"]
