@@ -178,3 +178,12 @@ def zeropower_ns_reference(G: torch.Tensor, steps: int = 5,
         B = b * A + c * A @ A
         X = a * X + B @ X
     return X.mT if transposed else X
+
+
+def zeropower_via_newtonschulz(G: torch.Tensor, steps: int = 5,
+                               coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+                               eps: float = 1e-7, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """The `ns_fn` signature k2train.optim.MuonClip calls (optim.ns_impl=triton); bf16 only."""
+    if dtype != torch.bfloat16:
+        raise ValueError(f"the Triton Newton-Schulz runs in bf16; got dtype={dtype}, use optim.ns_impl=torch")
+    return zeropower_ns_batched(G, steps=steps, coefficients=coefficients, eps=eps)

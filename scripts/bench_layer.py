@@ -1,0 +1,183 @@
+"""One full K2 MoE layer (MLA 64 heads, 384 experts + shared, router), bf16, fwd+bwd on one GPU,
+ours (k2train.model.Block) against HF transformers' DeepseekV3DecoderLayer with grouped_mm experts;
+then one k2_small training step (tokens/s, MFU by the Megatron convention).
+
+    python scripts/bench_layer.py [--skip-hf] [--skip-small]   # prints a table; $OUT/bench_layer.json
+
+Layer FLOPs (Megatron count, BASELINES.md): 6*T*(attention params + 9 experts' params)
++ 6*T*S*64*(192+128)/2. The HF layer and ours are built and timed one after the other (each
+holds ~63 GiB of bf16 weights and grads), so the peak memory numbers are each one's own.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+
+import torch
+from triton.testing import do_bench
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_kernels import bootstrap_k2train  # noqa: E402  (also maps kernels/ and optim/)
+
+bootstrap_k2train()
+from k2train.config import ModelConfig  # noqa: E402
+
+RES: dict = {}
+SEQ = 4096
+
+
+def layer_flops(T, S):
+    h, nh, ql, kvl, dn, dr, dv, fe = 7168, 64, 1536, 512, 128, 64, 128, 2048
+    attn_lin = h * ql + ql * nh * (dn + dr) + h * (kvl + dr) + kvl * nh * (dn + dv) + nh * dv * h
+    return 6 * T * (attn_lin + 3 * h * fe * 9) + 6 * T * S * nh * (dn + dr + dv) / 2
+
+
+def record(key, ms, T, peak, anchor_ms=None):
+    fl = layer_flops(T, SEQ)
+    RES[key] = dict(ms=ms, tflops=fl / ms / 1e9, peak_gib=peak)
+    sp = f"x{anchor_ms / ms:.2f}" if anchor_ms else ""
+    print(f"{key:66s} {ms:8.2f} ms {fl / ms / 1e9:7.1f} TFLOP/s peak {peak:5.1f} GiB {sp}", flush=True)
+
+
+def time_step(step):
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    ms = do_bench(step, warmup=3, rep=30, return_mode="median")
+    return ms, torch.cuda.max_memory_allocated() / 2**30
+
+
+def bench_hf():
+    from transformers import DeepseekV3Config
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3DecoderLayer, DeepseekV3RotaryEmbedding
+    cfg = DeepseekV3Config(hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048, num_hidden_layers=2,
+                           first_k_dense_replace=1, n_routed_experts=384, n_shared_experts=1, num_experts_per_tok=8,
+                           n_group=1, topk_group=1, routed_scaling_factor=2.827, norm_topk_prob=True,
+                           num_attention_heads=64, num_key_value_heads=64, q_lora_rank=1536, kv_lora_rank=512,
+                           qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, vocab_size=163840,
+                           rope_theta=50000.0, max_position_embeddings=131072, rms_norm_eps=1e-6)
+    cfg._attn_implementation = "sdpa"
+    cfg._experts_implementation = "grouped_mm"
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        layer = DeepseekV3DecoderLayer(cfg, layer_idx=1).to(torch.bfloat16)
+        rope = DeepseekV3RotaryEmbedding(cfg)
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.006)
+    out = {}
+    for B in (1, 2):
+        x = torch.randn(B, SEQ, 7168, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        pos = torch.arange(SEQ, device="cuda")[None].expand(B, SEQ)
+        pe = rope(x, pos)
+        g = torch.randn_like(x)
+
+        def step():
+            layer.zero_grad(set_to_none=True)
+            y = layer(x, attention_mask=None, position_ids=pos, position_embeddings=pe)
+            (y[0] if isinstance(y, tuple) else y).backward(g)
+        ms, peak = time_step(step)
+        record(f"anchor: HF DeepseekV3DecoderLayer grouped_mm sdpa B={B} S={SEQ}", ms, B * SEQ, peak)
+        out[B] = ms
+        del x, g
+    del layer
+    torch.cuda.empty_cache()
+    return out
+
+
+def bench_ours(attn_impl, moe_impl, anchors):
+    from k2train.model import Block
+    from k2train.model.rope import rope_cos_sin, rope_inv_freq
+    cfg = ModelConfig(num_hidden_layers=2, first_k_dense_replace=1, attn_impl=attn_impl, moe_impl=moe_impl)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        block = Block(cfg, layer_id=1).to(torch.bfloat16)
+    for name, p in block.named_parameters():
+        torch.nn.init.normal_(p, std=0.006) if p.ndim > 1 else torch.nn.init.ones_(p)
+    inv_freq, factor = rope_inv_freq(cfg)
+    for B in (1, 2):
+        x = torch.randn(B, SEQ, 7168, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        pos = torch.arange(SEQ, device="cuda")[None].expand(B, SEQ)
+        cos, sin = rope_cos_sin(inv_freq.cuda(), pos, factor)
+        g = torch.randn_like(x)
+
+        def step():
+            block.zero_grad(set_to_none=True)
+            block(x, cos, sin).backward(g)
+        ms, peak = time_step(step)
+        record(f"ours: Block attn={attn_impl} moe={moe_impl} B={B} S={SEQ}", ms, B * SEQ, peak, anchors.get(B))
+        del x, g
+    del block
+    torch.cuda.empty_cache()
+
+
+def bench_small(attn_impl, moe_impl, ns_impl, B=4):
+    import yaml
+    from k2train.config import OptimConfig
+    from k2train.flops import flops_per_token
+    from k2train.model import K2Model
+    from k2train.optim import build_optimizer
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    fields = yaml.safe_load(open(os.path.join(root, "conf", "model", "k2_small.yaml")))
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    cfg = ModelConfig(**{k: v for k, v in fields.items() if k in known}, attn_impl=attn_impl, moe_impl=moe_impl)
+    with torch.device("meta"):
+        model = K2Model(cfg)
+    model.to_empty(device="cuda")
+    model.init_weights(seed=0)
+    opt = build_optimizer([model], OptimConfig(ns_impl=ns_impl))
+    tokens = torch.randint(0, cfg.vocab_size, (B, SEQ + 1), device="cuda")
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(tokens[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+        (loss + model.aux_loss).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+        opt.step()
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    ms = do_bench(step, warmup=1, rep=2000, return_mode="median")
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    tok_s = B * SEQ / ms * 1e3
+    fpt = flops_per_token(cfg, SEQ, "megatron")
+    mfu = tok_s * fpt / 989e12
+    key = f"k2_small step B={B} S={SEQ} attn={attn_impl} moe={moe_impl} ns={ns_impl}"
+    RES[key] = dict(ms=ms, tokens_per_s=tok_s, mfu=mfu, gflop_per_token=fpt / 1e9, peak_gib=peak)
+    print(f"{key:66s} {ms:8.1f} ms {tok_s:9.0f} tok/s MFU {mfu:.1%} (989 TFLOP/s peak) peak {peak:.1f} GiB", flush=True)
+    del model, opt
+    torch.cuda.empty_cache()
+
+
+def main():
+    import transformers
+    import triton
+    print(f"torch {torch.__version__} triton {triton.__version__} transformers {transformers.__version__} "
+          f"{torch.cuda.get_device_name()}", flush=True)
+    RES["versions"] = dict(torch=torch.__version__, triton=triton.__version__, transformers=transformers.__version__)
+    anchors = {}
+    runs = [] if "--skip-hf" in sys.argv else [("hf", bench_hf)]
+    runs += [("ours triton/triton", lambda: bench_ours("triton", "triton", anchors)),
+             ("ours sdpa/triton", lambda: bench_ours("sdpa", "triton", anchors)),
+             ("ours sdpa/grouped_mm", lambda: bench_ours("sdpa", "grouped_mm", anchors))]
+    if "--skip-small" not in sys.argv:
+        runs += [("small triton", lambda: bench_small("triton", "triton", "triton")),
+                 ("small torch", lambda: bench_small("sdpa", "grouped_mm", "torch"))]
+    for name, fn in runs:
+        try:
+            r = fn()
+            if name == "hf":
+                anchors.update(r)
+        except Exception as e:  # keep the other rows' numbers
+            print(f"{name} FAILED: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            RES[f"{name}_error"] = repr(e)[:500]
+        torch.cuda.empty_cache()
+        json.dump(RES, open(os.path.join(os.environ.get("OUT", "."), "bench_layer.json"), "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
