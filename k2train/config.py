@@ -283,6 +283,10 @@ class CheckpointConfig:
     resume: bool = True
     # Load model weights from here (a k2train checkpoint or an HF folder) before training.
     load_path: str = ""
+    # The final save also writes an HF safetensors folder (<step>/hf) in this dtype.
+    export_hf: bool = True
+    export_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    max_shard_size: str = "5GB"
 
 
 @dataclass

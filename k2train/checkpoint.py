@@ -1,0 +1,519 @@
+"""Sharded, atomic, resumable checkpoints with ``torch.distributed.checkpoint`` (DCP).
+
+Layout of a checkpoint root (``<run>/checkpoints``)::
+
+    step-00000100/
+        .metadata, __0_0.distcp ...   DCP: "model.<fqn>" and "optimizer.state.<fqn>.<key>" (reshardable)
+        extra/rank00000.pt            this rank's small state: LR scheduler, data loader, RNG, ...
+        meta.json                     step, tokens seen, resolved config, git revision, wandb run id
+        COMPLETE                      written last, before the rename: the checkpoint is whole
+    latest                            "step-00000100", replaced atomically after the rename
+
+A save writes into ``.tmp-step-N`` and renames it, so a crash leaves either the old state or a
+``.tmp`` folder that the next resume deletes. Resume walks the checkpoints newest first and skips,
+with a warning, any that lacks its marker, its ``.metadata`` or a byte of a shard.
+
+Model and optimizer are keyed by parameter FQN (not by position), so a checkpoint saved under one
+layout (DP size, TP/EP sharding as DTensors, pipeline stages) loads under another: each process asks
+DCP for the FQNs (and DTensor shards) it holds. Everything else is per rank and loaded by rank;
+a process without a file of its own (world size changed) takes rank 0's and is told so.
+Works in one process without a process group and in multi-process (gloo/NCCL) runs.
+"""
+
+import dataclasses
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import CheckpointConfig
+
+log = logging.getLogger(__name__)
+
+MODEL_KEY = "model"
+OPTIM_KEY = "optimizer"
+META_FILE = "meta.json"
+DONE_FILE = "COMPLETE"
+LATEST_FILE = "latest"
+EXTRA_DIR = "extra"
+_STEP_RE = re.compile(r"^step-(\d+)$")
+
+
+# ---------------------------------------------------------------------------------------------
+# small helpers (also used by k2train.convert)
+# ---------------------------------------------------------------------------------------------
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically (temporary file + rename), so readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def mark_complete(folder: Path) -> None:
+    (Path(folder) / DONE_FILE).write_text("ok\n")
+
+
+def git_revision() -> str:
+    """``<sha>`` (``+dirty`` with uncommitted changes) of the source tree, or "unknown"."""
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        if sha.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "-uno"], cwd=here, capture_output=True, text=True, timeout=10)
+        return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def validate_checkpoint(folder: Path) -> Optional[str]:
+    """None if ``folder`` is a whole checkpoint, else why not (missing marker, metadata, bytes)."""
+    folder = Path(folder)
+    if not (folder / DONE_FILE).exists():
+        return f"no {DONE_FILE} marker (the save did not finish)"
+    if not (folder / ".metadata").exists():
+        return "no DCP .metadata file"
+    try:
+        from torch.distributed.checkpoint import FileSystemReader
+
+        md = FileSystemReader(str(folder)).read_metadata()
+    except Exception as e:  # a truncated pickle raises anything from EOFError to UnpicklingError
+        return f"unreadable .metadata ({type(e).__name__}: {e})"
+    need: dict[str, int] = {}
+    for info in (md.storage_data or {}).values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    for rel, nbytes in need.items():
+        path = folder / rel
+        if not path.exists():
+            return f"shard {rel} is missing"
+        if path.stat().st_size < nbytes:
+            return f"shard {rel} is truncated ({path.stat().st_size} of {nbytes} bytes)"
+    meta = folder / META_FILE
+    if meta.exists():
+        try:
+            world = json.loads(meta.read_text()).get("world_size", 0)
+        except ValueError:
+            return f"corrupt {META_FILE}"
+        for r in range(world):
+            if not (folder / EXTRA_DIR / _extra_name(r)).exists():
+                return f"per-rank state {EXTRA_DIR}/{_extra_name(r)} is missing"
+    return None
+
+
+def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every ``step-N`` folder under ``root``, oldest first (valid or not)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    out = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_RE.match(p.name))]
+    return sorted(out)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder itself, or the newest valid checkpoint under a checkpoint root."""
+    path = Path(path)
+    if (path / ".metadata").exists() or (path / DONE_FILE).exists():
+        reason = validate_checkpoint(path)
+        if reason:
+            raise ValueError(f"checkpoint {path} is not usable: {reason}")
+        return path
+    found = latest_valid(path)
+    if found is None:
+        raise ValueError(f"no valid checkpoint in {path} (expected a step-N folder or a root holding them)")
+    return found[1]
+
+
+def latest_valid(root: Path) -> Optional[tuple[int, Path]]:
+    """The newest valid checkpoint under ``root``; invalid ones are reported and skipped."""
+    for step, folder in reversed(list_checkpoints(root)):
+        reason = validate_checkpoint(folder)
+        if reason is None:
+            return step, folder
+        log.warning("skipping checkpoint %s: %s", folder, reason)
+    return None
+
+
+def _extra_name(rank: int) -> str:
+    return f"rank{rank:05d}.pt"
+
+
+# ---------------------------------------------------------------------------------------------
+# RNG
+# ---------------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict:
+    """Python, numpy, torch CPU and (if present) CUDA generator states of this process."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------
+# model / optimizer <-> FQN-keyed flat dicts
+# ---------------------------------------------------------------------------------------------
+
+
+def _parts(model: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
+    return [model] if isinstance(model, nn.Module) else list(model)
+
+
+def model_state(model: nn.Module | Sequence[nn.Module]) -> dict[str, torch.Tensor]:
+    """Parameters and persistent buffers (router biases) of all model parts (pipeline stages)
+    by FQN; DTensors stay sharded. The tensors alias the module's, so loading into them is in place."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    out = {}
+    for part in _parts(model):
+        out.update(get_model_state_dict(part))
+    return out
+
+
+def _param_fqns(model) -> dict[int, str]:
+    return {id(p): n for part in _parts(model) for n, p in part.named_parameters()}
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer, model) -> dict[str, Any]:
+    """The optimizer's state keyed ``state.<fqn>.<key>`` plus ``hparams.<fqn>`` (its group's
+    hyperparameters). A ZeRO-1 rank holds the state of the params it owns only; DCP merges them."""
+    fqn = _param_fqns(model)
+    out: dict[str, Any] = {}
+    for group in optimizer.param_groups:
+        hp = {k: v for k, v in group.items() if k != "params"}
+        for p in group["params"]:
+            out[f"hparams.{fqn[id(p)]}"] = hp
+            for k, v in optimizer.state.get(p, {}).items():
+                out[f"state.{fqn[id(p)]}.{k}"] = v
+    return out
+
+
+def _optimizer_targets(optimizer, model, stored: dict) -> dict[str, Any]:
+    """Tensors for DCP to load this rank's optimizer state into, shaped like the checkpoint's.
+
+    State shaped like its parameter is allocated like the parameter (so DTensor params get
+    DTensor state with the same sharding); scalars (``step``) as plain tensors.
+    """
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    owns = getattr(optimizer, "_owns", lambda p: True)  # ZeRO-1: only the params this rank updates
+    fqn = _param_fqns(model)
+    out: dict[str, Any] = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            name = fqn[id(p)]
+            key = f"{OPTIM_KEY}.hparams.{name}"
+            if key in stored:
+                out[key] = None
+            if not owns(p):
+                continue
+            prefix = f"{OPTIM_KEY}.state.{name}."
+            for skey, smd in stored.items():
+                if not skey.startswith(prefix) or "." in skey[len(prefix):]:
+                    continue
+                if isinstance(smd, TensorStorageMetadata):
+                    dt = smd.properties.dtype
+                    if tuple(smd.size) == tuple(p.shape):
+                        out[skey] = torch.zeros_like(p, dtype=dt)
+                    else:
+                        out[skey] = torch.zeros(smd.size, dtype=dt, device=p.device if p.device.type != "meta" else "cpu")
+                else:
+                    out[skey] = None
+    return out
+
+
+def _apply_optimizer_state(optimizer, model, loaded: dict[str, Any]) -> None:
+    fqn = _param_fqns(model)
+    sd = optimizer.state_dict()
+    groups = sd["param_groups"]
+    params = []
+    for group in optimizer.param_groups:
+        params.extend(group["params"])
+    state: dict[int, dict] = {}
+    for i, p in enumerate(params):
+        prefix = f"{OPTIM_KEY}.state.{fqn[id(p)]}."
+        entry = {k[len(prefix):]: v for k, v in loaded.items() if k.startswith(prefix)}
+        if entry:
+            state[i] = entry
+    for g_sd, group in zip(groups, optimizer.param_groups):
+        hp = loaded.get(f"{OPTIM_KEY}.hparams.{fqn[id(group['params'][0])]}") if group["params"] else None
+        if hp:
+            g_sd.update({k: v for k, v in hp.items() if k in g_sd})
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+# ---------------------------------------------------------------------------------------------
+# the manager
+# ---------------------------------------------------------------------------------------------
+
+
+class CheckpointManager:
+    """Save and resume a training run's state under ``folder`` (the checkpoint root).
+
+    ``state`` (for :meth:`save` and :meth:`load_latest`) maps names to objects:
+    ``"model"``: the module or list of pipeline-stage modules; ``"optimizer"``: a
+    ``torch.optim.Optimizer`` (needs ``"model"``); any other name: an object with
+    ``state_dict()``/``load_state_dict()`` or a plain dict (updated in place on load), saved per rank.
+    RNG states are added automatically. ``step`` and ``tokens_seen`` of a ``"train"`` dict, the
+    resolved config and the wandb run id also go to ``meta.json`` for humans and tools.
+    """
+
+    def __init__(
+        self,
+        folder: str | Path,
+        cfg: CheckpointConfig,
+        job_config: Optional[dict] = None,
+        process_group=None,
+    ):
+        self.folder = Path(folder)
+        self.cfg = cfg
+        self.job_config = job_config
+        self.process_group = process_group
+        self.wandb_run_id: Optional[str] = None
+        self.loaded_meta: Optional[dict] = None
+        self._pending = None  # (future, tmp, final, step, state_meta, export) of an async save
+        self._git = git_revision()
+
+    # -- process topology ----------------------------------------------------------------------
+
+    def _dist(self) -> bool:
+        return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+    @property
+    def rank(self) -> int:
+        return torch.distributed.get_rank(self.process_group) if self._dist() else 0
+
+    @property
+    def world_size(self) -> int:
+        return torch.distributed.get_world_size(self.process_group) if self._dist() else 1
+
+    def _barrier(self) -> None:
+        if self._dist():
+            torch.distributed.barrier(group=self.process_group)
+
+    def _broadcast(self, obj):
+        if not self._dist():
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0, group=self.process_group)
+        return box[0]
+
+    # -- save --------------------------------------------------------------------------------
+
+    def _split(self, state: dict) -> tuple[dict, dict]:
+        """-> (flat DCP dict of tensors keyed by FQN, per-rank extras)."""
+        flat: dict[str, Any] = {}
+        extras: dict[str, Any] = {"rng": rng_state()}
+        model = state.get(MODEL_KEY)
+        for name, obj in state.items():
+            if name == MODEL_KEY:
+                flat.update({f"{MODEL_KEY}.{k}": v for k, v in model_state(obj).items()})
+            elif name == OPTIM_KEY:
+                if model is None:
+                    raise ValueError("checkpoint state has an 'optimizer' but no 'model': FQN keys need the model")
+                flat.update({f"{OPTIM_KEY}.{k}": v for k, v in optimizer_state(obj, model).items()})
+            else:
+                extras[name] = obj.state_dict() if hasattr(obj, "state_dict") else dict(obj)
+        return flat, extras
+
+    def save(self, step: int, state: dict, blocking: Optional[bool] = None, final: bool = False) -> Path:
+        """Write checkpoint ``step``; every rank calls it. Returns the final folder.
+
+        Non-blocking (``blocking=False`` or ``cfg.async_save``) stages the tensors to CPU, returns,
+        and completes (marker, rename, ``latest``) in :meth:`wait`, which the next save or
+        :meth:`close` calls. ``final=True`` is always blocking and also exports safetensors.
+        """
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint import FileSystemWriter
+
+        self.wait()
+        blocking = (not self.cfg.async_save) if blocking is None else blocking
+        if final:
+            blocking = True
+        final_dir = self.folder / step_dir_name(step)
+        tmp = self.folder / f".tmp-{step_dir_name(step)}"
+        if self.rank == 0:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            (tmp / EXTRA_DIR).mkdir(parents=True)
+        self._barrier()
+        flat, extras = self._split(state)
+        torch.save(extras, tmp / EXTRA_DIR / _extra_name(self.rank))
+        train = state.get("train", {})
+        meta = {
+            "step": step,
+            "tokens_seen": train.get("tokens_seen") if isinstance(train, dict) else None,
+            "world_size": self.world_size,
+            "git_revision": self._git,
+            "torch_version": torch.__version__,
+            "wandb_run_id": self.wandb_run_id,
+            "config": self.job_config,
+            "model_config": (self.job_config or {}).get("model") or _model_cfg_of(state.get(MODEL_KEY)),
+        }
+        writer = FileSystemWriter(str(tmp))
+        if blocking:
+            dcp.save(flat, storage_writer=writer, process_group=self.process_group)
+            self._finish(tmp, final_dir, meta, export=final and self.cfg.export_hf)
+        else:
+            future = dcp.async_save(flat, storage_writer=writer, process_group=self.process_group)
+            self._pending = (future, tmp, final_dir, meta)
+        return final_dir
+
+    def wait(self) -> None:
+        """Complete a pending asynchronous save (no-op if none)."""
+        if self._pending is None:
+            return
+        future, tmp, final_dir, meta = self._pending
+        self._pending = None
+        future.result()
+        self._finish(tmp, final_dir, meta, export=False)
+
+    def close(self) -> None:
+        self.wait()
+
+    def _finish(self, tmp: Path, final_dir: Path, meta: dict, export: bool) -> None:
+        self._barrier()  # every rank's shard and extras are on disk
+        if self.rank == 0:
+            write_json(tmp / META_FILE, meta)
+            mark_complete(tmp)
+            if final_dir.exists():
+                shutil.rmtree(final_dir)
+            os.rename(tmp, final_dir)
+            write_json(self.folder / LATEST_FILE, final_dir.name)
+            log.info("saved checkpoint %s", final_dir)
+            self._retain()
+            if export:
+                from .convert import export_hf
+
+                export_hf(final_dir, final_dir / "hf", dtype=self.cfg.export_dtype,
+                          max_shard_size=self.cfg.max_shard_size, progress=False)
+        self._barrier()
+
+    def _retain(self) -> None:
+        """Delete checkpoints beyond the newest ``keep_last``, keeping every ``keep_every``-th step."""
+        done = [(s, p) for s, p in list_checkpoints(self.folder) if (p / DONE_FILE).exists()]
+        keep = {s for s, _ in done[-self.cfg.keep_last:]}
+        if self.cfg.keep_every > 0:
+            keep |= {s for s, _ in done if s % self.cfg.keep_every == 0}
+        for s, p in done:
+            if s not in keep:
+                shutil.rmtree(p, ignore_errors=True)
+
+    # -- load --------------------------------------------------------------------------------
+
+    def load_latest(self, state: dict) -> Optional[int]:
+        """Restore ``state`` from the newest valid checkpoint; return its step, or None if there is none.
+
+        Incomplete or corrupt checkpoints are reported and skipped; leftover ``.tmp-*`` folders
+        of interrupted saves are deleted.
+        """
+        found = None
+        if self.rank == 0:
+            for p in self.folder.glob(".tmp-step-*"):
+                log.warning("removing interrupted save %s", p)
+                shutil.rmtree(p, ignore_errors=True)
+            found = latest_valid(self.folder)
+            found = None if found is None else str(found[1])
+        found = self._broadcast(found)
+        if found is None:
+            return None
+        return self.load(Path(found), state)
+
+    def load(self, folder: Path, state: dict) -> int:
+        """Restore ``state`` from one checkpoint folder (every rank calls it); returns its step."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint import FileSystemReader
+
+        folder = Path(folder)
+        reader = FileSystemReader(str(folder))
+        stored = reader.read_metadata().state_dict_metadata
+        model = state.get(MODEL_KEY)
+        targets: dict[str, Any] = {}
+        if model is not None:
+            targets.update({f"{MODEL_KEY}.{k}": v for k, v in model_state(model).items()})
+            missing = [k for k in targets if k not in stored]
+            if missing:
+                raise ValueError(f"checkpoint {folder} lacks {len(missing)} model tensors, e.g. {missing[:3]}")
+        if OPTIM_KEY in state:
+            opt_targets = _optimizer_targets(state[OPTIM_KEY], model, stored)
+            if not any(k.startswith(f"{OPTIM_KEY}.state.") for k in stored):
+                log.warning("checkpoint %s holds no optimizer state (a weights-only import?): starting it fresh", folder)
+                opt_targets = {}
+            targets.update(opt_targets)
+        dcp.load(targets, storage_reader=reader, process_group=self.process_group)
+        if model is not None:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            model_sd = {k[len(MODEL_KEY) + 1:]: v for k, v in targets.items() if k.startswith(f"{MODEL_KEY}.")}
+            for part in _parts(model):
+                set_model_state_dict(part, model_sd, options=StateDictOptions(strict=False))
+        if OPTIM_KEY in state and any(k.startswith(f"{OPTIM_KEY}.state.") for k in targets):
+            _apply_optimizer_state(state[OPTIM_KEY], model, targets)
+
+        extra_path = folder / EXTRA_DIR / _extra_name(self.rank)
+        if not extra_path.exists() and set(state) - {MODEL_KEY, OPTIM_KEY}:
+            log.warning("%s has no per-rank state for rank %d (world size changed?): using rank 0's", folder, self.rank)
+            extra_path = folder / EXTRA_DIR / _extra_name(0)
+        extras = torch.load(extra_path, weights_only=False) if extra_path.exists() else {}
+        for name, obj in state.items():
+            if name in (MODEL_KEY, OPTIM_KEY):
+                continue
+            if name not in extras:
+                log.warning("checkpoint %s has no %r state: keeping the current one", folder, name)
+            elif hasattr(obj, "load_state_dict"):
+                obj.load_state_dict(extras[name])
+            else:
+                obj.clear()
+                obj.update(extras[name])
+        if "rng" in extras:
+            set_rng_state(extras["rng"])
+        meta_path = folder / META_FILE
+        self.loaded_meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        self.wandb_run_id = self.loaded_meta.get("wandb_run_id") or self.wandb_run_id
+        step = int(self.loaded_meta.get("step", 0))
+        log.info("resumed from %s (step %d)", folder, step)
+        return step
+
+
+def _model_cfg_of(model) -> Optional[dict]:
+    parts = _parts(model) if model is not None else []
+    cfg = getattr(parts[0], "cfg", None) if parts else None
+    return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else None
+
+
+def load_model_weights(path: str | Path, model) -> int:
+    """Load only the model (e.g. a ``from-hf`` import, or another run's checkpoint) into ``model``;
+    ``path`` is a checkpoint folder or root. Returns the checkpoint's step."""
+    folder = resolve_checkpoint(path)
+    mgr = CheckpointManager(folder.parent, CheckpointConfig())
+    state = {MODEL_KEY: model}
+    # Restore nothing else: keep this process's RNG.
+    rng = rng_state()
+    step = mgr.load(folder, state)
+    set_rng_state(rng)
+    return step
