@@ -1,0 +1,160 @@
+"""Tensor + sequence parallelism with DTensor's ``parallelize_module`` (Megatron-style layout).
+
+Between blocks the residual stream is a plain local tensor ``[B, S/tp, D]`` (sequence-sharded).
+Per block:
+- norms: ``SequenceParallel`` (each rank normalizes its S/tp tokens; weights replicated);
+- MLA: the input is all-gathered to the full sequence; the low-rank down projections
+  (``q_a_proj``, ``kv_a_proj_with_mqa``) and their norms stay plain replicated modules; ``q_b_proj``
+  and ``kv_b_proj`` are column-wise (whole heads per rank, rows are head-major); ``o_proj`` is
+  row-wise with a reduce-scatter back to ``[B, S/tp, D]``. The module runs with its H/tp local
+  heads: ``num_heads`` and the per-head ``max_logit`` buffer are resized, and QK-Clip clips each
+  rank's own heads;
+- dense FFN and shared expert: all-gather, column-wise gate/up, row-wise down, reduce-scatter;
+- routed experts are not tensor-split (as in K2): the MoE takes the local S/tp tokens, so each tp
+  rank routes its own tokens (see :mod:`expert_parallel`), and the router's sequence-wise aux loss
+  is corrected here to use the load of the whole sequence.
+Embedding: vocab-parallel (row-wise on the vocabulary) with a reduce-scatter to the sequence shard.
+Head: column-wise on the vocabulary with DTensor logits for ``loss_parallel`` cross entropy.
+
+Requires sequence parallelism (``parallel.sequence_parallel=true``) and explicit full-length
+``position_ids`` inside the model, which a pre-hook supplies when the caller passes none.
+"""
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    loss_parallel,
+    parallelize_module,
+)
+
+from k2train.model.moe import MoE
+
+from .expert_parallel import moe_modules
+
+
+def _full_position_ids(module: nn.Module, args: tuple, kwargs: dict):
+    # The model derives positions from the embedding output's length, which under sequence
+    # parallelism is S/tp: give it the full-length positions before the embedding shards them.
+    if kwargs.get("position_ids") is None and len(args) < 2 and args and args[0] is not None:
+        tokens = args[0]
+        B, S = tokens.shape
+        kwargs = dict(kwargs, position_ids=torch.arange(S, device=tokens.device).expand(B, S))
+    return args, kwargs
+
+
+def _block_plan(block: nn.Module) -> dict:
+    attn_inputs = (Shard(1), None, None, None)
+    plan = {
+        "input_layernorm": SequenceParallel(),
+        "self_attn": PrepareModuleInput(
+            input_layouts=attn_inputs,
+            desired_input_layouts=(Replicate(), None, None, None),
+            use_local_output=True,
+        ),
+        "self_attn.q_b_proj": ColwiseParallel(),
+        "self_attn.kv_b_proj": ColwiseParallel(),
+        "self_attn.o_proj": RowwiseParallel(output_layouts=Shard(1)),
+        "post_attention_layernorm": SequenceParallel(),
+    }
+    ffn_plan = lambda prefix: {  # noqa: E731
+        prefix: PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True),
+        f"{prefix}.gate_proj": ColwiseParallel(),
+        f"{prefix}.up_proj": ColwiseParallel(),
+        f"{prefix}.down_proj": RowwiseParallel(output_layouts=Shard(1)),
+    }
+    if isinstance(block.mlp, MoE):
+        # Local tokens in, local tokens out: router and routed experts work on this rank's S/tp tokens.
+        plan["mlp"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Shard(1),), use_local_output=True)
+        if block.mlp.shared_experts is not None:
+            plan.update(ffn_plan("mlp.shared_experts"))
+    else:
+        plan.update(ffn_plan("mlp"))
+    return plan
+
+
+def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool = True) -> None:
+    """Install the tensor/sequence-parallel plan on ``model`` in place (no-op for one tp rank).
+
+    Call before :func:`~k2train.parallel.expert_parallel.apply_ep` and before building the optimizer.
+    Compute the loss inside :func:`loss_context` (the logits are a vocab-sharded DTensor).
+    """
+    tp = tp_mesh.size()
+    if tp == 1:
+        return
+    if not sequence_parallel:
+        raise ValueError(
+            f"tensor parallelism (tp={tp}) is implemented with sequence parallelism only: set parallel.sequence_parallel=true"
+        )
+    top = {
+        "embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+        "norm": SequenceParallel(),
+        "lm_head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False),
+    }
+    parallelize_module(model, tp_mesh, {k: v for k, v in top.items() if getattr(model, k, None) is not None})
+    for block in model.layers.values():
+        parallelize_module(block, tp_mesh, _block_plan(block))
+        attn = block.self_attn
+        if attn.num_heads % tp:
+            raise ValueError(f"num_attention_heads={attn.num_heads} is not divisible by tensor parallel degree {tp}")
+        attn.num_heads //= tp
+        attn.max_logit = torch.full((attn.num_heads,), float("-inf"), device=attn.max_logit.device)
+    model.register_forward_pre_hook(_full_position_ids, with_kwargs=True)
+    for moe in moe_modules(model):
+        _install_sequence_aux_loss(moe, tp_mesh.get_group())
+
+
+def _install_sequence_aux_loss(moe: MoE, tp_group) -> None:
+    """Recompute ``moe.aux_loss`` (:func:`k2train.model.moe.sequence_aux_loss`) over whole sequences
+    spread over the tp ranks.
+
+    aux = alpha * mean_b sum_e f_be P_be with f from the token counts of the whole sequence
+    (all-reduced, no gradient) and P_be = (1/S) sum_t p_bte, which is a sum over the ranks' token
+    shards. Each rank differentiates only its own shard's share, and the value is replaced by the
+    all-reduced total so every rank reports the same number.
+    """
+    captured = {}
+
+    def grab_router(_mod, _inputs, outputs):
+        captured["scores_TE"], captured["topk_idx_TK"] = outputs[0], outputs[1]
+
+    def fix_aux(mod: MoE, inputs, _output):
+        scores_TE, topk_idx_TK = captured.pop("scores_TE"), captured.pop("topk_idx_TK")
+        if not (mod.training and mod.aux_loss_alpha > 0):
+            return
+        B, S_local, _ = inputs[0].shape
+        tp = dist.get_world_size(tp_group)
+        E, K = scores_TE.shape[-1], topk_idx_TK.shape[-1]
+        S = S_local * tp
+        counts_BE = torch.zeros(B, E, device=scores_TE.device).scatter_add_(
+            1, topk_idx_TK.view(B, -1), torch.ones(B, S_local * K, device=scores_TE.device)
+        )
+        dist.all_reduce(counts_BE, group=tp_group)
+        f_BE = counts_BE * (E / (K * S))
+        p_sum_BE = (scores_TE / scores_TE.sum(dim=-1, keepdim=True)).view(B, S_local, E).sum(dim=1)
+        part = mod.aux_loss_alpha * (f_BE * p_sum_BE / S).sum(dim=-1).mean()
+        total = part.detach().clone()
+        dist.all_reduce(total, group=tp_group)
+        mod.aux_loss = part + (total - part.detach())
+
+    moe.gate.register_forward_hook(grab_router)
+    moe.register_forward_hook(fix_aux)
+
+
+def loss_context(tp_mesh):
+    """``loss_parallel()`` when the logits are vocab-sharded (tp > 1), else a no-op context. Wrap
+    both the cross entropy and its ``backward()``."""
+    return loss_parallel() if tp_mesh is not None and tp_mesh.size() > 1 else contextlib.nullcontext()
+
+
+def local_loss(loss: torch.Tensor) -> torch.Tensor:
+    """A replicated DTensor loss as a plain tensor (same value on every tp rank), gradient kept."""
+    return loss.to_local() if hasattr(loss, "to_local") else loss
+
