@@ -136,12 +136,19 @@ class _MLAAttention(torch.autograd.Function):
             DV=common["DV"], BDV=common["BDV"], BLOCK_M=64, UPCAST=_INTERPRET,
         )
         strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
+        atomic = ATOMIC_DQ
+        dqacc = torch.zeros(1, device=q.device)  # unused; the tuner zeroes it, so not lse
+        if atomic:  # fp32 dq accumulator, padded to D1 + D2 columns
+            dqacc = torch.zeros(B * H, S, common["D1"] + common["D2"], device=q.device)
         grid_kv = lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * H)  # noqa: E731
         kernel, cfg = _launcher("dkdv", common["IEEE"])
         kernel[grid_kv](
-            q, k, v, dout, lse, delta, dk, dv, doc, ctx.softmax_scale,
-            *strides, *dk.stride(), *dv.stride(), *sdoc, H, S, **common, **cfg,
+            q, k, v, dout, lse, delta, dk, dv, doc, dqacc, ctx.softmax_scale,
+            *strides, *dk.stride(), *dv.stride(), *sdoc, H, S, ATOMIC_DQ=atomic, **common, **cfg,
         )
+        if atomic:
+            dq.copy_(dqacc.view(B, H, S, -1)[..., : q.shape[-1]])
+            return dq, dk, dv, None, None, None
         grid_q = lambda meta: (triton.cdiv(S, meta["BLOCK_M"]), B * H)  # noqa: E731
         kernel, cfg = _launcher("dq", common["IEEE"])
         kernel[grid_q](
@@ -158,13 +165,16 @@ _MIN_BLOCK, _MAX_BLOCK = 16, 128
 # Candidates (BLOCK_M, BLOCK_N, num_warps, num_stages) for H100/H200 at Dqk 192 / Dv 128, 16-bit
 # inputs; the first is used when AUTOTUNE is off. Shared memory ~ stages * BLOCK * 320 * 2 bytes.
 FWD_CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 4, 3)]
-DKDV_CONFIGS = [(32, 128, 8, 2), (64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 1)]
+DKDV_CONFIGS = [(64, 128, 8, 2), (32, 128, 8, 2), (64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 1)]
 DQ_CONFIGS = [(128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 3), (128, 64, 8, 1)]
 # fp32 tiles are twice as large: one small config that fits shared memory, no tuning.
 _FP32_CONFIGS = {"fwd": (64, 32, 4, 1), "dkdv": (32, 64, 4, 1), "dq": (64, 32, 4, 1)}
 # Under the interpreter (CPU tests) the tuner would run every config; use small blocks.
 _INTERP_CONFIG = (16, 16, 4, 1)
 AUTOTUNE = os.environ.get("K2TRAIN_ATTN_AUTOTUNE", "1") != "0"
+# Backward dq: False = a second kernel recomputes logits per query block (no atomics);
+# True = the dk/dv kernel adds each block's dq into an fp32 buffer with atomics (fewer FLOPs).
+ATOMIC_DQ = os.environ.get("K2TRAIN_ATTN_ATOMIC_DQ", "0") == "1"
 _TUNE_KEY = ["S", "DQK", "DV", "CAUSAL", "HAS_DOC", "IEEE"]
 _LAUNCHERS = {}  # name -> triton.autotune wrapper (read best_config from it)
 
@@ -179,7 +189,9 @@ def _launcher(name, fp32):
     if name not in _LAUNCHERS:
         configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
                    for bm, bn, w, st in pairs]
-        _LAUNCHERS[name] = triton.autotune(configs, key=_TUNE_KEY)(kernel)
+        key = _TUNE_KEY + (["ATOMIC_DQ"] if name == "dkdv" else [])
+        reset = ["DQACC"] if name == "dkdv" else None  # tuning runs must not pile up in dq
+        _LAUNCHERS[name] = triton.autotune(configs, key=key, reset_to_zero=reset)(kernel)
     return _LAUNCHERS[name], {}
 
 
@@ -349,12 +361,16 @@ if triton is not None:
 
     @triton.jit
     def _dkdv_step(dk1, dk2, dv, k1, k2, v, q_base, do_base, lse_ptr, delta_ptr, doc_k, doc_ptr,
-                   start_m, offs_n, qk_scale, sqs, sqd, sdos, sdod, sds, S,
+                   dqacc_base, softmax_scale, start_m, offs_n, qk_scale, sqs, sqd, sdos, sdod, sds, S,
                    DQK: tl.constexpr, DV: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
                    BDV: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL_MASK: tl.constexpr,
                    BOUND_MASK: tl.constexpr, HAS_DOC: tl.constexpr, UPCAST: tl.constexpr,
-                   IEEE: tl.constexpr):
-        """One query block's contribution to a key block's dk, dv (transposed: rows = keys)."""
+                   IEEE: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+        """One query block's contribution to a key block's dk, dv (transposed: rows = keys).
+
+        With ATOMIC_DQ it also adds the block's dq (already scaled) into the fp32 accumulator
+        [S, D1 + D2] at dqacc_base, so no second pass recomputes the logits.
+        """
         offs_m = start_m + tl.arange(0, BLOCK_M)
         qt1 = _load_tile(q_base, tl.arange(0, D1), offs_m, sqd, sqs, DQK, S, False, BOUND_MASK, UPCAST)
         qt2 = _load_tile(q_base + D1 * sqd, tl.arange(0, D2), offs_m, sqd, sqs, DQK - D1, S,
@@ -380,17 +396,30 @@ if triton is not None:
         dst = (pt * (dpt - delta[None, :])).to(qt1.dtype)
         dk1 = _dot(dst, tl.trans(qt1), dk1, IEEE)
         dk2 = _dot(dst, tl.trans(qt2), dk2, IEEE)
+        if ATOMIC_DQ:
+            ds_m = tl.trans(dst)
+            rows = offs_m[:, None] * (D1 + D2)
+            dq1 = _dot(ds_m, k1, None, IEEE) * softmax_scale
+            dq2 = _dot(ds_m, k2, None, IEEE) * softmax_scale
+            c1 = tl.arange(0, D1)[None, :]
+            c2 = D1 + tl.arange(0, D2)[None, :]
+            if BOUND_MASK:
+                tl.atomic_add(dqacc_base + rows + c1, dq1, mask=offs_m[:, None] < S, sem="relaxed")
+                tl.atomic_add(dqacc_base + rows + c2, dq2, mask=offs_m[:, None] < S, sem="relaxed")
+            else:
+                tl.atomic_add(dqacc_base + rows + c1, dq1, sem="relaxed")
+                tl.atomic_add(dqacc_base + rows + c2, dq2, sem="relaxed")
         return dk1, dk2, dv
 
     @triton.jit
-    def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, DOC, softmax_scale,
+    def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, DOC, DQACC, softmax_scale,
                      sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
                      sdob, sdoh, sdos, sdod, sdkb, sdkh, sdks, sdkd, sdvb, sdvh, sdvs, sdvd,
                      sdb, sds, H, S,
                      DQK: tl.constexpr, DV: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
                      BDV: tl.constexpr, CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr,
                      EVEN_S: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         bh = tl.program_id(1)
         b = bh // H
         h = bh % H
@@ -411,6 +440,7 @@ if triton is not None:
         do_base = DO + b * sdob + h * sdoh
         lse_ptr = LSE + bh * S
         delta_ptr = DELTA + bh * S
+        dqacc_base = DQACC + bh * S * (D1 + D2)
         qk_scale = softmax_scale * 1.4426950408889634
         dk1 = tl.zeros([BLOCK_N, D1], tl.float32)
         dk2 = tl.zeros([BLOCK_N, D2], tl.float32)
@@ -419,16 +449,18 @@ if triton is not None:
             lo = start_n + BLOCK_N
             for start_m in range(start_n, start_n + BLOCK_N, BLOCK_M):  # the diagonal block
                 dk1, dk2, dv = _dkdv_step(dk1, dk2, dv, k1, k2, v, q_base, do_base, lse_ptr,
-                                          delta_ptr, doc_k, doc_ptr, start_m, offs_n, qk_scale,
-                                          sqs, sqd, sdos, sdod, sds, S, DQK, DV, D1, D2, BDV,
-                                          BLOCK_M, True, not EVEN_S, HAS_DOC, UPCAST, IEEE)
+                                          delta_ptr, doc_k, doc_ptr, dqacc_base, softmax_scale,
+                                          start_m, offs_n, qk_scale, sqs, sqd, sdos, sdod, sds, S,
+                                          DQK, DV, D1, D2, BDV, BLOCK_M, True, not EVEN_S, HAS_DOC,
+                                          UPCAST, IEEE, ATOMIC_DQ)
         else:
             lo = 0
         for start_m in range(lo, S, BLOCK_M):  # query blocks that see the whole key block
             dk1, dk2, dv = _dkdv_step(dk1, dk2, dv, k1, k2, v, q_base, do_base, lse_ptr,
-                                      delta_ptr, doc_k, doc_ptr, start_m, offs_n, qk_scale,
-                                      sqs, sqd, sdos, sdod, sds, S, DQK, DV, D1, D2, BDV,
-                                      BLOCK_M, False, not EVEN_S, HAS_DOC, UPCAST, IEEE)
+                                      delta_ptr, doc_k, doc_ptr, dqacc_base, softmax_scale,
+                                      start_m, offs_n, qk_scale, sqs, sqd, sdos, sdod, sds, S,
+                                      DQK, DV, D1, D2, BDV, BLOCK_M, False, not EVEN_S, HAS_DOC,
+                                      UPCAST, IEEE, ATOMIC_DQ)
         dk_base = DK + b * sdkb + h * sdkh
         _store_tile(dk_base, dk1 * softmax_scale, offs_n, tl.arange(0, D1), sdks, sdkd, S, DQK,
                     not EVEN_S, False)

@@ -76,21 +76,24 @@ def check_correctness():
     lists = ("FWD_CONFIGS", "DKDV_CONFIGS", "DQ_CONFIGS")
     saved = {n: list(getattr(attn, n)) for n in lists}
     attn.AUTOTUNE = False  # _launcher then uses config 0 of each list
-    cases = [dict(B=2, S=1024, dtype=torch.bfloat16, docs=False, config=i) for i in range(len(saved["FWD_CONFIGS"]))]
-    cases += [dict(B=2, S=1000, dtype=torch.bfloat16, docs=False, config=0),
-              dict(B=2, S=1024, dtype=torch.bfloat16, docs=True, config=0),
-              dict(B=1, S=640, dtype=torch.float32, docs=True, config=0)]
+    n_cfg = max(len(c) for c in saved.values())
+    cases = [dict(B=2, S=1024, dtype=torch.bfloat16, docs=False, config=i, atomic=a)
+             for a in (False, True) for i in range(n_cfg)]
+    cases += [dict(B=2, S=1000, dtype=torch.bfloat16, docs=False, config=0, atomic=a) for a in (False, True)]
+    cases += [dict(B=2, S=1024, dtype=torch.bfloat16, docs=True, config=0, atomic=a) for a in (False, True)]
+    cases += [dict(B=1, S=640, dtype=torch.float32, docs=True, config=0, atomic=False)]
     for i, c in enumerate(cases):
         for n in lists:
             cfgs = saved[n]
             setattr(attn, n, [cfgs[c["config"] % len(cfgs)]] + cfgs)
+        attn.ATOMIC_DQ = c["atomic"]
         errs, finite, ok = check_one(c["B"], c["S"], c["dtype"], c["docs"], seed=1000 + i)
         rows.append(dict(case={k_: str(v_) for k_, v_ in c.items()}, errors=errs, finite=finite, ok=ok))
         print(f"check {c}: " + " ".join(f"{n}={e:.2e}" for n, e in errs.items()) + f" -> {'OK' if ok else 'FAIL'}",
               flush=True)
     for n in lists:
         setattr(attn, n, saved[n])
-    attn.AUTOTUNE = True
+    attn.AUTOTUNE, attn.ATOMIC_DQ = True, False
     return rows
 
 
@@ -118,7 +121,7 @@ def make_impls():
             o = F.scaled_dot_product_attention(q, k, F.pad(v, (0, DQK - DV)), is_causal=True, scale=DQK**-0.5)
         return o[..., :DV]
 
-    return {"ours (triton, +max logit)": ours, "sdpa default (cudnn)": sdpa_default,
+    return {"ours (triton, +max logit)": ours, "ours, atomic dq": ours, "sdpa default (cudnn)": sdpa_default,
             "flex (compiled)": flex_causal, "sdpa flash, V padded": flash_padded}
 
 
@@ -144,6 +147,7 @@ def kernel_breakdown(B, S):
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
+            q.grad = k.grad = v.grad = None
             attn.mla_attention(q, k, v, DQK**-0.5)[0].backward(do)
         torch.cuda.synchronize()
     times = {}
@@ -200,7 +204,10 @@ def main():
         for name, fn in impls.items():
             if args.quick and name.startswith("flex"):
                 continue
+            attn.ATOMIC_DQ = "atomic" in name
             for backward in (False, True):
+                if "atomic" in name and not backward:
+                    continue  # same forward as ours
                 try:
                     ms = time_impl(fn, B, S, backward)
                 except Exception as e:  # a baseline that cannot run is reported, not fatal
@@ -211,11 +218,15 @@ def main():
                                               ms=ms, tflops=flop / ms / 1e9))
                 print(f"  {name:28s} B{B} S{S} {'fwd+bwd' if backward else 'fwd':8s} {ms:8.3f} ms "
                       f"({time.time() - t0:.0f}s)", flush=True)
+        attn.ATOMIC_DQ = False
         result["configs"][f"B{B}_S{S}"] = best_configs()
-    try:
-        result["breakdown"] = kernel_breakdown(*shapes[0])
-    except Exception as e:
-        print(f"profiler breakdown failed: {e!r}")
+    for atomic in (False, True):
+        attn.ATOMIC_DQ = atomic
+        try:
+            result["breakdown"][f"atomic_dq={atomic}"] = kernel_breakdown(*shapes[0])
+        except Exception as e:
+            print(f"profiler breakdown failed: {e!r}")
+    attn.ATOMIC_DQ = False
     result["resources"] = compiled_resources()
     for r in result["resources"]:
         print("  ", r)
@@ -229,9 +240,10 @@ def main():
 
 
 def print_table(result):
-    print("\nkernel breakdown, ours fwd+bwd, ms/step:")
-    for k_, t in list(result["breakdown"].items())[:8]:
-        print(f"  {t:7.3f}  {k_[:90]}")
+    for variant, times in result["breakdown"].items():
+        print(f"\nkernel breakdown, ours fwd+bwd ({variant}), ms/step:")
+        for k_, t in list(times.items())[:6]:
+            print(f"  {t:7.3f}  {k_[:90]}")
     print("\nbest configs:", json.dumps(result["configs"]))
     print(f"\n{'impl':28s} {'shape':10s} {'mode':8s} {'ms':>8s} {'TFLOP/s':>8s} {'vs cuDNN':>9s}")
     ref = {(r["B"], r["S"], r["mode"]): r["ms"] for r in result["timings"] if r["impl"].startswith("sdpa default")}

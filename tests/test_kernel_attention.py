@@ -71,8 +71,10 @@ CPU_CASES = [
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter test; GPU tests cover CUDA")
-@pytest.mark.parametrize("B,H,S,dqk,dv,causal,docs,strided", CPU_CASES)
-def test_interpreter_matches_reference(B, H, S, dqk, dv, causal, docs, strided):
+@pytest.mark.parametrize("B,H,S,dqk,dv,causal,docs,strided,atomic_dq",
+                         [c + (False,) for c in CPU_CASES] + [c + (True,) for c in CPU_CASES[1:3]])
+def test_interpreter_matches_reference(B, H, S, dqk, dv, causal, docs, strided, atomic_dq, monkeypatch):
+    monkeypatch.setattr(attn, "ATOMIC_DQ", atomic_dq)
     assert attn._INTERPRET, "TRITON_INTERPRET must be set before the kernels are imported"
     seed = hash((B, H, S, dqk, dv, causal, docs)) % 1000
     q, k, v, do = make_inputs(B, H, S, dqk, dv, torch.float32, "cpu", seed, strided)
@@ -111,9 +113,10 @@ def test_bad_shapes_raise():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("S,docs", [(512, False), (384, True), (1000, False)])
-def test_gpu_bf16_matches_fp32_reference(S, docs, monkeypatch):
+@pytest.mark.parametrize("S,docs,atomic_dq", [(512, False, False), (384, True, False), (1000, False, True)])
+def test_gpu_bf16_matches_fp32_reference(S, docs, atomic_dq, monkeypatch):
     monkeypatch.setattr(attn, "AUTOTUNE", False)  # one compile per variant; the bench tunes
+    monkeypatch.setattr(attn, "ATOMIC_DQ", atomic_dq)
     q, k, v, do = make_inputs(2, 4, S, 192, 128, torch.bfloat16, "cuda", S, strided=True)
     doc_ids = random_doc_ids(2, S, S).cuda() if docs else None
     ours = run_both(q, k, v, do, 192**-0.5, True, doc_ids)[0]
