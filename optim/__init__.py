@@ -14,9 +14,13 @@ Trainer usage::
 from .grouping import build_optimizer, build_param_groups, describe_param_groups, is_muon_param
 from .muon import MuonClip
 from .newton_schulz import zeropower_via_newtonschulz
+from .qk_clip import apply_qk_clip, attention_modules, qk_clip_
 
 __all__ = [
     "MuonClip",
+    "apply_qk_clip",
+    "attention_modules",
+    "qk_clip_",
     "build_optimizer",
     "build_param_groups",
     "describe_param_groups",
