@@ -103,8 +103,10 @@ def build_routing(topk_idx_TK: torch.Tensor, num_experts: int) -> Routing:
     order_N = torch.argsort(flat_N, stable=True)
     pos_N = torch.empty_like(order_N)
     pos_N[order_N] = torch.arange(flat_N.numel(), device=flat_N.device)
-    counts_E = torch.bincount(flat_N, minlength=num_experts)
-    offs_E = torch.cumsum(counts_E, 0).to(torch.int32)
+    # searchsorted, not bincount: CUDA bincount syncs with the host to size its output
+    sorted_N = flat_N[order_N]
+    experts_E = torch.arange(num_experts, device=flat_N.device, dtype=sorted_N.dtype)
+    offs_E = torch.searchsorted(sorted_N, experts_E, right=True).to(torch.int32)
     return Routing(pos_N.view(T, K).to(torch.int32), offs_E, order_N // K)
 
 

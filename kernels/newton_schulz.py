@@ -31,19 +31,23 @@ def _interpreted(kernel) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _syrk_kernel(X, C, Y, TI, TJ, M, K,
+    def _syrk_kernel(X, C, Y, M, K,
                      s_xb, s_xm, s_xk, s_cb, s_cm, s_cn, s_yb, s_ym, s_yn,
                      alpha, beta,
                      HAS_Y: tl.constexpr, UPCAST: tl.constexpr,
                      BM: tl.constexpr, BK: tl.constexpr):
         """C[b] = alpha * X[b] X[b]^T (+ beta * Y[b]), one lower-triangular BM x BM tile per program.
 
-        TI/TJ list the tile coordinates (ti >= tj); the tile is stored at (ti, tj) and, transposed,
-        at (tj, ti). Y must be symmetric (it is A itself in the NS step)."""
+        Program p takes lower-triangular tile p in row-major order (ti >= tj), so neighbouring
+        programs share the X row-block ti (L2 reuse); the tile is stored at (ti, tj) and,
+        transposed, at (tj, ti). Y must be symmetric (it is A itself in the NS step)."""
         pid = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)
-        ti = tl.load(TI + pid)
-        tj = tl.load(TJ + pid)
+        # invert p = ti (ti + 1) / 2 + tj; the fp32 sqrt is exact to +-1 up to ~2^20 tiles
+        ti = ((tl.sqrt(8.0 * pid + 1.0) - 1.0) * 0.5).to(tl.int32)
+        ti = tl.where(ti * (ti + 1) // 2 > pid, ti - 1, ti)
+        ti = tl.where((ti + 1) * (ti + 2) // 2 <= pid, ti + 1, ti)
+        tj = pid - ti * (ti + 1) // 2
         rm = ti * BM + tl.arange(0, BM)
         rn = tj * BM + tl.arange(0, BM)
         rk = tl.arange(0, BK)
@@ -74,27 +78,16 @@ if triton is not None:
             tl.store(c + rn[:, None] * s_cm + rm[None, :] * s_cn, tl.trans(out), mask=mask_t)
 
 
-_TILE_CACHE: dict = {}
-
-
-def _lower_tiles(num_tiles: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Coordinates (ti, tj), ti >= tj, of the lower-triangular tiles, cached per device.
-
-    Ordered row by row so neighbouring programs share the X row-block ti (L2 reuse)."""
-    key = (num_tiles, str(device))
-    if key not in _TILE_CACHE:
-        ti, tj = torch.tril_indices(num_tiles, num_tiles)
-        _TILE_CACHE[key] = (ti.to(device, torch.int32), tj.to(device, torch.int32))
-    return _TILE_CACHE[key]
-
-
-def _syrk_config(M: int, K: int, interpret: bool) -> dict:
-    if interpret:
-        return dict(BM=16, BK=16, num_warps=1, num_stages=1)
-    # 128x128 tiles with 64-wide K steps: wgmma-sized, 3-stage pipeline fits Hopper's shared memory
-    if M <= 768:
-        return dict(BM=64, BK=64, num_warps=4, num_stages=4)
-    return dict(BM=128, BK=64, num_warps=8, num_stages=3)
+# 128x128 tiles with 64/128-wide K steps are wgmma-sized; the best pipeline depth and K step depend
+# on K (7168 for the Gram of an expert matrix, M for A A), so the few candidates are timed once per shape.
+_SYRK_CONFIGS = [
+    triton.Config({"BM": 128, "BK": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BM": 128, "BK": 64}, num_warps=8, num_stages=4),
+    triton.Config({"BM": 128, "BK": 128}, num_warps=8, num_stages=3),
+    triton.Config({"BM": 64, "BK": 64}, num_warps=4, num_stages=4),
+] if triton is not None else []
+_syrk_tuned = (triton.autotune(_SYRK_CONFIGS, key=["M", "K", "HAS_Y"])(_syrk_kernel)
+               if triton is not None and not _interpreted(_syrk_kernel) else None)
 
 
 def syrk(X_NMK: torch.Tensor, alpha: float = 1.0, Y_NMM: torch.Tensor | None = None,
@@ -105,17 +98,18 @@ def syrk(X_NMK: torch.Tensor, alpha: float = 1.0, Y_NMM: torch.Tensor | None = N
     if X_NMK.dim() != 3:
         raise ValueError(f"syrk expects a batch [N, M, K], got shape {tuple(X_NMK.shape)}")
     N, M, K = X_NMK.shape
-    interpret = _interpreted(_syrk_kernel)
-    cfg = _syrk_config(M, K, interpret)
-    BM = cfg.pop("BM")
     C = torch.empty(N, M, M, device=X_NMK.device, dtype=X_NMK.dtype)
-    ti, tj = _lower_tiles(triton.cdiv(M, BM), X_NMK.device)
     Y = Y_NMM if Y_NMM is not None else C
-    _syrk_kernel[(ti.numel(), N)](
-        X_NMK, C, Y, ti, tj, M, K,
-        *X_NMK.stride(), *C.stride(), *Y.stride(),
-        float(alpha), float(beta),
-        HAS_Y=Y_NMM is not None, UPCAST=interpret, BM=BM, **cfg)
+    args = (X_NMK, C, Y, M, K, *X_NMK.stride(), *C.stride(), *Y.stride(), float(alpha), float(beta))
+
+    def grid(meta):
+        nt = triton.cdiv(M, meta["BM"])
+        return (nt * (nt + 1) // 2, N)
+    if _syrk_tuned is None:  # the interpreter computes bf16 dots wrongly: upcast, small tiles
+        _syrk_kernel[grid({"BM": 16})](*args, HAS_Y=Y_NMM is not None, UPCAST=True, BM=16, BK=16,
+                                       num_warps=1, num_stages=1)
+    else:
+        _syrk_tuned[grid](*args, HAS_Y=Y_NMM is not None, UPCAST=False)
     return C
 
 

@@ -78,20 +78,29 @@ def _rows(t: torch.Tensor, D: int) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
+# dx needs a whole-row reduction and dweight a column sum over rows: each program keeps a dweight
+# row in registers over ROWS rows. Few fat programs starve the memory system (one row in flight per
+# SM: 47% of copy bandwidth on an H200), many thin ones write large partial sums; timed per D.
+_BWD_CONFIGS = ([triton.Config({"ROWS": r}, num_warps=w) for r in (4, 8, 16, 32) for w in (4, 8, 16)]
+                if triton is not None else [])
+_bwd_tuned = (triton.autotune(_BWD_CONFIGS, key=["D", "HAS_DS"])(_rmsnorm_bwd_kernel)
+              if triton is not None and not _interpreted(_rmsnorm_bwd_kernel) else None)
+
+
 def _bwd_launch(dy, ds, s, w, rstd, dx, T, D):
-    interpret = _interpreted(_rmsnorm_bwd_kernel)
     BLOCK_D = triton.next_power_of_2(D)
-    # enough programs to fill the GPU twice over, each amortizing its dweight row over many rows
-    num_sm = torch.cuda.get_device_properties(s.device).multi_processor_count if s.is_cuda else 4
-    rows = max(1, triton.cdiv(T, 4 * num_sm))
-    P = triton.cdiv(T, rows)
-    dw_part = torch.empty(P, D, device=s.device, dtype=torch.float32)
-    _rmsnorm_bwd_kernel[(P,)](
-        dy, ds if ds is not None else dy, s, w, rstd, dx, dw_part, T, D,
-        dy.stride(0), ds.stride(0) if ds is not None else 0, s.stride(0), dx.stride(0),
-        HAS_DS=ds is not None, BLOCK_D=BLOCK_D, ROWS=rows,
-        num_warps=1 if interpret else min(16, max(4, BLOCK_D // 512)))
-    return dw_part.sum(0)
+    min_rows = 4 if _bwd_tuned is not None else 2
+    dw_part = torch.empty(triton.cdiv(T, min_rows), D, device=s.device, dtype=torch.float32)
+    args = (dy, ds if ds is not None else dy, s, w, rstd, dx, dw_part, T, D,
+            dy.stride(0), ds.stride(0) if ds is not None else 0, s.stride(0), dx.stride(0))
+    if _bwd_tuned is None:
+        rows = min_rows
+        _rmsnorm_bwd_kernel[(triton.cdiv(T, rows),)](*args, HAS_DS=ds is not None, BLOCK_D=BLOCK_D,
+                                                      ROWS=rows, num_warps=1)
+    else:
+        _bwd_tuned[lambda meta: (triton.cdiv(T, meta["ROWS"]),)](*args, HAS_DS=ds is not None, BLOCK_D=BLOCK_D)
+        rows = _bwd_tuned.best_config.kwargs["ROWS"]
+    return dw_part[: triton.cdiv(T, rows)].sum(0)
 
 
 class _RMSNormResidual(torch.autograd.Function):

@@ -24,7 +24,7 @@ def _need_triton():
         pytest.skip("kernels were defined without TRITON_INTERPRET=1 and there is no CUDA device")
 
 
-@pytest.mark.parametrize("N,M,K", [(2, 37, 50), (1, 16, 16), (3, 48, 33)])
+@pytest.mark.parametrize("N,M,K", [(2, 37, 50), (1, 100, 20), (3, 48, 33)])
 def test_syrk_fp32_matches_matmul(N, M, K):
     _need_triton()
     g = torch.Generator().manual_seed(N * 1000 + M + K)
