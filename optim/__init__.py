@@ -15,12 +15,14 @@ from .grouping import build_optimizer, build_param_groups, describe_param_groups
 from .muon import MuonClip
 from .newton_schulz import zeropower_via_newtonschulz
 from .qk_clip import apply_qk_clip, attention_modules, qk_clip_
+from .schedule import build_lr_scheduler
 
 __all__ = [
     "MuonClip",
     "apply_qk_clip",
     "attention_modules",
     "qk_clip_",
+    "build_lr_scheduler",
     "build_optimizer",
     "build_param_groups",
     "describe_param_groups",

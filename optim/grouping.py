@@ -32,20 +32,24 @@ def is_muon_param(name: str, p: torch.Tensor) -> bool:
     return clean_param_name(name).startswith("layers.") and p.ndim in (2, 3)
 
 
-def _resolve_ns_fn(impl: str):
+def _resolve_ns_fn(impl: str, ns_dtype: str):
+    """None (our torch NS) or the Triton kernel's batched NS, adapted to MuonClip's ``ns_fn`` call."""
     if impl == "torch":
         return None
+    if ns_dtype != "bfloat16":
+        raise ValueError(f"optim.ns_impl={impl!r} runs in bf16 only; set optim.ns_dtype=bfloat16 or optim.ns_impl=torch")
     try:
-        from k2train.kernels import newton_schulz as kernel
+        from k2train.kernels.newton_schulz import zeropower_ns_batched
     except ImportError as e:
         raise ValueError(
-            f"optim.ns_impl={impl!r} needs k2train.kernels.newton_schulz (triton), which failed to import "
-            f"({e}); use optim.ns_impl=torch"
+            f"optim.ns_impl={impl!r} needs k2train.kernels.newton_schulz, which failed to import ({e}); "
+            "use optim.ns_impl=torch"
         ) from e
-    for attr in ("zeropower_via_newtonschulz", "newton_schulz"):
-        if hasattr(kernel, attr):
-            return getattr(kernel, attr)
-    raise ValueError("k2train.kernels.newton_schulz defines no zeropower_via_newtonschulz(); use optim.ns_impl=torch")
+
+    def ns_fn(G, steps, coefficients, dtype):
+        return zeropower_ns_batched(G, steps=steps, coefficients=coefficients)
+
+    return ns_fn
 
 
 def build_param_groups(model_parts: list[nn.Module], cfg: OptimConfig) -> list[dict]:
@@ -96,7 +100,7 @@ def build_optimizer(model_parts: list[nn.Module], cfg: OptimConfig, dp_group=Non
         rms_match=cfg.rms_match,
         betas=tuple(cfg.adam_betas),
         eps=cfg.adam_eps,
-        ns_fn=_resolve_ns_fn(cfg.ns_impl),
+        ns_fn=_resolve_ns_fn(cfg.ns_impl, cfg.ns_dtype),
     )
     groups = build_param_groups(model_parts, cfg)
     if dp_group is not None and cfg.zero1:

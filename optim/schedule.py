@@ -1,0 +1,58 @@
+"""Learning-rate schedules as a multiplier of the peak lr (``torch.optim.lr_scheduler.LambdaLR``).
+
+WSD (K2): linear warmup over ``warmup_steps``, constant at the peak, then a cosine decay to
+``min_lr`` over the last ``decay_steps`` (or ``decay_fraction * total_steps``) steps. ``cosine``
+decays over everything after warmup; ``constant`` is warmup then flat. Every param group (Muon and
+AdamW) follows the same multiplier, as in K2.
+"""
+
+import math
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from k2train.config import OptimConfig
+
+
+def lr_multiplier(step: int, schedule: str, peak_lr: float, min_lr: float, warmup_steps: int, decay_start: int, total_steps: int) -> float:
+    """lr(step) / peak_lr, where ``step`` counts finished optimizer steps (0 before the first).
+
+    Warmup: ``(step + 1) / warmup_steps`` so the first step already trains. Decay: from the peak at
+    ``decay_start`` to ``min_lr`` at ``total_steps``, half a cosine; it stays at ``min_lr`` after.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant" or step < decay_start:
+        return 1.0
+    span = max(1, total_steps - decay_start)
+    progress = min(1.0, (step - decay_start) / span)
+    floor = min_lr / peak_lr
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def decay_start_step(cfg: OptimConfig, total_steps: int) -> int:
+    """First step of the decay phase: right after warmup for cosine, ``total - decay`` for WSD."""
+    if cfg.schedule == "cosine":
+        return cfg.warmup_steps
+    decay = cfg.decay_steps if cfg.decay_steps is not None else round(cfg.decay_fraction * total_steps)
+    return max(cfg.warmup_steps, total_steps - decay)
+
+
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> LambdaLR:
+    """A LambdaLR on every param group; call ``scheduler.step()`` once after each ``optimizer.step()``.
+
+    Peak lr is each group's lr when the scheduler is built (``cfg.lr`` from build_optimizer).
+    ``warmup_steps >= total_steps`` is allowed (a short run that never leaves warmup).
+    """
+    if total_steps <= 0:
+        raise ValueError(f"total_steps={total_steps} must be > 0")
+    if cfg.schedule not in ("wsd", "cosine", "constant"):
+        raise ValueError(f"optim.schedule={cfg.schedule!r} must be one of wsd, cosine, constant")
+    if cfg.decay_steps is not None and not 0 <= cfg.decay_steps <= total_steps:
+        raise ValueError(f"optim.decay_steps={cfg.decay_steps} must be in [0, total_steps={total_steps}]")
+    decay_start = decay_start_step(cfg, total_steps)
+
+    def fn(step: int) -> float:
+        return lr_multiplier(step, cfg.schedule, cfg.lr, cfg.min_lr, cfg.warmup_steps, decay_start, total_steps)
+
+    return LambdaLR(optimizer, fn)
