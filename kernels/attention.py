@@ -164,9 +164,9 @@ class _MLAAttention(torch.autograd.Function):
 _MIN_BLOCK, _MAX_BLOCK = 16, 128
 # Candidates (BLOCK_M, BLOCK_N, num_warps, num_stages) for H100/H200 at Dqk 192 / Dv 128, 16-bit
 # inputs; the first is used when AUTOTUNE is off. Shared memory ~ stages * BLOCK * 320 * 2 bytes.
-FWD_CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 4, 3)]
-DKDV_CONFIGS = [(64, 128, 8, 2), (32, 128, 8, 2), (64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 1)]
-DQ_CONFIGS = [(128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 3), (128, 64, 8, 1)]
+FWD_CONFIGS = [(128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 4, 3)]
+DKDV_CONFIGS = [(64, 128, 8, 2), (32, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 1)]
+DQ_CONFIGS = [(64, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (128, 32, 8, 2), (128, 64, 8, 1)]
 # fp32 tiles are twice as large: one small config that fits shared memory, no tuning.
 _FP32_CONFIGS = {"fwd": (64, 32, 4, 1), "dkdv": (32, 64, 4, 1), "dq": (64, 32, 4, 1)}
 # Under the interpreter (CPU tests) the tuner would run every config; use small blocks.

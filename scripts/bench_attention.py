@@ -70,7 +70,7 @@ def check_one(B, S, dtype, docs, seed, heads=8):
     return errs, finite, ok
 
 
-def check_correctness():
+def check_correctness(lean=False):
     """Every config on the timed variant (even S, no docs), then the other variants untuned."""
     rows = []
     lists = ("FWD_CONFIGS", "DKDV_CONFIGS", "DQ_CONFIGS")
@@ -82,12 +82,19 @@ def check_correctness():
     cases += [dict(B=2, S=1000, dtype=torch.bfloat16, docs=False, config=0, atomic=a) for a in (False, True)]
     cases += [dict(B=2, S=1024, dtype=torch.bfloat16, docs=True, config=0, atomic=a) for a in (False, True)]
     cases += [dict(B=1, S=640, dtype=torch.float32, docs=True, config=0, atomic=False)]
+    if lean:
+        cases = [dict(B=2, S=1000, dtype=torch.bfloat16, docs=True, config=i, atomic=a)
+                 for a in (False, True) for i in (0, 1)]
     for i, c in enumerate(cases):
         for n in lists:
             cfgs = saved[n]
             setattr(attn, n, [cfgs[c["config"] % len(cfgs)]] + cfgs)
         attn.ATOMIC_DQ = c["atomic"]
-        errs, finite, ok = check_one(c["B"], c["S"], c["dtype"], c["docs"], seed=1000 + i)
+        try:
+            errs, finite, ok = check_one(c["B"], c["S"], c["dtype"], c["docs"], seed=1000 + i)
+        except triton.runtime.errors.OutOfResources as e:  # the tuner prunes these configs
+            print(f"check {c}: skipped, {e}", flush=True)
+            continue
         rows.append(dict(case={k_: str(v_) for k_, v_ in c.items()}, errors=errs, finite=finite, ok=ok))
         print(f"check {c}: " + " ".join(f"{n}={e:.2e}" for n, e in errs.items()) + f" -> {'OK' if ok else 'FAIL'}",
               flush=True)
@@ -190,23 +197,27 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--quick", action="store_true", help="only B2 S4096, no FlexAttention")
+    ap.add_argument("--lean", action="store_true",
+                    help="--quick, untuned first configs, 4 correctness cases, fwd+bwd of ours and cuDNN")
     args = ap.parse_args()
     t0 = time.time()
     env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                python=platform.python_version(), cudnn=torch.backends.cudnn.version())
     print(env)
-    result = dict(env=env, correctness=check_correctness(), timings=[], configs={}, breakdown={})
+    args.quick = args.quick or args.lean
+    result = dict(env=env, correctness=check_correctness(args.lean), timings=[], configs={}, breakdown={})
+    attn.AUTOTUNE = not args.lean
     print(f"correctness done in {time.time() - t0:.0f}s", flush=True)
     impls = make_impls()
     shapes = SHAPES[:1] if args.quick else SHAPES
     for B, S in shapes:
         fwd_flop = 2 * B * H * S * S * (DQK + DV) / 2
         for name, fn in impls.items():
-            if args.quick and name.startswith("flex"):
+            if args.quick and name.startswith("flex") or args.lean and "padded" in name:
                 continue
             attn.ATOMIC_DQ = "atomic" in name
             for backward in (False, True):
-                if "atomic" in name and not backward:
+                if "atomic" in name and not backward or args.lean and not backward:
                     continue  # same forward as ours
                 try:
                     ms = time_impl(fn, B, S, backward)
@@ -218,9 +229,18 @@ def main():
                                               ms=ms, tflops=flop / ms / 1e9))
                 print(f"  {name:28s} B{B} S{S} {'fwd+bwd' if backward else 'fwd':8s} {ms:8.3f} ms "
                       f"({time.time() - t0:.0f}s)", flush=True)
+        if args.lean:  # the second dkdv config with atomic dq, untuned
+            saved = attn.DKDV_CONFIGS
+            attn.DKDV_CONFIGS, attn.ATOMIC_DQ = saved[1:] + saved[:1], True
+            ms = time_impl(impls["ours, atomic dq"], B, S, True)
+            result["timings"].append(dict(impl=f"ours, atomic dq, dkdv {saved[1]}", B=B, S=S,
+                                          mode="fwd+bwd", ms=ms, tflops=fwd_flop * 3.5 / ms / 1e9))
+            attn.DKDV_CONFIGS = saved
         attn.ATOMIC_DQ = False
         result["configs"][f"B{B}_S{S}"] = best_configs()
     for atomic in (False, True):
+        if args.lean:
+            break
         attn.ATOMIC_DQ = atomic
         try:
             result["breakdown"][f"atomic_dq={atomic}"] = kernel_breakdown(*shapes[0])
