@@ -227,6 +227,10 @@ def moe_experts_forward(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_w_TK
     if topk_idx_TK.shape != topk_w_TK.shape or topk_idx_TK.shape[0] != x_TD.shape[0]:
         raise ValueError(f"moe_experts_forward: topk_idx {tuple(topk_idx_TK.shape)} and topk_w "
                          f"{tuple(topk_w_TK.shape)} must both be [T={x_TD.shape[0]}, K]")
+    if x_TD.is_cuda and torch.is_autocast_enabled("cuda"):
+        # autocast does not cover torch._grouped_mm: cast as it would for F.linear
+        dt = torch.get_autocast_dtype("cuda")
+        x_TD, w_gate_EID, w_up_EID, w_down_EDI = (t.to(dt) for t in (x_TD, w_gate_EID, w_up_EID, w_down_EDI))
     with torch.no_grad():
         routing = build_routing(topk_idx_TK, E)
     x_ND = permute(x_TD, routing)

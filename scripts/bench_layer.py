@@ -2,7 +2,7 @@
 ours (k2train.model.Block) against HF transformers' DeepseekV3DecoderLayer with grouped_mm experts;
 then one k2_small training step (tokens/s, MFU by the Megatron convention).
 
-    python scripts/bench_layer.py [--skip-hf] [--skip-small]   # prints a table; $OUT/bench_layer.json
+    python scripts/bench_layer.py [--skip-hf] [--skip-layer] [--skip-small]   # prints a table; $OUT/bench_layer.json
 
 Layer FLOPs (Megatron count, BASELINES.md): 6*T*(attention params + 9 experts' params)
 + 6*T*S*64*(192+128)/2. The HF layer and ours are built and timed one after the other (each
@@ -161,9 +161,10 @@ def main():
     RES["versions"] = dict(torch=torch.__version__, triton=triton.__version__, transformers=transformers.__version__)
     anchors = {}
     runs = [] if "--skip-hf" in sys.argv else [("hf", bench_hf)]
-    runs += [("ours triton/triton", lambda: bench_ours("triton", "triton", anchors)),
-             ("ours sdpa/triton", lambda: bench_ours("sdpa", "triton", anchors)),
-             ("ours sdpa/grouped_mm", lambda: bench_ours("sdpa", "grouped_mm", anchors))]
+    if "--skip-layer" not in sys.argv:
+        runs += [("ours triton/triton", lambda: bench_ours("triton", "triton", anchors)),
+                 ("ours sdpa/triton", lambda: bench_ours("sdpa", "triton", anchors)),
+                 ("ours sdpa/grouped_mm", lambda: bench_ours("sdpa", "grouped_mm", anchors))]
     if "--skip-small" not in sys.argv:
         runs += [("small triton", lambda: bench_small("triton", "triton", "triton")),
                  ("small torch", lambda: bench_small("sdpa", "grouped_mm", "torch"))]
@@ -173,6 +174,8 @@ def main():
             if name == "hf":
                 anchors.update(r)
         except Exception as e:  # keep the other rows' numbers
+            import traceback
+            traceback.print_exc(limit=-4)
             print(f"{name} FAILED: {type(e).__name__}: {str(e)[:300]}", flush=True)
             RES[f"{name}_error"] = repr(e)[:500]
         torch.cuda.empty_cache()

@@ -75,7 +75,8 @@ def test_ns_rejects_bad_input():
 def test_ns_gpu_bf16(N, M, K):
     G = torch.randn(N, M, K, device="cuda")
     X = G.bfloat16()
-    assert _rel(syrk(X), X.double() @ X.double().mT) < 1e-3  # fp32 accumulate, bf16 store
+    # fp32 accumulation, one bf16 rounding of the output (measured 1.8e-3 at 2048 x 7168)
+    assert _rel(syrk(X), X.double() @ X.double().mT) < 4e-3
     out = zeropower_ns_batched(G)
     ref = zeropower_ns_batched(G, impl="torch")
     ref64 = zeropower_ns_reference(G.double())
