@@ -51,7 +51,7 @@ TINY = ModelConfig(
     eos_token_id=1,
 )
 # lr high enough that QK-Clip (tau below the init max logit) and the router bias both act.
-OPTIM = OptimConfig(name="muonclip", lr=2e-2, ns_dtype="float32", qk_clip=True, qk_clip_tau=0.05, zero1=False)
+OPTIM = OptimConfig(name="muonclip", lr=5e-3, ns_dtype="float32", qk_clip=True, qk_clip_tau=0.05, zero1=False)
 TRAINER = TrainerConfig(steps=5, seq_len=16, micro_batch_size=2, global_batch_size=8, grad_clip=1.0)
 SEED = 1234
 DATA_SEED = 99
@@ -94,11 +94,13 @@ def train(model, batches, trainer=TRAINER, optim=OPTIM, dims=None, record_grads=
     tp_mesh = None if dims is None else dims.tp_mesh
     dp_group = None if dims is None or dims.dp_size == 1 else dims.dense_dp_mesh.get_group()
     optimizer = build_optimizer([model], optim)
+    proxies = _full_matrix_proxies(optimizer) if tp_mesh is not None and tp_mesh.size() > 1 else {}
     attn = attention_modules(model)
     moes = moe_modules(model)
     out = {"loss": [], "grad_norm": [], "clipped_heads": []}
     for step, batch in enumerate(batches):
         optimizer.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)  # the TP stand-in's optimizer holds proxies, not these
         mbs = micro_batches(batch, dp_rank, dp_size, trainer.micro_batch_size)
         loss_sum = torch.zeros(())
         for mb in mbs:
@@ -119,8 +121,15 @@ def train(model, batches, trainer=TRAINER, optim=OPTIM, dims=None, record_grads=
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), trainer.grad_clip)
         if step == 0 and record_grads:
             out["grads"] = full_tensors(model, dims, grads=True)
-        optimizer.step()
-        clip = apply_qk_clip(attn, optim.qk_clip_tau, group=dp_group, optimizer=optimizer)
+        if proxies:
+            for p, full in proxies.items():
+                full.grad = p.grad.full_tensor()
+            optimizer.step()
+            clip = _tp_qk_clip(attn, proxies, optim.qk_clip_tau, tp_mesh, dp_group)
+            _scatter_proxies(proxies)
+        else:
+            optimizer.step()
+            clip = apply_qk_clip(attn, optim.qk_clip_tau, group=dp_group, optimizer=optimizer)
         if dims is not None:
             sum_expert_load_(model, dims.token_mesh.get_group() if dims.token_mesh.size() > 1 else None)
         for moe in moes:
@@ -131,6 +140,48 @@ def train(model, batches, trainer=TRAINER, optim=OPTIM, dims=None, record_grads=
     out["params"] = full_tensors(model, dims)
     out["buffers"] = {k: v.clone() for k, v in model.named_buffers() if k.endswith("e_score_correction_bias")}
     return out
+
+
+# Stand-in until k2train.optim handles DTensor parameters: the optimizer steps full replicated
+# copies of the tp-sharded matrices (every tp rank the same, redundantly), which are then sharded
+# back. Whole-matrix Newton-Schulz, as the single process; QK-Clip on the full q_b/kv_b rows.
+
+
+def _full_matrix_proxies(optimizer) -> dict:
+    proxies = {}
+    for group in optimizer.param_groups:
+        for i, p in enumerate(group["params"]):
+            if hasattr(p, "full_tensor"):
+                full = torch.nn.Parameter(p.detach().full_tensor().clone())
+                proxies[p] = full
+                group["params"][i] = full
+    return proxies
+
+
+@torch.no_grad()
+def _scatter_proxies(proxies: dict) -> None:
+    from torch.distributed.tensor import distribute_tensor
+
+    for p, full in proxies.items():
+        p.to_local().copy_(distribute_tensor(full.detach(), p.device_mesh, p.placements).to_local())
+
+
+@torch.no_grad()
+def _tp_qk_clip(attn: dict, proxies: dict, tau: float, tp_mesh, dp_group) -> dict:
+    from k2train.optim.qk_clip import qk_clip_
+
+    clipped = 0
+    for m in attn.values():
+        parts = [torch.empty_like(m.max_logit) for _ in range(tp_mesh.size())]
+        dist.all_gather(parts, m.max_logit, group=tp_mesh.get_group())
+        s_H = torch.cat(parts)
+        if dp_group is not None:
+            dist.all_reduce(s_H, op=dist.ReduceOp.MAX, group=dp_group)
+        q_b, kv_b = proxies[m.q_b_proj.weight], proxies[m.kv_b_proj.weight]
+        dims = (s_H.numel(), m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim)
+        clipped += int(qk_clip_(q_b.data, kv_b.data, s_H, tau, *dims).sum())
+        m.reset_max_logit()
+    return {"clipped_heads": clipped}
 
 
 @torch.no_grad()

@@ -106,9 +106,36 @@ def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool = True) -> None:
             raise ValueError(f"num_attention_heads={attn.num_heads} is not divisible by tensor parallel degree {tp}")
         attn.num_heads //= tp
         attn.max_logit = torch.full((attn.num_heads,), float("-inf"), device=attn.max_logit.device)
+        attn.kv_a_proj_with_mqa.register_forward_hook(_rope_key_grad_hook(attn.qk_rope_head_dim, tp_mesh.get_group()))
     model.register_forward_pre_hook(_full_position_ids, with_kwargs=True)
     for moe in moe_modules(model):
         _install_sequence_aux_loss(moe, tp_mesh.get_group())
+
+
+class _SumRopeKeyGrad(torch.autograd.Function):
+    """Identity forward; backward all-reduces the gradient of the last ``dr`` features (the rope
+    key shared by every head): each tp rank's local heads contribute only their share of it. The
+    latent part needs nothing: its gradient arrives complete through kv_b's column-parallel input."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, dr: int, group) -> torch.Tensor:
+        ctx.dr, ctx.group = dr, group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.clone()
+        rope = grad[..., -ctx.dr :].contiguous()
+        dist.all_reduce(rope, group=ctx.group)
+        grad[..., -ctx.dr :] = rope
+        return grad, None, None
+
+
+def _rope_key_grad_hook(dr: int, group):
+    def hook(_mod, _inputs, output):
+        return _SumRopeKeyGrad.apply(output, dr, group)
+
+    return hook
 
 
 def _install_sequence_aux_loss(moe: MoE, tp_group) -> None:
