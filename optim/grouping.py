@@ -81,6 +81,14 @@ def build_param_groups(model_parts: list[nn.Module], cfg: OptimConfig) -> list[d
     return [g for g in groups.values() if g["params"]]
 
 
+def resolve_ns_dtype(ns_dtype: str, model_parts: list[nn.Module]) -> str:
+    """``auto``: bf16 on GPUs (as K2 trains), fp32 on CPUs, whose bf16 matmuls are emulated (~8x slower)."""
+    if ns_dtype != "auto":
+        return ns_dtype
+    on_gpu = any(p.is_cuda for part in model_parts for p in part.parameters())
+    return "bfloat16" if on_gpu else "float32"
+
+
 def build_optimizer(model_parts: list[nn.Module], cfg: OptimConfig, dp_group=None) -> MuonClip:
     """MuonClip over the params of ``model_parts`` (the pipeline stages this rank holds).
 
@@ -89,6 +97,7 @@ def build_optimizer(model_parts: list[nn.Module], cfg: OptimConfig, dp_group=Non
     state over the group; the caller must have averaged the gradients over the group before ``step``.
     """
     cfg.validate()
+    ns_dtype = resolve_ns_dtype(cfg.ns_dtype, model_parts)
     kwargs = dict(
         lr=cfg.lr,
         weight_decay=cfg.weight_decay,
@@ -96,11 +105,11 @@ def build_optimizer(model_parts: list[nn.Module], cfg: OptimConfig, dp_group=Non
         nesterov=cfg.nesterov,
         ns_steps=cfg.ns_steps,
         ns_coefficients=tuple(cfg.ns_coefficients),
-        ns_dtype=getattr(torch, cfg.ns_dtype),
+        ns_dtype=getattr(torch, ns_dtype),
         rms_match=cfg.rms_match,
         betas=tuple(cfg.adam_betas),
         eps=cfg.adam_eps,
-        ns_fn=_resolve_ns_fn(cfg.ns_impl, cfg.ns_dtype),
+        ns_fn=_resolve_ns_fn(cfg.ns_impl, ns_dtype),
     )
     groups = build_param_groups(model_parts, cfg)
     if dp_group is not None and cfg.zero1:

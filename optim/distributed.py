@@ -1,0 +1,161 @@
+"""ZeRO-1 MuonClip: optimizer state sharded over the data-parallel ranks, whole tensors per rank.
+
+Scheme (docs/muonclip.md explains the choice over Moonlight's gather-NS-scatter): every parameter
+is owned by exactly one rank of its data-parallel group. The owner keeps the parameter's state
+(Muon momentum or AdamW moments, fp32 master), runs the whole update on the full matrix (Newton-
+Schulz once per matrix in the whole group, never redundantly) and then broadcasts the updated
+parameter; the other ranks only receive. Ownership is a longest-processing-time-first assignment:
+Muon tensors balanced by Newton-Schulz FLOPs, AdamW tensors by element count. It depends only on
+the parameter list and the group size, so every rank computes the same plan without communicating.
+
+Plumbing only: the update math is :class:`~k2train.optim.muon.MuonClip`'s, which calls the
+:meth:`_owns` / :meth:`_after_update` hooks overridden here.
+
+Gradients must be identical on all ranks of a group when ``step`` runs (averaged by the trainer).
+A param group may carry its own ``"dp_group"`` (e.g. expert params under expert parallelism, whose
+data-parallel group differs); the others use the constructor's ``dp_group``.
+"""
+
+import heapq
+from collections import defaultdict
+from typing import Iterable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .muon import MuonClip
+
+
+def newton_schulz_flops(shape: torch.Size, steps: int = 5) -> float:
+    """FLOPs of ``steps`` NS iterations on a matrix (or each matrix of a stack [n, r, c]):
+    per iteration X X^T (2 m^2 n), A A (2 m^3), B X (2 m^2 n), m = min(r, c), n = max(r, c)."""
+    r, c = shape[-2], shape[-1]
+    m, n = min(r, c), max(r, c)
+    count = 1
+    for d in shape[:-2]:
+        count *= d
+    return float(count * steps * (4 * m * m * n + 2 * m**3))
+
+
+def assign_owners(costs: list[float], world_size: int) -> list[int]:
+    """Owner rank of each item: the largest cost first, each to the currently least-loaded rank
+    (ties: lowest rank; equal costs keep input order). Deterministic, so every rank agrees."""
+    order = sorted(range(len(costs)), key=lambda i: (-costs[i], i))
+    heap = [(0.0, r) for r in range(world_size)]
+    owners = [0] * len(costs)
+    for i in order:
+        load, r = heapq.heappop(heap)
+        owners[i] = r
+        heapq.heappush(heap, (load + costs[i], r))
+    return owners
+
+
+def merge_state_dicts(shards: Iterable[dict]) -> dict:
+    """The state dicts of all ranks (each holding only its owned params' state) -> one full state
+    dict, loadable by a :class:`DistributedMuonClip` of any data-parallel size or by a plain MuonClip."""
+    shards = list(shards)
+    merged = {"state": {}, "param_groups": shards[0]["param_groups"]}
+    for sd in shards:
+        overlap = merged["state"].keys() & sd["state"].keys()
+        if overlap:
+            raise ValueError(f"state shards overlap on param ids {sorted(overlap)[:5]}: not from one ZeRO-1 run")
+        merged["state"].update(sd["state"])
+    return merged
+
+
+class DistributedMuonClip(MuonClip):
+    """:class:`MuonClip` with ZeRO-1 sharding over ``dp_group`` (see the module docstring).
+
+    ``state_dict()`` returns this rank's shard (torch's format; param ids are global, so shards of
+    different ranks have disjoint keys). ``full_state_dict()`` gathers the full one on every rank.
+    ``load_state_dict()`` accepts a full state dict (e.g. :func:`merge_state_dicts` of the shards of
+    a run with another DP size) and keeps only what this rank owns: that is the resharding.
+    """
+
+    def __init__(self, params, dp_group=None, **kwargs):
+        super().__init__(params, **kwargs)
+        self.dp_group = dp_group if dp_group is not None else dist.group.WORLD
+        self._owner_rank: dict[Tensor, int] = {}  # param -> owner's rank within its group
+        self._group_of: dict[Tensor, object] = {}
+        by_group: dict[object, list[tuple[Tensor, str]]] = defaultdict(list)
+        for g in self.param_groups:
+            pg = g.get("dp_group", self.dp_group)
+            for p in g["params"]:
+                by_group[pg].append((p, g["kind"]))
+                self._group_of[p] = pg
+        # For each process group: its params in a fixed order, and who owns each.
+        self._plan: list[tuple[object, list[Tensor]]] = []
+        for pg, items in by_group.items():
+            world = dist.get_world_size(pg)
+            for kind in ("muon", "adamw"):
+                ps = [p for p, k in items if k == kind]
+                costs = [newton_schulz_flops(p.shape) if kind == "muon" else float(p.numel()) for p in ps]
+                for p, r in zip(ps, assign_owners(costs, world)):
+                    self._owner_rank[p] = r
+            self._plan.append((pg, [p for p, _ in items]))
+
+    def _owns(self, p: Tensor) -> bool:
+        return self._owner_rank[p] == dist.get_rank(self._group_of[p])
+
+    def owner_of(self, p: Tensor) -> int:
+        """Rank (within the param's data-parallel group) that holds ``p``'s state."""
+        return self._owner_rank[p]
+
+    @torch.no_grad()
+    def _after_update(self) -> None:
+        # Each owner sends its params as one flat buffer per dtype: world_size broadcasts per group,
+        # not one per tensor.
+        for pg, params in self._plan:
+            me = dist.get_rank(pg)
+            for r in range(dist.get_world_size(pg)):
+                by_dtype: dict[tuple, list[Tensor]] = defaultdict(list)
+                for p in params:
+                    if self._owner_rank[p] == r:
+                        by_dtype[(p.dtype, p.device)].append(p)
+                for (dtype, device), ps in by_dtype.items():
+                    sizes = [p.numel() for p in ps]
+                    if me == r:
+                        flat = torch.cat([p.detach().reshape(-1) for p in ps])
+                    else:
+                        flat = torch.empty(sum(sizes), dtype=dtype, device=device)
+                    dist.broadcast(flat, src=dist.get_global_rank(pg, r), group=pg)
+                    if me != r:
+                        for p, chunk in zip(ps, flat.split(sizes)):
+                            p.copy_(chunk.view_as(p))
+
+    def full_state_dict(self) -> dict:
+        """The full optimizer state on every rank (all-gather over ``dp_group``; fine for small
+        models and tests; at scale save the shards and :func:`merge_state_dicts` offline or via DCP)."""
+        shards: list[Optional[dict]] = [None] * dist.get_world_size(self.dp_group)
+        dist.all_gather_object(shards, _to_cpu(self.state_dict()), group=self.dp_group)
+        return merge_state_dicts(shards)
+
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        for g in sd["param_groups"]:
+            g.pop("dp_group", None)  # a ProcessGroup is neither picklable nor portable
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        dp_groups = [g.get("dp_group") for g in self.param_groups]
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        if len(ids) != len(params):
+            raise ValueError(f"state dict has {len(ids)} params, this optimizer {len(params)}: not the same model")
+        owned = {i for i, p in zip(ids, params) if self._owns(p)}
+        mine = {"state": {i: s for i, s in state_dict["state"].items() if i in owned}, "param_groups": state_dict["param_groups"]}
+        super().load_state_dict(mine)
+        for g, pg in zip(self.param_groups, dp_groups):
+            if pg is not None:
+                g["dp_group"] = pg
+
+
+def _to_cpu(obj):
+    if torch.is_tensor(obj):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
