@@ -126,3 +126,20 @@ def clip_grad_norm_(model_parts: Iterable[nn.Module], max_norm: float, dims: Par
         for g in grads:
             g.mul_(coef.to(g.device, g.dtype))
     return total
+
+
+def zero1_param_groups(param_groups: list[dict], dims: ParallelDims) -> list[dict]:
+    """Split optimizer param groups (``k2train.optim.build_param_groups``) so that each carries the
+    ``dp_group`` over which its params are replicated, for ZeRO-1 (DistributedMuonClip): dense
+    params over ``dp_ep``; routed experts over their replicas (``dp``, or ``dp_tp`` with tp > 1)."""
+    meshes = grad_reduction_meshes(dims)
+    out = []
+    for g in param_groups:
+        split: dict[str, dict] = {}
+        for name, p in zip(g["names"], g["params"]):
+            kind = "expert" if is_expert_param(name) else "dense"
+            sub = split.setdefault(kind, {**g, "params": [], "names": [], "dp_group": meshes[kind].get_group()})
+            sub["params"].append(p)
+            sub["names"].append(name)
+        out.extend(split.values())
+    return out
