@@ -204,12 +204,19 @@ def optimizer_state(optimizer: torch.optim.Optimizer, model) -> dict[str, Any]:
     fqn = _param_fqns(model)
     out: dict[str, Any] = {}
     for group in optimizer.param_groups:
-        hp = {k: v for k, v in group.items() if k != "params"}
+        hp = json.dumps({k: v for k, v in group.items() if _is_hparam(v)})  # a string: DCP must not flatten it
         for p in group["params"]:
             out[f"hparams.{fqn[id(p)]}"] = hp
             for k, v in optimizer.state.get(p, {}).items():
                 out[f"state.{fqn[id(p)]}.{k}"] = v
     return out
+
+
+def _is_hparam(v) -> bool:
+    # Scalars (lr, betas, weight decay, ...) only: not the params, name lists or functions of a group.
+    if isinstance(v, (tuple, list)):
+        return len(v) <= 8 and all(isinstance(x, (int, float)) for x in v)
+    return isinstance(v, (int, float, bool, str)) or v is None
 
 
 def _optimizer_targets(optimizer, model, stored: dict) -> dict[str, Any]:
@@ -262,7 +269,9 @@ def _apply_optimizer_state(optimizer, model, loaded: dict[str, Any]) -> None:
     for g_sd, group in zip(groups, optimizer.param_groups):
         hp = loaded.get(f"{OPTIM_KEY}.hparams.{fqn[id(group['params'][0])]}") if group["params"] else None
         if hp:
-            g_sd.update({k: v for k, v in hp.items() if k in g_sd})
+            for k, v in json.loads(hp).items():
+                if k in g_sd:
+                    g_sd[k] = tuple(v) if isinstance(g_sd[k], tuple) else v
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 

@@ -149,7 +149,8 @@ class OptimConfig:
     nesterov: bool = True
     ns_steps: int = 5
     ns_coefficients: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
-    ns_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    # auto: bf16 on GPUs (K2's choice), fp32 on CPUs (no native bf16 matmul there).
+    ns_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     rms_match: float = 0.2
     ns_impl: Literal["torch", "triton"] = "torch"
     # AdamW (embedding, head, norms, everything that is not a block matrix)
@@ -305,6 +306,8 @@ class TrainerConfig:
     on_nonfinite: Literal["skip", "stop"] = "skip"
     # A loss above spike_factor x its running mean is logged as a spike.
     spike_factor: float = 3.0
+    # ... its running mean over this many recent non-spike steps.
+    spike_window: int = 100
     compile: bool = False
     output_dir: str = "runs"
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

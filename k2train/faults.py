@@ -1,0 +1,161 @@
+"""Fault handling for the flat step loop: non-finite guard, loss-spike detector, preemption signals,
+collective timeouts. Small objects the loop calls directly (no callbacks)::
+
+    guard = NonFiniteGuard(t.on_nonfinite)
+    spikes = LossSpikeDetector(t.spike_factor, t.spike_window)
+    preempt = PreemptionHandler()                       # SIGTERM / SIGUSR1 -> flag
+    while step < t.steps:
+        ...forward/backward, grad_norm = clip_grad_norm_(...)...
+        if not guard.check(loss_val, gnorm_val, step):  # raises NonFiniteError under "stop"
+            discard_step_(optimizer, moes); continue
+        optimizer.step(); ...
+        if spikes.update(loss_val): log("loss spike")
+        if preempt.should_stop(group, device):          # same answer on every rank
+            ckpt.save(step, state); exit 0
+
+The checks run before ``optimizer.step()``, so a NaN or Inf never reaches the weights or the
+optimizer state. Every rank must take the same branch: the loss and grad norm the guard sees must
+be the globally reduced ones (``clip_grad_norm_`` over DTensors already is), and
+:meth:`PreemptionHandler.should_stop` all-reduces the flag.
+"""
+
+import datetime
+import logging
+import math
+import signal
+from collections import deque
+from typing import Iterable, Literal, Optional
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(FloatingPointError):
+    """A non-finite loss or grad norm under ``trainer.on_nonfinite=stop``."""
+
+
+class NonFiniteGuard:
+    """Decides whether a step may update the weights; counts the skipped ones."""
+
+    def __init__(self, policy: Literal["skip", "stop"] = "skip"):
+        if policy not in ("skip", "stop"):
+            raise ValueError(f"trainer.on_nonfinite={policy!r} must be 'skip' or 'stop'")
+        self.policy = policy
+        self.skipped = 0
+
+    def check(self, loss: float, grad_norm: float, step: int) -> bool:
+        """True if the step is finite and may proceed; False if it must be skipped (counted)."""
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            return True
+        if self.policy == "stop":
+            raise NonFiniteError(
+                f"step {step}: loss={loss}, grad norm={grad_norm} (trainer.on_nonfinite=stop; set it to skip "
+                "to drop such steps instead)"
+            )
+        self.skipped += 1
+        log.warning("step %d: non-finite loss=%s or grad norm=%s; step skipped (%d so far)", step, loss, grad_norm, self.skipped)
+        return False
+
+    def state_dict(self) -> dict:
+        return {"skipped": self.skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.skipped = int(state["skipped"])
+
+
+@torch.no_grad()
+def discard_step_(optimizer: torch.optim.Optimizer, moe_layers: Iterable = ()) -> None:
+    """Drop a skipped step's gradients and its router-load counts (so the bias update ignores them)."""
+    optimizer.zero_grad(set_to_none=True)
+    for moe in moe_layers:
+        moe.tokens_per_expert.zero_()
+
+
+class LossSpikeDetector:
+    """Flags a loss above ``factor`` x the mean of the last ``window`` non-spike losses.
+
+    Spikes are kept out of the running mean, so one spike does not hide the next; the first
+    ``min_history`` steps only fill the window.
+    """
+
+    def __init__(self, factor: float = 3.0, window: int = 100, min_history: int = 10):
+        if factor <= 1 or window < 1:
+            raise ValueError(f"loss spike factor={factor} must be > 1 and window={window} >= 1")
+        self.factor = factor
+        self.history: deque = deque(maxlen=window)
+        self.min_history = min(min_history, window)
+        self.spikes = 0
+
+    @property
+    def mean(self) -> Optional[float]:
+        return sum(self.history) / len(self.history) if self.history else None
+
+    def update(self, loss: float) -> bool:
+        if not math.isfinite(loss):
+            return False  # the non-finite guard's business
+        if len(self.history) >= self.min_history and loss > self.factor * self.mean:
+            self.spikes += 1
+            log.warning("loss spike: %.4f > %.1f x running mean %.4f", loss, self.factor, self.mean)
+            return True
+        self.history.append(loss)
+        return False
+
+    def state_dict(self) -> dict:
+        return {"history": list(self.history), "spikes": self.spikes}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history.clear()
+        self.history.extend(state["history"])
+        self.spikes = int(state["spikes"])
+
+
+class PreemptionHandler:
+    """Turns SIGTERM/SIGUSR1 (Slurm's preemption and ``--signal`` warnings) into a flag.
+
+    The handler only sets the flag; the loop polls :meth:`should_stop` at each step boundary,
+    checkpoints and exits 0. Install it in the main thread (Python's rule for signal handlers).
+    """
+
+    def __init__(self, signals: Iterable[int] = (signal.SIGTERM, signal.SIGUSR1)):
+        self.requested: Optional[int] = None
+        self._previous = {}
+        for sig in signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = signum
+        log.warning("received %s: will checkpoint and exit at the next step boundary", signal.Signals(signum).name)
+
+    def should_stop(self, process_group=None, device: Optional[torch.device] = None) -> bool:
+        """Whether any rank was signalled; every rank gets the same answer (one tiny all-reduce)."""
+        local = self.requested is not None
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return local
+        flag = torch.tensor([1.0 if local else 0.0], device=device or "cpu")
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=process_group)
+        return bool(flag.item())  # host sync: once per step, a single element
+
+    def uninstall(self) -> None:
+        for sig, prev in self._previous.items():
+            signal.signal(sig, prev)
+        self._previous = {}
+
+
+def collective_timeout(timeout_s: int) -> datetime.timedelta:
+    """``ParallelConfig.timeout_s`` as the ``timeout`` of ``init_process_group`` / ``new_group``."""
+    if timeout_s <= 0:
+        raise ValueError(f"parallel.timeout_s={timeout_s} must be > 0 seconds")
+    return datetime.timedelta(seconds=timeout_s)
+
+
+def init_distributed(backend: str, timeout_s: int) -> None:
+    """``init_process_group`` from the torchrun environment with the configured collective timeout.
+
+    A hung collective (a dead rank, a deadlocked pipeline) then fails after ``timeout_s`` instead
+    of hanging the job forever; NCCL needs async error handling for that, which we switch on.
+    """
+    import os
+
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    torch.distributed.init_process_group(backend=backend, timeout=collective_timeout(timeout_s))
