@@ -79,10 +79,9 @@ def grad_accumulation_steps(t: TrainerConfig, dp_size: int) -> int:
 
 
 def build_data(cfg: JobConfig, dp_rank: int, dp_size: int):
-    from .data_pipeline import build_tokenizer
-    from .data_pipeline.loader import build_data_loader, check_vocab
+    from .data_pipeline.loader import build_data_loader, check_vocab, load_tokenizer
 
-    tokenizer = build_tokenizer(cfg.data)
+    tokenizer = load_tokenizer(cfg.data)
     check_vocab(tokenizer, cfg.model.vocab_size)
     loader = build_data_loader(
         cfg.data,
@@ -148,7 +147,7 @@ def run(cfg: JobConfig, run_dir: Optional[Path] = None) -> list[dict]:
     while step < t.steps:
         step += 1
         t0 = time.perf_counter()
-        for m in attn:
+        for m in attn.values():
             m.reset_max_logit()
         optimizer.zero_grad(set_to_none=True)
 
@@ -184,7 +183,8 @@ def run(cfg: JobConfig, run_dir: Optional[Path] = None) -> list[dict]:
             continue
 
         optimizer.step()
-        clip = apply_qk_clip(attn, cfg.optim.qk_clip_tau, optimizer=optimizer) if cfg.optim.qk_clip else None
+        # Reduces the step's per-head max logits, clips (MuonClip) or only measures (tau=None), resets.
+        clip = apply_qk_clip(attn, cfg.optim.qk_clip_tau if cfg.optim.qk_clip else None, optimizer=optimizer)
         loads = [moe.tokens_per_expert.clone() for moe in moes]
         for moe in moes:
             update_router_bias_(moe, cfg.model.bias_update_rate)
@@ -204,24 +204,17 @@ def run(cfg: JobConfig, run_dir: Optional[Path] = None) -> list[dict]:
         if peak is not None:
             metrics["mfu"] = tokens_per_step / dt * flops_tok / (peak * 1e12)
             metrics["memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        max_logits = [m.max_logit.max().item() for m in attn]
-        metrics["max_logit"] = max(max_logits)
-        for (i, _), v in zip(model.attention_layers(), max_logits):
-            metrics[f"max_logit/layer{i}"] = v
-        if clip is not None:
-            clipped_total += clip["clipped_heads"]
-            metrics["clipped_heads"] = clip["clipped_heads"]
-            metrics["clipped_heads_total"] = clipped_total
-            for i, n in clip["clipped_per_layer"].items():
-                metrics[f"clipped_heads/layer{i}"] = n
+        clipped_total += clip["clipped_heads"]
+        metrics.update(clip)
+        metrics["clipped_heads_total"] = clipped_total
         if loads:
             ratios = []
             for moe, load in zip(moes, loads):
                 layer = next(i for i, blk in model.layers.items() if blk.mlp is moe)
                 ratio = (load.max() / load.mean().clamp_min(1e-9)).item()
                 ratios.append(ratio)
-                metrics[f"expert_load_max_over_mean/layer{layer}"] = ratio
-                metrics[f"dead_experts/layer{layer}"] = int((load == 0).sum())
+                metrics[f"expert_load_max_over_mean/layer_{layer}"] = ratio
+                metrics[f"dead_experts/layer_{layer}"] = int((load == 0).sum())
             metrics["expert_load_max_over_mean"] = max(ratios)
         if loss_ema is not None and loss_val > t.spike_factor * loss_ema:
             metrics["loss_spike"] = 1

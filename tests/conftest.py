@@ -1,0 +1,18 @@
+"""Test-suite setup shared by every test file."""
+
+import os
+
+# Triton kernels run on CPU only in the interpreter, and it must be switched on before anything
+# imports triton. On a GPU machine the real kernels run.
+try:
+    import torch
+
+    _has_cuda = torch.cuda.is_available()
+except ImportError:  # pragma: no cover
+    _has_cuda = False
+if not _has_cuda:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+# Never let a test reach the network or a real wandb account.
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
