@@ -19,6 +19,7 @@ gradients by the number of micro-batches, like ``(ce + aux) / accum`` in the sin
 """
 
 import copy
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -325,7 +326,11 @@ def pipeline_step(
     losses: list[torch.Tensor] = []
     args = (tokens,) if pipe.has_first_stage else ()
     target = labels if pipe.has_last_stage else None
-    pipe.schedule.step(*args, target=target, losses=losses, return_outputs=False, **kwargs)
+    # return_outputs=False: otherwise the last stage keeps every micro-batch's logits until the end
+    # of the step (m x B x S x V). Older torch has no such switch.
+    if "return_outputs" in inspect.signature(pipe.schedule.step).parameters:
+        kwargs["return_outputs"] = False
+    pipe.schedule.step(*args, target=target, losses=losses, **kwargs)
 
     device = tokens.device if tokens.device.type != "meta" else torch.device("cpu")
     stats = torch.zeros(2, dtype=torch.float32, device=device)

@@ -1,0 +1,360 @@
+"""The planner's memory model: bytes per GPU for a model, a parallel layout and a batch.
+
+Per pipeline rank (ranks differ: embedding on the first, head + loss on the last, more in-flight
+micro-batches early in the pipeline):
+- weights, gradients, fp32 master copies and optimizer states, from the parameters this rank
+  really holds: the model is built on the meta device, split with the pipeline's own placement
+  (:func:`k2train.parallel.pipeline.split_layers`), experts divided by ``ep``, TP-sharded matrices
+  by ``tp``. ZeRO-1 shards masters and states over the replicas of each parameter (dense: dp x ep,
+  experts: dp x tp);
+- activations: bytes saved for the backward per token and layer, by recompute mode, counted
+  tensor by tensor for this code base's layers (docs/planner.md lists them), times the micro-batches
+  in flight under the schedule (1F1B: ``pp - rank``; interleaved: torch's warm-up count + 1 chunks;
+  GPipe: all);
+- transient buffers: the head's logits and log-softmax (last stage), EP all-to-all buffers,
+  pipeline send/receive buffers, the flat gradient bucket of the DP all-reduce.
+
+Precision modes: ``fp32`` (everything fp32), ``autocast`` (fp32 weights/grads/states, bf16
+activations; the current trainer with ``trainer.dtype=bfloat16``), ``bf16`` (K2/Megatron: bf16
+weights, fp32 gradients, fp32 masters inside the ZeRO-1-sharded optimizer state).
+"""
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ..config import ModelConfig, OptimConfig, ParallelConfig, TrainerConfig
+
+GiB = 1024**3
+# Parameters that the TP plan shards over tp (docs/parallelism.md); the rest are replicated.
+_TP_SHARDED = ("q_b_proj", "kv_b_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens", "lm_head")
+PRECISIONS = {
+    # name: (param bytes, grad bytes, master bytes, activation bytes)
+    "fp32": (4, 4, 0, 4),
+    "autocast": (4, 4, 0, 2),
+    "bf16": (2, 4, 4, 2),
+}
+
+
+@dataclass
+class RankMemory:
+    """One pp rank's bytes (every dp/ep/tp rank of that pipeline position holds the same)."""
+
+    pp_rank: int
+    stage_ids: list[int]
+    num_layers: int
+    num_params: int  # held by this rank (experts / ep, TP-sharded / tp)
+    params: float
+    grads: float
+    master: float
+    optimizer: float
+    activations_per_microbatch: float  # one micro-batch through all of this rank's stages
+    in_flight: float  # micro-batches whose activations are alive at the peak
+    activations: float
+    transient: float  # head logits / log-softmax, all-to-all, p2p and gradient buckets
+
+    @property
+    def total(self) -> float:
+        return self.params + self.grads + self.master + self.optimizer + self.activations + self.transient
+
+
+@dataclass
+class MemoryPlan:
+    ranks: list[RankMemory]
+    precision: str
+    recompute: str
+    dp: int
+    world_size: int
+    num_microbatches: int
+    tokens_per_step: int
+    bubble_fraction: float
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def peak(self) -> RankMemory:
+        return max(self.ranks, key=lambda r: r.total)
+
+
+# ---------------------------------------------------------------------------------------------
+# activations (pure functions)
+# ---------------------------------------------------------------------------------------------
+
+
+def norm_bytes(dim: int, a: int) -> float:
+    """RMSNorm (fp32 inside): the fp32 input (a copy when a=2), the normalized value cast back
+    (saved by the weight multiply) and the output (saved by the next matmul)."""
+    return 4 * dim + 2 * a * dim
+
+
+def layer_activation_bytes(cfg: ModelConfig, moe: bool, seq_len: int, recompute: str, a: int, tp: int = 1) -> float:
+    """Bytes one token leaves saved for the backward in one block, per the ops of k2train.model.
+
+    ``a``: activation bytes (2 bf16, 4 fp32). Eager attention also saves the fp32 softmax
+    probabilities (H x S per token); the fused kernels (sdpa/triton) save q, k, v, out and the
+    log-sum-exp instead.
+    """
+    D, H = cfg.hidden_size, cfg.num_attention_heads // tp
+    dn, dr, dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+    qr, kr = cfg.q_lora_rank, cfg.kv_lora_rank
+    E, K, I = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size
+    Is = cfg.moe_intermediate_size * cfg.n_shared_experts // tp
+    F = cfg.intermediate_size // tp
+    eager = cfg.attn_impl == "eager"
+    probs = 4 * H * seq_len if eager else 0
+    router_copy = 4 * D if a != 4 else 0  # x.float() for the fp32 router
+    if recompute == "full":
+        return a * D  # the block input; the layer is recomputed in its backward
+    if recompute == "selective":
+        # K2: norms, SwiGLU, MLA up-projections (q_b, kv_b and what follows up to attention) and
+        # the MoE down-projection are recomputed; their inputs stay.
+        attn = a * (qr + kr + dr + H * dv) + 4 * H + probs
+        mlp = a * (K * D + 2 * K * I + 2 * Is) + 4 * E + router_copy if moe else a * 2 * F
+        return 2 * a * D + attn + mlp
+    if recompute != "none":
+        raise ValueError(f"parallel.recompute={recompute!r} must be none, selective or full")
+    attn = (
+        norm_bytes(qr, a)  # q_a_layernorm
+        + a * (kr + dr)  # kv_a output (the norm reads a view of it, rope the k_rope view)
+        + norm_bytes(kr, a) - 4 * kr * (a == 4)  # kv_a_layernorm: its input is the view above
+        + a * H * (dn + dr)  # q_b output (rope keeps it)
+        + a * H * (dn + dv)  # kv_b output (v is a view of it)
+        + 2 * a * H * (dn + dr)  # q and k after cat
+        + a * H * dv  # attention output, reshaped for o_proj
+        + (probs if eager else 4 * H)
+    )
+    if moe:
+        mlp = (
+            4 * E + router_copy  # sigmoid scores (fp32)
+            + a * (2 * K * D + 4 * K * I)  # permuted input, gate, up, silu, h, down output
+            + a * 4 * Is  # shared expert
+            + 16 * K  # expert indices (int64), gate weights
+        )
+    else:
+        mlp = a * 4 * F
+    return 2 * norm_bytes(D, a) + attn + mlp
+
+
+def head_activation_bytes(cfg: ModelConfig, a: int, tp: int = 1) -> float:
+    """Final norm + LM head + cross entropy, per token: norm, bf16 logits, fp32 log-softmax."""
+    V = cfg.vocab_size // tp
+    return norm_bytes(cfg.hidden_size, a) + (a * V if a != 4 else 0) + 4 * V
+
+
+def in_flight_microbatches(schedule: str, pp: int, vpp: int, pp_rank: int, num_microbatches: int) -> float:
+    """Micro-batches (in units of this rank's whole share of layers) alive at the activation peak.
+
+    1F1B: ``min(pp - rank, m)``. Interleaved: torch's warm-up count ``(vpp-1) x per-round + 2 x
+    (pp-1-rank)`` forwards plus the steady-state one, in chunks of 1/vpp of the rank's layers.
+    GPipe: all micro-batches.
+    """
+    m = num_microbatches
+    if pp == 1:
+        return 1.0
+    if schedule == "GPipe":
+        return float(m)
+    if schedule == "1F1B" and vpp == 1:
+        return float(min(pp - pp_rank, m))
+    rounds = max(1, m // pp)
+    per_round = m // rounds
+    warmup = min((vpp - 1) * per_round + 2 * (pp - 1 - pp_rank), m * vpp)
+    return min(warmup + 1, m * vpp) / vpp
+
+
+def bubble_fraction(pp: int, vpp: int, num_microbatches: int) -> float:
+    """Idle share of a step: (pp - 1) / (vpp x m + pp - 1) (Narayanan et al. 2021)."""
+    if pp == 1:
+        return 0.0
+    return (pp - 1) / (vpp * num_microbatches + pp - 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# the estimate
+# ---------------------------------------------------------------------------------------------
+
+
+def _stage_parts(model_cfg: ModelConfig, num_stages: int, seq_len: int):
+    import torch
+
+    from ..model import K2Model
+    from .pipeline import build_stage_part, layer_costs, split_layers
+
+    with torch.device("meta"):
+        model = K2Model(model_cfg)
+    costs, first, last = layer_costs(model_cfg, seq_len)
+    split = split_layers(costs, num_stages, first, last)
+    return [build_stage_part(model, ids, s == 0, s == num_stages - 1) for s, ids in enumerate(split)], split
+
+
+def estimate_memory(
+    model_cfg: ModelConfig,
+    parallel_cfg: ParallelConfig,
+    trainer_cfg: TrainerConfig,
+    optim_cfg: OptimConfig,
+    precision: Optional[str] = None,
+    dp: Optional[int] = None,
+) -> MemoryPlan:
+    """Per-rank memory of one training step. ``precision``: see the module docstring (default:
+    ``fp32`` for trainer.dtype=float32, ``bf16`` for bfloat16). ``dp``: the data-parallel degree
+    when ``parallel.dp`` is -1 (default 1, the smallest run; ZeRO-1 shards shrink with more)."""
+    from k2train.optim.grouping import is_muon_param
+
+    from .expert_parallel import is_expert_param
+
+    precision = precision or ("bf16" if trainer_cfg.dtype == "bfloat16" else "fp32")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} must be one of {sorted(PRECISIONS)}")
+    pb, gb, mb, a = PRECISIONS[precision]
+    p = parallel_cfg
+    notes = []
+    if dp is None:
+        dp = p.dp if p.dp > 0 else 1
+        if p.dp == -1:
+            notes.append("parallel.dp=-1: assuming dp=1 (ZeRO-1 shards shrink as dp grows)")
+    tp, ep, pp, vpp = p.tp, p.ep, p.pp, p.vpp
+    world = pp * dp * ep * tp
+    dp_size = dp * ep
+    seqs_per_micro = trainer_cfg.micro_batch_size
+    if trainer_cfg.global_batch_size % (seqs_per_micro * dp_size):
+        raise ValueError(
+            f"trainer.global_batch_size={trainer_cfg.global_batch_size} is not divisible by micro_batch_size x dp x ep "
+            f"= {seqs_per_micro} x {dp} x {ep}"
+        )
+    m = trainer_cfg.global_batch_size // (seqs_per_micro * dp_size)
+    S = trainer_cfg.seq_len
+    tokens_mb = seqs_per_micro * S
+    zero_dense = dp * ep if optim_cfg.zero1 else 1
+    zero_expert = dp * tp if optim_cfg.zero1 else 1
+
+    parts, split = _stage_parts(model_cfg, pp * vpp, S)
+    ranks = []
+    for r in range(pp):
+        stage_ids = [r + v * pp for v in range(vpp)]
+        n_local = n_opt = 0.0
+        opt_bytes = master_bytes = 0.0
+        largest_bucket = {"dense": 0.0, "expert": 0.0}
+        for s in stage_ids:
+            for name, t in parts[s].named_parameters():
+                n = t.numel()
+                expert = is_expert_param(name)
+                if expert:
+                    n /= ep
+                if tp > 1 and any(k in name for k in _TP_SHARDED):
+                    n /= tp
+                n_local += n
+                shard = zero_expert if expert else zero_dense
+                states = 1 if optim_cfg.name != "adamw" and is_muon_param(name, t) else 2
+                opt_bytes += 4 * states * n / shard
+                master_bytes += mb * n / shard
+                n_opt += n
+                largest_bucket["expert" if expert else "dense"] += gb * n
+        layers = [i for s in stage_ids for i in split[s]]
+        act_mb = sum(
+            layer_activation_bytes(model_cfg, i >= model_cfg.first_k_dense_replace, S, p.recompute, a, tp) for i in layers
+        ) * tokens_mb
+        inflight = in_flight_microbatches(p.pp_schedule, pp, vpp, r, m)
+        transient = 0.0
+        if pp * vpp - 1 in stage_ids:
+            transient += head_activation_bytes(model_cfg, a, tp) * tokens_mb
+        if p.recompute == "full" and layers:  # one layer's full activations while recomputing
+            transient += layer_activation_bytes(model_cfg, True, S, "none", a, tp) * tokens_mb
+        if ep > 1:  # dispatch + combine buffers of one MoE layer (balanced load)
+            transient += 2 * a * tokens_mb * model_cfg.num_experts_per_tok * model_cfg.hidden_size
+        if pp > 1:  # activation and gradient send/recv buffers of each local stage
+            transient += 2 * len(stage_ids) * a * tokens_mb * model_cfg.hidden_size
+        if dp_size > 1:  # reduce_gradients_ concatenates one kind of gradient into a flat bucket
+            transient += max(largest_bucket.values())
+        ranks.append(
+            RankMemory(
+                pp_rank=r,
+                stage_ids=stage_ids,
+                num_layers=len(layers),
+                num_params=int(n_local),
+                params=pb * n_local,
+                grads=gb * n_local,
+                master=master_bytes,
+                optimizer=opt_bytes,
+                activations_per_microbatch=act_mb,
+                in_flight=inflight,
+                activations=act_mb * inflight,
+                transient=transient,
+            )
+        )
+    return MemoryPlan(
+        ranks=ranks,
+        precision=precision,
+        recompute=p.recompute,
+        dp=dp,
+        world_size=world,
+        num_microbatches=m,
+        tokens_per_step=trainer_cfg.global_batch_size * S,
+        bubble_fraction=bubble_fraction(pp, vpp, m),
+        notes=notes,
+    )
+
+
+def _gb(x: float) -> str:
+    return f"{x / GiB:8.2f}"
+
+
+def format_memory_report(
+    model_cfg: ModelConfig,
+    parallel_cfg: ParallelConfig,
+    trainer_cfg: TrainerConfig,
+    optim_cfg: OptimConfig,
+    gpu_memory_gib: Optional[float] = None,
+    precision: Optional[str] = None,
+) -> str:
+    """The planner's text: per-pp-rank breakdown (GiB), bubble, tokens per step, the fit on
+    ``gpu_memory_gib`` (default: 80 GB = 74.5 GiB for an H800-named layout, else not judged), and
+    for ``dp=-1`` layouts the GPU counts the global batch allows."""
+    p = parallel_cfg
+    plan = estimate_memory(model_cfg, p, trainer_cfg, optim_cfg, precision)
+    if gpu_memory_gib is None and "h800" in p.name.lower():
+        gpu_memory_gib = 80e9 / GiB
+    lines = [
+        f"memory per GPU: parallel={p.name} pp={p.pp} vpp={p.vpp} ({p.pp_schedule}) ep={p.ep} tp={p.tp} dp={plan.dp} "
+        f"-> {plan.world_size} GPUs; precision {plan.precision}, recompute {plan.recompute}, ZeRO-1 {optim_cfg.zero1}",
+        f"  micro-batch {trainer_cfg.micro_batch_size} x {trainer_cfg.seq_len}, {plan.num_microbatches} micro-batches per step "
+        f"per data stream, {plan.tokens_per_step:,d} tokens per step, pipeline bubble {100 * plan.bubble_fraction:.2f}%",
+        "",
+        f"  {'pp rank':>7} {'layers':>6} {'params':>14} {'weights':>8} {'grads':>8} {'master':>8} {'optim':>8} "
+        f"{'act/mb':>8} {'in-flt':>6} {'acts':>8} {'buffers':>8} {'total':>8}  GiB",
+    ]
+    shown = plan.ranks if len(plan.ranks) <= 8 else plan.ranks[:3] + plan.ranks[-3:]
+    for r in shown:
+        if len(plan.ranks) > 8 and r is plan.ranks[-3]:
+            lines.append(f"  {'...':>7}")
+        lines.append(
+            f"  {r.pp_rank:>7} {r.num_layers:>6} {r.num_params:>14,d} {_gb(r.params)} {_gb(r.grads)} {_gb(r.master)} "
+            f"{_gb(r.optimizer)} {_gb(r.activations_per_microbatch)} {r.in_flight:>6.1f} {_gb(r.activations)} "
+            f"{_gb(r.transient)} {_gb(r.total)}"
+        )
+    peak = plan.peak
+    lines.append(f"  peak: pp rank {peak.pp_rank}, {peak.total / GiB:.2f} GiB")
+    if gpu_memory_gib is not None:
+        margin = gpu_memory_gib - peak.total / GiB
+        verdict = "fits" if margin >= 0 else "does NOT fit"
+        lines.append(
+            f"  on {gpu_memory_gib:.1f} GiB GPUs: {verdict}, {'headroom' if margin >= 0 else 'over by'} {abs(margin):.2f} GiB "
+            f"(activations alone {peak.activations / GiB:.1f} GiB: K2 also stored MoE/SwiGLU inputs in FP8 and offloaded "
+            "the rest to CPU, not modelled here)"
+        )
+    if p.dp == -1:
+        unit = p.pp * p.ep * p.tp
+        seqs = trainer_cfg.global_batch_size
+        lines += ["", f"  GPUs for a global batch of {seqs:,d} x {trainer_cfg.seq_len} ({plan.tokens_per_step / 1e6:.1f}M tokens):"]
+        dp = 1
+        while True:
+            per_step = trainer_cfg.micro_batch_size * dp * p.ep
+            if seqs % per_step:
+                break
+            m = seqs // per_step
+            if m < p.pp or (p.pp_schedule == "Interleaved1F1B" and m % p.pp):
+                break
+            q = estimate_memory(model_cfg, p, trainer_cfg, optim_cfg, precision, dp=dp)
+            lines.append(
+                f"    dp={dp:>4}: {unit * dp:>6,d} GPUs, {m:>5} micro-batches/step, bubble "
+                f"{100 * q.bubble_fraction:5.2f}%, peak {q.peak.total / GiB:7.2f} GiB"
+            )
+            dp *= 2
+    lines += [f"  note: {n}" for n in plan.notes]
+    return "\n".join(lines)
