@@ -16,6 +16,7 @@ import math
 import os
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -26,6 +27,7 @@ from .config import JobConfig, ModelConfig, TrainerConfig, job_config_to_dict
 from .flops import flops_per_token, peak_tflops
 from .metrics import MetricLogger, format_step
 from .model import K2Model, update_router_bias_
+from .parallel import ParallelDims
 
 
 def pick_device(name: str) -> torch.device:
@@ -65,7 +67,8 @@ def git_revision() -> str:
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(0, 1))
+    """Next-token loss (mean over tokens); autocast runs it in fp32, loss_parallel on vocab shards."""
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(0, 1))
 
 
 def grad_accumulation_steps(t: TrainerConfig, dp_size: int) -> int:
@@ -95,55 +98,190 @@ def build_data(cfg: JobConfig, dp_rank: int, dp_size: int):
     return tokenizer, loader
 
 
+@dataclass
+class Runtime:
+    """Where this process sits: device, degrees and mesh, and which rank logs."""
+
+    device: torch.device
+    dims: ParallelDims
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_logging_rank(self) -> bool:
+        # The first rank of the last pipeline stage: it holds the loss (mesh axes are pp-major).
+        return self.rank == (self.dims.pp - 1) * (self.world_size // self.dims.pp)
+
+    @property
+    def dp_rank(self) -> int:
+        """This rank's data stream: the flattened (dp, ep) coordinate."""
+        return self.dims.dp_rank if self.distributed else 0
+
+    def group(self, mesh_name: str):
+        """The process group of a (flattened) mesh, or None where it has a single rank."""
+        if not self.distributed:
+            return None
+        mesh = getattr(self.dims, mesh_name)
+        return mesh.get_group() if mesh.size() > 1 else None
+
+
+def setup_runtime(cfg: JobConfig) -> Runtime:
+    """Process group and DeviceMesh from the torchrun environment; validates the layout first."""
+    from .parallel import ParallelDims, backend_for
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dims = ParallelDims.from_config(cfg.parallel, world).validate(cfg.model, cfg.trainer)
+    device = pick_device(cfg.trainer.device)
+    if world == 1:
+        return Runtime(device, dims)
+    import torch.distributed as dist
+
+    from .faults import init_distributed
+
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        init_distributed(backend_for(device.type), cfg.parallel.timeout_s)
+    dims.build_mesh(device.type)
+    return Runtime(device, dims, rank=dist.get_rank(), world_size=world)
+
+
+def build_model_parts(cfg: JobConfig, rt: Runtime, accum: int):
+    """Meta-device model -> pipeline split -> TP -> EP -> materialize + layout-invariant init.
+
+    Returns (model parts held by this rank, the pipeline or None)."""
+    from .parallel import apply_ep, apply_tp
+
+    t = cfg.trainer
+    with torch.device("meta"):
+        model = K2Model(cfg.model)
+    pipe = None
+    parts = [model]
+    if rt.dims.pp > 1:
+        from .parallel.pipeline import build_pipeline
+
+        pipe = build_pipeline(
+            model,
+            rt.dims.pp_mesh,
+            cfg.parallel,
+            num_microbatches=accum,
+            micro_batch_size=t.micro_batch_size,
+            seq_len=t.seq_len,
+            loss_fn=cross_entropy,
+            device=rt.device,
+        )
+        parts = pipe.model_parts
+    for part in parts:
+        if rt.dims.tp > 1:
+            apply_tp(part, rt.dims.tp_mesh, cfg.parallel.sequence_parallel)
+        if rt.dims.ep > 1:
+            apply_ep(part, rt.dims.ep_mesh)
+        part.to_empty(device=rt.device)
+        part.init_weights(seed=t.seed)
+        part.train()
+    return parts, pipe
+
+
+def build_optimizer_for(parts, cfg: JobConfig, rt: Runtime):
+    """MuonClip over this rank's parts; ZeRO-1 shards its state over the data-parallel ranks."""
+    from .optim import build_optimizer
+
+    zero1 = rt.distributed and cfg.optim.zero1 and rt.dims.dp_size > 1
+    if zero1 and rt.dims.ep == 1 and rt.dims.tp == 1:
+        return build_optimizer(parts, cfg.optim, dp_group=rt.group("dense_dp_mesh"))
+    # With ep or tp, ZeRO-1 needs one data-parallel group per kind of parameter (k2train.parallel.
+    # zero1_param_groups); until the optimizer takes those, the state stays replicated here.
+    return build_optimizer(parts, dataclasses.replace(cfg.optim, zero1=False))
+
+
 def run(cfg: JobConfig, run_dir: Optional[Path] = None) -> list[dict]:
     """Train according to ``cfg``; returns the metrics logged at every step (for tests and scripts)."""
-    from .optim import apply_qk_clip, attention_modules, build_lr_scheduler, build_optimizer, describe_param_groups
+    from .checkpoint import CheckpointManager
+    from .faults import LossSpikeDetector, NonFiniteGuard, PreemptionHandler, discard_step_
+    from .optim import apply_qk_clip, attention_modules, build_lr_scheduler, describe_param_groups
+    from .parallel import clip_grad_norm_, local_loss, loss_context, reduce_gradients_, sum_expert_load_
 
     cfg.validate()
     t = cfg.trainer
-    device = pick_device(t.device)
+    rt = setup_runtime(cfg)
+    device, dims = rt.device, rt.dims
     torch.manual_seed(t.seed)
-    rank, dp_rank, dp_size = 0, 0, 1
-    is_logging_rank = rank == 0
     run_dir = Path(run_dir) if run_dir is not None else Path(t.output_dir) / "logs" / time.strftime("%Y%m%d-%H%M%S")
-    if is_logging_rank:
+    if rt.is_logging_rank:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(job_config_to_dict(cfg), indent=2))
         (run_dir / "git_revision").write_text(git_revision() + "\n")
 
     # --- model, optimizer, data ------------------------------------------------------------
-    model = build_model(cfg.model, device, seed=t.seed)
-    model.train()
-    optimizer = build_optimizer([model], cfg.optim)
+    accum = grad_accumulation_steps(t, dims.dp_size)
+    parts, pipe = build_model_parts(cfg, rt, accum)
+    optimizer = build_optimizer_for(parts, cfg, rt)
     scheduler = build_lr_scheduler(optimizer, cfg.optim, total_steps=t.steps)
-    attn = attention_modules(model)
-    moes = list(model.moe_layers())
-    _, loader = build_data(cfg, dp_rank, dp_size)
-    data_iter = iter(loader)
-    accum = grad_accumulation_steps(t, dp_size)
+    attn = attention_modules(parts)
+    moes = [m for part in parts for m in part.moe_layers()]
+    moe_layer_ids = [int(i) for part in parts for i, blk in part.layers.items() if blk.mlp in moes]
+    _, loader = build_data(cfg, rt.dp_rank, dims.dp_size)
     tokens_per_step = t.global_batch_size * t.seq_len
     autocast_dtype = torch.bfloat16 if t.dtype == "bfloat16" else None
     flops_tok = flops_per_token(cfg.model, t.seq_len, "megatron")
     peak = peak_tflops(device)
+    dp_group, token_group = rt.group("dense_dp_mesh"), rt.group("token_mesh")
+    tp_mesh = dims.tp_mesh if dims.tp > 1 else None
 
-    logger = MetricLogger(cfg.logging, run_dir, enabled=is_logging_rank, config_dict=job_config_to_dict(cfg))
-    logger.console(
-        f"k2train | model {cfg.model.name} | {sum(p.numel() for p in model.parameters()):,} params | device {device} "
-        f"| {t.steps} steps x {tokens_per_step:,} tokens ({accum} micro-batches of {t.micro_batch_size}x{t.seq_len})"
-        f"\nrun dir {run_dir}\n{describe_param_groups(optimizer)}"
+    # --- resume ----------------------------------------------------------------------------
+    guard, spikes = NonFiniteGuard(t.on_nonfinite), LossSpikeDetector(t.spike_factor)
+    progress_state = {"step": 0, "tokens_seen": 0, "clipped_heads_total": 0, "wandb_run_id": None}
+    ckpt = CheckpointManager(Path(t.output_dir) / "checkpoints", t.checkpoint, job_config=job_config_to_dict(cfg))
+    state = {
+        "model": parts,
+        "optimizer": optimizer,
+        "scheduler": scheduler,
+        "data": loader,
+        "train": progress_state,
+        "nonfinite": guard,
+        "spikes": spikes,
+    }
+    if t.checkpoint.enable and t.checkpoint.resume:
+        resumed = ckpt.load_latest(state)
+        if resumed is not None and rt.is_logging_rank:
+            print(f"resumed from {ckpt.folder} at step {resumed}", flush=True)
+    step = progress_state["step"]
+
+    logger = MetricLogger(
+        cfg.logging,
+        run_dir,
+        enabled=rt.is_logging_rank,
+        config_dict=job_config_to_dict(cfg),
+        wandb_run_id=progress_state["wandb_run_id"],
     )
+    progress_state["wandb_run_id"] = ckpt.wandb_run_id = logger.wandb_run_id
+    n_params = sum(p.numel() for part in parts for p in part.parameters())
+    logger.console(
+        f"k2train | model {cfg.model.name} | {n_params:,} params on this rank | device {device} | world {rt.world_size} "
+        f"(pp {dims.pp}, dp {dims.dp}, ep {dims.ep}, tp {dims.tp})\n"
+        f"{t.steps} steps x {tokens_per_step:,} tokens ({accum} micro-batches of {t.micro_batch_size}x{t.seq_len} per "
+        f"data-parallel rank){f', resuming at step {step}' if step else ''}\nrun dir {run_dir}\n"
+        f"{describe_param_groups(optimizer)}"
+    )
+    if step >= t.steps:
+        logger.console(
+            f"the checkpoint in {ckpt.folder} is at step {step} >= trainer.steps={t.steps}: nothing to train "
+            "(raise trainer.steps, or use another trainer.output_dir / trainer.checkpoint.resume=false)"
+        )
 
-    history: list[dict] = []
-    clipped_total = 0
-    skipped_steps = 0
-    loss_ema: Optional[float] = None
     progress = None
-    if is_logging_rank and cfg.logging.progress_bar:
+    if rt.is_logging_rank and cfg.logging.progress_bar and step < t.steps:
         from tqdm.auto import tqdm
 
-        progress = tqdm(total=t.steps, desc="train", unit="step", dynamic_ncols=True, leave=True)
+        progress = tqdm(total=t.steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    preempt = PreemptionHandler()
+    history: list[dict] = []
+    data_iter = iter(loader)
 
-    step = 0
     while step < t.steps:
         step += 1
         t0 = time.perf_counter()
@@ -151,75 +289,104 @@ def run(cfg: JobConfig, run_dir: Optional[Path] = None) -> list[dict]:
             m.reset_max_logit()
         optimizer.zero_grad(set_to_none=True)
 
-        loss_sum = torch.zeros((), device=device)
-        aux_sum = torch.zeros((), device=device)
-        for _ in range(accum):
-            batch = next(data_iter)
-            tokens = batch["tokens"].to(device, non_blocking=True)
-            labels = batch["labels"].to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                logits = model(tokens, position_ids=batch.get("position_ids"), doc_ids=batch.get("doc_ids"))
-                ce = cross_entropy(logits, labels)
-                aux = model.aux_loss
-            ((ce + aux) / accum).backward()
-            loss_sum += ce.detach()
-            aux_sum += aux.detach()
-        loss = loss_sum / accum
+        # --- forward / backward over this step's micro-batches -------------------------------
+        batches = [next(data_iter) for _ in range(accum)]
+        if pipe is not None:
+            from .parallel.pipeline import pipeline_step
 
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"), foreach=True
-        )
-        # host-device sync: one .item() per step for the skip decision and the log line
-        loss_val, gnorm_val = loss.item(), grad_norm.item()
-        if not (math.isfinite(loss_val) and math.isfinite(gnorm_val)):
-            skipped_steps += 1
-            optimizer.zero_grad(set_to_none=True)
-            for moe in moes:
-                moe.tokens_per_expert.zero_()
-            logger.console(f"step {step}: non-finite loss={loss_val} or grad norm={gnorm_val}; step skipped")
-            if t.on_nonfinite == "stop":
-                raise FloatingPointError(f"non-finite loss or grad norm at step {step} (trainer.on_nonfinite=stop)")
+            cat = {k: torch.cat([b[k] for b in batches]).to(device) for k in batches[0]}
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                res = pipeline_step(pipe, cat["tokens"], cat["labels"], cat.get("position_ids"), cat.get("doc_ids"))
+            ce_mean, aux_mean = res.ce, res.aux
+        else:
+            ce_sum = torch.zeros((), device=device)
+            aux_sum = torch.zeros((), device=device)
+            model = parts[0]
+            for batch in batches:
+                tokens = batch["tokens"].to(device, non_blocking=True)
+                labels = batch["labels"].to(device, non_blocking=True)
+                pos, docs = batch.get("position_ids"), batch.get("doc_ids")
+                with loss_context(tp_mesh), torch.autocast(
+                    device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None
+                ):
+                    logits = model(
+                        tokens,
+                        position_ids=None if pos is None else pos.to(device),
+                        doc_ids=None if docs is None else docs.to(device),
+                    )
+                    ce = local_loss(cross_entropy(logits, labels))
+                    aux = model.aux_loss
+                    ((ce + aux) / accum).backward()
+                ce_sum += ce.detach()
+                aux_sum += aux.detach()
+            ce_mean, aux_mean = ce_sum / accum, aux_sum / accum
+        loss = ce_mean + aux_mean
+        if dp_group is not None:
+            import torch.distributed as dist
+
+            dist.all_reduce(loss, group=dp_group)
+            loss /= dims.dp_size
+
+        # --- gradients: reduce over data parallel, clip by the global norm ------------------
+        max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
+        if rt.distributed:
+            reduce_gradients_(parts, dims)
+            grad_norm = clip_grad_norm_(parts, max_norm, dims)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(parts[0].parameters(), max_norm, foreach=True)
+        # host sync: one per step, for the skip decision and the log line
+        loss_val, gnorm_val = loss.item(), float(grad_norm)
+        if not guard.check(loss_val, gnorm_val, step):
+            discard_step_(optimizer, moes)
+            for m in attn.values():
+                m.reset_max_logit()
             scheduler.step()
+            logger.console(f"step {step}: non-finite loss={loss_val} or grad norm={gnorm_val}; step skipped")
             continue
 
+        # --- update: optimizer, QK-Clip, aux-loss-free router bias, LR ------------------------
         optimizer.step()
-        # Reduces the step's per-head max logits, clips (MuonClip) or only measures (tau=None), resets.
-        clip = apply_qk_clip(attn, cfg.optim.qk_clip_tau if cfg.optim.qk_clip else None, optimizer=optimizer)
+        clip = apply_qk_clip(
+            attn, cfg.optim.qk_clip_tau if cfg.optim.qk_clip else None, group=dp_group, optimizer=optimizer
+        )
+        for part in parts:
+            sum_expert_load_(part, token_group)
         loads = [moe.tokens_per_expert.clone() for moe in moes]
         for moe in moes:
             update_router_bias_(moe, cfg.model.bias_update_rate)
         scheduler.step()
 
+        # --- metrics ----------------------------------------------------------------------
         dt = time.perf_counter() - t0
+        progress_state["step"] = step
+        progress_state["tokens_seen"] += tokens_per_step
+        progress_state["clipped_heads_total"] += clip["clipped_heads"]
         metrics = {
             "loss": loss_val,
-            "aux_loss": (aux_sum / accum).item(),
+            "aux_loss": float(aux_mean),
             "lr": optimizer.param_groups[0]["lr"],
             "grad_norm": gnorm_val,
             "tokens_per_s": tokens_per_step / dt,
             "step_time_s": dt,
-            "tokens_seen": step * tokens_per_step,
-            "skipped_steps": skipped_steps,
+            "tokens_seen": progress_state["tokens_seen"],
+            "skipped_steps": guard.skipped,
+            **clip,
+            "clipped_heads_total": progress_state["clipped_heads_total"],
         }
         if peak is not None:
-            metrics["mfu"] = tokens_per_step / dt * flops_tok / (peak * 1e12)
+            metrics["mfu"] = tokens_per_step / dt * flops_tok / (peak * 1e12 * rt.world_size)
             metrics["memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        clipped_total += clip["clipped_heads"]
-        metrics.update(clip)
-        metrics["clipped_heads_total"] = clipped_total
         if loads:
             ratios = []
-            for moe, load in zip(moes, loads):
-                layer = next(i for i, blk in model.layers.items() if blk.mlp is moe)
+            for layer, load in zip(moe_layer_ids, loads):
                 ratio = (load.max() / load.mean().clamp_min(1e-9)).item()
                 ratios.append(ratio)
                 metrics[f"expert_load_max_over_mean/layer_{layer}"] = ratio
                 metrics[f"dead_experts/layer_{layer}"] = int((load == 0).sum())
             metrics["expert_load_max_over_mean"] = max(ratios)
-        if loss_ema is not None and loss_val > t.spike_factor * loss_ema:
+        if spikes.update(loss_val):
             metrics["loss_spike"] = 1
-            logger.console(f"step {step}: loss spike {loss_val:.4f} vs running mean {loss_ema:.4f}")
-        loss_ema = loss_val if loss_ema is None else 0.9 * loss_ema + 0.1 * loss_val
+            logger.console(f"step {step}: loss spike {loss_val:.4f} vs running mean {spikes.mean:.4f}")
 
         history.append(metrics)
         logger.log(step, metrics)
@@ -228,32 +395,31 @@ def run(cfg: JobConfig, run_dir: Optional[Path] = None) -> list[dict]:
             progress.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{metrics['tokens_per_s']:,.0f}")
         if step % t.log_interval == 0 or step == t.steps:
             msg = format_step(step, t.steps, metrics)
-            if progress is not None:
-                progress.write(msg)
-            else:
-                logger.console(msg)
+            progress.write(msg) if progress is not None else logger.console(msg)
+
+        # --- checkpoint, preemption -------------------------------------------------------
+        if t.checkpoint.enable and t.checkpoint.interval and step % t.checkpoint.interval == 0 and step < t.steps:
+            ckpt.save(step, state)
+        if preempt.should_stop(rt.group("token_mesh") if rt.distributed else None, device):
+            logger.console(f"preemption signal: checkpointing at step {step} and exiting")
+            if t.checkpoint.enable:
+                ckpt.save(step, state, blocking=True)
+            break
 
     if progress is not None:
         progress.close()
-    if is_logging_rank and t.checkpoint.enable:
-        save_final(run_dir, model, optimizer, scheduler, loader, cfg, step)
+    if t.checkpoint.enable and step >= t.steps and history:
+        ckpt.save(step, state, final=True)
+    ckpt.close()
+    preempt.uninstall()
     logger.close()
+    if hasattr(loader, "close"):
+        loader.close()
+    if rt.distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
     return history
-
-
-def save_final(run_dir: Path, model, optimizer, scheduler, loader, cfg: JobConfig, step: int) -> Path:
-    """Final checkpoint: safetensors weights (HF-loadable via k2train.convert) plus the trainer state."""
-    from safetensors.torch import save_file
-
-    out = run_dir / "final"
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
-    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step}
-    if hasattr(loader, "state_dict"):
-        state["data_loader"] = loader.state_dict()
-    torch.save(state, out / "trainer_state.pt")
-    (out / "config.json").write_text(json.dumps(job_config_to_dict(cfg), indent=2))
-    return out
 
 
 def main() -> None:
@@ -270,7 +436,13 @@ def main() -> None:
             cfg = to_job_config(dcfg).validate()
         except ValueError as e:
             raise SystemExit(f"config error: {e}") from None
-        run(cfg, run_dir=Path(HydraConfig.get().runtime.output_dir))
+        try:
+            run(cfg, run_dir=Path(HydraConfig.get().runtime.output_dir))
+        finally:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
 
     _main()
 

@@ -6,6 +6,7 @@ Layers live in a ``ModuleDict`` keyed by their global index so that names stay s
 pipeline stage keeps only some of them.
 """
 
+import zlib
 from typing import Iterator, Optional
 
 import torch
@@ -16,6 +17,31 @@ from .attention import MLA
 from .moe import MoE, FeedForward
 from .norms import RMSNorm
 from .rope import rope_cos_sin, rope_inv_freq
+
+
+_EXPERT_STACKS = ("w_gate", "w_up", "w_down")
+
+
+def _seeded_normal(shape, std: float, seed: int, name: str) -> torch.Tensor:
+    gen = torch.Generator(device="cpu").manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+    return torch.randn(tuple(shape), generator=gen, dtype=torch.float32).mul_(std)
+
+
+def _copy_full_(p: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a full-size tensor into ``p``, or this rank's shard of it when tensor parallelism made
+    ``p`` a DTensor (whose ``shape`` is the global one). Duck-typed: the model never imports
+    torch.distributed; the DTensor brings its own ``redistribute`` machinery."""
+    if hasattr(p, "device_mesh") and hasattr(p, "to_local"):
+        local = p.to_local()
+        full = full.to(local.device)
+        for dim, placement in enumerate(p.placements):
+            if placement.is_shard():
+                axis = placement.dim
+                n = p.device_mesh.size(dim)
+                full = full.tensor_split(n, dim=axis)[p.device_mesh.get_local_rank(dim)]
+        local.copy_(full)
+    else:
+        p.copy_(full)
 
 
 class Block(nn.Module):
@@ -49,18 +75,26 @@ class K2Model(nn.Module):
     @torch.no_grad()
     def init_weights(self, seed: Optional[int] = None) -> None:
         """(Re)initialize every parameter and buffer in place: N(0, initializer_range) for matrices,
-        ones for norms, zeros for router biases. Works after ``to_empty()`` from the meta device."""
-        gen = None
-        if seed is not None:
-            gen = torch.Generator(device="cpu").manual_seed(seed)
+        ones for norms, zeros for router biases. Works after ``to_empty()`` from the meta device.
+
+        With a ``seed`` the values do not depend on the layout: each tensor is drawn from a generator
+        seeded by (seed, its name), each routed expert by (seed, name, global expert id), and a tensor
+        sharded by tensor parallelism (a DTensor) is drawn whole and this rank keeps its shard. A
+        pipeline stage, an expert-parallel rank and a single process therefore hold the same weights.
+        """
         std = self.cfg.initializer_range
+        owners = {id(p): mod for mod in self.modules() for p in mod.parameters(recurse=False)}
         for name, p in self.named_parameters():
-            if name.endswith("layernorm.weight") or name == "norm.weight" or p.ndim == 1:
+            if name.endswith("norm.weight") or p.ndim == 1:
                 p.fill_(1.0)
-            elif gen is not None:
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(std))
-            else:
+            elif seed is None:
                 nn.init.normal_(p, 0.0, std)
+            elif name.split(".")[-1] in _EXPERT_STACKS:
+                offset = getattr(owners[id(p)], "expert_offset", 0)
+                for e in range(p.shape[0]):
+                    p[e].copy_(_seeded_normal(p.shape[1:], std, seed, f"{name}[{offset + e}]"))
+            else:
+                _copy_full_(p, _seeded_normal(p.shape, std, seed, name))
         for name, b in self.named_buffers():
             if name.endswith("e_score_correction_bias") or name.endswith("tokens_per_expert"):
                 b.zero_()

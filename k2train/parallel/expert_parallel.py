@@ -62,6 +62,8 @@ class ExpertParallelExperts(nn.Module):
         self.impl = experts.impl
         lo = self.ep_rank * self.num_local_experts
         hi = lo + self.num_local_experts
+        # Global id of local expert 0: K2Model.init_weights draws each expert from its global id.
+        self.expert_offset = lo
         for name in ("w_gate", "w_up", "w_down"):
             full = getattr(experts, name)
             # detach().clone(): the slice must own its storage (the full stack is dropped).
