@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .newton_schulz import NS_COEFFICIENTS, zeropower_via_newtonschulz
+from .sharded import gather_matrices, is_dtensor, like_param, local, matrix_shard_dims, shard_like, shard_matrices, wrap_like
 
 GROUP_KINDS = ("muon", "adamw")
 
@@ -85,12 +86,15 @@ def adamw_update_(
 
 def batched_newton_schulz(inputs: list[Tensor], ns_fn: NSFn, **ns_kwargs) -> list[Tensor]:
     """Orthogonalise every matrix of ``inputs`` (each ``[r, c]`` or ``[n, r, c]``) with as few
-    ``ns_fn`` calls as possible: matrices of one shape are concatenated into one batch (up to
-    :data:`NS_BATCH_MAX_ELEMENTS`). Returns the results in input order and shapes."""
+    ``ns_fn`` calls as possible. Matrices are bucketed by their wide orientation (a tall ``[c, r]``
+    joins the ``[r, c]`` bucket transposed, as NS would transpose it anyway) and each bucket is
+    concatenated into one batch of at most :data:`NS_BATCH_MAX_ELEMENTS`. Returns the results in
+    input order and shapes."""
     out: list[Optional[Tensor]] = [None] * len(inputs)
     buckets: dict[tuple, list[int]] = defaultdict(list)
     for i, x in enumerate(inputs):
-        buckets[(tuple(x.shape[-2:]), x.device)].append(i)
+        r, c = x.shape[-2:]
+        buckets[((min(r, c), max(r, c)), x.device)].append(i)
     for (shape, _), idx in buckets.items():
         per_matrix = shape[0] * shape[1]
         chunk: list[int] = []
@@ -99,15 +103,16 @@ def batched_newton_schulz(inputs: list[Tensor], ns_fn: NSFn, **ns_kwargs) -> lis
             chunk.append(i)
             count += inputs[i].numel() // per_matrix
             if j + 1 == len(idx) or (count + 1) * per_matrix > NS_BATCH_MAX_ELEMENTS:
-                if len(chunk) == 1 and inputs[i].ndim == 2:
+                if len(chunk) == 1:
                     out[i] = ns_fn(inputs[i], **ns_kwargs)
                 else:
-                    stack = torch.cat([inputs[k].reshape(-1, *shape) for k in chunk])
-                    result = ns_fn(stack, **ns_kwargs)
+                    wide = [inputs[k] if inputs[k].shape[-2] <= inputs[k].shape[-1] else inputs[k].mT for k in chunk]
+                    result = ns_fn(torch.cat([w.reshape(-1, *shape) for w in wide]), **ns_kwargs)
                     start = 0
-                    for k in chunk:
-                        n = inputs[k].numel() // per_matrix
-                        out[k] = result[start : start + n].reshape(inputs[k].shape)
+                    for k, w in zip(chunk, wide):
+                        n = w.numel() // per_matrix
+                        o = result[start : start + n].reshape(w.shape)
+                        out[k] = o if o.shape == inputs[k].shape else o.mT
                         start += n
                 chunk, count = [], 0
     return out  # type: ignore[return-value]
@@ -193,17 +198,23 @@ class MuonClip(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         # torch casts loaded state to the param's dtype; our state of a bf16 param is fp32 on purpose
-        # (master copy, moments), so put the fp32 tensors back after torch's load.
+        # (master copy, moments), so put the fp32 tensors back after torch's load. State saved as
+        # full tensors (full_state_dict) of a DTensor param is cut back to this rank's shard.
         super().load_state_dict(state_dict)
         params = [p for g in self.param_groups for p in g["params"]]
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         for pid, p in zip(saved_ids, params):
             saved = state_dict["state"].get(pid)
-            if saved is None or p.dtype not in (torch.bfloat16, torch.float16):
+            if saved is None:
                 continue
             for key, value in saved.items():
-                if key != "step" and torch.is_tensor(value) and value.is_floating_point():
-                    self.state[p][key] = value.to(device=p.device, dtype=torch.float32, copy=True)
+                if key == "step" or not torch.is_tensor(value) or not value.is_floating_point():
+                    continue
+                if p.dtype in (torch.bfloat16, torch.float16):
+                    value = value.to(device=p.device, dtype=torch.float32, copy=True)
+                    self.state[p][key] = value
+                if is_dtensor(p) and not is_dtensor(self.state[p][key]):
+                    self.state[p][key] = shard_like(self.state[p][key], p)
 
     def master_weight(self, p: Tensor) -> Optional[Tensor]:
         """The fp32 master copy of ``p`` held here, or None (fp32 param, or state not on this rank)."""
@@ -214,7 +225,7 @@ class MuonClip(torch.optim.Optimizer):
         """The tensor the update is applied to: the fp32 master if the param is low precision."""
         state = self.state[p]
         if "master" not in state and p.dtype in (torch.bfloat16, torch.float16):
-            state["master"] = p.detach().float()
+            state["master"] = p.detach().float()  # a DTensor param gets a DTensor master (same shards)
         return state.get("master", p)
 
     # -- step --------------------------------------------------------------------------------
@@ -237,14 +248,16 @@ class MuonClip(torch.optim.Optimizer):
         return loss
 
     def _muon_group(self, group: dict, params: list[Tensor]) -> None:
+        # Elementwise math on local shards; batched_newton_schulz gathers tp-sharded matrices whole.
         targets = [self._target(p) for p in params]
         ns_inputs = []
         for p, w in zip(params, targets):
             state = self.state[p]
-            grad = p.grad.to(w.dtype)
+            grad = local(like_param(p.grad, p)).to(w.dtype)
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(w)
-            ns_inputs.append(muon_momentum_(grad, state["momentum_buffer"], group["momentum"], group["nesterov"]))
+            ns_in = muon_momentum_(grad, local(state["momentum_buffer"]), group["momentum"], group["nesterov"])
+            ns_inputs.append(wrap_like(ns_in, p))
         orthos = batched_newton_schulz(
             ns_inputs,
             self.ns_fn,
@@ -253,9 +266,11 @@ class MuonClip(torch.optim.Optimizer):
             dtype=self.ns_dtype,
         )
         for p, w, o in zip(params, targets, orthos):
-            apply_muon_update_(w, o, group["lr"], group["weight_decay"], muon_lr_scale(p.shape, group["rms_match"]))
+            # p.shape is the global shape for a DTensor: the RMS match is the whole matrix's.
+            scale = muon_lr_scale(p.shape, group["rms_match"])
+            apply_muon_update_(local(w), local(o), group["lr"], group["weight_decay"], scale)
             if w is not p:
-                p.copy_(w)
+                local(p).copy_(local(w))
 
     def _adamw_group(self, group: dict, params: list[Tensor]) -> None:
         for p in params:
@@ -267,10 +282,10 @@ class MuonClip(torch.optim.Optimizer):
                 state["exp_avg_sq"] = torch.zeros_like(w)
             state["step"] += 1
             adamw_update_(
-                w,
-                p.grad.to(w.dtype),
-                state["exp_avg"],
-                state["exp_avg_sq"],
+                local(w),
+                local(like_param(p.grad, p)).to(w.dtype),
+                local(state["exp_avg"]),
+                local(state["exp_avg_sq"]),
                 int(state["step"].item()),
                 group["lr"],
                 group["betas"],
@@ -278,4 +293,4 @@ class MuonClip(torch.optim.Optimizer):
                 group["weight_decay"],
             )
             if w is not p:
-                p.copy_(w)
+                local(p).copy_(local(w))

@@ -28,8 +28,8 @@ def _run(opt, params, grads):
 
 @pytest.mark.parametrize("wd", [0.0, 0.1])
 def test_muon_2d_equals_torch_muon(wd):
-    # Two same-shape matrices (batched into one NS call), a tall and a wide one.
-    shapes = [(24, 40), (24, 40), (64, 16), (16, 48)]
+    # Same-shape matrices and a transposed one (batched into one NS call), a tall and a wide one.
+    shapes = [(24, 40), (24, 40), (40, 24), (64, 16), (16, 48)]
     init = [torch.randn(s, generator=torch.Generator().manual_seed(i)) for i, s in enumerate(shapes)]
     ours = [nn.Parameter(w.clone()) for w in init]
     ref = [nn.Parameter(w.clone()) for w in init]
