@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .newton_schulz import NS_COEFFICIENTS, zeropower_via_newtonschulz
-from .sharded import gather_matrices, is_dtensor, like_param, local, matrix_shard_dims, shard_like, shard_matrices, wrap_like
+from .sharded import is_dtensor, like_param, local, shard_like, sharded_newton_schulz, wrap_like
 
 GROUP_KINDS = ("muon", "adamw")
 
@@ -89,7 +89,15 @@ def batched_newton_schulz(inputs: list[Tensor], ns_fn: NSFn, **ns_kwargs) -> lis
     ``ns_fn`` calls as possible. Matrices are bucketed by their wide orientation (a tall ``[c, r]``
     joins the ``[r, c]`` bucket transposed, as NS would transpose it anyway) and each bucket is
     concatenated into one batch of at most :data:`NS_BATCH_MAX_ELEMENTS`. Returns the results in
-    input order and shapes."""
+    input order and shapes.
+
+    Inputs may be DTensors (tensor-parallel params): one sharded on a matrix dim is orthogonalised
+    as the WHOLE matrix (gathered over its mesh, NS on every rank, each keeps its shard; see
+    :func:`k2train.optim.sharded.sharded_newton_schulz`); its result is a DTensor placed alike.
+    """
+    if any(is_dtensor(x) for x in inputs):
+        plain_ns = lambda xs, **kw: batched_newton_schulz(xs, ns_fn, **kw)  # noqa: E731
+        return sharded_newton_schulz(inputs, plain_ns, NS_BATCH_MAX_ELEMENTS, **ns_kwargs)
     out: list[Optional[Tensor]] = [None] * len(inputs)
     buckets: dict[tuple, list[int]] = defaultdict(list)
     for i, x in enumerate(inputs):
@@ -106,7 +114,9 @@ def batched_newton_schulz(inputs: list[Tensor], ns_fn: NSFn, **ns_kwargs) -> lis
                 if len(chunk) == 1:
                     out[i] = ns_fn(inputs[i], **ns_kwargs)
                 else:
-                    wide = [inputs[k] if inputs[k].shape[-2] <= inputs[k].shape[-1] else inputs[k].mT for k in chunk]
+                    # Cast before concatenating: the batch copy is then bf16, not fp32.
+                    cast = [inputs[k].to(ns_kwargs.get("dtype", inputs[k].dtype)) for k in chunk]
+                    wide = [x if x.shape[-2] <= x.shape[-1] else x.mT for x in cast]
                     result = ns_fn(torch.cat([w.reshape(-1, *shape) for w in wide]), **ns_kwargs)
                     start = 0
                     for k, w in zip(chunk, wide):

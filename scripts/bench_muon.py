@@ -1,0 +1,204 @@
+"""Optimizer step on one K2 layer at EP16 (BASELINES.md): MuonClip vs torch.optim.Muon vs fused AdamW.
+
+The slice: 24 routed experts (w_gate, w_up [2048, 7168], w_down [7168, 2048]), the shared expert
+(same three shapes) and the five MLA matrices (q_a [1536, 7168], q_b [12288, 1536],
+kv_a [576, 7168], kv_b [16384, 512], o [7168, 8192]): 80 matrices, 1.2B fp32 params, 64.8 TFLOP
+of Newton-Schulz. Each optimizer gets its own copy of the params (fp32) and fixed random grads.
+
+Rows: torch.optim.Muon (per-matrix bf16 NS; nesterov, match_rms_adamw), MuonClip with our batched
+bf16 torch NS, MuonClip with the Triton symmetric-Gram NS (k2train.kernels.newton_schulz) when it
+imports and runs on the device, and torch.optim.AdamW(fused=True). "max rel diff" compares each
+Muon row's one-step update with torch.optim.Muon's (bf16 NS rounding differs by op order).
+
+    python scripts/bench_muon.py                 # GPU: the real shapes
+    python scripts/bench_muon.py --cpu-smoke     # CPU: shapes / 64, 4 experts, a few repeats
+"""
+
+import argparse
+import math
+import time
+
+import torch
+
+from k2train.optim.muon import MuonClip
+from k2train.optim.newton_schulz import NS_COEFFICIENTS
+
+LR, WD = 2e-4, 0.1
+
+
+def layer_slice(scale: int, experts: int) -> dict[str, tuple[int, ...]]:
+    """Param name -> shape of the slice; ``scale`` divides every dim (CPU smoke test)."""
+    D, I, s = 7168 // scale, 2048 // scale, scale
+    shapes = {
+        "experts.w_gate": (experts, I, D),
+        "experts.w_up": (experts, I, D),
+        "experts.w_down": (experts, D, I),
+        "shared.gate_proj": (I, D),
+        "shared.up_proj": (I, D),
+        "shared.down_proj": (D, I),
+        "attn.q_a_proj": (1536 // s, D),
+        "attn.q_b_proj": (12288 // s, 1536 // s),
+        "attn.kv_a_proj_with_mqa": (576 // s, D),
+        "attn.kv_b_proj": (16384 // s, 512 // s),
+        "attn.o_proj": (D, 8192 // s),
+    }
+    return shapes
+
+
+def ns_tflop(shapes: dict[str, tuple[int, ...]], steps: int = 5) -> float:
+    total = 0.0
+    for shape in shapes.values():
+        n = math.prod(shape[:-2])
+        m, k = sorted(shape[-2:])
+        total += n * steps * (4 * m * m * k + 2 * m**3)
+    return total / 1e12
+
+
+def make_params(shapes, device, split_experts: bool, seed: int = 0):
+    """Fresh fp32 params with grads: experts as 3-D stacks, or split into 2-D matrices (torch.optim.Muon)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    params = []
+    for name, shape in shapes.items():
+        w = (torch.randn(shape, generator=g) * 0.02).to(device)
+        gr = torch.randn(shape, generator=g).to(device)
+        if split_experts and len(shape) == 3:
+            for e in range(shape[0]):
+                p = torch.nn.Parameter(w[e].clone())
+                p.grad = gr[e].clone()
+                params.append(p)
+        else:
+            p = torch.nn.Parameter(w)
+            p.grad = gr
+            params.append(p)
+    return params
+
+
+def timeit(fn, device, warmup: int, repeat: int) -> float:
+    """Median milliseconds of ``fn()`` (CUDA events on GPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def one_step_update(make_opt, shapes, device, split: bool) -> list[torch.Tensor]:
+    """Per-matrix update (new - old) of one step from the same start, experts split into 2-D."""
+    params = make_params(shapes, device, split)
+    before = [p.detach().clone() for p in params]
+    make_opt(params).step()
+    deltas = [(p.detach() - b) for p, b in zip(params, before)]
+    if not split:
+        deltas = [d for x in deltas for d in (x.unbind(0) if x.ndim == 3 else [x])]
+    return deltas
+
+
+def max_rel_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max(((x.float() - y.float()).norm() / y.float().norm()).item() for x, y in zip(a, b))
+
+
+def triton_ns_fn(device):
+    """The Triton NS adapted to MuonClip's ns_fn, or None when it cannot run here."""
+    try:
+        from k2train.kernels.newton_schulz import triton_ns_available, zeropower_ns_batched
+    except ImportError:
+        return None
+    if not triton_ns_available(torch.empty(0, device=device)):
+        return None
+    return lambda G, steps, coefficients, dtype: zeropower_ns_batched(G, steps=steps, coefficients=coefficients, impl="triton")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU (checks the script runs)")
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--repeat", type=int, default=None)
+    ap.add_argument("--experts", type=int, default=24)
+    # For the modelled share of step time in K2's layout (DESIGN.md section 4); assumptions, not measurements.
+    ap.add_argument("--k2-gpus", type=int, default=2048, help="assumed cluster size for the model")
+    ap.add_argument("--k2-tflops-per-gpu", type=float, default=300.0, help="assumed achieved training TFLOP/s per GPU")
+    args = ap.parse_args()
+
+    if args.cpu_smoke:
+        device, scale, experts = torch.device("cpu"), 64, 4
+        warmup, repeat = args.warmup or 1, args.repeat or 3
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("no CUDA device: run with --cpu-smoke for the CPU check")
+        device, scale, experts = torch.device("cuda"), 1, args.experts
+        warmup, repeat = args.warmup or 2, args.repeat or 5
+    shapes = layer_slice(scale, experts)
+    n_params = sum(math.prod(s) for s in shapes.values())
+    n_mats = sum(s[0] if len(s) == 3 else 1 for s in shapes.values())
+    flops = ns_tflop(shapes)
+    print(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'} | torch {torch.__version__}")
+    print(f"slice: {n_mats} matrices, {n_params / 1e6:.1f}M params, {flops * 1e3:.3f} GFLOP of NS5 per step\n")
+
+    def torch_muon(ps):
+        return torch.optim.Muon(ps, lr=LR, weight_decay=WD, nesterov=True, adjust_lr_fn="match_rms_adamw", ns_coefficients=NS_COEFFICIENTS)
+
+    def ours(ns_fn=None):
+        return lambda ps: MuonClip([{"kind": "muon", "params": ps}], lr=LR, weight_decay=WD, ns_fn=ns_fn)
+
+    rows = [("torch.optim.Muon (per matrix)", torch_muon, True, True)]
+    rows.append(("MuonClip, batched bf16 torch NS", ours(), False, True))
+    tri = triton_ns_fn(device)
+    if tri is not None:
+        rows.append(("MuonClip, Triton symmetric-Gram NS", ours(tri), False, True))
+    else:
+        print("(k2train.kernels.newton_schulz Triton path not available here: row skipped)")
+    adamw_label = "torch.optim.AdamW(fused=True)" if device.type == "cuda" else "torch.optim.AdamW (CPU, unfused)"
+    rows.append((adamw_label, lambda ps: torch.optim.AdamW(ps, lr=LR, weight_decay=WD, fused=device.type == "cuda"), False, False))
+
+    ref_update = one_step_update(torch_muon, shapes, device, split=True)
+    results = []
+    for label, make_opt, split, is_muon in rows:
+        diff = max_rel_diff(one_step_update(make_opt, shapes, device, split), ref_update) if is_muon else float("nan")
+        params = make_params(shapes, device, split)
+        opt = make_opt(params)
+        ms = timeit(opt.step, device, warmup, repeat)
+        results.append((label, ms, diff))
+        del opt, params
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    base = results[0][1]
+    print(f"| {'optimizer step':36s} | {'ms':>9s} | {'NS TFLOP/s':>10s} | {'vs torch Muon':>13s} | {'max rel diff of update':>22s} |")
+    print(f"|{'-' * 38}|{'-' * 11}|{'-' * 12}|{'-' * 15}|{'-' * 24}|")
+    for label, ms, diff in results:
+        rate = f"{flops / (ms / 1e3):.0f}" if "AdamW" not in label else "-"
+        d = "-" if math.isnan(diff) else f"{diff:.2e}"
+        print(f"| {label:36s} | {ms:9.2f} | {rate:>10s} | {base / ms:12.2f}x | {d:>22s} |")
+
+    if device.type != "cuda":
+        return
+    # Modelled share of step time in K2's layout: PP16 (61 layers -> ~3.8 per stage), EP16, ZeRO-1
+    # over the remaining data-parallel ranks (each matrix's NS runs on one of them).
+    best = min(ms for label, ms, _ in results if "AdamW" not in label)
+    tokens, flop_per_token = 16384 * 4096, 204.5e9
+    step_s = tokens * flop_per_token / (args.k2_gpus * args.k2_tflops_per_gpu * 1e12)
+    layers_per_stage = 61 / 16
+    expert_dp = max(1, args.k2_gpus // (16 * 16))
+    muon_s = layers_per_stage * best / 1e3
+    print(
+        f"\nmodel, K2 layout: {args.k2_gpus} GPUs at {args.k2_tflops_per_gpu:g} TFLOP/s -> {step_s:.1f} s per 67M-token step; "
+        f"Muon on ~{layers_per_stage:.1f} layers per stage = {muon_s * 1e3:.0f} ms unsharded "
+        f"({100 * muon_s / step_s:.2f}% of the step), {muon_s / expert_dp * 1e3:.0f} ms with ZeRO-1 over "
+        f"{expert_dp} data-parallel ranks ({100 * muon_s / expert_dp / step_s:.3f}%)"
+    )
+
+
+if __name__ == "__main__":
+    main()
