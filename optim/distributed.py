@@ -14,6 +14,13 @@ Plumbing only: the update math is :class:`~k2train.optim.muon.MuonClip`'s, which
 Gradients must be identical on all ranks of a group when ``step`` runs (averaged by the trainer).
 A param group may carry its own ``"dp_group"`` (e.g. expert params under expert parallelism, whose
 data-parallel group differs); the others use the constructor's ``dp_group``.
+``k2train.parallel.zero1_param_groups`` attaches them; ``build_optimizer(..., dims=dims)`` does it all.
+
+With tensor parallelism, a dense data-parallel group holds one tp coordinate: its ranks hold the same
+shard of each DTensor param, and the groups of the other tp coordinates compute the same owner plan
+(costs use global shapes). So the owner of a tp-sharded matrix is a whole tp row: its ranks
+all-gather the matrix over tp, each runs Newton-Schulz on the full matrix, keeps its shard
+(:mod:`k2train.optim.sharded`), and broadcasts that shard over its own dp group.
 """
 
 import heapq
@@ -25,6 +32,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .muon import MuonClip
+from .sharded import full_tensor, local
 
 
 def newton_schulz_flops(shape: torch.Size, steps: int = 5) -> float:
@@ -105,14 +113,18 @@ class DistributedMuonClip(MuonClip):
     @torch.no_grad()
     def _after_update(self) -> None:
         # Each owner sends its params as one flat buffer per dtype: world_size broadcasts per group,
-        # not one per tensor.
+        # not one per tensor. DTensor params send their local shard: the dp group is orthogonal to
+        # tp, so every rank of the group holds the same shard of it.
         for pg, params in self._plan:
+            world = dist.get_world_size(pg)
+            if world == 1:
+                continue
             me = dist.get_rank(pg)
-            for r in range(dist.get_world_size(pg)):
+            for r in range(world):
                 by_dtype: dict[tuple, list[Tensor]] = defaultdict(list)
                 for p in params:
                     if self._owner_rank[p] == r:
-                        by_dtype[(p.dtype, p.device)].append(p)
+                        by_dtype[(p.dtype, p.device)].append(local(p))
                 for (dtype, device), ps in by_dtype.items():
                     sizes = [p.numel() for p in ps]
                     if me == r:
@@ -125,13 +137,23 @@ class DistributedMuonClip(MuonClip):
                             p.copy_(chunk.view_as(p))
 
     def full_state_dict(self) -> dict:
-        """The full optimizer state on every rank (all-gather over ``dp_group``; fine for small
-        models and tests; at scale save the shards and :func:`merge_state_dicts` offline or via DCP)."""
-        shards: list[Optional[dict]] = [None] * dist.get_world_size(self.dp_group)
-        dist.all_gather_object(shards, _to_cpu(self.state_dict()), group=self.dp_group)
-        return merge_state_dicts(shards)
+        """The full optimizer state on every rank: the shards all-gathered over each param's
+        data-parallel group, DTensor (tp-sharded) state as full tensors. Fine for small models and
+        tests; at scale the checkpoint saves the shards through DCP. With expert parallelism the
+        expert entries are this ep rank's experts (their slice), as the params themselves."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        own = _to_cpu(self.state_dict(), full=True)
+        merged: dict = {"state": {}, "param_groups": own["param_groups"]}
+        for pg, members in self._plan:
+            ids = {i for i, p in enumerate(params) if any(p is m for m in members)}
+            mine = {"state": {i: s for i, s in own["state"].items() if i in ids}, "param_groups": own["param_groups"]}
+            shards: list[Optional[dict]] = [None] * dist.get_world_size(pg)
+            dist.all_gather_object(shards, mine, group=pg)
+            merged["state"].update(merge_state_dicts(shards)["state"])
+        return merged
 
     def state_dict(self) -> dict:
+        """This rank's shard in torch's format; state of DTensor params stays DTensor (what DCP wants)."""
         sd = super().state_dict()
         for g in sd["param_groups"]:
             g.pop("dp_group", None)  # a ProcessGroup is neither picklable nor portable
@@ -151,11 +173,13 @@ class DistributedMuonClip(MuonClip):
                 g["dp_group"] = pg
 
 
-def _to_cpu(obj):
+def _to_cpu(obj, full: bool = False):
+    """Tensors of a state dict on the CPU; with ``full`` DTensors become full tensors (a collective
+    over their mesh, in the dict's deterministic order)."""
     if torch.is_tensor(obj):
-        return obj.detach().cpu()
+        return (full_tensor(obj) if full else obj).detach().cpu()
     if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
+        return {k: _to_cpu(v, full) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(v) for v in obj)
+        return type(obj)(_to_cpu(v, full) for v in obj)
     return obj

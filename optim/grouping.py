@@ -89,14 +89,23 @@ def resolve_ns_dtype(ns_dtype: str, model_parts: list[nn.Module]) -> str:
     return "bfloat16" if on_gpu else "float32"
 
 
-def build_optimizer(model_parts: list[nn.Module], cfg: OptimConfig, dp_group=None) -> MuonClip:
+def build_optimizer(model_parts: list[nn.Module], cfg: OptimConfig, dp_group=None, dims=None) -> MuonClip:
     """MuonClip over the params of ``model_parts`` (the pipeline stages this rank holds).
 
-    ``dp_group``: the data-parallel process group. With ``cfg.zero1`` and more than one rank in it,
-    the result is a :class:`~k2train.optim.distributed.DistributedMuonClip` that shards the optimizer
-    state over the group; the caller must have averaged the gradients over the group before ``step``.
+    ``dims``: the run's :class:`~k2train.parallel.ParallelDims` (mesh built). With ``cfg.zero1``
+    and a data-parallel group of more than one rank for some params, the result is a
+    :class:`~k2train.optim.distributed.DistributedMuonClip` whose groups carry each param's
+    data-parallel group (:func:`~k2train.parallel.zero1_param_groups`: dense params over dp x ep,
+    routed experts over their replicas). Otherwise a plain MuonClip, which handles tp-sharded
+    (DTensor) and ep-local params itself. The caller must have reduced the gradients
+    (``reduce_gradients_``) before ``step``.
+
+    ``dp_group`` (without ``dims``): one data-parallel process group for every param, for ZeRO-1
+    without tensor or expert parallelism.
     """
     cfg.validate()
+    if dims is not None and dp_group is not None:
+        raise ValueError("pass dims (any layout) or dp_group (plain data parallelism), not both")
     ns_dtype = resolve_ns_dtype(cfg.ns_dtype, model_parts)
     kwargs = dict(
         lr=cfg.lr,
@@ -112,13 +121,22 @@ def build_optimizer(model_parts: list[nn.Module], cfg: OptimConfig, dp_group=Non
         ns_fn=_resolve_ns_fn(cfg.ns_impl, ns_dtype),
     )
     groups = build_param_groups(model_parts, cfg)
-    if dp_group is not None and cfg.zero1:
-        import torch.distributed as dist
+    if not cfg.zero1:
+        return MuonClip(groups, **kwargs)
+    import torch.distributed as dist
 
-        if dist.get_world_size(dp_group) > 1:
+    if dims is not None:
+        from k2train.parallel.data_parallel import zero1_param_groups
+
+        split = zero1_param_groups(groups, dims)
+        if any(dist.get_world_size(g["dp_group"]) > 1 for g in split):
             from .distributed import DistributedMuonClip
 
-            return DistributedMuonClip(groups, dp_group=dp_group, **kwargs)
+            return DistributedMuonClip(split, dp_group=dims.dense_dp_mesh.get_group(), **kwargs)
+    elif dp_group is not None and dist.get_world_size(dp_group) > 1:
+        from .distributed import DistributedMuonClip
+
+        return DistributedMuonClip(groups, dp_group=dp_group, **kwargs)
     return MuonClip(groups, **kwargs)
 
 

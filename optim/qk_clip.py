@@ -20,6 +20,8 @@ from torch import Tensor, nn
 
 from k2train.model.attention import MLA
 
+from .sharded import local
+
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -101,6 +103,7 @@ def apply_qk_clip(
     group=None,
     optimizer: Optional[torch.optim.Optimizer] = None,
     reset: bool = True,
+    tp_group=None,
 ) -> dict[str, float]:
     """Reduce, clip and report the max logits recorded since the last reset; call after ``optimizer.step()``.
 
@@ -108,12 +111,17 @@ def apply_qk_clip(
     - ``tau``: the threshold; ``None`` only measures (plain Muon, or QK-Clip switched off).
     - ``group``: the process group whose ranks saw different data of the same layers (data and
       context parallel); the ``max_logit`` buffers are reduced with MAX over it in one collective.
-      ``None``: no reduction (single process). Under tensor parallelism each rank clips its own heads.
+      ``None``: no reduction (single process). Under tensor parallelism pass the dense
+      data-parallel group of this tp coordinate (``dims.dense_dp_mesh``): each tp rank holds its
+      H/tp local heads (``max_logit`` is per local head) and clips the rows of its local shards of
+      ``q_b_proj`` / ``kv_b_proj`` (head-major, so whole heads per rank); nothing crosses tp.
     - ``optimizer``: if it keeps fp32 master copies of bf16 weights (:meth:`MuonClip.master_weight`),
       the masters get the same scaling, so that the next step does not undo the clip. ZeRO-1: only
       the rank owning a weight holds its master; every rank computes the same gamma, so each scales
-      what it holds.
+      what it holds. tp-sharded masters are scaled on their local shard like the weights.
     - ``reset``: refill the buffers with -inf for the next step's forward passes.
+    - ``tp_group``: under tensor parallelism, the tp group: only the returned metrics are combined
+      over it (max over all heads, clipped heads summed), so every rank reports the whole layer.
 
     Returns ``{"max_logit": max over layers, "clipped_heads": heads clipped this step,
     "max_logit/layer_<i>": ..., "clipped_heads/layer_<i>": ...}``. Building it is the only host
@@ -140,20 +148,28 @@ def apply_qk_clip(
         for row, m in enumerate(attn.values()):
             s_H = logits_LH[row, : m.max_logit.numel()]
             dims = (m.max_logit.numel(), m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim)
-            mask = qk_clip_(m.q_b_proj.weight.data, m.kv_b_proj.weight.data, s_H, tau, *dims)
+            mask = qk_clip_(local(m.q_b_proj.weight.detach()), local(m.kv_b_proj.weight.detach()), s_H, tau, *dims)
             # Masters get the fp32 gamma; under ZeRO-1 q_b and kv_b may live on different ranks.
             gamma_H = head_clip_scale(s_H, tau)
             mq, mkv = masters(m.q_b_proj.weight), masters(m.kv_b_proj.weight)
             if mq is not None:
-                scale_q_b_rows_(mq, gamma_H.to(mq.device), m.qk_nope_head_dim, m.qk_rope_head_dim)
+                scale_q_b_rows_(local(mq), gamma_H.to(mq.device), m.qk_nope_head_dim, m.qk_rope_head_dim)
             if mkv is not None:
-                scale_kv_b_rows_(mkv, gamma_H.to(mkv.device), m.qk_nope_head_dim, m.v_head_dim)
+                scale_kv_b_rows_(local(mkv), gamma_H.to(mkv.device), m.qk_nope_head_dim, m.v_head_dim)
             clipped_L[row] = mask.sum()
     if reset:
         for m in attn.values():
             m.reset_max_logit()
 
-    max_L, clipped = torch.stack([logits_LH.amax(dim=1), clipped_L.to(logits_LH.dtype)]).tolist()
+    summary_2L = torch.stack([logits_LH.amax(dim=1), clipped_L.to(logits_LH.dtype)])
+    if tp_group is not None:
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(summary_2L) for _ in range(dist.get_world_size(tp_group))]
+        dist.all_gather(parts, summary_2L, group=tp_group)
+        all_T2L = torch.stack(parts)
+        summary_2L = torch.stack([all_T2L[:, 0].amax(dim=0), all_T2L[:, 1].sum(dim=0)])
+    max_L, clipped = summary_2L.tolist()
     metrics: dict[str, float] = {"max_logit": max(max_L), "clipped_heads": int(sum(clipped))}
     for i, mx, c in zip(layers, max_L, clipped):
         metrics[f"max_logit/layer_{i}"] = mx

@@ -12,6 +12,7 @@ Use: ``run_layout(dict(tp=2, ep=2))`` -> (reference, parallel) dicts; see test_p
 Part B's pipeline layouts plug in through ``step_fn`` (see :func:`train`).
 """
 
+import dataclasses
 import os
 import socket
 import tempfile
@@ -52,6 +53,7 @@ TINY = ModelConfig(
 )
 # lr high enough that QK-Clip (tau below the init max logit) and the router bias both act.
 OPTIM = OptimConfig(name="muonclip", lr=5e-3, ns_dtype="float32", qk_clip=True, qk_clip_tau=0.05, zero1=False)
+OPTIM_ZERO1 = dataclasses.replace(OPTIM, zero1=True)
 TRAINER = TrainerConfig(steps=5, seq_len=16, micro_batch_size=2, global_batch_size=8, grad_clip=1.0)
 SEED = 1234
 DATA_SEED = 99
@@ -93,14 +95,16 @@ def train(model, batches, trainer=TRAINER, optim=OPTIM, dims=None, record_grads=
     dp_rank, dp_size = (0, 1) if dims is None else (dims.dp_rank, dims.dp_size)
     tp_mesh = None if dims is None else dims.tp_mesh
     dp_group = None if dims is None or dims.dp_size == 1 else dims.dense_dp_mesh.get_group()
-    optimizer = build_optimizer([model], optim)
-    proxies = _full_matrix_proxies(optimizer) if tp_mesh is not None and tp_mesh.size() > 1 else {}
+    tp_group = None if dims is None or dims.tp == 1 else tp_mesh.get_group()
+    # The real optimizer for every layout: DTensor (tp-sharded) matrices orthogonalised whole,
+    # ep-local experts per expert, ZeRO-1 when optim.zero1 (DistributedMuonClip over each param's
+    # data-parallel group).
+    optimizer = build_optimizer([model], optim, dims=dims)
     attn = attention_modules(model)
     moes = moe_modules(model)
-    out = {"loss": [], "grad_norm": [], "clipped_heads": []}
+    out = {"loss": [], "grad_norm": [], "clipped_heads": [], "optimizer": type(optimizer).__name__}
     for step, batch in enumerate(batches):
         optimizer.zero_grad(set_to_none=True)
-        model.zero_grad(set_to_none=True)  # the TP stand-in's optimizer holds proxies, not these
         mbs = micro_batches(batch, dp_rank, dp_size, trainer.micro_batch_size)
         loss_sum = torch.zeros(())
         for mb in mbs:
@@ -121,15 +125,8 @@ def train(model, batches, trainer=TRAINER, optim=OPTIM, dims=None, record_grads=
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), trainer.grad_clip)
         if step == 0 and record_grads:
             out["grads"] = full_tensors(model, dims, grads=True)
-        if proxies:
-            for p, full in proxies.items():
-                full.grad = p.grad.full_tensor()
-            optimizer.step()
-            clip = _tp_qk_clip(attn, proxies, optim.qk_clip_tau, tp_mesh, dp_group)
-            _scatter_proxies(proxies)
-        else:
-            optimizer.step()
-            clip = apply_qk_clip(attn, optim.qk_clip_tau, group=dp_group, optimizer=optimizer)
+        optimizer.step()
+        clip = apply_qk_clip(attn, optim.qk_clip_tau, group=dp_group, optimizer=optimizer, tp_group=tp_group)
         if dims is not None:
             sum_expert_load_(model, dims.token_mesh.get_group() if dims.token_mesh.size() > 1 else None)
         for moe in moes:
@@ -140,48 +137,6 @@ def train(model, batches, trainer=TRAINER, optim=OPTIM, dims=None, record_grads=
     out["params"] = full_tensors(model, dims)
     out["buffers"] = {k: v.clone() for k, v in model.named_buffers() if k.endswith("e_score_correction_bias")}
     return out
-
-
-# Stand-in until k2train.optim handles DTensor parameters: the optimizer steps full replicated
-# copies of the tp-sharded matrices (every tp rank the same, redundantly), which are then sharded
-# back. Whole-matrix Newton-Schulz, as the single process; QK-Clip on the full q_b/kv_b rows.
-
-
-def _full_matrix_proxies(optimizer) -> dict:
-    proxies = {}
-    for group in optimizer.param_groups:
-        for i, p in enumerate(group["params"]):
-            if hasattr(p, "full_tensor"):
-                full = torch.nn.Parameter(p.detach().full_tensor().clone())
-                proxies[p] = full
-                group["params"][i] = full
-    return proxies
-
-
-@torch.no_grad()
-def _scatter_proxies(proxies: dict) -> None:
-    from torch.distributed.tensor import distribute_tensor
-
-    for p, full in proxies.items():
-        p.to_local().copy_(distribute_tensor(full.detach(), p.device_mesh, p.placements).to_local())
-
-
-@torch.no_grad()
-def _tp_qk_clip(attn: dict, proxies: dict, tau: float, tp_mesh, dp_group) -> dict:
-    from k2train.optim.qk_clip import qk_clip_
-
-    clipped = 0
-    for m in attn.values():
-        parts = [torch.empty_like(m.max_logit) for _ in range(tp_mesh.size())]
-        dist.all_gather(parts, m.max_logit, group=tp_mesh.get_group())
-        s_H = torch.cat(parts)
-        if dp_group is not None:
-            dist.all_reduce(s_H, op=dist.ReduceOp.MAX, group=dp_group)
-        q_b, kv_b = proxies[m.q_b_proj.weight], proxies[m.kv_b_proj.weight]
-        dims = (s_H.numel(), m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim)
-        clipped += int(qk_clip_(q_b.data, kv_b.data, s_H, tau, *dims).sum())
-        m.reset_max_logit()
-    return {"clipped_heads": clipped}
 
 
 @torch.no_grad()
@@ -213,7 +168,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, layout: dict, out_path: str, apply_fn: Optional[Callable]) -> None:
+def _worker(
+    rank: int, world: int, port: int, layout: dict, out_path: str, apply_fn: Optional[Callable], optim: OptimConfig
+) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -230,7 +187,7 @@ def _worker(rank: int, world: int, port: int, layout: dict, out_path: str, apply
         apply_ep(model, dims.ep_mesh)
         if apply_fn is not None:
             apply_fn(model, dims)
-        result = train(model, global_batches(), dims=dims)
+        result = train(model, global_batches(), optim=optim, dims=dims)
         if rank == 0:
             torch.save(result, out_path)
         dist.barrier()
@@ -238,15 +195,16 @@ def _worker(rank: int, world: int, port: int, layout: dict, out_path: str, apply
         dist.destroy_process_group()
 
 
-def run_parallel(layout: dict, apply_fn: Optional[Callable] = None) -> dict:
+def run_parallel(layout: dict, apply_fn: Optional[Callable] = None, optim: OptimConfig = OPTIM) -> dict:
     """Spawn pp*dp*ep*tp gloo processes training the tiny model under ``layout`` (ParallelConfig
-    fields, e.g. ``dict(tp=2, ep=2)``; dp defaults to 1). Returns rank 0's result."""
+    fields, e.g. ``dict(tp=2, ep=2)``; dp defaults to 1) with ``optim`` (``OPTIM_ZERO1``: ZeRO-1).
+    Returns rank 0's result."""
     layout = dict(layout)
     layout.setdefault("dp", 1)
     world = layout.get("pp", 1) * layout["dp"] * layout.get("ep", 1) * layout.get("tp", 1)
     with tempfile.TemporaryDirectory() as tmp:
         out_path = os.path.join(tmp, "result.pt")
-        mp.spawn(_worker, args=(world, _free_port(), layout, out_path, apply_fn), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, _free_port(), layout, out_path, apply_fn, optim), nprocs=world, join=True)
         return torch.load(out_path, weights_only=False)
 
 
