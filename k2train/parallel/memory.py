@@ -85,12 +85,15 @@ def norm_bytes(dim: int, a: int) -> float:
     return 4 * dim + 2 * a * dim
 
 
-def layer_activation_bytes(cfg: ModelConfig, moe: bool, seq_len: int, recompute: str, a: int, tp: int = 1) -> float:
+def layer_activation_bytes(
+    cfg: ModelConfig, moe: bool, seq_len: int, recompute: str, a: int, tp: int = 1, fp8_moe_inputs: bool = False
+) -> float:
     """Bytes one token leaves saved for the backward in one block, per the ops of k2train.model.
 
     ``a``: activation bytes (2 bf16, 4 fp32). Eager attention also saves the fp32 softmax
     probabilities (H x S per token); the fused kernels (sdpa/triton) save q, k, v, out and the
-    log-sum-exp instead.
+    log-sum-exp instead. ``fp8_moe_inputs``: K2's FP8 (e4m3, 1x128 tiles) storage of the routed
+    experts' input and the SwiGLU inputs (a planning option: k2train does not implement it yet).
     """
     D, H = cfg.hidden_size, cfg.num_attention_heads // tp
     dn, dr, dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
@@ -99,6 +102,8 @@ def layer_activation_bytes(cfg: ModelConfig, moe: bool, seq_len: int, recompute:
     Is = cfg.moe_intermediate_size * cfg.n_shared_experts // tp
     F = cfg.intermediate_size // tp
     eager = cfg.attn_impl == "eager"
+    # bytes of the expert input and of the SwiGLU inputs (gate, up outputs) per element
+    e = 1 + 4 / 128 if fp8_moe_inputs else a
     probs = 4 * H * seq_len if eager else 0
     router_copy = 4 * D if a != 4 else 0  # x.float() for the fp32 router
     if recompute == "full":
@@ -107,7 +112,7 @@ def layer_activation_bytes(cfg: ModelConfig, moe: bool, seq_len: int, recompute:
         # K2: norms, SwiGLU, MLA up-projections (q_b, kv_b and what follows up to attention) and
         # the MoE down-projection are recomputed; their inputs stay.
         attn = a * (qr + kr + dr + H * dv) + 4 * H + probs
-        mlp = a * (K * D + 2 * K * I + 2 * Is) + 4 * E + router_copy if moe else a * 2 * F
+        mlp = e * (K * D + 2 * K * I) + a * 2 * Is + 4 * E + router_copy if moe else a * 2 * F
         return 2 * a * D + attn + mlp
     if recompute != "none":
         raise ValueError(f"parallel.recompute={recompute!r} must be none, selective or full")
@@ -124,7 +129,7 @@ def layer_activation_bytes(cfg: ModelConfig, moe: bool, seq_len: int, recompute:
     if moe:
         mlp = (
             4 * E + router_copy  # sigmoid scores (fp32)
-            + a * (2 * K * D + 4 * K * I)  # permuted input, gate, up, silu, h, down output
+            + e * (K * D + 2 * K * I) + a * (K * D + 2 * K * I)  # permuted input, gate, up | down output, silu, h
             + a * 4 * Is  # shared expert
             + 16 * K  # expert indices (int64), gate weights
         )
@@ -171,17 +176,39 @@ def bubble_fraction(pp: int, vpp: int, num_microbatches: int) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
-def _stage_parts(model_cfg: ModelConfig, num_stages: int, seq_len: int):
+_STAGE_CACHE: dict[str, tuple] = {}
+
+
+def _stage_params(model_cfg: ModelConfig, num_stages: int, seq_len: int, adamw_only: bool):
+    """Per stage: the layer ids and ``(numel, is_expert, tp_sharded, is_muon)`` of every parameter,
+    from the model built on the meta device and split like the pipeline does (cached: the 1T
+    model takes seconds)."""
+    key = repr((model_cfg, num_stages, seq_len, adamw_only))
+    if key in _STAGE_CACHE:
+        return _STAGE_CACHE[key]
     import torch
 
+    from k2train.optim.grouping import is_muon_param
+
     from ..model import K2Model
+    from .expert_parallel import is_expert_param
     from .pipeline import build_stage_part, layer_costs, split_layers
 
     with torch.device("meta"):
         model = K2Model(model_cfg)
     costs, first, last = layer_costs(model_cfg, seq_len)
     split = split_layers(costs, num_stages, first, last)
-    return [build_stage_part(model, ids, s == 0, s == num_stages - 1) for s, ids in enumerate(split)], split
+    stages = []
+    for s, ids in enumerate(split):
+        part = build_stage_part(model, ids, s == 0, s == num_stages - 1)
+        stages.append(
+            [
+                (t.numel(), is_expert_param(name), any(k in name for k in _TP_SHARDED), not adamw_only and is_muon_param(name, t))
+                for name, t in part.named_parameters()
+            ]
+        )
+    _STAGE_CACHE[key] = (split, stages)
+    return split, stages
 
 
 def estimate_memory(
@@ -191,14 +218,17 @@ def estimate_memory(
     optim_cfg: OptimConfig,
     precision: Optional[str] = None,
     dp: Optional[int] = None,
+    fp8_moe_inputs: bool = False,
+    offload_activations: bool = False,
 ) -> MemoryPlan:
     """Per-rank memory of one training step. ``precision``: see the module docstring (default:
     ``fp32`` for trainer.dtype=float32, ``bf16`` for bfloat16). ``dp``: the data-parallel degree
-    when ``parallel.dp`` is -1 (default 1, the smallest run; ZeRO-1 shards shrink with more)."""
-    from k2train.optim.grouping import is_muon_param
+    when ``parallel.dp`` is -1 (default 1, the smallest run; ZeRO-1 shards shrink with more).
 
-    from .expert_parallel import is_expert_param
-
+    K2's two other activation savings, as planning options (not implemented in k2train yet):
+    ``fp8_moe_inputs`` (see :func:`layer_activation_bytes`) and ``offload_activations``: the
+    in-flight activations live in CPU memory, the GPU keeps two chunks (the one being computed and
+    the one being copied)."""
     precision = precision or ("bf16" if trainer_cfg.dtype == "bfloat16" else "fp32")
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r} must be one of {sorted(PRECISIONS)}")
@@ -224,33 +254,33 @@ def estimate_memory(
     zero_dense = dp * ep if optim_cfg.zero1 else 1
     zero_expert = dp * tp if optim_cfg.zero1 else 1
 
-    parts, split = _stage_parts(model_cfg, pp * vpp, S)
+    split, stage_params = _stage_params(model_cfg, pp * vpp, S, optim_cfg.name == "adamw")
     ranks = []
     for r in range(pp):
         stage_ids = [r + v * pp for v in range(vpp)]
-        n_local = n_opt = 0.0
+        n_local = 0.0
         opt_bytes = master_bytes = 0.0
         largest_bucket = {"dense": 0.0, "expert": 0.0}
         for s in stage_ids:
-            for name, t in parts[s].named_parameters():
-                n = t.numel()
-                expert = is_expert_param(name)
+            for n, expert, tp_sharded, muon in stage_params[s]:
                 if expert:
                     n /= ep
-                if tp > 1 and any(k in name for k in _TP_SHARDED):
+                if tp > 1 and tp_sharded:
                     n /= tp
                 n_local += n
                 shard = zero_expert if expert else zero_dense
-                states = 1 if optim_cfg.name != "adamw" and is_muon_param(name, t) else 2
+                states = 1 if muon else 2
                 opt_bytes += 4 * states * n / shard
                 master_bytes += mb * n / shard
-                n_opt += n
                 largest_bucket["expert" if expert else "dense"] += gb * n
         layers = [i for s in stage_ids for i in split[s]]
         act_mb = sum(
-            layer_activation_bytes(model_cfg, i >= model_cfg.first_k_dense_replace, S, p.recompute, a, tp) for i in layers
+            layer_activation_bytes(model_cfg, i >= model_cfg.first_k_dense_replace, S, p.recompute, a, tp, fp8_moe_inputs)
+            for i in layers
         ) * tokens_mb
         inflight = in_flight_microbatches(p.pp_schedule, pp, vpp, r, m)
+        if offload_activations:
+            inflight = min(inflight, 2 / vpp)
         transient = 0.0
         if pp * vpp - 1 in stage_ids:
             transient += head_activation_bytes(model_cfg, a, tp) * tokens_mb
@@ -331,13 +361,17 @@ def format_memory_report(
     peak = plan.peak
     lines.append(f"  peak: pp rank {peak.pp_rank}, {peak.total / GiB:.2f} GiB")
     if gpu_memory_gib is not None:
-        margin = gpu_memory_gib - peak.total / GiB
-        verdict = "fits" if margin >= 0 else "does NOT fit"
-        lines.append(
-            f"  on {gpu_memory_gib:.1f} GiB GPUs: {verdict}, {'headroom' if margin >= 0 else 'over by'} {abs(margin):.2f} GiB "
-            f"(activations alone {peak.activations / GiB:.1f} GiB: K2 also stored MoE/SwiGLU inputs in FP8 and offloaded "
-            "the rest to CPU, not modelled here)"
-        )
+        lines.append(f"  on {gpu_memory_gib:.1f} GiB GPUs ({gpu_memory_gib * GiB / 1e9:.0f} GB):")
+        variants = [("as configured", {}), ("+ FP8 storage of MoE/SwiGLU inputs (K2)", dict(fp8_moe_inputs=True))]
+        variants.append(("+ FP8 + CPU offload of in-flight activations (K2)", dict(fp8_moe_inputs=True, offload_activations=True)))
+        for label, kw in variants:
+            q = plan if not kw else estimate_memory(model_cfg, p, trainer_cfg, optim_cfg, precision, **kw)
+            margin = gpu_memory_gib - q.peak.total / GiB
+            verdict = "fits" if margin >= 0 else "does NOT fit"
+            lines.append(
+                f"    {label:<50} peak {q.peak.total / GiB:7.2f} GiB (pp rank {q.peak.pp_rank}): {verdict}, "
+                f"{'headroom' if margin >= 0 else 'over by'} {abs(margin):.2f} GiB"
+            )
     if p.dp == -1:
         unit = p.pp * p.ep * p.tp
         seqs = trainer_cfg.global_batch_size
@@ -351,9 +385,13 @@ def format_memory_report(
             if m < p.pp or (p.pp_schedule == "Interleaved1F1B" and m % p.pp):
                 break
             q = estimate_memory(model_cfg, p, trainer_cfg, optim_cfg, precision, dp=dp)
+            k2 = estimate_memory(
+                model_cfg, p, trainer_cfg, optim_cfg, precision, dp=dp, fp8_moe_inputs=True, offload_activations=True
+            )
             lines.append(
                 f"    dp={dp:>4}: {unit * dp:>6,d} GPUs, {m:>5} micro-batches/step, bubble "
-                f"{100 * q.bubble_fraction:5.2f}%, peak {q.peak.total / GiB:7.2f} GiB"
+                f"{100 * q.bubble_fraction:5.2f}%, peak {q.peak.total / GiB:7.2f} GiB, with K2's FP8 + offload "
+                f"{k2.peak.total / GiB:7.2f} GiB"
             )
             dp *= 2
     lines += [f"  note: {n}" for n in plan.notes]
