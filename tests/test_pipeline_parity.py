@@ -350,3 +350,36 @@ def test_pipeline_with_ep_dp_matches_single_process(name, combo_reference):
         assert h.max_rel_diff(par["params"][k], p) <= tol, f"{name}: final {k}: {h.max_rel_diff(par['params'][k], p)}"
     for k, b in ref["buffers"].items():
         assert torch.equal(par["buffers"][k], b), f"{name}: router bias {k}"
+
+
+# ---------------------------------------------------------------------------------------------
+# layer placement (pure functions, no processes)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_split_layers_balances_and_accounts_for_head():
+    from k2train.parallel.pipeline import split_layers, stage_ids_for_rank
+
+    assert split_layers([1.0] * 4, 2) == [[0, 1], [2, 3]]
+    # a head worth two layers pushes layers to the front
+    assert split_layers([1.0] * 6, 2, last_extra=2.0) == [[0, 1, 2, 3], [4, 5]]
+    assert split_layers([1.0] * 6, 2, first_extra=2.0) == [[0, 1], [2, 3, 4, 5]]
+    assert stage_ids_for_rank(1, 4, 2) == [1, 5]
+    with pytest.raises(ValueError, match="cannot fill"):
+        split_layers([1.0] * 3, 4)
+
+
+def test_k2_split_32_stages():
+    from k2train.config import load_config
+    from k2train.parallel.pipeline import layer_costs, split_layers
+
+    cfg = load_config(["model=k2_1t"]).model
+    costs, first, last = layer_costs(cfg, 4096)
+    split = split_layers(costs, 32, first, last)
+    assert [i for s in split for i in s] == list(range(61)) and all(split)
+    stage = [sum(costs[i] for i in s) for s in split]
+    stage[-1] += last
+    # the head costs ~2.2 layers of FLOPs: the last stage keeps a single layer (at least one per
+    # stage), which makes it the unavoidable maximum; every other stage holds at most 2 layers
+    assert len(split[-1]) == 1 and max(stage) == stage[-1], [len(s) for s in split]
+    assert max(len(s) for s in split[:-1]) == 2

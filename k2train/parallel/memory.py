@@ -290,6 +290,8 @@ def estimate_memory(
             transient += 2 * a * tokens_mb * model_cfg.num_experts_per_tok * model_cfg.hidden_size
         if pp > 1:  # activation and gradient send/recv buffers of each local stage
             transient += 2 * len(stage_ids) * a * tokens_mb * model_cfg.hidden_size
+        if precision == "autocast":  # the bf16 weight copies autocast makes, saved by the matmuls
+            transient += 2 * n_local
         if dp_size > 1:  # reduce_gradients_ concatenates one kind of gradient into a flat bucket
             transient += max(largest_bucket.values())
         ranks.append(
