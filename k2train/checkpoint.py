@@ -183,14 +183,54 @@ def _parts(model: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
     return [model] if isinstance(model, nn.Module) else list(model)
 
 
+def _ep_meshes(model) -> dict[int, Any]:
+    """id(param) -> 1-D DeviceMesh of its expert-parallel group, for every EP-sharded expert stack.
+
+    EP holds each rank's experts as plain ``[E/ep, ...]`` tensors under the full stack's name; for
+    DCP they become DTensors sharded on dim 0, so the checkpoint stores the whole ``[E, ...]`` stack
+    and any other layout (EP size, a single process) can read its own slice.
+    """
+    from .parallel.expert_parallel import ExpertParallelExperts
+
+    out: dict[int, Any] = {}
+    meshes: dict[int, Any] = {}
+    for part in _parts(model):
+        for mod in part.modules():
+            if isinstance(mod, ExpertParallelExperts) and mod.ep_size > 1:
+                from torch.distributed.device_mesh import DeviceMesh
+
+                if id(mod.group) not in meshes:
+                    dev = mod.w_gate.device.type
+                    meshes[id(mod.group)] = DeviceMesh.from_group(mod.group, dev)
+                for p in mod.parameters(recurse=False):
+                    out[id(p)] = meshes[id(mod.group)]
+    return out
+
+
+def _as_sharded(t: torch.Tensor, mesh) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor, Shard
+
+    # from_local without a check aliases ``t``: DCP loads in place into the parameter itself.
+    return DTensor.from_local(t, mesh, [Shard(0)], run_check=False)
+
+
 def model_state(model: nn.Module | Sequence[nn.Module]) -> dict[str, torch.Tensor]:
     """Parameters and persistent buffers (router biases) of all model parts (pipeline stages)
-    by FQN; DTensors stay sharded. The tensors alias the module's, so loading into them is in place."""
+    by FQN; DTensors stay sharded, EP expert slices become DTensors. The tensors alias the
+    module's, so loading into them is in place."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     out = {}
     for part in _parts(model):
-        out.update(get_model_state_dict(part))
+        ep = _ep_meshes(part)
+        sd = get_model_state_dict(part)
+        if ep:
+            by_name = dict(part.named_parameters())
+            for name, t in sd.items():
+                p = by_name.get(name)
+                if p is not None and id(p) in ep:
+                    sd[name] = _as_sharded(t, ep[id(p)])
+        out.update(sd)
     return out
 
 
@@ -202,12 +242,15 @@ def optimizer_state(optimizer: torch.optim.Optimizer, model) -> dict[str, Any]:
     """The optimizer's state keyed ``state.<fqn>.<key>`` plus ``hparams.<fqn>`` (its group's
     hyperparameters). A ZeRO-1 rank holds the state of the params it owns only; DCP merges them."""
     fqn = _param_fqns(model)
+    ep = _ep_meshes(model)
     out: dict[str, Any] = {}
     for group in optimizer.param_groups:
         hp = json.dumps({k: v for k, v in group.items() if _is_hparam(v)})  # a string: DCP must not flatten it
         for p in group["params"]:
             out[f"hparams.{fqn[id(p)]}"] = hp
             for k, v in optimizer.state.get(p, {}).items():
+                if id(p) in ep and torch.is_tensor(v) and v.shape == p.shape:
+                    v = _as_sharded(v, ep[id(p)])
                 out[f"state.{fqn[id(p)]}.{k}"] = v
     return out
 
@@ -229,6 +272,7 @@ def _optimizer_targets(optimizer, model, stored: dict) -> dict[str, Any]:
 
     owns = getattr(optimizer, "_owns", lambda p: True)  # ZeRO-1: only the params this rank updates
     fqn = _param_fqns(model)
+    ep = _ep_meshes(model)
     out: dict[str, Any] = {}
     for group in optimizer.param_groups:
         for p in group["params"]:
@@ -244,13 +288,22 @@ def _optimizer_targets(optimizer, model, stored: dict) -> dict[str, Any]:
                     continue
                 if isinstance(smd, TensorStorageMetadata):
                     dt = smd.properties.dtype
-                    if tuple(smd.size) == tuple(p.shape):
+                    if id(p) in ep and len(smd.size) == p.ndim and smd.size[0] == p.shape[0] * ep[id(p)].size():
+                        out[skey] = _as_sharded(torch.zeros_like(p, dtype=dt), ep[id(p)])
+                    elif tuple(smd.size) == tuple(p.shape):
                         out[skey] = torch.zeros_like(p, dtype=dt)
                     else:
                         out[skey] = torch.zeros(smd.size, dtype=dt, device=p.device if p.device.type != "meta" else "cpu")
                 else:
                     out[skey] = None
     return out
+
+
+def _local_if_ep(v, p):
+    # EP state was wrapped as a DTensor for DCP; the optimizer keeps the plain local slice.
+    from torch.distributed.tensor import DTensor
+
+    return v.to_local() if isinstance(v, DTensor) and not isinstance(p, DTensor) else v
 
 
 def _apply_optimizer_state(optimizer, model, loaded: dict[str, Any]) -> None:
@@ -263,7 +316,7 @@ def _apply_optimizer_state(optimizer, model, loaded: dict[str, Any]) -> None:
     state: dict[int, dict] = {}
     for i, p in enumerate(params):
         prefix = f"{OPTIM_KEY}.state.{fqn[id(p)]}."
-        entry = {k[len(prefix):]: v for k, v in loaded.items() if k.startswith(prefix)}
+        entry = {k[len(prefix):]: _local_if_ep(v, p) for k, v in loaded.items() if k.startswith(prefix)}
         if entry:
             state[i] = entry
     for g_sd, group in zip(groups, optimizer.param_groups):
@@ -475,12 +528,7 @@ class CheckpointManager:
                 opt_targets = {}
             targets.update(opt_targets)
         dcp.load(targets, storage_reader=reader, process_group=self.process_group)
-        if model is not None:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-            model_sd = {k[len(MODEL_KEY) + 1:]: v for k, v in targets.items() if k.startswith(f"{MODEL_KEY}.")}
-            for part in _parts(model):
-                set_model_state_dict(part, model_sd, options=StateDictOptions(strict=False))
+        # The model targets alias the parameters and buffers: DCP has loaded them in place.
         if OPTIM_KEY in state and any(k.startswith(f"{OPTIM_KEY}.state.") for k in targets):
             _apply_optimizer_state(state[OPTIM_KEY], model, targets)
 
