@@ -249,6 +249,10 @@ def estimate_memory(
             f"= {seqs_per_micro} x {dp} x {ep}"
         )
     m = trainer_cfg.global_batch_size // (seqs_per_micro * dp_size)
+    if pp > 1 and m < pp:
+        notes.append(
+            f"only {m} micro-batches per step for pp={pp}: the schedule needs at least {pp} (raise trainer.global_batch_size)"
+        )
     S = trainer_cfg.seq_len
     tokens_mb = seqs_per_micro * S
     zero_dense = dp * ep if optim_cfg.zero1 else 1
@@ -377,7 +381,7 @@ def format_memory_report(
     if p.dp == -1:
         unit = p.pp * p.ep * p.tp
         seqs = trainer_cfg.global_batch_size
-        lines += ["", f"  GPUs for a global batch of {seqs:,d} x {trainer_cfg.seq_len} ({plan.tokens_per_step / 1e6:.1f}M tokens):"]
+        lines += ["", f"  GPUs for a global batch of {seqs:,d} x {trainer_cfg.seq_len} ({plan.tokens_per_step:,d} tokens):"]
         dp = 1
         while True:
             per_step = trainer_cfg.micro_batch_size * dp * p.ep
