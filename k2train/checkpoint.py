@@ -524,7 +524,7 @@ class CheckpointManager:
         if OPTIM_KEY in state:
             opt_targets = _optimizer_targets(state[OPTIM_KEY], model, stored)
             if not any(k.startswith(f"{OPTIM_KEY}.state.") for k in stored):
-                log.warning("checkpoint %s holds no optimizer state (a weights-only import?): starting it fresh", folder)
+                log.warning("checkpoint %s holds no optimizer state (a weights-only import, or saved before the first step): the optimizer starts fresh", folder)
                 opt_targets = {}
             targets.update(opt_targets)
         dcp.load(targets, storage_reader=reader, process_group=self.process_group)
