@@ -10,7 +10,7 @@ induction head). Sharp attention is what large logits buy, and an aggressive Muo
 growing the query/key weights. The loop is compact (model + MuonClip + QK-Clip + WSD schedule);
 the real trainer is ``python -m k2train.train``, which calls the same functions.
 
-    python scripts/muonclip_demo.py                       # default setting, writes the PNG + JSON
+    python scripts/muonclip_demo.py --steps 200           # the setting of docs/muonclip_demo.png
     python scripts/muonclip_demo.py --steps 100 --lr 0.02 --tau 20
 """
 
@@ -130,7 +130,7 @@ def plot(runs: dict[str, list[dict]], tau: float, out: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--lr", type=float, default=0.02)
     ap.add_argument("--tau", type=float, default=20.0)
     ap.add_argument("--warmup", type=int, default=20)
@@ -138,9 +138,12 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--log-every", type=int, default=25)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", type=Path, default=None, help="also write the per-step metrics here")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "muonclip_demo.png")
     args = ap.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    # One thread: the model is tiny, and on a busy machine OpenMP's spinning threads cost 5-10x.
+    torch.set_num_threads(args.threads)
     t0 = time.time()
     runs = {"Muon (no clip)": train(args, qk_clip=False), f"MuonClip (tau={args.tau:g})": train(args, qk_clip=True)}
     plot(runs, args.tau, args.out)
@@ -153,7 +156,8 @@ def main() -> None:
         }
         for label, hist in runs.items()
     }
-    args.out.with_suffix(".json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "summary": summary, "runs": runs}))
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "summary": summary, "runs": runs}))
     print(json.dumps(summary, indent=2))
     print(f"wrote {args.out} ({time.time() - t0:.0f} s)")
 
