@@ -322,7 +322,10 @@ def pipeline_step(
     """
     for m in pipe.stage_modules:
         m.aux_loss_sum = 0.0
-    kwargs = {k: v for k, v in (("position_ids", position_ids), ("doc_ids", doc_ids)) if v is not None}
+    # torch <= 2.11 checks stage inputs' strides against the static shapes: pass contiguous tensors
+    # (a [:, :-1] slice of a token block is not).
+    kwargs = {k: v.contiguous() for k, v in (("position_ids", position_ids), ("doc_ids", doc_ids)) if v is not None}
+    tokens, labels = tokens.contiguous(), labels.contiguous()
     losses: list[torch.Tensor] = []
     args = (tokens,) if pipe.has_first_stage else ()
     target = labels if pipe.has_last_stage else None
