@@ -15,6 +15,7 @@ import json
 import math
 import os
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from .flops import flops_per_token, peak_tflops
 from .metrics import MetricLogger, format_step
 from .model import K2Model, update_router_bias_
 from .parallel import ParallelDims
+from .runtime import default_wandb_run_id
 
 
 def pick_device(name: str) -> torch.device:
@@ -251,6 +253,9 @@ def run(cfg: JobConfig, run_dir: Optional[Path] = None) -> list[dict]:
             print(f"resumed from {ckpt.folder} at step {resumed}", flush=True)
     step = progress_state["step"]
 
+    # The checkpoint's wandb run id, else one every rank derives alike: rank 0 writes it into meta.json,
+    # the logging rank (maybe another) continues that wandb run after a restart.
+    progress_state["wandb_run_id"] = ckpt.wandb_run_id = progress_state["wandb_run_id"] or default_wandb_run_id(run_dir)
     logger = MetricLogger(
         cfg.logging,
         run_dir,
@@ -258,7 +263,6 @@ def run(cfg: JobConfig, run_dir: Optional[Path] = None) -> list[dict]:
         config_dict=job_config_to_dict(cfg),
         wandb_run_id=progress_state["wandb_run_id"],
     )
-    progress_state["wandb_run_id"] = ckpt.wandb_run_id = logger.wandb_run_id
     n_params = sum(p.numel() for part in parts for p in part.parameters())
     logger.console(
         f"k2train | model {cfg.model.name} | {n_params:,} params on this rank | device {device} | world {rt.world_size} "
@@ -427,8 +431,11 @@ def main() -> None:
     from hydra.core.hydra_config import HydraConfig
 
     from .config import register_configs, to_job_config
+    from .runtime import prepare_hydra_argv
 
     register_configs()
+    # One run folder name for every rank (K2TRAIN_RUN_ID), and Hydra's .hydra/ + log file on rank 0 only.
+    sys.argv = prepare_hydra_argv(sys.argv)
 
     @hydra.main(config_path="pkg://k2train.conf", config_name="config", version_base=None)
     def _main(dcfg) -> None:
