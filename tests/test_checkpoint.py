@@ -211,3 +211,33 @@ def test_exact_resume_muonclip_bit_for_bit(tmp_path, one_thread):
     resumed = first + [step_fn() for _ in range(n)]
     assert resumed == straight, f"{resumed} != {straight}"
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), final_straight.values()))
+
+
+def test_pipeline_stage_parts_reshard_to_one_model(tmp_path):
+    """PP2 -> PP1 and back, by FQN: the stage parts of k2train.parallel.pipeline keep the global names."""
+    from k2train.parallel.pipeline import build_stage_part
+
+    full, opt_full = _trained(0)
+    base = K2Model(_small_cfg())  # split an untouched model (a forward leaves non-leaf aux losses behind)
+    parts = [build_stage_part(base, [0], True, False), build_stage_part(base, [1], False, True)]
+    for part in parts:
+        part.load_state_dict({k: v for k, v in full.state_dict().items() if k in part.state_dict()})
+    opt_parts = torch.optim.AdamW([p for part in parts for p in part.parameters()], lr=1e-3)
+    opt_parts.load_state_dict(opt_full.state_dict())  # same param order: embed, layer 0 | layer 1, norm, head
+    CheckpointManager(tmp_path / "pp2", CheckpointConfig()).save(2, {"model": parts, "optimizer": opt_parts})
+
+    one, opt_one = _trained(1)
+    assert CheckpointManager(tmp_path / "pp2", CheckpointConfig()).load_latest({"model": one, "optimizer": opt_one}) == 2
+    for (k, a), b in zip(full.state_dict().items(), one.state_dict().values()):
+        assert torch.equal(a, b), k
+    names = dict(one.named_parameters())
+    for name, p in full.named_parameters():
+        assert torch.equal(opt_full.state[p]["exp_avg"], opt_one.state[names[name]]["exp_avg"]), name
+
+    CheckpointManager(tmp_path / "pp1", CheckpointConfig()).save(2, {"model": one, "optimizer": opt_one})
+    fresh = K2Model(_small_cfg())
+    fresh.init_weights(seed=2)
+    parts2 = [build_stage_part(fresh, [0], True, False), build_stage_part(fresh, [1], False, True)]
+    assert CheckpointManager(tmp_path / "pp1", CheckpointConfig()).load_latest({"model": parts2}) == 2
+    assert torch.equal(parts2[1].layers["1"].mlp.experts.w_up, full.layers["1"].mlp.experts.w_up)
+    assert torch.equal(parts2[0].embed_tokens.weight, full.embed_tokens.weight)
