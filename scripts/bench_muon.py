@@ -56,11 +56,11 @@ def ns_tflop(shapes: dict[str, tuple[int, ...]], steps: int = 5) -> float:
 
 def make_params(shapes, device, split_experts: bool, seed: int = 0):
     """Fresh fp32 params with grads: experts as 3-D stacks, or split into 2-D matrices (torch.optim.Muon)."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)  # on the device: 2.4B normals per call
     params = []
     for name, shape in shapes.items():
-        w = (torch.randn(shape, generator=g) * 0.02).to(device)
-        gr = torch.randn(shape, generator=g).to(device)
+        w = torch.randn(shape, generator=g, device=device) * 0.02
+        gr = torch.randn(shape, generator=g, device=device)
         if split_experts and len(shape) == 3:
             for e in range(shape[0]):
                 p = torch.nn.Parameter(w[e].clone())
