@@ -12,9 +12,10 @@ Plumbing only: the update math is :class:`~k2train.optim.muon.MuonClip`'s, which
 :meth:`_owns` / :meth:`_after_update` hooks overridden here.
 
 Gradients must be identical on all ranks of a group when ``step`` runs (averaged by the trainer).
-A param group may carry its own ``"dp_group"`` (e.g. expert params under expert parallelism, whose
-data-parallel group differs); the others use the constructor's ``dp_group``.
-``k2train.parallel.zero1_param_groups`` attaches them; ``build_optimizer(..., dims=dims)`` does it all.
+A param group may carry its own ``"dp_group"``, or ``"dp_groups"`` (one per param: expert params
+under expert parallelism have another data-parallel group than dense ones); the others use the
+constructor's ``dp_group``. ``k2train.parallel.zero1_param_groups`` attaches ``dp_groups``;
+``build_optimizer(..., dims=dims)`` does it all.
 
 With tensor parallelism, a dense data-parallel group holds one tp coordinate: its ranks hold the same
 shard of each DTensor param, and the groups of the other tp coordinates compute the same owner plan
@@ -88,8 +89,10 @@ class DistributedMuonClip(MuonClip):
         self._group_of: dict[Tensor, object] = {}
         by_group: dict[object, list[tuple[Tensor, str]]] = defaultdict(list)
         for g in self.param_groups:
-            pg = g.get("dp_group", self.dp_group)
-            for p in g["params"]:
+            pgs = g.get("dp_groups") or [g.get("dp_group", self.dp_group)] * len(g["params"])
+            if len(pgs) != len(g["params"]):
+                raise ValueError(f"param group {g.get('name')!r}: {len(pgs)} dp_groups for {len(g['params'])} params")
+            for p, pg in zip(g["params"], pgs):
                 by_group[pg].append((p, g["kind"]))
                 self._group_of[p] = pg
         # For each process group: its params in a fixed order, and who owns each.
@@ -157,10 +160,11 @@ class DistributedMuonClip(MuonClip):
         sd = super().state_dict()
         for g in sd["param_groups"]:
             g.pop("dp_group", None)  # a ProcessGroup is neither picklable nor portable
+            g.pop("dp_groups", None)
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
-        dp_groups = [g.get("dp_group") for g in self.param_groups]
+        dp_groups = [(g.get("dp_group"), g.get("dp_groups")) for g in self.param_groups]
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         if len(ids) != len(params):
@@ -168,16 +172,18 @@ class DistributedMuonClip(MuonClip):
         owned = {i for i, p in zip(ids, params) if self._owns(p)}
         mine = {"state": {i: s for i, s in state_dict["state"].items() if i in owned}, "param_groups": state_dict["param_groups"]}
         super().load_state_dict(mine)
-        for g, pg in zip(self.param_groups, dp_groups):
+        for g, (pg, pgs) in zip(self.param_groups, dp_groups):
             if pg is not None:
                 g["dp_group"] = pg
+            if pgs is not None:
+                g["dp_groups"] = pgs
 
 
 def _to_cpu(obj, full: bool = False):
     """Tensors of a state dict on the CPU; with ``full`` DTensors become full tensors (a collective
     over their mesh, in the dict's deterministic order)."""
     if torch.is_tensor(obj):
-        return (full_tensor(obj) if full else obj).detach().cpu()
+        return (full_tensor(obj) if full else obj).detach().to("cpu", copy=True)  # never alias live state
     if isinstance(obj, dict):
         return {k: _to_cpu(v, full) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

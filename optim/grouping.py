@@ -128,11 +128,11 @@ def build_optimizer(model_parts: list[nn.Module], cfg: OptimConfig, dp_group=Non
     if dims is not None:
         from k2train.parallel.data_parallel import zero1_param_groups
 
-        split = zero1_param_groups(groups, dims)
-        if any(dist.get_world_size(g["dp_group"]) > 1 for g in split):
+        sharded = zero1_param_groups(groups, dims)
+        if any(dist.get_world_size(pg) > 1 for g in sharded for pg in g["dp_groups"]):
             from .distributed import DistributedMuonClip
 
-            return DistributedMuonClip(split, dp_group=dims.dense_dp_mesh.get_group(), **kwargs)
+            return DistributedMuonClip(sharded, dp_group=dims.dense_dp_mesh.get_group(), **kwargs)
     elif dp_group is not None and dist.get_world_size(dp_group) > 1:
         from .distributed import DistributedMuonClip
 

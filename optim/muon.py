@@ -111,9 +111,12 @@ def batched_newton_schulz(inputs: list[Tensor], ns_fn: NSFn, **ns_kwargs) -> lis
             chunk.append(i)
             count += inputs[i].numel() // per_matrix
             if j + 1 == len(idx) or (count + 1) * per_matrix > NS_BATCH_MAX_ELEMENTS:
-                if len(chunk) == 1:
+                if len(chunk) == 1 and inputs[i].shape[-2] <= inputs[i].shape[-1]:
                     out[i] = ns_fn(inputs[i], **ns_kwargs)
                 else:
+                    # A tall matrix takes this path even alone: NS of a contiguous transposed copy
+                    # can differ in the last bit from NS of the transposed view, and a matrix must
+                    # give the same result alone (ZeRO-1 owner, TP gather) as in a batch.
                     # Cast before concatenating: the batch copy is then bf16, not fp32.
                     cast = [inputs[k].to(ns_kwargs.get("dtype", inputs[k].dtype)) for k in chunk]
                     wide = [x if x.shape[-2] <= x.shape[-1] else x.mT for x in cast]

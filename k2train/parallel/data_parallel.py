@@ -129,17 +129,15 @@ def clip_grad_norm_(model_parts: Iterable[nn.Module], max_norm: float, dims: Par
 
 
 def zero1_param_groups(param_groups: list[dict], dims: ParallelDims) -> list[dict]:
-    """Split optimizer param groups (``k2train.optim.build_param_groups``) so that each carries the
-    ``dp_group`` over which its params are replicated, for ZeRO-1 (DistributedMuonClip): dense
-    params over ``dp_ep``; routed experts over their replicas (``dp``, or ``dp_tp`` with tp > 1)."""
+    """Copies of optimizer param groups (``k2train.optim.build_param_groups``) whose ``dp_groups``
+    list gives, per param, the process group over which it is replicated, for ZeRO-1
+    (DistributedMuonClip shards each param's state over it): dense params over ``dp_ep``; routed
+    experts over their replicas (``dp``, or ``dp_tp`` with tp > 1). The groups and their param
+    order are unchanged, so the optimizer's state dict lines up with an unsharded one.
+    ``k2train.optim.build_optimizer(..., dims=dims)`` calls this."""
     meshes = grad_reduction_meshes(dims)
-    out = []
-    for g in param_groups:
-        split: dict[str, dict] = {}
-        for name, p in zip(g["names"], g["params"]):
-            kind = "expert" if is_expert_param(name) else "dense"
-            sub = split.setdefault(kind, {**g, "params": [], "names": [], "dp_group": meshes[kind].get_group()})
-            sub["params"].append(p)
-            sub["names"].append(name)
-        out.extend(split.values())
-    return out
+    groups = {kind: meshes[kind].get_group() for kind in ("dense", "expert")}
+    return [
+        {**g, "dp_groups": [groups["expert" if is_expert_param(n) else "dense"] for n in g["names"]]}
+        for g in param_groups
+    ]
