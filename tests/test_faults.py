@@ -4,6 +4,7 @@ real signal to a real training process, then resume."""
 import datetime
 import inspect
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -153,6 +154,7 @@ def test_signal_checkpoints_exits_zero_and_resumes(tmp_path):
     assert f"start {stopped}" in res.stdout and f"done {stopped + 2}" in res.stdout
 
 
+@pytest.mark.slow  # two trainer processes: ~70 s on a loaded 2-core machine
 @pytest.mark.skipif(
     "PreemptionHandler" not in inspect.getsource(__import__("k2train.train", fromlist=["run"])),
     reason="k2train.train does not install the PreemptionHandler yet",
@@ -163,14 +165,21 @@ def test_trainer_preemption_and_resume(tmp_path):
             f"trainer.output_dir={tmp_path}", f"hydra.run.dir={tmp_path}/run", "trainer.log_interval=1",
             "trainer.checkpoint.export_hf=false"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:
-        if "step 2" in line or "step    2" in line:
-            proc.send_signal(signal.SIGUSR1)
-            break
-    proc.stdout.read()
-    assert proc.wait(timeout=300) == 0
-    ckpts = list(tmp_path.rglob("step-*"))
+    try:
+        for line in proc.stdout:
+            if re.search(r"step\s+2/", line):
+                proc.send_signal(signal.SIGUSR1)
+                break
+        out = proc.stdout.read()
+        assert proc.wait(timeout=300) == 0, out[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "preemption signal" in out
+    ckpts = sorted((tmp_path / "checkpoints").glob("step-*"))
     assert ckpts, "the preempted run left no checkpoint"
-    res = subprocess.run(args[:3] + ["trainer.steps=" + str(max(int(p.name.split("-")[1]) for p in ckpts) + 1)] + args[4:],
-                         capture_output=True, text=True, timeout=300)
+    stopped = int(ckpts[-1].name.split("-")[1])
+    res = subprocess.run(args[:3] + [f"trainer.steps={stopped + 1}"] + args[4:], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert f"at step {stopped}" in res.stdout
+    assert (tmp_path / "checkpoints" / f"step-{stopped + 1:08d}" / "COMPLETE").exists()
