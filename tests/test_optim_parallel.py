@@ -14,7 +14,8 @@ orthogonalises, in a batch of the same shape, and elementwise math on shards is 
    into a fresh ZeRO-1 optimizer, and step 3 equals the uninterrupted run;
 4. QK-Clip under TP with bf16 weights: each rank clips its local heads of q_b/kv_b after a MAX over
    the dp group, fp32 masters (held by the ZeRO-1 owners only) are clipped too, the next step
-   equals the single process, and the metrics count every head.
+   equals the single process, and the metrics count every head;
+5. the checkpoint manager (DCP) saves the ZeRO-1 x TP optimizer and a fresh one resumes bitwise.
 """
 
 import copy
@@ -171,6 +172,27 @@ def check_state_dict(dims) -> None:
                 assert hasattr(v, "device_mesh") == hasattr(p, "device_mesh")
 
 
+def check_dcp(dims, folder: str) -> None:
+    """The checkpoint manager (torch.distributed.checkpoint) saves the ZeRO-1 x TP optimizer (each
+    rank its owned state, DTensor state as shards) and a fresh model + optimizer resume from it."""
+    from k2train.checkpoint import CheckpointManager
+    from k2train.config import CheckpointConfig
+
+    cfg = CheckpointConfig(export_hf=False, async_save=False)
+    net = _Net(dims.tp_mesh)
+    opt = build_optimizer([net], CFG_ZERO1, dims=dims)
+    for s in range(STEPS - 1):
+        _set_grads(net, s)
+        opt.step()
+    CheckpointManager(folder, cfg).save(STEPS - 1, {"model": net, "optimizer": opt})
+    net2 = _Net(dims.tp_mesh)
+    opt2 = build_optimizer([net2], CFG_ZERO1, dims=dims)
+    assert CheckpointManager(folder, cfg).load_latest({"model": net2, "optimizer": opt2}) == STEPS - 1
+    _set_grads(net2, STEPS - 1)
+    opt2.step()
+    _assert_equal(net2, _reference(STEPS)[0], "ZeRO-1 x TP resumed through DCP")
+
+
 # -- QK-Clip ----------------------------------------------------------------------------------
 
 ATTN_CFG = ModelConfig(
@@ -260,7 +282,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, layout: dict) -> None:
+def _worker(rank: int, world: int, port: int, layout: dict, folder: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -273,10 +295,11 @@ def _worker(rank: int, world: int, port: int, layout: dict) -> None:
         check_zero1(dims)
         check_state_dict(dims)
         check_qk_clip(dims)
+        check_dcp(dims, folder)
         dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-def test_muonclip_tp_zero1_qk_clip_match_single_process():
-    mp.spawn(_worker, args=(4, _free_port(), dict(dp=2, tp=2)), nprocs=4, join=True)
+def test_muonclip_tp_zero1_qk_clip_match_single_process(tmp_path):
+    mp.spawn(_worker, args=(4, _free_port(), dict(dp=2, tp=2), str(tmp_path)), nprocs=4, join=True)
