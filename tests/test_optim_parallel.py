@@ -21,9 +21,7 @@ orthogonalises, in a batch of the same shape, and elementwise math on shards is 
 import copy
 import os
 import socket
-import tempfile
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
