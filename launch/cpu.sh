@@ -11,10 +11,11 @@ if [[ $# -lt 1 || ! $1 =~ ^[0-9]+$ ]]; then
     echo "usage: $0 NUM_PROCESSES [hydra overrides...]   e.g. $0 4 parallel=ep4" >&2
     exit 2
 fi
-nproc=$1
+num_procs=$1
 shift
+cores=$(nproc)
 export K2TRAIN_RUN_ID=${K2TRAIN_RUN_ID:-$(date +%Y%m%d-%H%M%S)}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / nproc > 0 ? $(nproc) / nproc : 1 ))}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cores / num_procs > 0 ? cores / num_procs : 1 ))}
 PYTHON=${PYTHON:-python}
-exec "$PYTHON" -m torch.distributed.run --standalone --nnodes=1 --nproc-per-node="$nproc" \
+exec "$PYTHON" -m torch.distributed.run --standalone --nnodes=1 --nproc-per-node="$num_procs" \
     -m "${K2_ENTRY:-k2train.train}" trainer.device=cpu "$@"
