@@ -109,7 +109,6 @@ def test_cpu_script_usage():
     assert out.returncode == 2 and "usage:" in out.stderr
 
 
-@pytest.mark.slow
 def test_cpu_script_trains_dp2_with_one_run_folder(tmp_path):
     """launch/cpu.sh 2 parallel=dp2: one run folder; .hydra/ and train.log from rank 0 only."""
     out = subprocess.run(
@@ -128,7 +127,6 @@ def test_cpu_script_trains_dp2_with_one_run_folder(tmp_path):
     assert sorted(p.name for p in run_dir.iterdir() if p.suffix == ".log") == ["train.log"]
 
 
-@pytest.mark.slow
 def test_multirun_sweep_two_jobs(tmp_path):
     """``-m`` sweeps run jobs one after another, each in multirun/<id>/<num> with its own metrics.
     Jobs of one sweep share trainer.output_dir, so a sweep turns resume off (docs/quickstart.md)."""

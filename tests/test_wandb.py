@@ -140,7 +140,6 @@ EXPECTED_KEYS = {
 }
 
 
-@pytest.mark.slow  # two trainer runs: ~45 s on a loaded 2-core box
 def test_trainer_offline_run_reads_back_and_restart_continues_it(tmp_path, monkeypatch):
     """k2train.train.run twice: 2 steps, then a new job (another run folder) asked for 3 steps
     resumes from the checkpoint at step 2 and continues the same wandb run."""
