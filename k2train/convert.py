@@ -154,7 +154,8 @@ def _load_dcp_tensor(ckpt: Path, key: str, shape, dtype) -> torch.Tensor:
 
     out = {key: torch.empty(shape, dtype=dtype)}
     try:
-        dcp.load(out, storage_reader=_dcp_reader(ckpt))
+        # no_dist: this runs on one rank (also rank 0 of a multi-process save), never collectively.
+        dcp.load(out, storage_reader=_dcp_reader(ckpt), no_dist=True)
     except Exception as e:  # DCP wraps I/O errors of every rank in CheckpointException
         raise ValueError(f"could not read {key!r} from {ckpt} (truncated or corrupt shard?): {e}") from e
     return out[key]

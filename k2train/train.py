@@ -189,20 +189,16 @@ def build_model_parts(cfg: JobConfig, rt: Runtime, accum: int):
 
 
 def build_optimizer_for(parts, cfg: JobConfig, rt: Runtime):
-    """MuonClip over this rank's parts; ZeRO-1 shards its state over the data-parallel ranks."""
+    """MuonClip over this rank's parts: TP-sharded matrices orthogonalized whole, EP-local experts
+    locally, and (``optim.zero1``) the state sharded over each parameter's data-parallel replicas."""
     from .optim import build_optimizer
 
-    zero1 = rt.distributed and cfg.optim.zero1 and rt.dims.dp_size > 1
-    if zero1 and rt.dims.ep == 1 and rt.dims.tp == 1:
-        return build_optimizer(parts, cfg.optim, dp_group=rt.group("dense_dp_mesh"))
-    # With ep or tp, ZeRO-1 needs one data-parallel group per kind of parameter (k2train.parallel.
-    # zero1_param_groups); until the optimizer takes those, the state stays replicated here.
-    return build_optimizer(parts, dataclasses.replace(cfg.optim, zero1=False))
+    return build_optimizer(parts, cfg.optim, dims=rt.dims if rt.distributed else None)
 
 
 def run(cfg: JobConfig, run_dir: Optional[Path] = None) -> list[dict]:
     """Train according to ``cfg``; returns the metrics logged at every step (for tests and scripts)."""
-    from .checkpoint import CheckpointManager
+    from .checkpoint import CheckpointManager, load_model_weights
     from .faults import LossSpikeDetector, NonFiniteGuard, PreemptionHandler, discard_step_
     from .optim import apply_qk_clip, attention_modules, build_lr_scheduler, describe_param_groups
     from .parallel import clip_grad_norm_, local_loss, loss_context, reduce_gradients_, sum_expert_load_
@@ -235,7 +231,7 @@ def run(cfg: JobConfig, run_dir: Optional[Path] = None) -> list[dict]:
     tp_mesh = dims.tp_mesh if dims.tp > 1 else None
 
     # --- resume ----------------------------------------------------------------------------
-    guard, spikes = NonFiniteGuard(t.on_nonfinite), LossSpikeDetector(t.spike_factor)
+    guard, spikes = NonFiniteGuard(t.on_nonfinite), LossSpikeDetector(t.spike_factor, t.spike_window)
     progress_state = {"step": 0, "tokens_seen": 0, "clipped_heads_total": 0, "wandb_run_id": None}
     ckpt = CheckpointManager(Path(t.output_dir) / "checkpoints", t.checkpoint, job_config=job_config_to_dict(cfg))
     state = {
@@ -247,6 +243,9 @@ def run(cfg: JobConfig, run_dir: Optional[Path] = None) -> list[dict]:
         "nonfinite": guard,
         "spikes": spikes,
     }
+    if t.checkpoint.load_path:
+        # Initial weights (a k2train checkpoint or an imported HF folder); a resume below overrides them.
+        load_model_weights(t.checkpoint.load_path, parts)
     if t.checkpoint.enable and t.checkpoint.resume:
         resumed = ckpt.load_latest(state)
         if resumed is not None and rt.is_logging_rank:
@@ -351,7 +350,11 @@ def run(cfg: JobConfig, run_dir: Optional[Path] = None) -> list[dict]:
         # --- update: optimizer, QK-Clip, aux-loss-free router bias, LR ------------------------
         optimizer.step()
         clip = apply_qk_clip(
-            attn, cfg.optim.qk_clip_tau if cfg.optim.qk_clip else None, group=dp_group, optimizer=optimizer
+            attn,
+            cfg.optim.qk_clip_tau if cfg.optim.qk_clip else None,
+            group=dp_group,
+            optimizer=optimizer,
+            tp_group=rt.group("tp_mesh"),
         )
         for part in parts:
             sum_expert_load_(part, token_group)

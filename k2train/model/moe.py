@@ -73,6 +73,9 @@ def _contiguous_grad(t: torch.Tensor) -> torch.Tensor:
 
 def experts_grouped_mm(x_TD, topk_idx_TK, topk_w_TK, w_gate_EID, w_up_EID, w_down_EDI) -> torch.Tensor:
     """Permute rows into expert order, three grouped GEMMs, weighted scatter-add back."""
+    dt = compute_dtype(x_TD)
+    out_dtype = x_TD.dtype
+    x_TD, w_gate_EID, w_up_EID, w_down_EDI = (t.to(dt) for t in (x_TD, w_gate_EID, w_up_EID, w_down_EDI))
     T, K = topk_idx_TK.shape
     flat_idx_N = topk_idx_TK.reshape(-1)
     order_N = torch.argsort(flat_idx_N, stable=True)
@@ -87,11 +90,18 @@ def experts_grouped_mm(x_TD, topk_idx_TK, topk_w_TK, w_gate_EID, w_up_EID, w_dow
     return torch.zeros_like(x_TD).index_add(0, token_N, y_ND)
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls run in: autocast's (which does not cover torch._grouped_mm), else x's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
 def grouped_mm_supported(x: torch.Tensor) -> bool:
     if not hasattr(torch, "_grouped_mm"):
         return False
     if x.is_cuda:
-        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
+        return compute_dtype(x) == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
     # CPU support for torch._grouped_mm arrived in torch 2.13.
     major, minor = (int(v) for v in torch.__version__.split(".")[:2])
     return (major, minor) >= (2, 13)
