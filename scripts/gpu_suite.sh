@@ -15,7 +15,7 @@ SMALL="$SMALL model.attn_impl=triton model.moe_impl=triton optim.ns_impl=triton"
 echo "== planner: k2_small, one GPU"
 python3 -m k2train.plan $SMALL 2>&1 | tail -30 | tee "$OUT/plan_small.txt"
 echo "== k2_small training, 12 steps"
-timeout 240 python3 -m k2train.train $SMALL trainer.steps=12 trainer.log_interval=2 logging.wandb=false \
+timeout 170 python3 -m k2train.train $SMALL trainer.steps=10 trainer.log_interval=2 logging.wandb=false \
   logging.progress_bar=false trainer.checkpoint.enable=false trainer.output_dir=/tmp/k2gpu 2>&1 | tee "$OUT/train_small.txt" | grep -E "step|error|Error" | tail -12
 python3 - <<'PY'
 import json, glob
@@ -27,4 +27,4 @@ if late:
           f"peak memory {max(r.get('memory_gib', 0) for r in rows):.1f} GiB  loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}")
 PY
 echo "== MuonClip optimizer step"
-timeout 200 python3 scripts/bench_muon.py 2>&1 | tee "$OUT/bench_muon.txt" | tail -25
+timeout 110 python3 scripts/bench_muon.py 2>&1 | tee "$OUT/bench_muon.txt" | tail -25
