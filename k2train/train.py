@@ -196,8 +196,11 @@ def build_optimizer_for(parts, cfg: JobConfig, rt: Runtime):
     return build_optimizer(parts, cfg.optim, dims=rt.dims if rt.distributed else None)
 
 
-def run(cfg: JobConfig, run_dir: Optional[Path] = None) -> list[dict]:
-    """Train according to ``cfg``; returns the metrics logged at every step (for tests and scripts)."""
+def run(cfg: JobConfig, run_dir: Optional[Path] = None, checkpoint_dir: Optional[Path] = None) -> list[dict]:
+    """Train according to ``cfg``; returns the metrics logged at every step (for tests and scripts).
+
+    Checkpoints go to ``checkpoint_dir``, by default ``trainer.output_dir/checkpoints``: a rerun or a
+    Slurm requeue of the same output folder resumes there."""
     from .checkpoint import CheckpointManager, load_model_weights
     from .faults import LossSpikeDetector, NonFiniteGuard, PreemptionHandler, discard_step_
     from .optim import apply_qk_clip, attention_modules, build_lr_scheduler, describe_param_groups
@@ -233,7 +236,8 @@ def run(cfg: JobConfig, run_dir: Optional[Path] = None) -> list[dict]:
     # --- resume ----------------------------------------------------------------------------
     guard, spikes = NonFiniteGuard(t.on_nonfinite), LossSpikeDetector(t.spike_factor, t.spike_window)
     progress_state = {"step": 0, "tokens_seen": 0, "clipped_heads_total": 0, "wandb_run_id": None}
-    ckpt = CheckpointManager(Path(t.output_dir) / "checkpoints", t.checkpoint, job_config=job_config_to_dict(cfg))
+    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else Path(t.output_dir) / "checkpoints"
+    ckpt = CheckpointManager(checkpoint_dir, t.checkpoint, job_config=job_config_to_dict(cfg))
     state = {
         "model": parts,
         "optimizer": optimizer,
@@ -447,7 +451,11 @@ def main() -> None:
         except ValueError as e:
             raise SystemExit(f"config error: {e}") from None
         try:
-            run(cfg, run_dir=Path(HydraConfig.get().runtime.output_dir))
+            hc = HydraConfig.get()
+            run_dir = Path(hc.runtime.output_dir)
+            # Each job of a multirun sweep keeps its own checkpoints (else job 1 would resume job 0).
+            sweep = hc.mode is not None and hc.mode.name == "MULTIRUN"
+            run(cfg, run_dir=run_dir, checkpoint_dir=run_dir / "checkpoints" if sweep else None)
         finally:
             import torch.distributed as dist
 

@@ -129,11 +129,11 @@ def test_cpu_script_trains_dp2_with_one_run_folder(tmp_path):
 
 def test_multirun_sweep_two_jobs(tmp_path):
     """``-m`` sweeps run jobs one after another, each in multirun/<id>/<num> with its own metrics.
-    Jobs of one sweep share trainer.output_dir, so a sweep turns resume off (docs/quickstart.md)."""
+    Each job checkpoints into its own folder, so the second job trains instead of resuming the first."""
     out = subprocess.run(
         [sys.executable, "-m", "k2train.train", "-m", "optim.lr=1e-3,2e-3", "trainer.steps=2", "trainer.seq_len=32",
          "trainer.micro_batch_size=2", "trainer.global_batch_size=2", "logging.progress_bar=false",
-         "logging.wandb=false", "trainer.checkpoint.enable=false", f"trainer.output_dir={tmp_path}"],
+         "logging.wandb=false", f"trainer.output_dir={tmp_path}"],
         env=_env(**{RUN_ID_ENV: "sweep1"}), capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr[-3000:]
@@ -143,4 +143,6 @@ def test_multirun_sweep_two_jobs(tmp_path):
         assert cfg["optim"]["lr"] == lr
         steps = [json.loads(l)["step"] for l in (root / str(num) / "metrics.jsonl").read_text().splitlines()]
         assert steps == [1, 2]
+        assert (root / str(num) / "checkpoints" / "latest").exists()
+    assert not (tmp_path / "checkpoints").exists()
     assert (root / "multirun.yaml").exists()
