@@ -21,6 +21,10 @@ from pathlib import Path
 
 import pytest
 
+# A real Slurm cluster shares the machine with whatever else runs: these tests run on their own,
+# serially, after the main suite (`python -m pytest -q -m slurm`; see README and .ci/run).
+pytestmark = pytest.mark.slurm
+
 REPO = Path(__file__).resolve().parent.parent
 SETUP = REPO / "launch" / "testing" / "slurm_local.sh"
 SBATCH = REPO / "launch" / "slurm.sbatch"
