@@ -60,7 +60,7 @@ NOTES: dict[str, str] = {
     "model.bos_token_id": "Beginning-of-document token id.",
     "model.eos_token_id": "End-of-document token id.",
     "model.moe_impl": "`loop` (reference), `grouped_mm` (torch._grouped_mm), `triton` (GPU kernels).",
-    "model.norm_impl": "`triton`: fused RMSNorm kernels (GPU).",
+    "model.norm_impl": "`triton`: the fused RMSNorm kernel (k2train.kernels.norms); GPU, or CPU under TRITON_INTERPRET=1.",
     "optim.name": "`muonclip` (Muon + QK-Clip), `muon` (no clip, logits still measured), `adamw` (everything AdamW).",
     "optim.lr": "Peak learning rate (Muon's is RMS-matched to AdamW's, so one lr serves both).",
     "optim.weight_decay": "Decoupled weight decay, Muon and AdamW alike.",

@@ -78,6 +78,8 @@ class ModelConfig:
     attn_impl: Literal["eager", "sdpa", "triton"] = "eager"
     moe_impl: Literal["loop", "grouped_mm", "triton"] = "grouped_mm"
     norm_impl: Literal["torch", "triton"] = "torch"
+    # SwiGLU of the dense FFN and the shared expert (the routed experts' is inside moe_impl=triton).
+    mlp_impl: Literal["torch", "triton"] = "torch"
 
     @property
     def qk_head_dim(self) -> int:
@@ -356,6 +358,12 @@ class JobConfig:
         self.parallel.validate()
         self.trainer.validate()
         m, t = self.model, self.trainer
+        if self.parallel.tp > 1 and "triton" in (m.norm_impl, m.mlp_impl):
+            _fail(
+                f"model.norm_impl={m.norm_impl} / model.mlp_impl={m.mlp_impl}: the fused norm and SwiGLU kernels "
+                f"take plain tensors, not the DTensors of tensor parallelism (parallel.tp={self.parallel.tp}); "
+                "use model.norm_impl=torch model.mlp_impl=torch"
+            )
         if t.seq_len > m.max_position_embeddings:
             _fail(f"trainer.seq_len={t.seq_len} exceeds model.max_position_embeddings={m.max_position_embeddings}")
         return self

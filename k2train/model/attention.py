@@ -71,10 +71,10 @@ class MLA(nn.Module):
         D, H = cfg.hidden_size, cfg.num_attention_heads
 
         self.q_a_proj = nn.Linear(D, cfg.q_lora_rank, bias=False)
-        self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+        self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps, cfg.norm_impl)
         self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * qk_head_dim, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(D, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
-        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps, cfg.norm_impl)
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.o_proj = nn.Linear(H * cfg.v_head_dim, D, bias=False)
         self.register_buffer("max_logit", torch.full((H,), float("-inf")), persistent=False)

@@ -48,11 +48,11 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
         self.layer_id = layer_id
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_impl)
         self.self_attn = MLA(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_impl)
         if layer_id < cfg.first_k_dense_replace:
-            self.mlp = FeedForward(cfg.hidden_size, cfg.intermediate_size)
+            self.mlp = FeedForward(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_impl)
         else:
             self.mlp = MoE(cfg)
 
@@ -67,7 +67,7 @@ class K2Model(nn.Module):
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.num_hidden_layers)})
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_impl)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         inv_freq, self.rope_attention_factor = rope_inv_freq(cfg)
         self.register_buffer("rope_inv_freq", inv_freq, persistent=False)

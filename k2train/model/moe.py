@@ -19,14 +19,20 @@ from ..config import ModelConfig
 class FeedForward(nn.Module):
     """SwiGLU MLP: down(silu(gate(x)) * up(x)). Layer 0's dense FFN and the shared expert."""
 
-    def __init__(self, dim: int, hidden_dim: int):
+    def __init__(self, dim: int, hidden_dim: int, impl: str = "torch"):
         super().__init__()
+        self.impl = impl
         self.gate_proj = nn.Linear(dim, hidden_dim, bias=False)
         self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
         self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.impl == "triton":
+            from k2train.kernels.swiglu import swiglu
+
+            return self.down_proj(swiglu(gate, up))
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Router(nn.Module):
@@ -152,7 +158,7 @@ class MoE(nn.Module):
         self.gate = Router(cfg)
         self.experts = GroupedExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.moe_impl)
         self.shared_experts = (
-            FeedForward(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+            FeedForward(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, cfg.mlp_impl)
             if cfg.n_shared_experts > 0
             else None
         )

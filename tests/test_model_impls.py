@@ -1,0 +1,38 @@
+"""The kernel switches of the model compute what the torch path computes (CPU: Triton's interpreter)."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from k2train.config import load_config
+from k2train.model import K2Model
+
+pytest.importorskip("triton")
+
+
+def _cfg(**kw):
+    cfg = load_config().model
+    return dataclasses.replace(cfg, vocab_size=300, hidden_size=32, q_lora_rank=16, kv_lora_rank=16, num_hidden_layers=2,
+                               intermediate_size=48, moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2,
+                               qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, num_attention_heads=2,
+                               bos_token_id=0, eos_token_id=1, **kw)
+
+
+@pytest.mark.parametrize("switch", [dict(norm_impl="triton"), dict(mlp_impl="triton")], ids=["norm", "mlp"])
+def test_kernel_switch_matches_torch(switch):
+    ref, fused = K2Model(_cfg()), K2Model(_cfg(**switch))
+    ref.init_weights(seed=3)
+    fused.init_weights(seed=3)
+    tokens = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    out_r, out_f = ref(tokens), fused(tokens)
+    out_r.square().mean().backward()
+    out_f.square().mean().backward()
+    assert (out_f - out_r).norm() / out_r.norm() < 1e-5
+    for (name, pr), pf in zip(ref.named_parameters(), fused.parameters()):
+        assert (pf.grad - pr.grad).norm() <= 1e-5 * pr.grad.norm() + 1e-12, name
+
+
+def test_fused_kernels_refused_with_tensor_parallelism():
+    with pytest.raises(ValueError, match="use model.norm_impl=torch"):
+        load_config(["model.norm_impl=triton", "parallel=tp2"]).validate()
