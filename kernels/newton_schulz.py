@@ -15,17 +15,9 @@ from __future__ import annotations
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs: the torch path below is the whole implementation
-    triton = None
+from ._triton import interpreted as _interpreted, tl, triton
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
-
-
-def _interpreted(kernel) -> bool:
-    return type(kernel).__name__ == "InterpretedFunction"
 
 
 if triton is not None:

@@ -13,15 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
-
-
-def _interpreted(kernel) -> bool:
-    return type(kernel).__name__ == "InterpretedFunction"
+from ._triton import interpreted as _interpreted, tl, triton
 
 
 if triton is not None:
