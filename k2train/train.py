@@ -10,9 +10,7 @@ materialized and initialized -> MuonClip -> data loader for this rank -> resume 
 checkpoint) -> final save. :func:`run` is the whole story, top to bottom.
 """
 
-import dataclasses
 import json
-import math
 import os
 import subprocess
 import sys

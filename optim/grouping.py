@@ -7,7 +7,7 @@ AdamW for the rest: embedding, LM head, final norm, every norm scale and bias. T
 ``e_score_correction_bias`` is a buffer, not a parameter: no optimizer touches it.
 """
 
-from typing import Optional
+
 
 import torch
 from torch import nn

@@ -80,7 +80,6 @@ def _contiguous_grad(t: torch.Tensor) -> torch.Tensor:
 def experts_grouped_mm(x_TD, topk_idx_TK, topk_w_TK, w_gate_EID, w_up_EID, w_down_EDI) -> torch.Tensor:
     """Permute rows into expert order, three grouped GEMMs, weighted scatter-add back."""
     dt = compute_dtype(x_TD)
-    out_dtype = x_TD.dtype
     x_TD, w_gate_EID, w_up_EID, w_down_EDI = (t.to(dt) for t in (x_TD, w_gate_EID, w_up_EID, w_down_EDI))
     T, K = topk_idx_TK.shape
     flat_idx_N = topk_idx_TK.reshape(-1)
