@@ -103,9 +103,11 @@ def _preempt_requeue_and_wait(env: dict, job: str, ready, log: Path, timeout: fl
     _wait(ready, timeout, "the first run to start", log)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=env, check=True, timeout=30)
     _wait(lambda: int(_scontrol_job(env, job).get("Restarts", 0)) >= 1, timeout, "the requeue", log)
-    # A requeued job becomes eligible only after a fixed delay (about 120 s); start it now.
+    # A requeued job becomes eligible only after a fixed delay (about 120 s); start it sooner, but
+    # not within the second of the requeue: slurmd compares credential times in whole seconds and
+    # would kill the relaunch with "Job credential revoked" (seen in CI).
     _wait(lambda: _scontrol_job(env, job).get("JobState") == "PENDING", 30, "the job to pend", log)
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=True, timeout=30)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now+3"], env=env, check=True, timeout=30)
     return _wait(
         lambda: (s := _scontrol_job(env, job).get("JobState")) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") and s,
         timeout, "the requeued job to finish", log,
