@@ -37,8 +37,12 @@ COMMON = [
 # Cross-layout tolerance: fp32 sums in another order (TP-split matmuls, all-reduces, DP-averaged
 # gradients) drift by a few ulps per step; Muon's Newton-Schulz and the router's top-k amplify a little.
 RESHARD_RTOL = 1e-5
-# Per tensor: max |a - b| / max |b| of the step-2 weights saved under two layouts.
-WEIGHT_RTOL = 1e-4
+# Per tensor: max |a - b| / max |b| of the step-2 weights saved under two layouts (measured <= 5e-7).
+# The AdamW-updated embedding and head are looser (measured 7e-4 .. 1.2e-3 for embed_tokens): Adam's
+# m / (sqrt(v) + eps) turns a last-ulp difference in a row whose gradient is near eps (rare tokens)
+# into an O(lr) difference of that row's update.
+WEIGHT_RTOL = 2e-6
+ADAMW_TABLE_RTOL = 5e-3
 
 
 def _env(run_id: str) -> dict:
@@ -117,9 +121,12 @@ def test_resume_under_another_layout(tmp_path, src, dst):
     for name, t in stored.items():
         assert torch.equal(loaded[name], t), f"{name} differs after loading {src}'s checkpoint into one process"
     reference = _weights(tmp_path / "dst" / "checkpoints" / "step-00000002")
-    worst = max(_max_rel(loaded[k], reference[k]) for k in reference)
-    print(f"{src}->{dst}: step-2 weights max rel diff vs {dst} {worst:.3g}")
-    assert worst < WEIGHT_RTOL, f"{src}'s step-2 weights differ from {dst}'s by {worst:.3g} (relative)"
+    diffs = {k: _max_rel(loaded[k], reference[k]) for k in reference}
+    print(f"{src}->{dst}: step-2 weights max rel diff vs {dst}: "
+          f"{sorted(diffs.items(), key=lambda kv: -kv[1])[:3]}")
+    for name, d in diffs.items():
+        tol = ADAMW_TABLE_RTOL if name in ("embed_tokens.weight", "lm_head.weight") else WEIGHT_RTOL
+        assert d < tol, f"{src}'s step-2 {name} differs from {dst}'s by {d:.3g} (relative; tolerance {tol})"
 
     second = train(tmp_path / "src", dst, 4, "second")
     a, b = torch.tensor(first + second, dtype=torch.float64), torch.tensor(straight, dtype=torch.float64)
