@@ -27,7 +27,10 @@ from k2train.runtime import RUN_ID_ENV
 pytestmark = pytest.mark.slow
 
 NPROC = {"single": 1, "dp2": 2, "tp2": 2, "ep2": 2, "ep4": 4, "pp2": 2, "pp2_vpp2": 2, "tp2_ep2": 4,
-         "dp2_ep2": 4, "pp2_ep2": 4}
+         "dp2_ep2": 4, "pp2_ep2": 4, "pp2_ep2@8": 8}
+# "preset@N": the preset on N processes (its dp=-1 takes the rest: pp2_ep2@8 is PP2 x EP2 x DP2),
+# with a global batch that still gives each pipeline two micro-batches.
+EXTRA = {"pp2_ep2@8": ["trainer.global_batch_size=16"]}
 COMMON = [
     "model=k2_tiny", "trainer.seq_len=32", "trainer.micro_batch_size=2", "trainer.global_batch_size=8",
     "trainer.device=cpu", "trainer.dtype=float32", "trainer.log_interval=1", "trainer.checkpoint.export_hf=false",
@@ -56,6 +59,8 @@ def train(out: Path, layout: str, steps: int, run_id: str, *extra: str) -> list[
     """Launch the trainer on ``layout`` into ``out`` (auto-resuming from ``out/checkpoints``);
     returns the losses this launch logged (metrics.jsonl of its run folder)."""
     n = NPROC[layout]
+    extra = (*EXTRA.get(layout, []), *extra)
+    layout = layout.split("@")[0]
     launcher = [sys.executable, "-m", "k2train.train"] if n == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", "-m", "k2train.train"]
     args = COMMON + [f"parallel={layout}", f"trainer.steps={steps}", f"trainer.output_dir={out}", *extra]
@@ -76,7 +81,8 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-EXACT_LAYOUTS = ["dp2", "tp2", "ep2", "pp2", "pp2_vpp2", "tp2_ep2", "dp2_ep2"]
+# Every layout of the parallelism issue's parity list.
+EXACT_LAYOUTS = ["dp2", "tp2", "ep2", "ep4", "pp2", "pp2_vpp2", "tp2_ep2", "pp2_ep2", "dp2_ep2", "pp2_ep2@8"]
 
 
 @pytest.mark.parametrize("layout", EXACT_LAYOUTS)
