@@ -12,7 +12,6 @@ checkpoint) -> final save. :func:`run` is the whole story, top to bottom.
 
 import json
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -22,11 +21,13 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .checkpoint import git_revision as ckpt_git_revision
 from .config import JobConfig, ModelConfig, TrainerConfig, job_config_to_dict
 from .flops import flops_per_token, peak_tflops
 from .metrics import MetricLogger, format_step
 from .model import K2Model, update_router_bias_
 from .parallel import ParallelDims
+from .runtime import logging_rank
 from .runtime import default_wandb_run_id
 
 
@@ -47,23 +48,6 @@ def build_model(cfg: ModelConfig, device: torch.device, seed: int) -> K2Model:
     model.to_empty(device=device)
     model.init_weights(seed=seed)
     return model
-
-
-def git_revision() -> str:
-    try:
-        root = Path(__file__).resolve().parent.parent
-        rev = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, timeout=5).stdout
-        return rev + ("-dirty" if dirty.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        from importlib.metadata import PackageNotFoundError, version
-
-        try:
-            return "k2train " + version("k2train")
-        except PackageNotFoundError:
-            return "unknown"
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -113,8 +97,7 @@ class Runtime:
 
     @property
     def is_logging_rank(self) -> bool:
-        # The first rank of the last pipeline stage: it holds the loss (mesh axes are pp-major).
-        return self.rank == (self.dims.pp - 1) * (self.world_size // self.dims.pp)
+        return self.rank == logging_rank(self.world_size, self.dims.pp)
 
     @property
     def dp_rank(self) -> int:
@@ -213,7 +196,7 @@ def run(cfg: JobConfig, run_dir: Optional[Path] = None, checkpoint_dir: Optional
     if rt.is_logging_rank:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(job_config_to_dict(cfg), indent=2))
-        (run_dir / "git_revision").write_text(git_revision() + "\n")
+        (run_dir / "git_revision").write_text(ckpt_git_revision() + "\n")
 
     # --- model, optimizer, data ------------------------------------------------------------
     accum = grad_accumulation_steps(t, dims.dp_size)
@@ -290,8 +273,6 @@ def run(cfg: JobConfig, run_dir: Optional[Path] = None, checkpoint_dir: Optional
     while step < t.steps:
         step += 1
         t0 = time.perf_counter()
-        for m in attn.values():
-            m.reset_max_logit()
         optimizer.zero_grad(set_to_none=True)
 
         # --- forward / backward over this step's micro-batches -------------------------------
