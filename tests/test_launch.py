@@ -69,20 +69,25 @@ def test_wandb_id_is_a_function_of_the_run_folder(tmp_path):
     assert a.startswith("k2-") and len(a) == 15
 
 
-_PRINT_ID = "from k2train.runtime import resolve_run_id, rank_from_env; print('RUNID', rank_from_env()[0], resolve_run_id(), flush=True)"
+# Each rank writes its own file: two ranks printing to one pipe can interleave mid-line.
+_PRINT_ID = (
+    "import sys, pathlib\n"
+    "from k2train.runtime import resolve_run_id, rank_from_env\n"
+    "pathlib.Path(sys.argv[1], f'rank{rank_from_env()[0]}.txt').write_text(resolve_run_id())\n"
+)
 
 
 def test_torchrun_ranks_agree_on_a_timestamp(tmp_path):
     """No K2TRAIN_RUN_ID, no Slurm: rank 0's timestamp reaches rank 1 through torchrun's store."""
     script = tmp_path / "print_id.py"
-    script.write_text(_PRINT_ID + "\n")
+    script.write_text(_PRINT_ID)
     out = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script), str(tmp_path)],
         env=_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=120,
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    ids = dict(l.split()[1:3] for l in out.stdout.splitlines() if l.startswith("RUNID"))
-    assert set(ids) == {"0", "1"} and ids["0"] == ids["1"] and len(ids["0"]) == 15
+    ids = {r: (tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)}
+    assert ids[0] == ids[1] and len(ids[0]) == 15, ids
 
 
 def test_cfg_job_prints_the_resolved_config(tmp_path):
