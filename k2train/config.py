@@ -251,7 +251,9 @@ class ParallelConfig:
     vpp: int = 1
     pp_schedule: Literal["1F1B", "Interleaved1F1B", "GPipe"] = "1F1B"
     sequence_parallel: bool = True
-    # Selective activation recompute as K2 used it, or none / full.
+    # Activation recompute (k2train/parallel/recompute.py): none; selective (K2: norms, SwiGLU,
+    # RoPE and the MLA up-projections recomputed, matmul/attention outputs kept); full (each block
+    # keeps only its input).
     recompute: Literal["none", "selective", "full"] = "none"
     # Collective timeout (NCCL/gloo), seconds.
     timeout_s: int = 600
@@ -310,6 +312,7 @@ class TrainerConfig:
     spike_factor: float = 3.0
     # ... its running mean over this many recent non-spike steps.
     spike_window: int = 100
+    # torch.compile each transformer block (k2train/parallel/compile.py).
     compile: bool = False
     output_dir: str = "runs"
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

@@ -134,10 +134,13 @@ def setup_runtime(cfg: JobConfig) -> Runtime:
 
 
 def build_model_parts(cfg: JobConfig, rt: Runtime, accum: int):
-    """Meta-device model -> pipeline split -> TP -> EP -> materialize + layout-invariant init.
+    """Meta-device model -> pipeline split -> TP -> EP -> recompute -> compile -> materialize +
+    layout-invariant init.
 
     Returns (model parts held by this rank, the pipeline or None)."""
     from .parallel import apply_ep, apply_tp
+    from .parallel.compile import apply_compile
+    from .parallel.recompute import apply_recompute
 
     t = cfg.trainer
     with torch.device("meta"):
@@ -163,6 +166,10 @@ def build_model_parts(cfg: JobConfig, rt: Runtime, accum: int):
             apply_tp(part, rt.dims.tp_mesh, cfg.parallel.sequence_parallel)
         if rt.dims.ep > 1:
             apply_ep(part, rt.dims.ep_mesh)
+        if cfg.parallel.recompute != "none":
+            apply_recompute(part, cfg.parallel.recompute)
+        if t.compile:
+            apply_compile(part)
         part.to_empty(device=rt.device)
         part.init_weights(seed=t.seed)
         part.train()

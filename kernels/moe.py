@@ -187,13 +187,10 @@ def combine(y_ND: torch.Tensor, topk_w_TK: torch.Tensor, routing: Routing) -> to
 
 
 def grouped_mm_ok(x: torch.Tensor) -> bool:
-    """torch._grouped_mm runs here: CUDA bf16 on sm90+, or CPU from torch 2.13 on."""
-    if not hasattr(torch, "_grouped_mm"):
-        return False
-    if x.is_cuda:
-        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
-    major, minor = (int(v) for v in torch.__version__.split(".")[:2])
-    return (major, minor) >= (2, 13)
+    """torch._grouped_mm runs here: CUDA bf16 on sm90+, or CPU from torch 2.13 on (the model's rule)."""
+    from k2train.model.moe import grouped_mm_supported
+
+    return grouped_mm_supported(x)
 
 
 def grouped_linear(x_ND: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:

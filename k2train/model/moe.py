@@ -107,9 +107,10 @@ def grouped_mm_supported(x: torch.Tensor) -> bool:
         return False
     if x.is_cuda:
         return compute_dtype(x) == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
-    # CPU support for torch._grouped_mm arrived in torch 2.13.
+    # CPU support for torch._grouped_mm arrived in torch 2.13, for fp32 too in eager; its
+    # fake-tensor rule (torch.compile) still demands bf16, so compiled fp32 CPU code takes the loop.
     major, minor = (int(v) for v in torch.__version__.split(".")[:2])
-    return (major, minor) >= (2, 13)
+    return (major, minor) >= (2, 13) and (compute_dtype(x) == torch.bfloat16 or not torch.compiler.is_compiling())
 
 
 class GroupedExperts(nn.Module):

@@ -86,7 +86,14 @@ def norm_bytes(dim: int, a: int) -> float:
 
 
 def layer_activation_bytes(
-    cfg: ModelConfig, moe: bool, seq_len: int, recompute: str, a: int, tp: int = 1, fp8_moe_inputs: bool = False
+    cfg: ModelConfig,
+    moe: bool,
+    seq_len: int,
+    recompute: str,
+    a: int,
+    tp: int = 1,
+    fp8_moe_inputs: bool = False,
+    residual_bytes: Optional[int] = None,
 ) -> float:
     """Bytes one token leaves saved for the backward in one block, per the ops of k2train.model.
 
@@ -94,6 +101,9 @@ def layer_activation_bytes(
     probabilities (H x S per token); the fused kernels (sdpa/triton) save q, k, v, out and the
     log-sum-exp instead. ``fp8_moe_inputs``: K2's FP8 (e4m3, 1x128 tiles) storage of the routed
     experts' input and the SwiGLU inputs (a planning option: k2train does not implement it yet).
+    ``residual_bytes``: bytes of the residual stream (the block input), default ``a``; under
+    autocast it stays fp32 (4) since the embedding and the residual adds run outside autocast.
+    Recompute modes are k2train/parallel/recompute.py's (tests/test_recompute.py measures them).
     """
     D, H = cfg.hidden_size, cfg.num_attention_heads // tp
     dn, dr, dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
@@ -107,7 +117,7 @@ def layer_activation_bytes(
     probs = 4 * H * seq_len if eager else 0
     router_copy = 4 * D if a != 4 else 0  # x.float() for the fp32 router
     if recompute == "full":
-        return a * D  # the block input; the layer is recomputed in its backward
+        return (residual_bytes or a) * D  # the block input; the layer is recomputed in its backward
     if recompute == "selective":
         # K2: norms, SwiGLU, MLA up-projections (q_b, kv_b and what follows up to attention) and
         # the MoE down-projection are recomputed; their inputs stay.
@@ -236,6 +246,7 @@ def estimate_memory(
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r} must be one of {sorted(PRECISIONS)}")
     pb, gb, mb, a = PRECISIONS[precision]
+    residual = pb if precision == "bf16" else 4  # autocast keeps the residual stream fp32
     p = parallel_cfg
     notes = []
     if dp is None:
@@ -282,7 +293,9 @@ def estimate_memory(
                 largest_bucket["expert" if expert else "dense"] += gb * n
         layers = [i for s in stage_ids for i in split[s]]
         act_mb = sum(
-            layer_activation_bytes(model_cfg, i >= model_cfg.first_k_dense_replace, S, p.recompute, a, tp, fp8_moe_inputs)
+            layer_activation_bytes(
+                model_cfg, i >= model_cfg.first_k_dense_replace, S, p.recompute, a, tp, fp8_moe_inputs, residual
+            )
             for i in layers
         ) * tokens_mb
         inflight = in_flight_microbatches(p.pp_schedule, pp, vpp, r, m)

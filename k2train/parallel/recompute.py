@@ -1,0 +1,158 @@
+"""Activation recompute (``parallel.recompute``), applied to the transformer blocks from outside.
+
+- ``none``: every op keeps what its backward needs (the planner's ``layer_activation_bytes``
+  counts those tensors one by one).
+- ``full``: a block keeps only its input; its forward runs again inside the backward.
+- ``selective`` (K2's recipe, after the K2 report: cheap, memory-heavy stages recomputed): the block
+  keeps the outputs of its matmuls (the low-rank down-projections, ``o_proj``, the routed experts'
+  grouped GEMMs, the router and the dense/shared FFN projections), of the fused attention, and of
+  the collectives; RMSNorms, SwiGLU, RoPE, the MLA up-projections (``q_b_proj``, ``kv_b_proj``),
+  casts and element-wise ops are recomputed from them in the backward. Attention kernels that run
+  outside the dispatcher (``model.attn_impl=triton``) are recomputed too.
+
+How: each block's class is swapped for a subclass whose ``forward`` runs the original one under
+non-reentrant :func:`torch.utils.checkpoint.checkpoint` (the same trick ``fully_shard`` uses, so
+parameter names, state-dict keys and ``block.self_attn``-style access stay unchanged). Selective
+mode adds a selective-checkpoint policy (``create_selective_checkpoint_contexts``).
+
+A recompute re-runs the forward, and the forward also updates module state: the MoE's routed-token
+counts (summed), the attention's max logit (a max), the MoE's ``aux_loss`` attribute. The wrapper
+snapshots the block's buffers and tensor attributes before a recompute and restores them after, so
+the statistics count every token exactly once whatever the mode (tests/test_recompute.py).
+"""
+
+import threading
+from contextlib import contextmanager, nullcontext
+from typing import Iterator
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+MODES = ("none", "selective", "full")
+# Linear layers whose matmuls selective recompute runs again (K2: the MLA up-projections).
+RECOMPUTED_LINEARS = ("q_b_proj", "kv_b_proj")
+
+
+def _ops(*names: str) -> set:
+    """aten overload packets that exist in this torch build (some are CUDA- or version-specific)."""
+    found = set()
+    for name in names:
+        ns, _, op = name.partition(".")
+        packet = getattr(getattr(torch.ops, ns), op, None)
+        if packet is not None:
+            found.add(packet)
+    return found
+
+
+# Outputs kept by selective recompute: matmuls and fused attention (expensive to recompute).
+_SAVED = _ops(
+    "aten.mm", "aten.addmm", "aten.bmm", "aten.baddbmm", "aten._grouped_mm",
+    "aten._scaled_dot_product_flash_attention", "aten._scaled_dot_product_efficient_attention",
+    "aten._scaled_dot_product_cudnn_attention", "aten._scaled_dot_product_flash_attention_for_cpu",
+    "aten._flash_attention_forward", "aten._efficient_attention_forward",
+    "_c10d_functional.all_to_all_single", "_c10d_functional.all_gather_into_tensor",
+    "_c10d_functional.reduce_scatter_tensor", "_c10d_functional.all_reduce",
+)  # fmt: skip
+
+_region = threading.local()
+
+
+def _in_recomputed_linear() -> bool:
+    return getattr(_region, "depth", 0) > 0
+
+
+def _enter_region(module, args):
+    _region.depth = getattr(_region, "depth", 0) + 1
+
+
+def _leave_region(module, args, output):
+    _region.depth -= 1
+
+
+def _policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    if op.overloadpacket in _SAVED and not _in_recomputed_linear():
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+@contextmanager
+def _pass(block: nn.Module, inner, recompute: bool) -> Iterator[None]:
+    """One pass over a checkpointed block: the forward, or its recompute (which must leave the
+    block's state as the forward left it). A recompute may stop early, by an exception once every
+    needed tensor is back, before region hooks close: every pass starts and ends with none open."""
+    _region.depth = 0
+    try:
+        with _state_restored(block) if recompute else nullcontext(), inner:
+            yield
+    finally:
+        _region.depth = 0
+
+
+@contextmanager
+def _state_restored(block: nn.Module) -> Iterator[None]:
+    """Undo whatever a recomputed forward does to ``block``'s buffers and tensor attributes."""
+    with torch.no_grad():
+        buffers = [(b, b.clone()) for b in block.buffers()]
+    attrs = [
+        (m, k, v) for m in block.modules() for k, v in vars(m).items() if isinstance(v, torch.Tensor) and not k.startswith("_")
+    ]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+        for m, k, v in attrs:
+            setattr(m, k, v)
+
+
+class RecomputedBlock:
+    """Mixin placed in front of a block's class by :func:`apply_recompute`."""
+
+    recompute_mode: str = "full"
+
+    def forward(self, *args, **kwargs):
+        if not torch.is_grad_enabled():  # evaluation: nothing is saved, nothing to recompute
+            return super().forward(*args, **kwargs)
+
+        def contexts():
+            if self.recompute_mode == "selective":
+                fwd, rec = create_selective_checkpoint_contexts(_policy)
+            else:
+                fwd, rec = nullcontext(), nullcontext()
+            return _pass(self, fwd, recompute=False), _pass(self, rec, recompute=True)
+
+        return checkpoint(super().forward, *args, use_reentrant=False, context_fn=contexts, **kwargs)
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def _recomputed_class(cls: type) -> type:
+    if cls not in _CLASSES:
+        _CLASSES[cls] = type(f"Recomputed{cls.__name__}", (RecomputedBlock, cls), {})
+    return _CLASSES[cls]
+
+
+def apply_recompute(model: nn.Module, mode: str) -> nn.Module:
+    """Turn on ``mode`` (``none``/``selective``/``full``) for every block in ``model.layers``
+    (a whole model or a pipeline stage's part). Idempotent; ``none`` undoes a previous call."""
+    if mode not in MODES:
+        raise ValueError(f"parallel.recompute={mode!r}: choose one of {', '.join(MODES)}")
+    for block in model.layers.values():
+        base = block.__class__.__mro__[2] if isinstance(block, RecomputedBlock) else block.__class__
+        handles = getattr(block, "_recompute_hooks", [])
+        for h in handles:
+            h.remove()
+        block._recompute_hooks = []
+        if mode == "none":
+            block.__class__ = base
+            continue
+        block.__class__ = _recomputed_class(base)
+        block.recompute_mode = mode
+        if mode == "selective":
+            for name, m in block.named_modules():
+                if name.rsplit(".", 1)[-1] in RECOMPUTED_LINEARS:
+                    block._recompute_hooks += [m.register_forward_pre_hook(_enter_region), m.register_forward_hook(_leave_region)]
+    return model
