@@ -179,3 +179,36 @@ def test_parallel_layout_with_recompute_matches_single_process(layout, mode):
 
     par = h.run_parallel(layout, apply_fn=functools.partial(_with_recompute, mode=mode))
     assert_parity(par, h.run_reference())
+
+
+def _trainer_losses(out, *overrides):
+    from k2train.config import load_config
+    from k2train.train import run
+
+    cfg = load_config([
+        "model=k2_tiny", "trainer.seq_len=32", "trainer.micro_batch_size=2", "trainer.global_batch_size=4",
+        "trainer.steps=3", f"trainer.output_dir={out}", "trainer.device=cpu", "trainer.dtype=float32",
+        "trainer.checkpoint.enable=false", "logging.wandb=false", "logging.progress_bar=false",
+        "data.num_workers=0", *overrides,
+    ])  # fmt: skip
+    return [m["loss"] for m in run(cfg, run_dir=out / "logs")]
+
+
+def test_trainer_recompute_is_bit_exact(tmp_path, one_thread):
+    ref = _trainer_losses(tmp_path / "none")
+    assert _trainer_losses(tmp_path / "sel", "parallel.recompute=selective") == ref
+    assert _trainer_losses(tmp_path / "full", "parallel.recompute=full") == ref
+
+
+@pytest.mark.slow  # inductor compiles the blocks: ~1-5 min on 2 cores with a cold cache
+def test_trainer_compile_matches_eager(tmp_path, one_thread):
+    """Compiled blocks (with full recompute traced inside) against eager: inductor fuses and
+    reorders fp32 arithmetic, so equal to 1e-5 relative rather than bitwise (observed ~1e-6)."""
+    ref = _trainer_losses(tmp_path / "eager")
+    got = _trainer_losses(tmp_path / "compiled", "trainer.compile=true", "parallel.recompute=full")
+    assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(got, ref)), (got, ref)
+
+
+def test_selective_with_compile_is_refused_with_a_way_out(tmp_path):
+    with pytest.raises(Exception, match="use parallel.recompute=full"):
+        _trainer_losses(tmp_path, "trainer.compile=true", "parallel.recompute=selective")

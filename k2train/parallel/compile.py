@@ -5,7 +5,12 @@ code, so one compiled graph serves them all (dynamo guards on the module's attri
 identity), compile time does not grow with depth, and the pieces that cannot be traced (the MoE's
 data-dependent token counts, collectives outside the functional API) break the graph only
 inside their own block. ``Module.compile`` keeps the block object, its class, its parameter names
-and its state-dict keys; activation recompute (applied first) is traced with the block.
+and its state-dict keys.
+
+With ``parallel.recompute=full`` the block's own forward is compiled and the checkpoint stays
+around it in eager mode: the MoE's token counts are data-dependent graph breaks, and only the
+eager checkpoint can undo a recompute's second count (k2train/parallel/recompute.py). Selective
+recompute with compile is refused by the config check (its op policy runs on eager ops).
 """
 
 from torch import nn
@@ -13,6 +18,11 @@ from torch import nn
 
 def apply_compile(model: nn.Module, backend: str = "inductor") -> nn.Module:
     """Compile every block in ``model.layers`` in place; returns ``model``."""
+    from .recompute import RecomputedBlock
+
     for block in model.layers.values():
-        block.compile(backend=backend)
+        if isinstance(block, RecomputedBlock):
+            block.compile_inner(backend)
+        else:
+            block.compile(backend=backend)
     return model

@@ -27,7 +27,11 @@ from typing import Iterator
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    checkpoint,
+    create_selective_checkpoint_contexts,
+)
 
 MODES = ("none", "selective", "full")
 # Linear layers whose matmuls selective recompute runs again (K2: the MLA up-projections).
@@ -115,15 +119,25 @@ class RecomputedBlock:
     def forward(self, *args, **kwargs):
         if not torch.is_grad_enabled():  # evaluation: nothing is saved, nothing to recompute
             return super().forward(*args, **kwargs)
-
         def contexts():
             if self.recompute_mode == "selective":
-                fwd, rec = create_selective_checkpoint_contexts(_policy)
+                fwd, rec = _selective_contexts()
             else:
                 fwd, rec = nullcontext(), nullcontext()
             return _pass(self, fwd, recompute=False), _pass(self, rec, recompute=True)
 
-        return checkpoint(super().forward, *args, use_reentrant=False, context_fn=contexts, **kwargs)
+        inner = getattr(self, "_compiled_forward", None) or super().forward
+        return checkpoint(inner, *args, use_reentrant=False, context_fn=contexts, **kwargs)
+
+    def compile_inner(self, backend: str = "inductor") -> None:
+        """trainer.compile with recompute: compile the block's own forward and keep the
+        checkpoint around it in eager mode, where the recompute's state restore runs."""
+        self._compiled_forward = torch.compile(super().forward, backend=backend)
+
+
+def _selective_contexts():
+    return create_selective_checkpoint_contexts(_policy)
+
 
 
 _CLASSES: dict[type, type] = {}
