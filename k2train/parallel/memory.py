@@ -119,8 +119,8 @@ def layer_activation_bytes(
     if recompute == "full":
         return (residual_bytes or a) * D  # the block input; the layer is recomputed in its backward
     if recompute == "selective":
-        # K2: norms, SwiGLU, MLA up-projections (q_b, kv_b and what follows up to attention) and
-        # the MoE down-projection are recomputed; their inputs stay.
+        # K2 (k2train/parallel/recompute.py): norms, SwiGLU, RoPE, the MLA up-projections (q_b,
+        # kv_b and what follows up to attention) and casts are recomputed; their inputs stay.
         attn = a * (qr + kr + dr + H * dv) + 4 * H + probs
         mlp = e * (K * D + 2 * K * I) + a * 2 * Is + 4 * E + router_copy if moe else a * 2 * F
         return 2 * a * D + attn + mlp
