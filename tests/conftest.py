@@ -16,3 +16,15 @@ if not _has_cuda:
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def one_thread():
+    """CPU reductions split their work by thread count: hold it at one so that runs compare bitwise."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

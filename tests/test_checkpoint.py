@@ -180,15 +180,6 @@ def _build(job):
     return model, opt, sched, loader, step_fn
 
 
-@pytest.fixture
-def one_thread():
-    # CPU reductions split work by thread count; hold it fixed so that runs are comparable.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def test_exact_resume_muonclip_bit_for_bit(tmp_path, one_thread):
     pytest.importorskip("k2train.optim.qk_clip")
     job = load_config(["model=k2_tiny", "optim=muonclip"])

@@ -1,18 +1,7 @@
 """Exact resume through the trainer itself: k2train.train.run for 2N steps straight vs N steps
 (final save), then a restart that resumes and trains N more. Losses bit for bit (CPU, fp32)."""
 
-import pytest
-import torch
-
 from k2train.config import load_config
-
-
-@pytest.fixture
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # CPU reductions split work by thread count; hold it fixed
-    yield
-    torch.set_num_threads(old)
 
 
 def _cfg(out, steps):

@@ -2,7 +2,6 @@
 
 import json
 
-import numpy as np
 import pytest
 
 from k2train.data_pipeline import prepare as prep

@@ -2,7 +2,6 @@
 other heads unchanged; (b) V rows, shared rope key and unclipped heads bit-identical; (c) clipping
 off = plain Muon; fp32 master copies clipped too."""
 
-import copy
 
 import pytest
 import torch

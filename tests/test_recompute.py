@@ -45,14 +45,6 @@ def _two_micro_batches(model, cfg):
     return losses, grads, buffers
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("mode", MODES)
 def test_recompute_is_exact_and_counts_tokens_once(mode, one_thread):
     cfg = tiny()
