@@ -50,6 +50,14 @@ def build_model(cfg: ModelConfig, device: torch.device, seed: int) -> K2Model:
     return model
 
 
+def pipeline_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The last pipeline stage's loss: under TP the logits are a vocab-sharded DTensor and the
+    replicated loss comes back as a plain tensor (the schedule runs it inside ``loss_context``)."""
+    from .parallel import local_loss
+
+    return local_loss(cross_entropy(logits, labels))
+
+
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Next-token loss (mean over tokens); autocast runs it in fp32, loss_parallel on vocab shards."""
     return F.cross_entropy(logits.flatten(0, 1), labels.flatten(0, 1))
@@ -157,7 +165,7 @@ def build_model_parts(cfg: JobConfig, rt: Runtime, accum: int):
             num_microbatches=accum,
             micro_batch_size=t.micro_batch_size,
             seq_len=t.seq_len,
-            loss_fn=cross_entropy,
+            loss_fn=pipeline_cross_entropy,
             device=rt.device,
         )
         parts = pipe.model_parts
@@ -288,7 +296,7 @@ def run(cfg: JobConfig, run_dir: Optional[Path] = None, checkpoint_dir: Optional
             from .parallel.pipeline import pipeline_step
 
             cat = {k: torch.cat([b[k] for b in batches]).to(device) for k in batches[0]}
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            with loss_context(tp_mesh), torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 res = pipeline_step(pipe, cat["tokens"], cat["labels"], cat.get("position_ids"), cat.get("doc_ids"))
             ce_mean, aux_mean = res.ce, res.aux
         else:

@@ -241,7 +241,8 @@ def _combo_layout(name: str, layout: dict, rank: int, world: int, out_dir: str) 
     import parallel_harness as h
     from k2train.optim import build_optimizer
     from k2train.optim.qk_clip import apply_qk_clip, attention_modules
-    from k2train.parallel import ParallelDims, apply_ep, clip_grad_norm_, reduce_gradients_, sum_expert_load_
+    from k2train.parallel import ParallelDims, apply_ep, apply_tp, clip_grad_norm_, reduce_gradients_, sum_expert_load_
+    from k2train.parallel import local_loss, loss_context
     from k2train.parallel.pipeline import build_pipeline, pipeline_step
 
     trainer = _combo_trainer()
@@ -255,13 +256,16 @@ def _combo_layout(name: str, layout: dict, rank: int, world: int, out_dir: str) 
         num_microbatches=dims.num_microbatches(trainer),
         micro_batch_size=trainer.micro_batch_size,
         seq_len=trainer.seq_len,
-        loss_fn=cross_entropy,
+        loss_fn=lambda logits, labels: local_loss(cross_entropy(logits, labels)),
         device=torch.device("cpu"),
     )
+    tp_mesh = dims.tp_mesh if dims.tp > 1 else None
     for part in pipe.model_parts:  # the fixed order: pipeline split, then TP/EP on each part
+        apply_tp(part, dims.tp_mesh, dims.sequence_parallel)
         apply_ep(part, dims.ep_mesh)
     parts = pipe.model_parts
-    opt = build_optimizer(parts, h.OPTIM)
+    # TP-sharded (DTensor) matrices are orthogonalised whole through dims
+    opt = build_optimizer(parts, h.OPTIM, dims=dims if tp_mesh is not None else None)
     attn = attention_modules(parts)
     dp_group = dims.dense_dp_mesh.get_group() if dims.dp_size > 1 else None
     token_group = dims.token_mesh.get_group() if dims.token_mesh.size() > 1 else None
@@ -269,7 +273,8 @@ def _combo_layout(name: str, layout: dict, rank: int, world: int, out_dir: str) 
     for step, batch in enumerate(h.global_batches(trainer)):
         opt.zero_grad(set_to_none=True)
         local = torch.cat(h.micro_batches(batch, dims.dp_rank, dims.dp_size, trainer.micro_batch_size))
-        loss = pipeline_step(pipe, local[:, :-1], local[:, 1:]).loss
+        with loss_context(tp_mesh):
+            loss = pipeline_step(pipe, local[:, :-1], local[:, 1:]).loss
         reduce_gradients_(parts, dims)
         if dp_group is not None:
             dist.all_reduce(loss, group=dp_group)
@@ -278,7 +283,9 @@ def _combo_layout(name: str, layout: dict, rank: int, world: int, out_dir: str) 
         if step == 0:
             out["grads"] = {k: v for part in parts for k, v in h.full_tensors(part, dims, grads=True).items()}
         opt.step()
-        clip = apply_qk_clip(attn, h.OPTIM.qk_clip_tau, group=dp_group, optimizer=opt)
+        clip = apply_qk_clip(
+            attn, h.OPTIM.qk_clip_tau, group=dp_group, optimizer=opt, tp_group=None if tp_mesh is None else tp_mesh.get_group()
+        )
         for part in parts:
             sum_expert_load_(part, token_group)
             for moe in part.moe_layers():
@@ -309,16 +316,26 @@ COMBO_LAYOUTS = {
     "pp2_ep2": dict(pp=2, ep=2, dp=1),
     "pp2_vpp2_ep2": dict(pp=2, vpp=2, ep=2, dp=1, pp_schedule="Interleaved1F1B"),
     "pp2_ep2_dp2": dict(pp=2, ep=2, dp=2),
+    # sequence-sharded hidden states [B, S/tp, D] between stages, vocab-parallel loss on the last
+    "pp2_tp2": dict(pp=2, tp=2, ep=1, dp=1),
+    "pp2_tp2_ep2": dict(pp=2, tp=2, ep=2, dp=1),
 }
-_COMBO_RUNS: dict[int, str] = {}
+SLOW_COMBOS = {"pp2_ep2_dp2", "pp2_tp2", "pp2_tp2_ep2"}
+_COMBO_RUNS: dict[tuple, str] = {}
 
 
-def _combo_results(world: int) -> str:
-    """One spawn per world size runs all its layouts (imports cost seconds per process)."""
-    if world not in _COMBO_RUNS:
-        layouts = {k: v for k, v in COMBO_LAYOUTS.items() if v["pp"] * v["ep"] * v["dp"] == world}
-        _COMBO_RUNS[world] = spawn(_combo_worker, world, layouts)
-    return _COMBO_RUNS[world]
+def _world(layout: dict) -> int:
+    return layout["pp"] * layout["ep"] * layout["dp"] * layout.get("tp", 1)
+
+
+def _combo_results(name: str) -> str:
+    """One spawn per world size (and speed class) runs all its layouts (imports cost seconds per
+    process)."""
+    key = (_world(COMBO_LAYOUTS[name]), name in SLOW_COMBOS)
+    if key not in _COMBO_RUNS:
+        layouts = {k: v for k, v in COMBO_LAYOUTS.items() if (_world(v), k in SLOW_COMBOS) == key}
+        _COMBO_RUNS[key] = spawn(_combo_worker, key[0], layouts)
+    return _COMBO_RUNS[key]
 
 
 @pytest.fixture(scope="module")
@@ -337,7 +354,7 @@ def combo_reference():
 @pytest.mark.parametrize(
     "name",
     # 8 gloo processes on 2 cores: ~150 s under load (13 s on 16 cores), hence slow.
-    ["pp2_ep2", "pp2_vpp2_ep2", pytest.param("pp2_ep2_dp2", marks=pytest.mark.slow)],
+    ["pp2_ep2", "pp2_vpp2_ep2", *(pytest.param(n, marks=pytest.mark.slow) for n in sorted(SLOW_COMBOS))],
 )
 def test_pipeline_with_ep_dp_matches_single_process(name, combo_reference):
     """Tolerances as tests/test_parallel_parity.py: 1e-5 relative for losses, step-1 gradients and
@@ -346,8 +363,8 @@ def test_pipeline_with_ep_dp_matches_single_process(name, combo_reference):
     import parallel_harness as h
 
     layout = COMBO_LAYOUTS[name]
-    world = layout["pp"] * layout["ep"] * layout["dp"]
-    out_dir = _combo_results(world)
+    world = _world(layout)
+    out_dir = _combo_results(name)
     results = [torch.load(os.path.join(out_dir, f"{name}_rank{r}.pt")) for r in range(world)]
     ref = combo_reference
     par = {"grads": {}, "params": {}, "buffers": {}}

@@ -249,8 +249,11 @@ def build_pipeline(
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     dtype = next(model.parameters()).dtype
     # Static shapes (no shape-inference pass). requires_grad tells the stage which tensors have
-    # gradients to exchange in the backward.
-    hidden = torch.empty(micro_batch_size, seq_len, model.cfg.hidden_size, dtype=dtype, device="meta", requires_grad=True)
+    # gradients to exchange in the backward. Under tensor (+ sequence) parallelism the hidden
+    # states between stages are each tp rank's sequence shard [B, S/tp, D].
+    if seq_len % parallel_cfg.tp:
+        raise ValueError(f"trainer.seq_len={seq_len} must be divisible by parallel.tp={parallel_cfg.tp} (sequence parallelism)")
+    hidden = torch.empty(micro_batch_size, seq_len // parallel_cfg.tp, model.cfg.hidden_size, dtype=dtype, device="meta", requires_grad=True)
     tokens = torch.empty(micro_batch_size, seq_len, dtype=torch.long, device="meta")
     logits = torch.empty(micro_batch_size, seq_len, model.cfg.vocab_size, dtype=dtype, device="meta", requires_grad=True)
 

@@ -40,14 +40,23 @@ from k2train.model.moe import MoE
 from .expert_parallel import moe_modules
 
 
-def _full_position_ids(module: nn.Module, args: tuple, kwargs: dict):
-    # The model derives positions from the embedding output's length, which under sequence
-    # parallelism is S/tp: give it the full-length positions before the embedding shards them.
-    if kwargs.get("position_ids") is None and len(args) < 2 and args and args[0] is not None:
-        tokens = args[0]
-        B, S = tokens.shape
-        kwargs = dict(kwargs, position_ids=torch.arange(S, device=tokens.device).expand(B, S))
-    return args, kwargs
+def _full_position_ids(tp: int):
+    """The model derives positions from its input's length, which under sequence parallelism is
+    S/tp for a pipeline stage that receives hidden states (and S/tp after the embedding shards the
+    tokens): give it the full-length positions when the caller passes none."""
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict):
+        if kwargs.get("position_ids") is not None or len(args) >= 2:
+            return args, kwargs
+        if args and args[0] is not None:  # tokens [B, S]
+            (B, S), device = args[0].shape, args[0].device
+        elif kwargs.get("hidden") is not None:  # a later pipeline stage: this rank's [B, S/tp, D]
+            B, S, device = kwargs["hidden"].shape[0], kwargs["hidden"].shape[1] * tp, kwargs["hidden"].device
+        else:
+            return args, kwargs
+        return args, dict(kwargs, position_ids=torch.arange(S, device=device).expand(B, S))
+
+    return hook
 
 
 def _block_plan(block: nn.Module) -> dict:
@@ -107,7 +116,7 @@ def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool = True) -> None:
         attn.num_heads //= tp
         attn.max_logit = torch.full((attn.num_heads,), float("-inf"), device=attn.max_logit.device)
         attn.kv_a_proj_with_mqa.register_forward_hook(_rope_key_grad_hook(attn.qk_rope_head_dim, tp_mesh.get_group()))
-    model.register_forward_pre_hook(_full_position_ids, with_kwargs=True)
+    model.register_forward_pre_hook(_full_position_ids(tp), with_kwargs=True)
     for moe in moe_modules(model):
         _install_sequence_aux_loss(moe, tp_mesh.get_group())
 
