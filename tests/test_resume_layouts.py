@@ -27,7 +27,7 @@ from k2train.runtime import RUN_ID_ENV
 pytestmark = pytest.mark.slow
 
 NPROC = {"single": 1, "dp2": 2, "tp2": 2, "ep2": 2, "ep4": 4, "pp2": 2, "pp2_vpp2": 2, "tp2_ep2": 4,
-         "dp2_ep2": 4, "pp2_ep2": 4, "pp2_ep2@8": 8}
+         "dp2_ep2": 4, "pp2_ep2": 4, "pp2_ep2@8": 8, "pp2_tp2": 4}
 # "preset@N": the preset on N processes (its dp=-1 takes the rest: pp2_ep2@8 is PP2 x EP2 x DP2),
 # with a global batch that still gives each pipeline two micro-batches.
 EXTRA = {"pp2_ep2@8": ["trainer.global_batch_size=16"]}
@@ -82,7 +82,7 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 # Every layout of the parallelism issue's parity list.
-EXACT_LAYOUTS = ["dp2", "tp2", "ep2", "ep4", "pp2", "pp2_vpp2", "tp2_ep2", "pp2_ep2", "dp2_ep2", "pp2_ep2@8"]
+EXACT_LAYOUTS = ["dp2", "tp2", "ep2", "ep4", "pp2", "pp2_vpp2", "tp2_ep2", "pp2_ep2", "dp2_ep2", "pp2_ep2@8", "pp2_tp2"]
 
 
 @pytest.mark.parametrize("layout", EXACT_LAYOUTS)
@@ -96,7 +96,7 @@ def test_resume_is_bit_exact(tmp_path, layout):
 
 
 # (saved under, resumed under)
-RESHARD = [("tp2_ep2", "single"), ("pp2", "single"), ("ep4", "ep2"), ("dp2", "single")]
+RESHARD = [("tp2_ep2", "single"), ("pp2", "single"), ("ep4", "ep2"), ("dp2", "single"), ("pp2_tp2", "tp2")]
 
 
 def _dcp_model_tensors(folder: Path, scratch: Path) -> dict[str, torch.Tensor]:
