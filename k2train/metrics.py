@@ -100,3 +100,34 @@ def format_step(step: int, total: int, m: dict[str, Any]) -> str:
     if m.get("skipped_steps"):
         parts.append(f"skipped {m['skipped_steps']}")
     return " | ".join(parts)
+
+
+# Per-layer metric names (``<name>/layer_<i>``) and how their whole-model summary is formed.
+LAYER_SUMMARIES = {
+    "max_logit": max,
+    "clipped_heads": sum,
+    "expert_load_max_over_mean": max,
+}
+
+
+def layer_metrics(stage_metrics: dict[str, Any], group=None) -> dict[str, Any]:
+    """Per-layer metrics of every pipeline stage, and their summaries, on every rank of ``group``.
+
+    Each pp rank measures only its own layers (max logit, clipped heads, expert load, dead experts);
+    the logging rank holds the last stage. With a pp ``group`` (None: one stage) the per-layer
+    entries are gathered in one ``all_gather_object`` and the summaries (``max_logit``,
+    ``clipped_heads``, ``expert_load_max_over_mean``) recomputed over all layers.
+    """
+    per_layer = {k: v for k, v in stage_metrics.items() if "/layer_" in k}
+    if group is not None:
+        import torch.distributed as dist
+
+        gathered: list = [None] * dist.get_world_size(group)
+        dist.all_gather_object(gathered, per_layer, group=group)
+        per_layer = {k: v for part in gathered for k, v in part.items()}
+    out = {**stage_metrics, **per_layer}
+    for name, combine in LAYER_SUMMARIES.items():
+        values = [v for k, v in per_layer.items() if k.startswith(f"{name}/layer_")]
+        if values:
+            out[name] = combine(values)
+    return out

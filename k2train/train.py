@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from .checkpoint import git_revision as ckpt_git_revision
 from .config import JobConfig, ModelConfig, TrainerConfig, job_config_to_dict
 from .flops import flops_per_token, peak_tflops
-from .metrics import MetricLogger, format_step
+from .metrics import MetricLogger, format_step, layer_metrics
 from .model import K2Model, update_router_bias_
 from .parallel import ParallelDims
 from .runtime import logging_rank
@@ -226,7 +226,7 @@ def run(cfg: JobConfig, run_dir: Optional[Path] = None, checkpoint_dir: Optional
     autocast_dtype = torch.bfloat16 if t.dtype == "bfloat16" else None
     flops_tok = flops_per_token(cfg.model, t.seq_len, "megatron")
     peak = peak_tflops(device)
-    dp_group, token_group = rt.group("dense_dp_mesh"), rt.group("token_mesh")
+    dp_group, token_group, pp_group = rt.group("dense_dp_mesh"), rt.group("token_mesh"), rt.group("pp_mesh")
     tp_mesh = dims.tp_mesh if dims.tp > 1 else None
 
     # --- resume ----------------------------------------------------------------------------
@@ -362,10 +362,15 @@ def run(cfg: JobConfig, run_dir: Optional[Path] = None, checkpoint_dir: Optional
         scheduler.step()
 
         # --- metrics ----------------------------------------------------------------------
+        for layer, load in zip(moe_layer_ids, loads):
+            clip[f"expert_load_max_over_mean/layer_{layer}"] = (load.max() / load.mean().clamp_min(1e-9)).item()
+            clip[f"dead_experts/layer_{layer}"] = int((load == 0).sum())
+        # every stage's layers (this rank holds only its own), on every pp rank
+        layer_stats = layer_metrics(clip, pp_group)
         dt = time.perf_counter() - t0
         progress_state["step"] = step
         progress_state["tokens_seen"] += tokens_per_step
-        progress_state["clipped_heads_total"] += clip["clipped_heads"]
+        progress_state["clipped_heads_total"] += layer_stats.get("clipped_heads", 0)
         metrics = {
             "loss": loss_val,
             "aux_loss": float(aux_mean),
@@ -375,20 +380,12 @@ def run(cfg: JobConfig, run_dir: Optional[Path] = None, checkpoint_dir: Optional
             "step_time_s": dt,
             "tokens_seen": progress_state["tokens_seen"],
             "skipped_steps": guard.skipped,
-            **clip,
+            **layer_stats,
             "clipped_heads_total": progress_state["clipped_heads_total"],
         }
         if peak is not None:
             metrics["mfu"] = tokens_per_step / dt * flops_tok / (peak * 1e12 * rt.world_size)
             metrics["memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        if loads:
-            ratios = []
-            for layer, load in zip(moe_layer_ids, loads):
-                ratio = (load.max() / load.mean().clamp_min(1e-9)).item()
-                ratios.append(ratio)
-                metrics[f"expert_load_max_over_mean/layer_{layer}"] = ratio
-                metrics[f"dead_experts/layer_{layer}"] = int((load == 0).sum())
-            metrics["expert_load_max_over_mean"] = max(ratios)
         if spikes.update(loss_val):
             metrics["loss_spike"] = 1
             logger.console(f"step {step}: loss spike {loss_val:.4f} vs running mean {spikes.mean:.4f}")

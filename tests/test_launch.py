@@ -151,3 +151,25 @@ def test_multirun_sweep_two_jobs(tmp_path):
         assert (root / str(num) / "checkpoints" / "latest").exists()
     assert not (tmp_path / "checkpoints").exists()
     assert (root / "multirun.yaml").exists()
+
+
+def test_pipeline_run_logs_every_stages_layers(tmp_path):
+    """Under PP each rank measures its own layers; the logging rank (last stage) reports them all."""
+    args = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "k2train.train",
+        "model=k2_tiny", "parallel=pp2", "trainer.steps=2", "trainer.seq_len=32", "trainer.global_batch_size=4",
+        "trainer.micro_batch_size=2", "trainer.dtype=float32", "trainer.device=cpu", "logging.wandb=false",
+        "logging.progress_bar=false", "trainer.checkpoint.enable=false", "data.num_workers=0",
+        "optim.qk_clip_tau=0.05", f"trainer.output_dir={tmp_path}",
+    ]  # fmt: skip
+    out = subprocess.run(args, env=_env(OMP_NUM_THREADS="1", **{RUN_ID_ENV: "pp"}), capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(l) for l in (tmp_path / "logs" / "pp" / "metrics.jsonl").read_text().splitlines()]
+    last = rows[-1]
+    layers = range(4)  # k2_tiny: layer 0 dense, 1-3 MoE; the first stage holds 0 (and maybe 1)
+    assert all(f"max_logit/layer_{i}" in last and f"clipped_heads/layer_{i}" in last for i in layers)
+    assert all(f"expert_load_max_over_mean/layer_{i}" in last for i in (1, 2, 3))
+    assert last["clipped_heads"] == sum(last[f"clipped_heads/layer_{i}"] for i in layers)
+    assert last["max_logit"] == max(last[f"max_logit/layer_{i}"] for i in layers)
+    assert last["clipped_heads_total"] == sum(r["clipped_heads"] for r in rows) > 0
