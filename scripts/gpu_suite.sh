@@ -2,7 +2,8 @@
 # One GPU session's measurements (run on the lent H200 from the repo root; writes logs to $OUT):
 #   1. the MuonClip optimizer step on the K2 layer slice vs torch.optim.Muon and fused AdamW;
 #   2. k2_small training steps through the real trainer (tokens/s, MFU, peak memory);
-#   3. the planner's estimate for the same run, to compare with the measured peak.
+#   3. the planner's estimate for the same run, to compare with the measured peak;
+#   4. activation recompute (none/selective/full, full + compile): step time, peak vs the planner.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -28,3 +29,5 @@ if late:
 PY
 echo "== MuonClip optimizer step"
 timeout 110 python3 scripts/bench_muon.py 2>&1 | tee "$OUT/bench_muon.txt" | tail -25
+echo "== activation recompute and compile: k2_small step time and peak activations vs the planner"
+timeout 300 python3 scripts/bench_recompute.py 2>&1 | tee "$OUT/bench_recompute.txt" | tail -8
