@@ -367,6 +367,12 @@ class JobConfig:
                 f"take plain tensors, not the DTensors of tensor parallelism (parallel.tp={self.parallel.tp}); "
                 "use model.norm_impl=torch model.mlp_impl=torch"
             )
+        if t.compile and self.parallel.tp > 1:
+            _fail(
+                f"trainer.compile=true with parallel.tp={self.parallel.tp}: compiling the DTensor blocks fails in "
+                "torch's tracing (AttributeError: 'Tensor' object has no attribute '_local_tensor', torch 2.13); "
+                "use trainer.compile=false with tensor parallelism"
+            )
         if t.compile and self.parallel.recompute == "selective":
             _fail(
                 "trainer.compile=true with parallel.recompute=selective: the selective policy runs on "

@@ -204,3 +204,10 @@ def test_trainer_compile_matches_eager(tmp_path, one_thread):
 def test_selective_with_compile_is_refused_with_a_way_out(tmp_path):
     with pytest.raises(Exception, match="use parallel.recompute=full"):
         _trainer_losses(tmp_path, "trainer.compile=true", "parallel.recompute=selective")
+
+
+def test_compile_with_tensor_parallelism_is_refused():
+    from k2train.config import load_config
+
+    with pytest.raises(Exception, match="use trainer.compile=false with tensor parallelism"):
+        load_config(["trainer.compile=true", "parallel=tp2"]).validate()
