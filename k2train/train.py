@@ -362,11 +362,11 @@ def run(cfg: JobConfig, run_dir: Optional[Path] = None, checkpoint_dir: Optional
         scheduler.step()
 
         # --- metrics ----------------------------------------------------------------------
+        stage_stats = dict(clip)  # this rank's layers: max logit and clipped heads, expert load
         for layer, load in zip(moe_layer_ids, loads):
-            clip[f"expert_load_max_over_mean/layer_{layer}"] = (load.max() / load.mean().clamp_min(1e-9)).item()
-            clip[f"dead_experts/layer_{layer}"] = int((load == 0).sum())
-        # every stage's layers (this rank holds only its own), on every pp rank
-        layer_stats = layer_metrics(clip, pp_group)
+            stage_stats[f"expert_load_max_over_mean/layer_{layer}"] = (load.max() / load.mean().clamp_min(1e-9)).item()
+            stage_stats[f"dead_experts/layer_{layer}"] = int((load == 0).sum())
+        layer_stats = layer_metrics(stage_stats, pp_group)  # every stage's layers, on every pp rank
         dt = time.perf_counter() - t0
         progress_state["step"] = step
         progress_state["tokens_seen"] += tokens_per_step

@@ -186,16 +186,11 @@ def combine(y_ND: torch.Tensor, topk_w_TK: torch.Tensor, routing: Routing) -> to
     return (y_TKD.float() * topk_w_TK.float().unsqueeze(-1)).sum(1).to(y_ND.dtype)
 
 
-def grouped_mm_ok(x: torch.Tensor) -> bool:
-    """torch._grouped_mm runs here: CUDA bf16 on sm90+, or CPU from torch 2.13 on (the model's rule)."""
-    from k2train.model.moe import grouped_mm_supported
-
-    return grouped_mm_supported(x)
-
-
 def grouped_linear(x_ND: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
     """Row block e of x (rows offs[e-1]:offs[e]) times w[e]^T: [N, I] x [E, O, I] -> [N, O]."""
-    if grouped_mm_ok(x_ND):
+    from k2train.model.moe import grouped_mm_supported  # the model's rule: CUDA bf16 sm90+, CPU torch >= 2.13
+
+    if grouped_mm_supported(x_ND):
         return torch._grouped_mm(x_ND, w_EOI.transpose(1, 2), offs=offs_E)
     # a host sync per call: this is the fallback for machines without grouped_mm, not a fast path
     bounds = [0] + offs_E.tolist()

@@ -77,13 +77,19 @@ def test_names_and_state_dict_unchanged_and_none_undoes():
         apply_recompute(model, "some")
 
 
-def test_eval_and_no_grad_skip_the_checkpoint():
+def test_eval_and_no_grad_skip_the_checkpoint(monkeypatch):
+    import k2train.parallel.recompute as recompute
+
     cfg = tiny()
     model = _model(cfg, "full").eval()
     tokens = torch.randint(0, cfg.vocab_size, (1, 8))
+    calls = []
+    monkeypatch.setattr(recompute, "checkpoint", lambda *a, **k: calls.append(1) or a[0](*a[1:]))
     with torch.no_grad():
         out = model(tokens)
-    assert out.shape == (1, 8, cfg.vocab_size) and out.grad_fn is None
+    assert out.shape == (1, 8, cfg.vocab_size) and out.grad_fn is None and not calls
+    model(tokens).sum()  # with grad on, the blocks do go through the checkpoint
+    assert len(calls) == cfg.num_hidden_layers
 
 
 class HeldBytes(TorchDispatchMode):

@@ -119,6 +119,7 @@ class RecomputedBlock:
     def forward(self, *args, **kwargs):
         if not torch.is_grad_enabled():  # evaluation: nothing is saved, nothing to recompute
             return super().forward(*args, **kwargs)
+
         def contexts():
             if self.recompute_mode == "selective":
                 fwd, rec = _selective_contexts()
@@ -137,7 +138,6 @@ class RecomputedBlock:
 
 def _selective_contexts():
     return create_selective_checkpoint_contexts(_policy)
-
 
 
 _CLASSES: dict[type, type] = {}
