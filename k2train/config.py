@@ -151,10 +151,16 @@ class OptimConfig:
     nesterov: bool = True
     ns_steps: int = 5
     ns_coefficients: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
-    # auto: bf16 on GPUs (K2's choice), fp32 on CPUs (no native bf16 matmul there).
-    ns_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    # auto: on GPUs bf16 for standard NS (K2's choice), fp16 for gram NS (same tensor-core rate,
+    # 3 more mantissa bits); fp32 on CPUs (no native half-precision matmul there).
+    ns_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     rms_match: float = 0.2
     ns_impl: Literal["torch", "triton"] = "torch"
+    # standard: X <- a X + (b A + c A^2) X on every M x K matrix (torch.optim.Muon's NS5).
+    # gram: the same NS5 iterated on the M x M Gram matrix (fewer FLOPs for wide matrices; shapes
+    # where it saves nothing run standard), restarted before the listed iterations for stability.
+    ns_method: Literal["standard", "gram"] = "standard"
+    ns_gram_restarts: tuple[int, ...] = (3,)
     # AdamW (embedding, head, norms, everything that is not a block matrix)
     adam_betas: tuple[float, float] = (0.9, 0.95)
     adam_eps: float = 1e-8
@@ -189,6 +195,13 @@ class OptimConfig:
             _fail(f"optim.decay_fraction={self.decay_fraction} must be in [0, 1]")
         if len(self.ns_coefficients) != 3:
             _fail(f"optim.ns_coefficients needs 3 values (a, b, c), got {list(self.ns_coefficients)}")
+        if any(not 0 < r < self.ns_steps for r in self.ns_gram_restarts):
+            _fail(
+                f"optim.ns_gram_restarts={list(self.ns_gram_restarts)}: each restart is an iteration "
+                f"index in [1, optim.ns_steps={self.ns_steps})"
+            )
+        if self.ns_dtype == "float16" and self.ns_method != "gram":
+            _fail("optim.ns_dtype=float16 is for optim.ns_method=gram; standard Newton-Schulz runs in bfloat16 or float32")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from torch import nn
 from k2train.config import OptimConfig
 
 from .muon import MuonClip
+from .newton_schulz import GRAM_RESTARTS, ns_flops, zeropower_via_gram_newtonschulz, zeropower_via_newtonschulz
 
 # Wrappers that torch.compile / activation checkpointing / DDP insert into FQNs.
 _WRAPPER_PREFIXES = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.", "module.")
@@ -32,22 +33,50 @@ def is_muon_param(name: str, p: torch.Tensor) -> bool:
     return clean_param_name(name).startswith("layers.") and p.ndim in (2, 3)
 
 
-def _resolve_ns_fn(impl: str, ns_dtype: str):
-    """None (our torch NS) or the Triton kernel's batched NS, adapted to MuonClip's ``ns_fn`` call."""
-    if impl == "torch":
+def _resolve_ns_fn(impl: str, ns_dtype: str, method: str = "standard", restarts: tuple[int, ...] = GRAM_RESTARTS):
+    """MuonClip's ``ns_fn``: None (our torch standard NS) or a function ``(G, steps, coefficients,
+    dtype)`` for the Triton kernels and/or Gram Newton-Schulz.
+
+    With ``method="gram"`` each batch (one matrix shape) runs Gram NS only where it needs fewer FLOPs
+    than standard NS (wide matrices: experts, MLA down/up-projections); near-square ones (o_proj)
+    run standard NS, in bf16 when the Gram dtype is fp16 (standard NS keeps X at unit norm, where
+    fp16 would make the small entries subnormal)."""
+    if impl == "torch" and method == "standard":
         return None
-    if ns_dtype != "bfloat16":
-        raise ValueError(f"optim.ns_impl={impl!r} runs in bf16 only; set optim.ns_dtype=bfloat16 or optim.ns_impl=torch")
-    try:
-        from k2train.kernels.newton_schulz import zeropower_ns_batched
-    except ImportError as e:
-        raise ValueError(
-            f"optim.ns_impl={impl!r} needs k2train.kernels.newton_schulz, which failed to import ({e}); "
-            "use optim.ns_impl=torch"
-        ) from e
+    if impl == "triton":
+        if ns_dtype == "float32":
+            raise ValueError(f"optim.ns_impl={impl!r} runs in half precision; set optim.ns_dtype=auto or optim.ns_impl=torch")
+        try:
+            from k2train.kernels.newton_schulz import zeropower_gram_batched, zeropower_ns_batched
+        except ImportError as e:
+            raise ValueError(
+                f"optim.ns_impl={impl!r} needs k2train.kernels.newton_schulz, which failed to import ({e}); "
+                "use optim.ns_impl=torch"
+            ) from e
+
+        def standard(G, steps, coefficients, dtype):
+            return zeropower_ns_batched(G, steps=steps, coefficients=coefficients)
+
+        def gram(G, steps, coefficients, dtype):
+            return zeropower_gram_batched(G, steps, coefficients, dtype=dtype, restarts=restarts, impl="triton")
+    else:
+
+        def standard(G, steps, coefficients, dtype):
+            return zeropower_via_newtonschulz(G, steps, coefficients, dtype=dtype)
+
+        def gram(G, steps, coefficients, dtype):
+            return zeropower_via_gram_newtonschulz(G, steps, coefficients, dtype=dtype, restarts=restarts)
+
+    if method == "standard":
+        return standard
+    symmetric = impl == "triton"
 
     def ns_fn(G, steps, coefficients, dtype):
-        return zeropower_ns_batched(G, steps=steps, coefficients=coefficients)
+        rows, cols = G.shape[-2:]
+        if ns_flops(rows, cols, steps, "gram", symmetric, restarts) < ns_flops(rows, cols, steps, "standard", symmetric):
+            return gram(G, steps, coefficients, dtype)
+        half = torch.bfloat16 if dtype == torch.float16 else dtype
+        return standard(G.to(half), steps, coefficients, half)
 
     return ns_fn
 
@@ -81,12 +110,16 @@ def build_param_groups(model_parts: list[nn.Module], cfg: OptimConfig) -> list[d
     return [g for g in groups.values() if g["params"]]
 
 
-def resolve_ns_dtype(ns_dtype: str, model_parts: list[nn.Module]) -> str:
-    """``auto``: bf16 on GPUs (as K2 trains), fp32 on CPUs, whose bf16 matmuls are emulated (~8x slower)."""
+def resolve_ns_dtype(ns_dtype: str, model_parts: list[nn.Module], method: str = "standard") -> str:
+    """``auto``: on GPUs bf16 (as K2 trains) for standard NS, fp16 for Gram NS (same rate, 3 more
+    mantissa bits; see zeropower_via_gram_newtonschulz); fp32 on CPUs, whose half-precision matmuls
+    are emulated (~8x slower)."""
     if ns_dtype != "auto":
         return ns_dtype
     on_gpu = any(p.is_cuda for part in model_parts for p in part.parameters())
-    return "bfloat16" if on_gpu else "float32"
+    if not on_gpu:
+        return "float32"
+    return "float16" if method == "gram" else "bfloat16"
 
 
 def build_optimizer(model_parts: list[nn.Module], cfg: OptimConfig, dp_group=None, dims=None) -> MuonClip:
@@ -106,7 +139,7 @@ def build_optimizer(model_parts: list[nn.Module], cfg: OptimConfig, dp_group=Non
     cfg.validate()
     if dims is not None and dp_group is not None:
         raise ValueError("pass dims (any layout) or dp_group (plain data parallelism), not both")
-    ns_dtype = resolve_ns_dtype(cfg.ns_dtype, model_parts)
+    ns_dtype = resolve_ns_dtype(cfg.ns_dtype, model_parts, cfg.ns_method)
     kwargs = dict(
         lr=cfg.lr,
         weight_decay=cfg.weight_decay,
@@ -118,7 +151,7 @@ def build_optimizer(model_parts: list[nn.Module], cfg: OptimConfig, dp_group=Non
         rms_match=cfg.rms_match,
         betas=tuple(cfg.adam_betas),
         eps=cfg.adam_eps,
-        ns_fn=_resolve_ns_fn(cfg.ns_impl, ns_dtype),
+        ns_fn=_resolve_ns_fn(cfg.ns_impl, ns_dtype, cfg.ns_method, tuple(cfg.ns_gram_restarts)),
     )
     groups = build_param_groups(model_parts, cfg)
     if not cfg.zero1:

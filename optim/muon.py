@@ -84,6 +84,17 @@ def adamw_update_(
     param.addcdiv_(exp_avg, denom, value=-step_size)
 
 
+def ns_input_cast(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x`` in the Newton-Schulz dtype. For fp16 each matrix is first scaled, in fp32, to the norm
+    ``sqrt(min(rows, cols))`` (entries ~1/sqrt(max(rows, cols))): a raw momentum's entries would be
+    subnormal or zero in fp16. NS normalises its input, so the scale does not change the result.
+    Other dtypes are a plain cast (bf16 keeps fp32's range; and torch.optim.Muon casts the same way)."""
+    if dtype != torch.float16 or x.dtype == dtype:
+        return x.to(dtype)
+    norm = torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True, dtype=torch.float32)
+    return (x.float() * (math.sqrt(min(x.shape[-2:])) / norm.clamp(min=1e-30))).to(dtype)
+
+
 def batched_newton_schulz(inputs: list[Tensor], ns_fn: NSFn, **ns_kwargs) -> list[Tensor]:
     """Orthogonalise every matrix of ``inputs`` (each ``[r, c]`` or ``[n, r, c]``) with as few
     ``ns_fn`` calls as possible. Matrices are bucketed by their wide orientation (a tall ``[c, r]``
@@ -112,13 +123,13 @@ def batched_newton_schulz(inputs: list[Tensor], ns_fn: NSFn, **ns_kwargs) -> lis
             count += inputs[i].numel() // per_matrix
             if j + 1 == len(idx) or (count + 1) * per_matrix > NS_BATCH_MAX_ELEMENTS:
                 if len(chunk) == 1 and inputs[i].shape[-2] <= inputs[i].shape[-1]:
-                    out[i] = ns_fn(inputs[i], **ns_kwargs)
+                    out[i] = ns_fn(ns_input_cast(inputs[i], ns_kwargs.get("dtype", inputs[i].dtype)), **ns_kwargs)
                 else:
                     # A tall matrix takes this path even alone: NS of a contiguous transposed copy
                     # can differ in the last bit from NS of the transposed view, and a matrix must
                     # give the same result alone (ZeRO-1 owner, TP gather) as in a batch.
                     # Cast before concatenating: the batch copy is then bf16, not fp32.
-                    cast = [inputs[k].to(ns_kwargs.get("dtype", inputs[k].dtype)) for k in chunk]
+                    cast = [ns_input_cast(inputs[k], ns_kwargs.get("dtype", inputs[k].dtype)) for k in chunk]
                     wide = [x if x.shape[-2] <= x.shape[-1] else x.mT for x in cast]
                     result = ns_fn(torch.cat([w.reshape(-1, *shape) for w in wide]), **ns_kwargs)
                     start = 0

@@ -4,6 +4,8 @@ Shapes: ``G`` is one matrix ``[rows, cols]`` or a batch ``[n, rows, cols]`` (e.g
 MoE layer, ``[E, out, in]``); every matrix of the batch is treated independently.
 """
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -57,3 +59,114 @@ def zeropower_via_newtonschulz(
     if tall:
         X = X.mT
     return X
+
+
+# ----------------------------------------------------------------------------------------------
+# Gram Newton-Schulz
+# ----------------------------------------------------------------------------------------------
+
+GRAM_RESTARTS = (3,)
+
+
+def _check_ns_args(G: Tensor, steps: int, coefficients) -> None:
+    if G.ndim not in (2, 3):
+        raise ValueError(f"Newton-Schulz needs a matrix or a batch of matrices, got shape {tuple(G.shape)}")
+    if len(coefficients) != 3:
+        raise ValueError(f"coefficients must be (a, b, c), got {coefficients}")
+    if not 0 <= steps < 100:
+        raise ValueError(f"steps={steps} must be in [0, 100)")
+
+
+def ns_flops(rows: int, cols: int, steps: int = 5, method: str = "standard", symmetric: bool = False,
+             restarts: tuple[int, ...] = GRAM_RESTARTS) -> int:
+    """Matmul FLOPs of one Newton-Schulz call on a ``[rows, cols]`` matrix (M = min, K = max).
+
+    ``standard``: per iteration 4 M^2 K + 2 M^3 (X X^T, A A, B X), or 3 M^2 K + M^3 when the two
+    symmetric products compute only half their tiles (``symmetric``, the Triton kernels).
+    ``gram``: see :func:`zeropower_via_gram_newtonschulz`; every M x M product has a symmetric
+    result (half the tiles with the Triton kernels, all of them in plain torch)."""
+    M, K = sorted((rows, cols))
+    if method == "standard":
+        return steps * ((3 * M * M * K + M**3) if symmetric else (4 * M * M * K + 2 * M**3))
+    if method != "gram":
+        raise ValueError(f"method must be 'standard' or 'gram', got {method!r}")
+    half = 1 if symmetric else 2
+    gram = half * M * M * K  # X X^T
+    cube = half * M**3  # one M x M product
+    total, fresh = gram, True
+    for it in range(steps):
+        total += cube  # R R -> Q
+        total += 0 if fresh else cube  # Q P
+        fresh = False
+        if it == steps - 1:
+            break
+        if it + 1 in restarts:
+            total += 2 * M * M * K + gram  # X <- P X, R <- X X^T
+            fresh = True
+        else:
+            total += 2 * cube  # Q Q, R Q^2
+    return total + 2 * M * M * K  # P X
+
+
+def zeropower_via_gram_newtonschulz(
+    G: Tensor,
+    steps: int = 5,
+    coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+    eps: float = 1e-7,
+    dtype: torch.dtype = torch.float16,
+    restarts: tuple[int, ...] = GRAM_RESTARTS,
+) -> Tensor:
+    """The same quintic Newton-Schulz as :func:`zeropower_via_newtonschulz`, iterated on the small
+    ``M x M`` Gram matrix instead of the ``M x K`` matrix ("Gram Newton-Schulz", Dao AI Lab 2026).
+
+    With ``R = X X^T``, one NS step is ``X <- Q X`` with ``Q = a I + b R + c R^2``, a polynomial in
+    ``R``; so ``R <- Q R Q = R Q^2`` (all polynomials in ``R`` commute) and ``X_k = P X_0`` with
+    ``P = Q_{k-1} ... Q_0``. Only two ``M x K`` products remain (``X X^T`` and the final ``P X``);
+    every other product is ``M x M`` with a symmetric result. In exact arithmetic it is NS5; in half
+    precision the product ``P`` drifts from a polynomial in ``R`` (spurious negative eigenvalues,
+    eigenvector drift), so before each iteration listed in ``restarts`` ``X`` is formed explicitly
+    and ``R`` recomputed from it. Restarting before iteration 3 costs one ``X X^T`` and one ``P X``.
+
+    Precision: ``dtype`` (fp16 by default) for every stored matrix, fp32 accumulation. fp16 has the
+    tensor-core rate of bf16 and 3 more mantissa bits; every matrix here is bounded (``||X||_F = 1``,
+    ``|R| <= 1``, ``|Q| <= a``, ``|P| <= a^3``), so its range is not a concern. The input is scaled
+    to unit norm in fp32 before the cast (a gradient's entries would underflow fp16), and by
+    ``sqrt(M)`` more, so that typical entries (~1/sqrt(K)) are normal fp16 numbers.
+
+    Returns a tensor of ``dtype`` with the shape of ``G``; the input is not modified.
+    """
+    _check_ns_args(G, steps, coefficients)
+    a, b, c = coefficients
+    tall = G.size(-2) > G.size(-1)
+    X = G.mT if tall else G
+    batched = X.ndim == 3
+    if not batched:
+        X = X.unsqueeze(0)
+    M = X.size(-2)
+    # X' = sqrt(M) X / ||X||_F  (the sqrt(M) is taken back out of R and of the final product)
+    wide = torch.promote_types(X.dtype, torch.float32)
+    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=wide)
+    X = (X.to(wide) * (math.sqrt(M) / norm.clamp(min=eps))).to(dtype)
+
+    def mm(x: Tensor, y: Tensor, alpha: float = 1.0) -> Tensor:
+        # half inputs: fp32 accumulation and one rounding of alpha * x y, as the GPU GEMMs do
+        return torch.baddbmm(x.new_empty(()), x, y, beta=0.0, alpha=alpha).to(dtype) if alpha != 1.0 else torch.bmm(x, y)
+
+    R = mm(X, X.mT, 1.0 / M)
+    P = None
+    for it in range(steps):
+        Q = torch.baddbmm(R, R, R, beta=b, alpha=c)  # b R + c R^2
+        Q.diagonal(dim1=-2, dim2=-1).add_(a)
+        P = Q if P is None else mm(Q, P)
+        if it == steps - 1:
+            break
+        if it + 1 in restarts:
+            X = mm(P, X)
+            R = mm(X, X.mT, 1.0 / M)
+            P = None
+        else:
+            R = mm(R, mm(Q, Q))
+    X = mm(P, X, 1.0 / math.sqrt(M)) if P is not None else (X.float() / math.sqrt(M)).to(dtype)
+    if not batched:
+        X = X.squeeze(0)
+    return X.mT if tall else X

@@ -5,10 +5,12 @@ The slice: 24 routed experts (w_gate, w_up [2048, 7168], w_down [7168, 2048]), t
 kv_a [576, 7168], kv_b [16384, 512], o [7168, 8192]): 80 matrices, 1.2B fp32 params, 64.8 TFLOP
 of Newton-Schulz. Each optimizer gets its own copy of the params (fp32) and fixed random grads.
 
-Rows: torch.optim.Muon (per-matrix bf16 NS; nesterov, match_rms_adamw), MuonClip with our batched
-bf16 torch NS, MuonClip with the Triton symmetric-Gram NS (k2train.kernels.newton_schulz) when it
-imports and runs on the device, and torch.optim.AdamW(fused=True). "max rel diff" compares each
-Muon row's one-step update with torch.optim.Muon's (bf16 NS rounding differs by op order).
+Rows: torch.optim.Muon (per-matrix bf16 NS; nesterov, match_rms_adamw); MuonClip with standard
+NS (batched bf16 torch; Triton symmetric kernels) and with Gram NS (torch matmuls; Triton GEMMT, fp16),
+as the trainer builds them (optim.ns_method / ns_impl / ns_dtype); torch.optim.AdamW(fused=True).
+"diff to torch Muon" compares each row's one-step update with torch.optim.Muon's; "error vs fp64 NS"
+with the update whose NS5 ran in fp64: the same-result criterion is that a row's error is no larger
+than torch.optim.Muon's own (half-precision NS rounding differs by op order).
 
     python scripts/bench_muon.py                 # GPU: the real shapes
     python scripts/bench_muon.py --cpu-smoke     # CPU: shapes / 64, 4 experts, a few repeats
@@ -109,15 +111,57 @@ def max_rel_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max(((x.float() - y.float()).norm() / y.float().norm()).item() for x, y in zip(a, b))
 
 
-def triton_ns_fn(device):
-    """The Triton NS adapted to MuonClip's ns_fn, or None when it cannot run here."""
-    try:
-        from k2train.kernels.newton_schulz import triton_ns_available, zeropower_ns_batched
-    except ImportError:
-        return None
-    if not triton_ns_available(torch.empty(0, device=device)):
-        return None
-    return lambda G, steps, coefficients, dtype: zeropower_ns_batched(G, steps=steps, coefficients=coefficients, impl="triton")
+def ns_fn_for(impl: str, method: str, dtype: str, device):
+    """MuonClip's ns_fn for (impl, method, dtype) as the trainer builds it, or None if it cannot run here."""
+    from k2train.optim.grouping import _resolve_ns_fn
+
+    if impl == "triton":
+        try:
+            from k2train.kernels.newton_schulz import triton_ns_available
+        except ImportError:
+            return None
+        if not triton_ns_available(torch.empty(0, device=device)):
+            return None
+    return _resolve_ns_fn(impl, dtype, method)
+
+
+def exact_update(shapes, device) -> list[torch.Tensor]:
+    """The one-step update with NS5 in fp64 (no rounding to speak of): the 'same result' yardstick."""
+    from k2train.optim.newton_schulz import zeropower_via_newtonschulz
+
+    fp64 = lambda G, steps, coefficients, dtype: zeropower_via_newtonschulz(G, steps, coefficients, dtype=torch.float64)  # noqa: E731
+    return one_step_update(lambda ps: MuonClip([{"kind": "muon", "params": ps}], lr=LR, weight_decay=WD,
+                                               ns_dtype=torch.float64, ns_fn=fp64), shapes, device, split=False)
+
+
+def ns_breakdown(shapes, device, warmup: int, repeat: int) -> None:
+    """Newton-Schulz alone per matrix shape (the batches MuonClip forms): ms and real TFLOP/s."""
+    from k2train.optim.muon import batched_newton_schulz
+    from k2train.optim.newton_schulz import ns_flops
+
+    buckets: dict[tuple[int, int], int] = {}
+    for shape in shapes.values():
+        key = tuple(sorted(shape[-2:]))
+        buckets[key] = buckets.get(key, 0) + (shape[0] if len(shape) == 3 else 1)
+    impls = [("standard", "bfloat16", torch.bfloat16, "torch"), ("standard", "bfloat16", torch.bfloat16, "triton"),
+             ("gram", "float16", torch.float16, "torch"), ("gram", "float16", torch.float16, "triton")]
+    print(f"\nNewton-Schulz alone, by shape (real FLOPs of each schedule):")
+    print(f"| {'shape x count':22s} | " + " | ".join(f"{m[:4]} {i:6s} ms  TF/s" for m, _, _, i in impls) + " |")
+    for (m, k), n in buckets.items():
+        G = torch.randn(n, m, k, device=device)
+        cells = []
+        for method, dname, dtype, impl in impls:
+            fn = ns_fn_for(impl, method, dname, device)
+            if fn is None:
+                cells.append(f"{'-':>20s}")
+                continue
+            ms = timeit(lambda: batched_newton_schulz([G], fn, steps=5, coefficients=NS_COEFFICIENTS, dtype=dtype), device, warmup, repeat)
+            used = method if ns_flops(m, k, 5, "gram", impl == "triton") < ns_flops(m, k, 5, "standard", impl == "triton") else "standard"
+            real = n * ns_flops(m, k, 5, used, impl == "triton") / (ms / 1e3) / 1e12
+            cells.append(f"{ms:9.2f} {real:5.0f}{'*' if used != method else ' '}")
+        print(f"| {f'{m}x{k} x{n}':22s} | " + " | ".join(f"{c:>20s}" for c in cells) + " |")
+        del G
+    print("(* shape where Gram saves nothing: it runs standard NS)")
 
 
 def main() -> None:
@@ -149,44 +193,59 @@ def main() -> None:
     def torch_muon(ps):
         return torch.optim.Muon(ps, lr=LR, weight_decay=WD, nesterov=True, adjust_lr_fn="match_rms_adamw", ns_coefficients=NS_COEFFICIENTS)
 
-    def ours(ns_fn=None):
-        return lambda ps: MuonClip([{"kind": "muon", "params": ps}], lr=LR, weight_decay=WD, ns_fn=ns_fn)
+    def ours(ns_fn=None, ns_dtype=torch.bfloat16):
+        return lambda ps: MuonClip([{"kind": "muon", "params": ps}], lr=LR, weight_decay=WD, ns_fn=ns_fn, ns_dtype=ns_dtype)
 
     rows = [("torch.optim.Muon (per matrix)", torch_muon, True, True)]
-    rows.append(("MuonClip, batched bf16 torch NS", ours(), False, True))
-    tri = triton_ns_fn(device)
-    if tri is not None:
-        rows.append(("MuonClip, Triton symmetric-Gram NS", ours(tri), False, True))
-    else:
-        print("(k2train.kernels.newton_schulz Triton path not available here: row skipped)")
+    rows.append(("MuonClip, standard NS, torch, bf16", ours(), False, True))
+    half = torch.float16 if device.type == "cuda" else torch.float32  # CPU: no fast half matmul
+    rows.append((f"MuonClip, Gram NS, torch, {str(half)[6:]}", ours(ns_fn_for("torch", "gram", str(half)[6:], device), half), False, True))
+    for method, dtype, label in [("standard", torch.bfloat16, "MuonClip, standard NS, Triton, bf16"),
+                                 ("gram", torch.float16, "MuonClip, Gram NS, Triton, fp16")]:
+        fn = ns_fn_for("triton", method, str(dtype)[6:], device)
+        if fn is None:
+            print(f"(k2train.kernels.newton_schulz Triton path not available here: '{label}' skipped)")
+            continue
+        rows.append((label, ours(fn, dtype), False, True))
     adamw_label = "torch.optim.AdamW(fused=True)" if device.type == "cuda" else "torch.optim.AdamW (CPU, unfused)"
     rows.append((adamw_label, lambda ps: torch.optim.AdamW(ps, lr=LR, weight_decay=WD, fused=device.type == "cuda"), False, False))
 
+    exact = exact_update(shapes, device)
     ref_update = one_step_update(torch_muon, shapes, device, split=True)
     results = []
     for label, make_opt, split, is_muon in rows:
-        diff = max_rel_diff(one_step_update(make_opt, shapes, device, split), ref_update) if is_muon else float("nan")
+        if is_muon:
+            update = ref_update if make_opt is torch_muon else one_step_update(make_opt, shapes, device, split)
+            diff, err = max_rel_diff(update, ref_update), max_rel_diff(update, exact)
+            del update
+        else:
+            diff = err = float("nan")
         params = make_params(shapes, device, split)
         opt = make_opt(params)
         ms = timeit(opt.step, device, warmup, repeat)
-        results.append((label, ms, diff))
+        results.append((label, ms, diff, err))
         del opt, params
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
     base = results[0][1]
-    print(f"| {'optimizer step':36s} | {'ms':>9s} | {'NS TFLOP/s':>10s} | {'vs torch Muon':>13s} | {'max rel diff of update':>22s} |")
-    print(f"|{'-' * 38}|{'-' * 11}|{'-' * 12}|{'-' * 15}|{'-' * 24}|")
-    for label, ms, diff in results:
+    print(f"| {'optimizer step':38s} | {'ms':>8s} | {'NS TFLOP/s*':>11s} | {'vs torch Muon':>13s} | {'diff to torch Muon':>18s} | {'error vs fp64 NS':>16s} |")
+    print(f"|{'-' * 40}|{'-' * 10}|{'-' * 13}|{'-' * 15}|{'-' * 20}|{'-' * 18}|")
+    for label, ms, diff, err in results:
         rate = f"{flops / (ms / 1e3):.0f}" if "AdamW" not in label else "-"
         d = "-" if math.isnan(diff) else f"{diff:.2e}"
-        print(f"| {label:36s} | {ms:9.2f} | {rate:>10s} | {base / ms:12.2f}x | {d:>22s} |")
+        e = "-" if math.isnan(err) else f"{err:.2e}"
+        print(f"| {label:38s} | {ms:8.2f} | {rate:>11s} | {base / ms:12.2f}x | {d:>18s} | {e:>16s} |")
+    print("* textbook NS5 FLOPs of the slice over the whole step time (Gram and the symmetric kernels do fewer)")
+    print("  diff / error: max over the matrices of ||update - other||_F / ||other||_F after one step")
 
+    if device.type == "cuda":
+        ns_breakdown(shapes, device, warmup, repeat)
     if device.type != "cuda":
         return
     # Modelled share of step time in K2's layout: PP16 (61 layers -> ~3.8 per stage), EP16, ZeRO-1
     # over the remaining data-parallel ranks (each matrix's NS runs on one of them).
-    best = min(ms for label, ms, _ in results if "AdamW" not in label)
+    best = min(ms for label, ms, *_ in results if "AdamW" not in label)
     tokens, flop_per_token = 16384 * 4096, 204.5e9
     step_s = tokens * flop_per_token / (args.k2_gpus * args.k2_tflops_per_gpu * 1e12)
     layers_per_stage = 61 / 16
