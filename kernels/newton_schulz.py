@@ -32,12 +32,12 @@ from ._triton import interpreted as _interpreted, tl, triton
 if triton is not None:
 
     @triton.jit
-    def _gemmt_kernel(A, B, C, Y, M, K,
+    def _gemmt_kernel(A, B, C, Y, S, M, K,
                       s_ab, s_am, s_ak, s_bb, s_bm, s_bk, s_cb, s_cm, s_cn, s_yb, s_ym, s_yn,
                       alpha, beta, diag,
-                      HAS_Y: tl.constexpr, UPCAST: tl.constexpr,
-                      BM: tl.constexpr, BK: tl.constexpr):
-        """C[b] = alpha * A[b] B[b]^T (+ beta * Y[b]) + diag * I, one lower-triangular BM x BM tile
+                      HAS_Y: tl.constexpr, HAS_S: tl.constexpr, UPCAST: tl.constexpr,
+                      BM: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr = False):
+        """C[b] = alpha (* S[b]) * A[b] B[b]^T (+ beta * Y[b]) + diag * I, one lower-triangular BM x BM tile
         per program, for a product known to be symmetric (B = A: a Gram matrix; or A, B commuting
         symmetric matrices, where A B^T = A B).
 
@@ -55,12 +55,18 @@ if triton is not None:
         rn = tj * BM + tl.arange(0, BM)
         rk = tl.arange(0, BK)
         a_ptrs = A + b * s_ab + rm[:, None] * s_am + rk[None, :] * s_ak
-        bt_ptrs = B + b * s_bb + rn[None, :] * s_bm + rk[:, None] * s_bk
+        if BT:  # B's tile loaded as stored ([BM, BK], K contiguous) and transposed in registers
+            bt_ptrs = B + b * s_bb + rn[:, None] * s_bm + rk[None, :] * s_bk
+        else:
+            bt_ptrs = B + b * s_bb + rn[None, :] * s_bm + rk[:, None] * s_bk
         acc = tl.zeros((BM, BM), dtype=tl.float32)
         for k in range(0, tl.cdiv(K, BK)):
             k_left = K - k * BK
             a = tl.load(a_ptrs, mask=(rm[:, None] < M) & (rk[None, :] < k_left), other=0.0)
-            bt = tl.load(bt_ptrs, mask=(rn[None, :] < M) & (rk[:, None] < k_left), other=0.0)
+            if BT:
+                bt = tl.trans(tl.load(bt_ptrs, mask=(rn[:, None] < M) & (rk[None, :] < k_left), other=0.0))
+            else:
+                bt = tl.load(bt_ptrs, mask=(rn[None, :] < M) & (rk[:, None] < k_left), other=0.0)
             if UPCAST:  # the interpreter computes half-precision dots wrongly
                 a = a.to(tl.float32)
                 bt = bt.to(tl.float32)
@@ -68,6 +74,8 @@ if triton is not None:
             a_ptrs += BK * s_ak
             bt_ptrs += BK * s_bk
         acc = acc * alpha
+        if HAS_S:
+            acc = acc * tl.load(S + b)
         mask = (rm[:, None] < M) & (rn[None, :] < M)
         if HAS_Y:
             y = tl.load(Y + b * s_yb + rm[:, None] * s_ym + rn[None, :] * s_yn, mask=mask, other=0.0)
@@ -86,23 +94,26 @@ if triton is not None:
 # 128x128 tiles with 64/128-wide K steps are wgmma-sized; the best pipeline depth and K step depend
 # on K (7168 for the Gram of an expert matrix, M for A A), so the few candidates are timed once per shape.
 _SYRK_CONFIGS = [
-    triton.Config({"BM": 128, "BK": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BM": 128, "BK": 64}, num_warps=8, num_stages=4),
+    triton.Config({"BM": 128, "BK": 64, "BT": bt}, num_warps=w, num_stages=st)
+    for bt in (False, True) for w, st in ((8, 3), (8, 4), (4, 4), (8, 5))
+] + [
     triton.Config({"BM": 128, "BK": 128}, num_warps=8, num_stages=3),
     triton.Config({"BM": 64, "BK": 64}, num_warps=4, num_stages=4),
 ] if triton is not None else []
-_gemmt_tuned = (triton.autotune(_SYRK_CONFIGS, key=["M", "K", "HAS_Y"])(_gemmt_kernel)
+_gemmt_tuned = (triton.autotune(_SYRK_CONFIGS, key=["M", "K", "HAS_Y", "HAS_S"])(_gemmt_kernel)
                 if triton is not None and not _interpreted(_gemmt_kernel) else None)
 
 
 def gemmt(A_NMK: torch.Tensor, B_NMK: torch.Tensor | None = None, alpha: float = 1.0,
-          Y_NMM: torch.Tensor | None = None, beta: float = 0.0, diag: float = 0.0) -> torch.Tensor:
+          Y_NMM: torch.Tensor | None = None, beta: float = 0.0, diag: float = 0.0,
+          scale_N: torch.Tensor | None = None) -> torch.Tensor:
     """alpha * A B^T + beta * Y + diag * I for a batch [N, M, K] whose result is symmetric, computing
     only the lower-triangular tiles (BLAS' GEMMT) and mirroring them. ``B=None`` is ``A`` (the Gram
     matrix A A^T, BLAS' SYRK). Otherwise A B^T must be symmetric in exact arithmetic (in Newton-Schulz:
     two polynomials of one symmetric matrix); the result is then the lower half's rounding, mirrored.
 
-    Y, if given, must be symmetric (the lower tiles are read). Output dtype = A's."""
+    Y, if given, must be symmetric (the lower tiles are read). ``scale_N`` (fp32, one per matrix)
+    multiplies the product, like alpha. Output dtype = A's."""
     if A_NMK.dim() != 3:
         raise ValueError(f"gemmt expects a batch [N, M, K], got shape {tuple(A_NMK.shape)}")
     B_NMK = A_NMK if B_NMK is None else B_NMK
@@ -111,17 +122,18 @@ def gemmt(A_NMK: torch.Tensor, B_NMK: torch.Tensor | None = None, alpha: float =
     N, M, K = A_NMK.shape
     C = torch.empty(N, M, M, device=A_NMK.device, dtype=A_NMK.dtype)
     Y = Y_NMM if Y_NMM is not None else C
-    args = (A_NMK, B_NMK, C, Y, M, K, *A_NMK.stride(), *B_NMK.stride(), *C.stride(), *Y.stride(),
+    S = scale_N.float().contiguous() if scale_N is not None else C
+    args = (A_NMK, B_NMK, C, Y, S, M, K, *A_NMK.stride(), *B_NMK.stride(), *C.stride(), *Y.stride(),
             float(alpha), float(beta), float(diag))
 
     def grid(meta):
         nt = triton.cdiv(M, meta["BM"])
         return (nt * (nt + 1) // 2, N)
     if _gemmt_tuned is None:  # the interpreter computes half dots wrongly: upcast, small tiles
-        _gemmt_kernel[grid({"BM": 16})](*args, HAS_Y=Y_NMM is not None, UPCAST=True, BM=16, BK=16,
-                                        num_warps=1, num_stages=1)
+        _gemmt_kernel[grid({"BM": 16})](*args, HAS_Y=Y_NMM is not None, HAS_S=scale_N is not None,
+                                        UPCAST=True, BM=16, BK=16, num_warps=1, num_stages=1)
     else:
-        _gemmt_tuned[grid](*args, HAS_Y=Y_NMM is not None, UPCAST=False)
+        _gemmt_tuned[grid](*args, HAS_Y=Y_NMM is not None, HAS_S=scale_N is not None, UPCAST=False)
     return C
 
 
@@ -200,24 +212,33 @@ def zeropower_gram_batched(G_NMK: torch.Tensor, steps: int = 5,
     if transposed:
         X = X.mT
     M = X.size(-2)
-    # unit Frobenius norm in fp32, times sqrt(M) so that fp16 entries stay normal numbers
-    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=torch.float32)
-    X = (X.float() * (math.sqrt(M) / norm.clamp(min=eps))).to(dtype).contiguous()
-    R = gemmt(X, alpha=1.0 / M)
+    if X.dtype != dtype:  # unit norm in fp32, times sqrt(M): fp16 entries stay normal numbers
+        norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=torch.float32)
+        X = (X.float() * (math.sqrt(M) / norm.clamp(min=eps))).to(dtype)
+    X = X.contiguous()
+    # X0 = f X with f = sqrt(M) / ||X||_F per matrix (~1 when MuonClip pre-scaled the input: see
+    # ns_input_cast); f is folded into R0 and into the P that multiplies X, never a pass over X.
+    f = math.sqrt(M) / torch.linalg.vector_norm(X, dim=(-2, -1), dtype=torch.float32).clamp(min=eps)
+    R = gemmt(X, alpha=1.0 / M, scale_N=f * f)
     P = None
     for it in range(steps):
         Q = gemmt(R, alpha=c, Y_NMM=R, beta=b, diag=a)  # a I + b R + c R^2
-        P = Q if P is None else gemmt(Q, P)
+        ends = it == steps - 1 or it + 1 in restarts
+        if P is None:
+            P = Q if not ends or f is None else Q * f[:, None, None].to(Q.dtype)
+        else:
+            P = gemmt(Q, P, scale_N=f if ends else None)
         if it == steps - 1:
             break
         if it + 1 in restarts:
-            X = torch.bmm(P, X)
+            X = torch.bmm(P, X)  # X_k = P X0 = (P f) X
+            f = None
             R = gemmt(X, alpha=1.0 / M)
             P = None
         else:
             R = gemmt(R, gemmt(Q))  # R Q^2
     if P is None:
-        X = X / math.sqrt(M)
+        X = X / math.sqrt(M) if f is None else X * (f[:, None, None] / math.sqrt(M)).to(X.dtype)
     else:
         X = torch.baddbmm(X.new_empty(()), P, X, beta=0.0, alpha=1.0 / math.sqrt(M))
     if transposed:

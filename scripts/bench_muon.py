@@ -134,6 +134,24 @@ def exact_update(shapes, device) -> list[torch.Tensor]:
                                                ns_dtype=torch.float64, ns_fn=fp64), shapes, device, split=False)
 
 
+def gemmt_vs_cublas(device, warmup: int, repeat: int) -> None:
+    """The symmetric-product kernel against cuBLAS computing the whole product (torch.bmm)."""
+    from k2train.kernels.newton_schulz import _gemmt_tuned, gemmt
+
+    print("\nGEMMT (lower tiles, mirrored) vs torch.bmm (whole product), fp16, one batch of the expert bucket:")
+    print(f"| {'N x M x K':18s} | {'bmm ms':>7s} | {'TF/s':>5s} | {'gemmt ms':>8s} | {'TF/s*':>5s} | {'speedup':>7s} | best config")
+    for N, M, K in [(36, 2048, 7168), (36, 2048, 2048), (1, 7168, 8192), (1, 1536, 12288)]:
+        A = torch.randn(N, M, K, device=device, dtype=torch.float16)
+        t_bmm = timeit(lambda: torch.bmm(A, A.mT), device, warmup, repeat)
+        t_g = timeit(lambda: gemmt(A), device, warmup, repeat)
+        full = 2 * N * M * M * K / 1e12
+        cfg = getattr(_gemmt_tuned, "best_config", None)
+        print(f"| {f'{N}x{M}x{K}':18s} | {t_bmm:7.3f} | {full / t_bmm * 1e3:5.0f} | {t_g:8.3f} | {full / 2 / t_g * 1e3:5.0f} | "
+              f"{t_bmm / t_g:6.2f}x | {cfg}")
+        del A
+    print("(* real FLOPs: half the product)")
+
+
 def ns_breakdown(shapes, device, warmup: int, repeat: int) -> None:
     """Newton-Schulz alone per matrix shape (the batches MuonClip forms): ms and real TFLOP/s."""
     from k2train.optim.muon import batched_newton_schulz
@@ -143,6 +161,8 @@ def ns_breakdown(shapes, device, warmup: int, repeat: int) -> None:
     for shape in shapes.values():
         key = tuple(sorted(shape[-2:]))
         buckets[key] = buckets.get(key, 0) + (shape[0] if len(shape) == 3 else 1)
+    from k2train.optim.newton_schulz import zeropower_via_newtonschulz
+
     impls = [("standard", "bfloat16", torch.bfloat16, "torch"), ("standard", "bfloat16", torch.bfloat16, "triton"),
              ("gram", "float16", torch.float16, "torch"), ("gram", "float16", torch.float16, "triton")]
     print(f"\nNewton-Schulz alone, by shape (real FLOPs of each schedule):")
@@ -152,6 +172,8 @@ def ns_breakdown(shapes, device, warmup: int, repeat: int) -> None:
         cells = []
         for method, dname, dtype, impl in impls:
             fn = ns_fn_for(impl, method, dname, device)
+            if impl == "torch" and method == "standard":
+                fn = lambda G, steps, coefficients, dtype: zeropower_via_newtonschulz(G, steps, coefficients, dtype=dtype)  # noqa: E731
             if fn is None:
                 cells.append(f"{'-':>20s}")
                 continue
@@ -240,6 +262,7 @@ def main() -> None:
     print("  diff / error: max over the matrices of ||update - other||_F / ||other||_F after one step")
 
     if device.type == "cuda":
+        gemmt_vs_cublas(device, warmup, repeat)
         ns_breakdown(shapes, device, warmup, repeat)
     if device.type != "cuda":
         return
