@@ -95,6 +95,28 @@ def ns_input_cast(x: Tensor, dtype: torch.dtype) -> Tensor:
     return (x.float() * (math.sqrt(min(x.shape[-2:])) / norm.clamp(min=1e-30))).to(dtype)
 
 
+def ns_chunks(shapes: list[tuple[torch.Size, torch.device]]) -> list[tuple[tuple[int, int], list[int]]]:
+    """How :func:`batched_newton_schulz` batches matrices: ``(wide shape (M, K), input indices)`` per
+    Newton-Schulz call. Inputs ``[r, c]`` / ``[n, r, c]`` are bucketed by wide orientation and device,
+    in input order, and each bucket is cut into chunks of at most :data:`NS_BATCH_MAX_ELEMENTS`."""
+    buckets: dict[tuple, list[int]] = defaultdict(list)
+    for i, (shape, device) in enumerate(shapes):
+        r, c = shape[-2:]
+        buckets[((min(r, c), max(r, c)), device)].append(i)
+    chunks = []
+    for (wide, _), idx in buckets.items():
+        per_matrix = wide[0] * wide[1]
+        chunk: list[int] = []
+        count = 0
+        for j, i in enumerate(idx):
+            chunk.append(i)
+            count += math.prod(shapes[i][0]) // per_matrix
+            if j + 1 == len(idx) or (count + 1) * per_matrix > NS_BATCH_MAX_ELEMENTS:
+                chunks.append((wide, chunk))
+                chunk, count = [], 0
+    return chunks
+
+
 def batched_newton_schulz(inputs: list[Tensor], ns_fn: NSFn, **ns_kwargs) -> list[Tensor]:
     """Orthogonalise every matrix of ``inputs`` (each ``[r, c]`` or ``[n, r, c]``) with as few
     ``ns_fn`` calls as possible. Matrices are bucketed by their wide orientation (a tall ``[c, r]``
@@ -110,35 +132,25 @@ def batched_newton_schulz(inputs: list[Tensor], ns_fn: NSFn, **ns_kwargs) -> lis
         plain_ns = lambda xs, **kw: batched_newton_schulz(xs, ns_fn, **kw)  # noqa: E731
         return sharded_newton_schulz(inputs, plain_ns, NS_BATCH_MAX_ELEMENTS, **ns_kwargs)
     out: list[Optional[Tensor]] = [None] * len(inputs)
-    buckets: dict[tuple, list[int]] = defaultdict(list)
-    for i, x in enumerate(inputs):
-        r, c = x.shape[-2:]
-        buckets[((min(r, c), max(r, c)), x.device)].append(i)
-    for (shape, _), idx in buckets.items():
+    for shape, chunk in ns_chunks([(x.shape, x.device) for x in inputs]):
+        if len(chunk) == 1 and inputs[chunk[0]].shape[-2] <= inputs[chunk[0]].shape[-1]:
+            i = chunk[0]
+            out[i] = ns_fn(ns_input_cast(inputs[i], ns_kwargs.get("dtype", inputs[i].dtype)), **ns_kwargs)
+            continue
+        # A tall matrix takes this path even alone: NS of a contiguous transposed copy can differ in
+        # the last bit from NS of the transposed view, and a matrix must give the same result alone
+        # (ZeRO-1 owner, TP gather) as in a batch. Cast before concatenating: the batch copy is then
+        # bf16, not fp32.
         per_matrix = shape[0] * shape[1]
-        chunk: list[int] = []
-        count = 0
-        for j, i in enumerate(idx):
-            chunk.append(i)
-            count += inputs[i].numel() // per_matrix
-            if j + 1 == len(idx) or (count + 1) * per_matrix > NS_BATCH_MAX_ELEMENTS:
-                if len(chunk) == 1 and inputs[i].shape[-2] <= inputs[i].shape[-1]:
-                    out[i] = ns_fn(ns_input_cast(inputs[i], ns_kwargs.get("dtype", inputs[i].dtype)), **ns_kwargs)
-                else:
-                    # A tall matrix takes this path even alone: NS of a contiguous transposed copy
-                    # can differ in the last bit from NS of the transposed view, and a matrix must
-                    # give the same result alone (ZeRO-1 owner, TP gather) as in a batch.
-                    # Cast before concatenating: the batch copy is then bf16, not fp32.
-                    cast = [ns_input_cast(inputs[k], ns_kwargs.get("dtype", inputs[k].dtype)) for k in chunk]
-                    wide = [x if x.shape[-2] <= x.shape[-1] else x.mT for x in cast]
-                    result = ns_fn(torch.cat([w.reshape(-1, *shape) for w in wide]), **ns_kwargs)
-                    start = 0
-                    for k, w in zip(chunk, wide):
-                        n = w.numel() // per_matrix
-                        o = result[start : start + n].reshape(w.shape)
-                        out[k] = o if o.shape == inputs[k].shape else o.mT
-                        start += n
-                chunk, count = [], 0
+        cast = [ns_input_cast(inputs[k], ns_kwargs.get("dtype", inputs[k].dtype)) for k in chunk]
+        wide = [x if x.shape[-2] <= x.shape[-1] else x.mT for x in cast]
+        result = ns_fn(torch.cat([w.reshape(-1, *shape) for w in wide]), **ns_kwargs)
+        start = 0
+        for k, w in zip(chunk, wide):
+            n = w.numel() // per_matrix
+            o = result[start : start + n].reshape(w.shape)
+            out[k] = o if o.shape == inputs[k].shape else o.mT
+            start += n
     return out  # type: ignore[return-value]
 
 
@@ -161,6 +173,11 @@ class MuonClip(torch.optim.Optimizer):
 
     ``ns_fn`` replaces the Newton-Schulz function (e.g. the Triton kernel); it must accept
     ``(G, steps=, coefficients=, dtype=)`` for 3-D batches.
+
+    ``fused``: the Muon elementwise passes as Triton kernels (k2train.kernels.muon_fused). None
+    (default): on CUDA when NS runs in half precision and every Muon param is a plain contiguous
+    tensor; True: also on CPU under TRITON_INTERPRET=1 (tests); False: never. The unfused path is
+    the one that is bit-identical to torch.optim.Muon.
     """
 
     def __init__(
@@ -177,6 +194,7 @@ class MuonClip(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
         ns_fn: Optional[NSFn] = None,
+        fused: Optional[bool] = None,
     ):
         if lr < 0 or weight_decay < 0:
             raise ValueError(f"lr={lr} and weight_decay={weight_decay} must be >= 0")
@@ -196,6 +214,7 @@ class MuonClip(torch.optim.Optimizer):
         super().__init__(list(params), defaults)
         self.ns_dtype = ns_dtype
         self.ns_fn = ns_fn or zeropower_via_newtonschulz
+        self.fused = fused
         for g in self.param_groups:
             kind = g.get("kind")
             if kind not in GROUP_KINDS:
@@ -271,9 +290,56 @@ class MuonClip(torch.optim.Optimizer):
         self._after_update()
         return loss
 
+    def _use_fused(self, params: list[Tensor], targets: list[Tensor]) -> bool:
+        """The fused elementwise kernels (k2train.kernels.muon_fused) serve plain contiguous CUDA
+        tensors with a half-precision NS; ``fused=True`` also asks for them on CPU (interpreter)."""
+        if self.fused is False or self.ns_dtype not in (torch.float16, torch.bfloat16):
+            return False
+        try:
+            from k2train.kernels.muon_fused import fused_muon_available
+        except ImportError:
+            return False
+        for p, w in zip(params, targets):
+            if is_dtensor(p) or not (p.is_contiguous() and p.grad.is_contiguous() and w.is_contiguous()):
+                return False
+            if w.dtype != torch.float32 or not fused_muon_available(p) or (p.device.type != "cuda" and not self.fused):
+                return False
+        return True
+
+    def _muon_group_fused(self, group: dict, params: list[Tensor], targets: list[Tensor]) -> None:
+        # Same math as the unfused path: momentum, Nesterov and the scaled half cast go straight into
+        # each NS batch (one kernel pair per param), the update is one pass per param.
+        from k2train.kernels.muon_fused import apply_update_, momentum_to_ns_input_
+
+        for (M, K), chunk in ns_chunks([(p.shape, p.device) for p in params]):
+            counts = [params[i].numel() // (M * K) for i in chunk]
+            batch = torch.empty(sum(counts), M, K, device=params[chunk[0]].device, dtype=self.ns_dtype)
+            views = []
+            start = 0
+            for i, n in zip(chunk, counts):
+                p = params[i]
+                v = batch[start : start + n]
+                views.append((v if p.shape[-2] <= p.shape[-1] else v.mT).reshape(p.shape))
+                start += n
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(targets[i])
+                momentum_to_ns_input_(p.grad, state["momentum_buffer"], views[-1], group["momentum"], group["nesterov"])
+            result = self.ns_fn(batch, steps=group["ns_steps"], coefficients=group["ns_coefficients"], dtype=self.ns_dtype)
+            start = 0
+            for i, n in zip(chunk, counts):
+                p, w = params[i], targets[i]
+                r = result[start : start + n]
+                start += n
+                o = (r if p.shape[-2] <= p.shape[-1] else r.mT).reshape(p.shape)
+                scale = muon_lr_scale(p.shape, group["rms_match"])
+                apply_update_(w, o, group["lr"], group["weight_decay"], scale, param=p if w is not p else None)
+
     def _muon_group(self, group: dict, params: list[Tensor]) -> None:
         # Elementwise math on local shards; batched_newton_schulz gathers tp-sharded matrices whole.
         targets = [self._target(p) for p in params]
+        if self._use_fused(params, targets):
+            return self._muon_group_fused(group, params, targets)
         ns_inputs = []
         for p, w in zip(params, targets):
             state = self.state[p]

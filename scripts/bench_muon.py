@@ -6,8 +6,10 @@ kv_a [576, 7168], kv_b [16384, 512], o [7168, 8192]): 80 matrices, 1.2B fp32 par
 of Newton-Schulz. Each optimizer gets its own copy of the params (fp32) and fixed random grads.
 
 Rows: torch.optim.Muon (per-matrix bf16 NS; nesterov, match_rms_adamw); MuonClip with standard
-NS (batched bf16 torch; Triton symmetric kernels) and with Gram NS (torch matmuls; Triton GEMMT, fp16),
-as the trainer builds them (optim.ns_method / ns_impl / ns_dtype); torch.optim.AdamW(fused=True).
+NS (batched bf16 torch, unfused: bit-identical to torch.optim.Muon; Triton symmetric kernels) and
+with Gram NS (torch matmuls; Triton GEMMT, fp16), as the trainer builds them (optim.ns_method /
+ns_impl / ns_dtype); on CUDA with half-precision NS MuonClip fuses its elementwise passes
+(k2train.kernels.muon_fused) unless a row says unfused; torch.optim.AdamW(fused=True).
 "diff to torch Muon" compares each row's one-step update with torch.optim.Muon's; "error vs fp64 NS"
 with the update whose NS5 ran in fp64: the same-result criterion is that a row's error is no larger
 than torch.optim.Muon's own (half-precision NS rounding differs by op order).
@@ -215,20 +217,25 @@ def main() -> None:
     def torch_muon(ps):
         return torch.optim.Muon(ps, lr=LR, weight_decay=WD, nesterov=True, adjust_lr_fn="match_rms_adamw", ns_coefficients=NS_COEFFICIENTS)
 
-    def ours(ns_fn=None, ns_dtype=torch.bfloat16):
-        return lambda ps: MuonClip([{"kind": "muon", "params": ps}], lr=LR, weight_decay=WD, ns_fn=ns_fn, ns_dtype=ns_dtype)
+    def ours(ns_fn=None, ns_dtype=torch.bfloat16, fused=None):
+        return lambda ps: MuonClip([{"kind": "muon", "params": ps}], lr=LR, weight_decay=WD, ns_fn=ns_fn,
+                                   ns_dtype=ns_dtype, fused=fused)
 
     rows = [("torch.optim.Muon (per matrix)", torch_muon, True, True)]
-    rows.append(("MuonClip, standard NS, torch, bf16", ours(), False, True))
+    rows.append(("MuonClip, standard NS, torch, bf16", ours(fused=False), False, True))
     half = torch.float16 if device.type == "cuda" else torch.float32  # CPU: no fast half matmul
-    rows.append((f"MuonClip, Gram NS, torch, {str(half)[6:]}", ours(ns_fn_for("torch", "gram", str(half)[6:], device), half), False, True))
-    for method, dtype, label in [("standard", torch.bfloat16, "MuonClip, standard NS, Triton, bf16"),
-                                 ("gram", torch.float16, "MuonClip, Gram NS, Triton, fp16")]:
+    hname = str(half)[6:]
+    rows.append((f"MuonClip, Gram NS, torch, {hname}", ours(ns_fn_for("torch", "gram", hname, device), half), False, True))
+    for method, dtype, fused, label in [
+        ("standard", torch.bfloat16, None, "MuonClip, standard NS, Triton, bf16"),
+        ("gram", torch.float16, False, "MuonClip, Gram NS, Triton, fp16, unfused"),
+        ("gram", torch.float16, None, "MuonClip, Gram NS, Triton, fp16"),
+    ]:
         fn = ns_fn_for("triton", method, str(dtype)[6:], device)
         if fn is None:
             print(f"(k2train.kernels.newton_schulz Triton path not available here: '{label}' skipped)")
             continue
-        rows.append((label, ours(fn, dtype), False, True))
+        rows.append((label, ours(fn, dtype, fused), False, True))
     adamw_label = "torch.optim.AdamW(fused=True)" if device.type == "cuda" else "torch.optim.AdamW (CPU, unfused)"
     rows.append((adamw_label, lambda ps: torch.optim.AdamW(ps, lr=LR, weight_decay=WD, fused=device.type == "cuda"), False, False))
 

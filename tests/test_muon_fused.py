@@ -1,0 +1,92 @@
+"""The fused Muon elementwise kernels (k2train.kernels.muon_fused) against the unfused optimizer path:
+momentum buffers, NS inputs and updates; Triton's CPU interpreter in CI, the GPU under -m gpu."""
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+from k2train.kernels.muon_fused import apply_update_, fused_muon_available, momentum_to_ns_input_  # noqa: E402
+from k2train.optim.muon import MuonClip, muon_momentum_, ns_input_cast  # noqa: E402
+from k2train.optim.newton_schulz import zeropower_via_gram_newtonschulz  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _need_kernels():
+    if not fused_muon_available(torch.empty(1, device=DEV)):
+        pytest.skip("kernels were defined without TRITON_INTERPRET=1 and there is no CUDA device")
+
+
+def _rel(x, ref):
+    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+@pytest.mark.parametrize("shape,transposed", [((3, 20, 36), False), ((36, 20), True), ((17, 17), False)])
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_momentum_to_ns_input_matches_unfused(shape, transposed, nesterov):
+    _need_kernels()
+    g = torch.Generator().manual_seed(len(shape) + shape[-1])
+    grad = (torch.randn(*shape, generator=g) * 1e-6).to(DEV)  # a gradient's size: fp16 would underflow raw
+    buf = torch.randn(*shape, generator=g).to(DEV) * 1e-6
+    ref_buf = buf.clone()
+    ref = ns_input_cast(muon_momentum_(grad, ref_buf, 0.95, nesterov), torch.float16)
+    # the NS batch holds a tall matrix transposed: write through the transposed view
+    store = torch.full(shape[:-2] + (shape[-1], shape[-2]) if transposed else shape, float("nan"),
+                       dtype=torch.float16, device=DEV)
+    out = store.mT if transposed else store
+    momentum_to_ns_input_(grad, buf, out, 0.95, nesterov)
+    assert _rel(buf, ref_buf) < 1e-6  # fp32, up to FMA contraction
+    assert _rel(out, ref) < 1e-3  # one fp16 rounding (2^-11) of values equal to fp32 rounding
+    norms = torch.linalg.vector_norm(out.float(), dim=(-2, -1))
+    assert torch.allclose(norms, torch.full_like(norms, math.sqrt(min(shape[-2:]))), rtol=1e-3)
+
+
+@pytest.mark.parametrize("master", [False, True])
+def test_apply_update_matches_unfused(master):
+    _need_kernels()
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(2, 24, 40, generator=g).to(DEV)
+    o = torch.randn(2, 40, 24, generator=g).to(DEV).half().mT  # strided, as from the NS batch
+    ref = w * (1 - 0.1 * 0.01) - 0.1 * 1.7 * o.float()
+    param = torch.empty(2, 24, 40, dtype=torch.bfloat16, device=DEV) if master else None
+    apply_update_(w, o, lr=0.1, weight_decay=0.01, lr_scale=1.7, param=param)
+    assert torch.allclose(w, ref, rtol=1e-6, atol=1e-7)
+    if master:
+        assert torch.equal(param, w.bfloat16())
+    with pytest.raises(ValueError, match="contiguous fp32"):
+        apply_update_(w.half(), o, 0.1, 0.0, 1.0)
+
+
+def _params(dtype):
+    g = torch.Generator().manual_seed(0)
+    shapes = [(3, 16, 40), (40, 16), (24, 24), (12, 40)]
+    return [torch.nn.Parameter((torch.randn(*s, generator=g) * 0.02).to(DEV, dtype)) for s in shapes]
+
+
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
+def test_fused_muonclip_step_matches_unfused(param_dtype):
+    # Two steps of the whole optimizer, Gram NS in fp16 (torch matmuls: same NS on both sides), the
+    # fused and unfused elementwise paths; bf16 params exercise the fp32 master write-back.
+    _need_kernels()
+    ns_fn = lambda G, steps, coefficients, dtype: zeropower_via_gram_newtonschulz(G, steps, coefficients, dtype=dtype)  # noqa: E731
+    runs = {}
+    for fused in (True, False):
+        params = _params(param_dtype)
+        opt = MuonClip([{"kind": "muon", "params": params}], lr=0.02, weight_decay=0.1,
+                       ns_dtype=torch.float16, ns_fn=ns_fn, fused=fused)
+        start = [p.detach().float().clone() for p in params]
+        for step in range(2):
+            g = torch.Generator().manual_seed(10 + step)
+            for p in params:
+                p.grad = (torch.randn(p.shape, generator=g) * 1e-5).to(DEV, param_dtype)
+            assert opt._use_fused(params, [opt._target(p) for p in params]) == fused
+            opt.step()
+        runs[fused] = ([p.detach().float() - s for p, s in zip(params, start)],
+                       [opt.state[p]["momentum_buffer"] for p in params])
+    for d_f, d_u in zip(runs[True][0], runs[False][0]):
+        # the same update up to fp16 rounding of the NS input and bf16 rounding of the param
+        assert _rel(d_f, d_u) < (2e-2 if param_dtype == torch.bfloat16 else 2e-3)
+    for b_f, b_u in zip(runs[True][1], runs[False][1]):
+        assert _rel(b_f, b_u) < 1e-6
