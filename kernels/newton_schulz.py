@@ -18,6 +18,7 @@ the same math runs in plain torch.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -137,10 +138,60 @@ def gemmt(A_NMK: torch.Tensor, B_NMK: torch.Tensor | None = None, alpha: float =
     return C
 
 
+def gemmt_blocked(A_NMK: torch.Tensor, B_NMK: torch.Tensor | None = None, alpha: float = 1.0,
+                  Y_NMM: torch.Tensor | None = None, beta: float = 0.0, diag: float = 0.0,
+                  scale_N: torch.Tensor | None = None, blocks: int = 4) -> torch.Tensor:
+    """:func:`gemmt` with cuBLAS: the M x M result is cut into ``blocks`` x ``blocks`` blocks; row
+    block i is one batched GEMM over column blocks 0..i (written in place into the result), and the
+    strictly-upper blocks are filled with the transposed lower ones. (blocks + 1) / (2 blocks) of the
+    product's FLOPs (62.5% at 4 blocks), on cuBLAS GEMMs rather than on Triton tiles. Unlike
+    :func:`gemmt`, diagonal blocks are computed whole, so they are symmetric only up to rounding."""
+    if A_NMK.dim() != 3:
+        raise ValueError(f"gemmt expects a batch [N, M, K], got shape {tuple(A_NMK.shape)}")
+    B_NMK = A_NMK if B_NMK is None else B_NMK
+    if B_NMK.shape != A_NMK.shape:
+        raise ValueError(f"gemmt needs A and B of one shape, got {tuple(A_NMK.shape)} and {tuple(B_NMK.shape)}")
+    N, M, K = A_NMK.shape
+    C = torch.empty(N, M, M, device=A_NMK.device, dtype=A_NMK.dtype)
+    blocks = max(1, min(blocks, M))
+    edges = [round(i * M / blocks) for i in range(blocks + 1)]
+    for i in range(blocks):
+        r0, r1 = edges[i], edges[i + 1]
+        a, bt, out = A_NMK[:, r0:r1], B_NMK[:, :r1].mT, C[:, r0:r1, :r1]
+        if Y_NMM is not None:
+            torch.baddbmm(Y_NMM[:, r0:r1, :r1], a, bt, beta=beta, alpha=alpha, out=out)
+        elif alpha != 1.0:
+            torch.baddbmm(out, a, bt, beta=0.0, alpha=alpha, out=out)
+        else:
+            torch.bmm(a, bt, out=out)
+    if scale_N is not None:
+        C.mul_(scale_N.to(C.dtype)[:, None, None])
+    if diag:
+        C.diagonal(dim1=-2, dim2=-1).add_(diag)
+    for i in range(blocks):
+        for j in range(i):
+            C[:, edges[j]:edges[j + 1], edges[i]:edges[i + 1]] = C[:, edges[i]:edges[i + 1], edges[j]:edges[j + 1]].mT
+    return C
+
+
 def syrk(X_NMK: torch.Tensor, alpha: float = 1.0, Y_NMM: torch.Tensor | None = None,
          beta: float = 0.0) -> torch.Tensor:
     """alpha * X X^T + beta * Y for a batch [N, M, K], computing only the lower-triangular tiles."""
     return gemmt(X_NMK, None, alpha, Y_NMM, beta)
+
+
+def _sym_product(sym_impl: str, M: int, K: int):
+    """The symmetric-product implementation for an [N, M, K] operand: ``triton`` (:func:`gemmt`,
+    half the FLOPs on Triton tiles), ``blocked`` (:func:`gemmt_blocked`, 62.5% of them on cuBLAS) or
+    ``auto``: Triton where its tiles beat cuBLAS (measured on the H200, docs/muonclip.md: long
+    products, K >= 3 M, and only with M >= 1024 so the grid fills the GPU), blocked otherwise."""
+    if sym_impl == "auto":
+        sym_impl = "triton" if (K >= 3 * M and M >= 1024) else "blocked"
+    if sym_impl == "triton":
+        return gemmt
+    if sym_impl == "blocked":  # blocks of at least 128 rows: smaller GEMMs lose more than they save
+        return functools.partial(gemmt_blocked, blocks=max(1, min(4, M // 128)))
+    raise ValueError(f"sym_impl must be 'auto', 'triton' or 'blocked', got {sym_impl!r}")
 
 
 def triton_ns_available(t: torch.Tensor) -> bool:
@@ -152,7 +203,7 @@ def triton_ns_available(t: torch.Tensor) -> bool:
 
 def zeropower_ns_batched(G_NMK: torch.Tensor, steps: int = 5,
                          coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
-                         eps: float = 1e-7, impl: str = "auto") -> torch.Tensor:
+                         eps: float = 1e-7, impl: str = "auto", sym_impl: str = "auto") -> torch.Tensor:
     """Approximate orthogonal factor U V^T of each matrix in a batch [N, M, K] (or one [M, K]).
 
     Math as DESIGN.md section 3: X = G / (||G||_F + eps) per matrix, transpose if M > K, then
@@ -176,8 +227,9 @@ def zeropower_ns_batched(G_NMK: torch.Tensor, steps: int = 5,
     X = (X.float() / (norm + eps)).bfloat16().contiguous()
     for _ in range(steps):
         if use_triton:
-            A = syrk(X)
-            B = syrk(A, alpha=c, Y_NMM=A, beta=b)
+            sym = _sym_product(sym_impl, M=X.size(-2), K=X.size(-1))
+            A = sym(X)
+            B = _sym_product(sym_impl, M=A.size(-2), K=A.size(-1))(A, alpha=c, Y_NMM=A, beta=b)
         else:
             A = X @ X.mT
             B = torch.baddbmm(A, A, A, beta=b, alpha=c)
@@ -190,7 +242,8 @@ def zeropower_ns_batched(G_NMK: torch.Tensor, steps: int = 5,
 def zeropower_gram_batched(G_NMK: torch.Tensor, steps: int = 5,
                            coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
                            eps: float = 1e-7, dtype: torch.dtype = torch.float16,
-                           restarts: tuple[int, ...] = GRAM_RESTARTS, impl: str = "auto") -> torch.Tensor:
+                           restarts: tuple[int, ...] = GRAM_RESTARTS, impl: str = "auto",
+                           sym_impl: str = "auto") -> torch.Tensor:
     """Gram Newton-Schulz (k2train.optim.newton_schulz.zeropower_via_gram_newtonschulz has the math
     and the torch reference) on a batch [N, M, K] (or one [M, K]) with the GEMMT kernel: every
     M x M product (R R, Q Q, R Q^2, Q P) and the Gram X X^T compute only their lower tiles; the two
@@ -219,24 +272,25 @@ def zeropower_gram_batched(G_NMK: torch.Tensor, steps: int = 5,
     # X0 = f X with f = sqrt(M) / ||X||_F per matrix (~1 when MuonClip pre-scaled the input: see
     # ns_input_cast); f is folded into R0 and into the P that multiplies X, never a pass over X.
     f = math.sqrt(M) / torch.linalg.vector_norm(X, dim=(-2, -1), dtype=torch.float32).clamp(min=eps)
-    R = gemmt(X, alpha=1.0 / M, scale_N=f * f)
+    gram, square = _sym_product(sym_impl, M, X.size(-1)), _sym_product(sym_impl, M, M)
+    R = gram(X, alpha=1.0 / M, scale_N=f * f)
     P = None
     for it in range(steps):
-        Q = gemmt(R, alpha=c, Y_NMM=R, beta=b, diag=a)  # a I + b R + c R^2
+        Q = square(R, alpha=c, Y_NMM=R, beta=b, diag=a)  # a I + b R + c R^2
         ends = it == steps - 1 or it + 1 in restarts
         if P is None:
             P = Q if not ends or f is None else Q * f[:, None, None].to(Q.dtype)
         else:
-            P = gemmt(Q, P, scale_N=f if ends else None)
+            P = square(Q, P, scale_N=f if ends else None)
         if it == steps - 1:
             break
         if it + 1 in restarts:
             X = torch.bmm(P, X)  # X_k = P X0 = (P f) X
             f = None
-            R = gemmt(X, alpha=1.0 / M)
+            R = gram(X, alpha=1.0 / M)
             P = None
         else:
-            R = gemmt(R, gemmt(Q))  # R Q^2
+            R = square(R, square(Q))  # R Q^2
     if P is None:
         X = X / math.sqrt(M) if f is None else X * (f[:, None, None] / math.sqrt(M)).to(X.dtype)
     else:

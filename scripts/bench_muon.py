@@ -138,54 +138,56 @@ def exact_update(shapes, device) -> list[torch.Tensor]:
 
 def gemmt_vs_cublas(device, warmup: int, repeat: int) -> None:
     """The symmetric-product kernel against cuBLAS computing the whole product (torch.bmm)."""
-    from k2train.kernels.newton_schulz import _gemmt_tuned, gemmt
+    from k2train.kernels.newton_schulz import _gemmt_tuned, gemmt, gemmt_blocked
 
     print("\nGEMMT (lower tiles, mirrored) vs torch.bmm (whole product), fp16, one batch of the expert bucket:")
-    print(f"| {'N x M x K':18s} | {'bmm ms':>7s} | {'TF/s':>5s} | {'gemmt ms':>8s} | {'TF/s*':>5s} | {'speedup':>7s} | best config")
-    for N, M, K in [(36, 2048, 7168), (36, 2048, 2048), (1, 7168, 8192), (1, 1536, 12288)]:
+    print(f"| {'N x M x K':18s} | {'bmm ms':>7s} | {'TF/s':>5s} | {'gemmt ms':>8s} | {'TF/s*':>5s} | {'speedup':>7s} | "
+          f"{'blocked ms':>10s} | {'speedup':>7s} | best Triton config")
+    for N, M, K in [(36, 2048, 7168), (36, 2048, 2048), (1, 7168, 8192), (1, 1536, 12288), (1, 1536, 1536)]:
         A = torch.randn(N, M, K, device=device, dtype=torch.float16)
         t_bmm = timeit(lambda: torch.bmm(A, A.mT), device, warmup, repeat)
         t_g = timeit(lambda: gemmt(A), device, warmup, repeat)
+        t_b = timeit(lambda: gemmt_blocked(A, blocks=max(1, min(4, M // 128))), device, warmup, repeat)
         full = 2 * N * M * M * K / 1e12
         cfg = getattr(_gemmt_tuned, "best_config", None)
         print(f"| {f'{N}x{M}x{K}':18s} | {t_bmm:7.3f} | {full / t_bmm * 1e3:5.0f} | {t_g:8.3f} | {full / 2 / t_g * 1e3:5.0f} | "
-              f"{t_bmm / t_g:6.2f}x | {cfg}")
+              f"{t_bmm / t_g:6.2f}x | {t_b:10.3f} | {t_bmm / t_b:6.2f}x | {cfg}")
         del A
     print("(* real FLOPs: half the product)")
 
 
 def ns_breakdown(shapes, device, warmup: int, repeat: int) -> None:
-    """Newton-Schulz alone per matrix shape (the batches MuonClip forms): ms and real TFLOP/s."""
+    """Newton-Schulz alone per matrix shape, batched as MuonClip batches them, for each schedule and
+    symmetric-product implementation. Rate = textbook NS5 FLOPs / time (comparable across columns)."""
+    from k2train.kernels.newton_schulz import zeropower_gram_batched, zeropower_ns_batched
     from k2train.optim.muon import batched_newton_schulz
-    from k2train.optim.newton_schulz import ns_flops
+    from k2train.optim.newton_schulz import ns_flops, zeropower_via_gram_newtonschulz, zeropower_via_newtonschulz
 
+    bf16, fp16 = torch.bfloat16, torch.float16
+    impls = {
+        "std torch": (bf16, lambda G, **k: zeropower_via_newtonschulz(G, dtype=bf16)),
+        "std syrk": (bf16, lambda G, **k: zeropower_ns_batched(G, impl="triton", sym_impl="triton")),
+        "std blocked": (bf16, lambda G, **k: zeropower_ns_batched(G, impl="triton", sym_impl="blocked")),
+        "gram torch": (fp16, lambda G, **k: zeropower_via_gram_newtonschulz(G, dtype=fp16)),
+        "gram gemmt": (fp16, lambda G, **k: zeropower_gram_batched(G, impl="triton", sym_impl="triton")),
+        "gram blocked": (fp16, lambda G, **k: zeropower_gram_batched(G, impl="triton", sym_impl="blocked")),
+        "gram auto": (fp16, lambda G, **k: zeropower_gram_batched(G, impl="triton", sym_impl="auto")),
+    }
     buckets: dict[tuple[int, int], int] = {}
     for shape in shapes.values():
         key = tuple(sorted(shape[-2:]))
         buckets[key] = buckets.get(key, 0) + (shape[0] if len(shape) == 3 else 1)
-    from k2train.optim.newton_schulz import zeropower_via_newtonschulz
-
-    impls = [("standard", "bfloat16", torch.bfloat16, "torch"), ("standard", "bfloat16", torch.bfloat16, "triton"),
-             ("gram", "float16", torch.float16, "torch"), ("gram", "float16", torch.float16, "triton")]
-    print(f"\nNewton-Schulz alone, by shape (real FLOPs of each schedule):")
-    print(f"| {'shape x count':22s} | " + " | ".join(f"{m[:4]} {i:6s} ms  TF/s" for m, _, _, i in impls) + " |")
+    print("\nNewton-Schulz alone, by shape: ms (textbook-equivalent TFLOP/s)")
+    print(f"| {'shape x count':16s} | " + " | ".join(f"{name:>15s}" for name in impls) + " |")
     for (m, k), n in buckets.items():
         G = torch.randn(n, m, k, device=device)
         cells = []
-        for method, dname, dtype, impl in impls:
-            fn = ns_fn_for(impl, method, dname, device)
-            if impl == "torch" and method == "standard":
-                fn = lambda G, steps, coefficients, dtype: zeropower_via_newtonschulz(G, steps, coefficients, dtype=dtype)  # noqa: E731
-            if fn is None:
-                cells.append(f"{'-':>20s}")
-                continue
-            ms = timeit(lambda: batched_newton_schulz([G], fn, steps=5, coefficients=NS_COEFFICIENTS, dtype=dtype), device, warmup, repeat)
-            used = method if ns_flops(m, k, 5, "gram", impl == "triton") < ns_flops(m, k, 5, "standard", impl == "triton") else "standard"
-            real = n * ns_flops(m, k, 5, used, impl == "triton") / (ms / 1e3) / 1e12
-            cells.append(f"{ms:9.2f} {real:5.0f}{'*' if used != method else ' '}")
-        print(f"| {f'{m}x{k} x{n}':22s} | " + " | ".join(f"{c:>20s}" for c in cells) + " |")
+        for name, (dtype, fn) in impls.items():
+            ms = timeit(lambda: batched_newton_schulz([G], fn, steps=5, coefficients=NS_COEFFICIENTS, dtype=dtype),
+                        device, warmup, repeat)
+            cells.append(f"{ms:7.2f} ({n * ns_flops(m, k) / ms / 1e9:4.0f})")
+        print(f"| {f'{m}x{k} x{n}':16s} | " + " | ".join(f"{c:>15s}" for c in cells) + " |")
         del G
-    print("(* shape where Gram saves nothing: it runs standard NS)")
 
 
 def main() -> None:

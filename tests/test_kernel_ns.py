@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("triton")
 from k2train.kernels.newton_schulz import (  # noqa: E402
-    gemmt, syrk, triton_ns_available, zeropower_gram_batched, zeropower_ns_batched, zeropower_ns_reference)
+    gemmt, gemmt_blocked, syrk, triton_ns_available, zeropower_gram_batched, zeropower_ns_batched, zeropower_ns_reference)
 from k2train.optim.newton_schulz import zeropower_via_gram_newtonschulz  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -52,10 +52,15 @@ def test_gemmt_of_commuting_symmetric_matrices(N, M):
     assert torch.equal(out, out.mT)
     with pytest.raises(ValueError, match="one shape"):
         gemmt(A.float(), B[:, :-1].float())
+    # the cuBLAS-blocked version, on any device (3 blocks: uneven edges at M=37 and 20)
+    blocked = gemmt_blocked(A.float().to(DEV), B.float().to(DEV), alpha=-1.5, Y_NMM=S.float().to(DEV), beta=0.5,
+                            diag=3.0, scale_N=torch.full((N,), 2.0), blocks=3)
+    assert _rel(blocked, 2 * (-1.5 * A @ B + 0.5 * S) + 3.0 * torch.eye(M, dtype=torch.float64)) < 1e-5
 
 
+@pytest.mark.parametrize("sym_impl", ["triton", "blocked"])
 @pytest.mark.parametrize("shape", [(3, 24, 80), (2, 80, 24), (20, 33)])
-def test_gram_ns_kernel_matches_torch_gram(shape):
+def test_gram_ns_kernel_matches_torch_gram(shape, sym_impl):
     # The kernel path and the torch reference run the same schedule; in fp32 (the interpreter's
     # precision) they differ only in summation order. On the GPU, fp16: closer to the exact NS5 than
     # the textbook bf16 loop (the criterion of tests/test_muon_newton_schulz.py).
@@ -63,21 +68,22 @@ def test_gram_ns_kernel_matches_torch_gram(shape):
     G = torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape))).to(DEV)
     ref64 = zeropower_ns_reference(G.double())
     if DEV == "cpu":
-        out = zeropower_gram_batched(G, dtype=torch.float32, impl="triton")
+        out = zeropower_gram_batched(G, dtype=torch.float32, impl="triton", sym_impl=sym_impl)
         ref = zeropower_via_gram_newtonschulz(G, dtype=torch.float32)
         assert out.shape == G.shape and _rel(out, ref) < 1e-5 and _rel(out, ref64) < 1e-5
     else:
-        out = zeropower_gram_batched(G, dtype=torch.float16, impl="triton")
+        out = zeropower_gram_batched(G, dtype=torch.float16, impl="triton", sym_impl=sym_impl)
         assert out.shape == G.shape and out.dtype == torch.float16
         assert _rel(out, ref64) <= 0.5 * _rel(zeropower_ns_reference(G.bfloat16()), ref64)
 
 
+@pytest.mark.parametrize("sym_impl", ["triton", "blocked"])
 @pytest.mark.parametrize("shape", [(3, 24, 40), (2, 40, 24), (33, 20)])
-def test_ns_batched_matches_reference(shape):
+def test_ns_batched_matches_reference(shape, sym_impl):
     _need_triton()
     g = torch.Generator().manual_seed(sum(shape))
     G = torch.randn(*shape, generator=g).to(DEV)
-    out = zeropower_ns_batched(G, impl="triton")
+    out = zeropower_ns_batched(G, impl="triton", sym_impl=sym_impl)
     assert out.shape == G.shape and out.dtype == torch.bfloat16
     ref64 = zeropower_ns_reference(G.double())
     textbook_bf16 = zeropower_ns_reference(G.bfloat16())  # what Muon implementations run
