@@ -92,6 +92,91 @@ if triton is not None:
         tl.store(c + rn[:, None] * s_cm + rm[None, :] * s_cn, tl.trans(out), mask=mask_t)
 
 
+if triton is not None:
+
+    @triton.jit
+    def _gemmt_tma_kernel(A, B, C, Y, S, N, M, K,
+                          s_cb, s_cm, s_cn, s_yb, s_ym, s_yn,
+                          alpha, beta, diag,
+                          HAS_Y: tl.constexpr, HAS_S: tl.constexpr, UPCAST: tl.constexpr,
+                          BM: tl.constexpr, BK: tl.constexpr):
+        """:func:`_gemmt_kernel` with the A and B tiles fetched by the tensor-memory accelerator
+        (tensor descriptors over contiguous [N, M, K] operands; out-of-range rows and columns read
+        as zeros). Same tile order and epilogue."""
+        pid = tl.program_id(0)
+        b = tl.program_id(1)
+        ti = ((tl.sqrt(8.0 * pid + 1.0) - 1.0) * 0.5).to(tl.int32)
+        ti = tl.where(ti * (ti + 1) // 2 > pid, ti - 1, ti)
+        ti = tl.where((ti + 1) * (ti + 2) // 2 <= pid, ti + 1, ti)
+        tj = pid - ti * (ti + 1) // 2
+        a_desc = tl.make_tensor_descriptor(A, shape=[N, M, K], strides=[M * K, K, 1], block_shape=[1, BM, BK])
+        b_desc = tl.make_tensor_descriptor(B, shape=[N, M, K], strides=[M * K, K, 1], block_shape=[1, BM, BK])
+        acc = tl.zeros((BM, BM), dtype=tl.float32)
+        for k in range(0, tl.cdiv(K, BK)):
+            a = a_desc.load([b, ti * BM, k * BK]).reshape(BM, BK)
+            bb = b_desc.load([b, tj * BM, k * BK]).reshape(BM, BK)
+            if UPCAST:
+                a = a.to(tl.float32)
+                bb = bb.to(tl.float32)
+            acc = tl.dot(a, tl.trans(bb), acc)
+        b = b.to(tl.int64)
+        rm = ti * BM + tl.arange(0, BM)
+        rn = tj * BM + tl.arange(0, BM)
+        acc = acc * alpha
+        if HAS_S:
+            acc = acc * tl.load(S + b)
+        mask = (rm[:, None] < M) & (rn[None, :] < M)
+        if HAS_Y:
+            y = tl.load(Y + b * s_yb + rm[:, None] * s_ym + rn[None, :] * s_yn, mask=mask, other=0.0)
+            acc += beta * y.to(tl.float32)
+        acc = tl.where(rm[:, None] == rn[None, :], acc + diag, acc)
+        out = acc.to(C.dtype.element_ty)
+        c = C + b * s_cb
+        tl.store(c + rm[:, None] * s_cm + rn[None, :] * s_cn, out, mask=mask & (rm[:, None] >= rn[None, :]))
+        mask_t = (rn[:, None] < M) & (rm[None, :] < M) & (rm[None, :] > rn[:, None])
+        tl.store(c + rn[:, None] * s_cm + rm[None, :] * s_cn, tl.trans(out), mask=mask_t)
+
+
+_TMA_CONFIGS = [
+    triton.Config({"BM": 128, "BK": bk}, num_warps=8, num_stages=st)
+    for bk, st in ((64, 3), (64, 4), (64, 5), (128, 3))
+] if triton is not None else []
+_gemmt_tma_tuned = (triton.autotune(_TMA_CONFIGS, key=["M", "K", "HAS_Y", "HAS_S"])(_gemmt_tma_kernel)
+                    if triton is not None and not _interpreted(_gemmt_tma_kernel) else None)
+
+
+def _tma_scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def gemmt_tma(A_NMK: torch.Tensor, B_NMK: torch.Tensor | None = None, alpha: float = 1.0,
+              Y_NMM: torch.Tensor | None = None, beta: float = 0.0, diag: float = 0.0,
+              scale_N: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`gemmt` with TMA tile loads (Hopper+). Operands are made contiguous; K must keep rows
+    16-byte aligned (K % 8 == 0 in half precision), else this falls back to :func:`gemmt`."""
+    A_NMK = A_NMK.contiguous()
+    B_NMK = A_NMK if B_NMK is None else B_NMK.contiguous()
+    N, M, K = A_NMK.shape
+    if (K * A_NMK.element_size()) % 16 or B_NMK.shape != A_NMK.shape:
+        return gemmt(A_NMK, B_NMK, alpha, Y_NMM, beta, diag, scale_N)
+    C = torch.empty(N, M, M, device=A_NMK.device, dtype=A_NMK.dtype)
+    Y = Y_NMM if Y_NMM is not None else C
+    S = scale_N.float().contiguous() if scale_N is not None else C
+    args = (A_NMK, B_NMK, C, Y, S, N, M, K, *C.stride(), *Y.stride(), float(alpha), float(beta), float(diag))
+
+    def grid(meta):
+        nt = triton.cdiv(M, meta["BM"])
+        return (nt * (nt + 1) // 2, N)
+    if _gemmt_tma_tuned is None:
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8))
+        _gemmt_tma_kernel[grid({"BM": 16})](*args, HAS_Y=Y_NMM is not None, HAS_S=scale_N is not None,
+                                            UPCAST=True, BM=16, BK=16, num_warps=1, num_stages=1)
+    else:
+        triton.set_allocator(_tma_scratch)
+        _gemmt_tma_tuned[grid](*args, HAS_Y=Y_NMM is not None, HAS_S=scale_N is not None, UPCAST=False)
+    return C
+
+
 # 128x128 tiles with 64/128-wide K steps are wgmma-sized; the best pipeline depth and K step depend
 # on K (7168 for the Gram of an expert matrix, M for A A), so the few candidates are timed once per shape.
 _SYRK_CONFIGS = [
@@ -189,9 +274,13 @@ def _sym_product(sym_impl: str, M: int, K: int):
         sym_impl = "triton" if (K >= 3 * M and M >= 1024) else "blocked"
     if sym_impl == "triton":
         return gemmt
+    if sym_impl == "tma":
+        return gemmt_tma
+    if sym_impl.startswith("blocked") and sym_impl[7:].isdigit():
+        return functools.partial(gemmt_blocked, blocks=int(sym_impl[7:]))
     if sym_impl == "blocked":  # blocks of at least 128 rows: smaller GEMMs lose more than they save
         return functools.partial(gemmt_blocked, blocks=max(1, min(4, M // 128)))
-    raise ValueError(f"sym_impl must be 'auto', 'triton' or 'blocked', got {sym_impl!r}")
+    raise ValueError(f"sym_impl must be 'auto', 'triton', 'tma', 'blocked' or 'blocked<n>', got {sym_impl!r}")
 
 
 def triton_ns_available(t: torch.Tensor) -> bool:

@@ -141,22 +141,25 @@ def gemmt_vs_cublas(device, warmup: int, repeat: int) -> None:
     from k2train.kernels.newton_schulz import _gemmt_tuned, gemmt, gemmt_blocked
 
     print("\nGEMMT (lower tiles, mirrored) vs torch.bmm (whole product), fp16, one batch of the expert bucket:")
-    print(f"| {'N x M x K':18s} | {'bmm ms':>7s} | {'TF/s':>5s} | {'gemmt ms':>8s} | {'TF/s*':>5s} | {'speedup':>7s} | "
-          f"{'blocked ms':>10s} | {'speedup':>7s} | best Triton config")
-    for N, M, K in [(36, 2048, 7168), (36, 2048, 2048), (1, 7168, 8192), (1, 1536, 12288), (1, 1536, 1536)]:
+    from k2train.kernels.newton_schulz import gemmt_tma
+
+    variants = {"triton": gemmt, "tma": gemmt_tma,
+                "blocked2": lambda A: gemmt_blocked(A, blocks=2), "blocked4": lambda A: gemmt_blocked(A, blocks=4)}
+    print(f"| {'N x M x K':16s} | {'bmm ms':>7s} {'TF/s':>5s} | " + " | ".join(f"{v:>8s} ms  x bmm" for v in variants) + " |")
+    for N, M, K in [(36, 2048, 7168), (36, 2048, 2048), (1, 7168, 8192), (1, 7168, 7168)]:
         A = torch.randn(N, M, K, device=device, dtype=torch.float16)
         t_bmm = timeit(lambda: torch.bmm(A, A.mT), device, warmup, repeat)
-        t_g = timeit(lambda: gemmt(A), device, warmup, repeat)
-        t_b = timeit(lambda: gemmt_blocked(A, blocks=max(1, min(4, M // 128))), device, warmup, repeat)
         full = 2 * N * M * M * K / 1e12
-        cfg = getattr(_gemmt_tuned, "best_config", None)
-        print(f"| {f'{N}x{M}x{K}':18s} | {t_bmm:7.3f} | {full / t_bmm * 1e3:5.0f} | {t_g:8.3f} | {full / 2 / t_g * 1e3:5.0f} | "
-              f"{t_bmm / t_g:6.2f}x | {t_b:10.3f} | {t_bmm / t_b:6.2f}x | {cfg}")
+        cells = []
+        for fn in variants.values():
+            t = timeit(lambda: fn(A), device, warmup, repeat)
+            cells.append(f"{t:11.3f} {t_bmm / t:5.2f}x")
+        print(f"| {f'{N}x{M}x{K}':16s} | {t_bmm:7.3f} {full / t_bmm * 1e3:5.0f} | " + " | ".join(cells) + " |")
         del A
-    print("(* real FLOPs: half the product)")
+    print(f"best Triton configs: tiles {getattr(_gemmt_tuned, 'best_config', None)}")
 
 
-def ns_breakdown(shapes, device, warmup: int, repeat: int) -> None:
+def ns_breakdown(shapes, device, warmup: int, repeat: int, full: bool = False) -> None:
     """Newton-Schulz alone per matrix shape, batched as MuonClip batches them, for each schedule and
     symmetric-product implementation. Rate = textbook NS5 FLOPs / time (comparable across columns)."""
     from k2train.kernels.newton_schulz import zeropower_gram_batched, zeropower_ns_batched
@@ -166,27 +169,27 @@ def ns_breakdown(shapes, device, warmup: int, repeat: int) -> None:
     bf16, fp16 = torch.bfloat16, torch.float16
     impls = {
         "std torch": (bf16, lambda G, **k: zeropower_via_newtonschulz(G, dtype=bf16)),
-        "std syrk": (bf16, lambda G, **k: zeropower_ns_batched(G, impl="triton", sym_impl="triton")),
-        "std blocked": (bf16, lambda G, **k: zeropower_ns_batched(G, impl="triton", sym_impl="blocked")),
         "gram torch": (fp16, lambda G, **k: zeropower_via_gram_newtonschulz(G, dtype=fp16)),
-        "gram gemmt": (fp16, lambda G, **k: zeropower_gram_batched(G, impl="triton", sym_impl="triton")),
-        "gram blocked": (fp16, lambda G, **k: zeropower_gram_batched(G, impl="triton", sym_impl="blocked")),
-        "gram auto": (fp16, lambda G, **k: zeropower_gram_batched(G, impl="triton", sym_impl="auto")),
     }
+    for sym in ("triton", "tma", "blocked2", "blocked4", "auto"):
+        impls[f"std {sym}"] = (bf16, lambda G, sym=sym, **k: zeropower_ns_batched(G, impl="triton", sym_impl=sym))
+        impls[f"gram {sym}"] = (fp16, lambda G, sym=sym, **k: zeropower_gram_batched(G, impl="triton", sym_impl=sym))
     buckets: dict[tuple[int, int], int] = {}
     for shape in shapes.values():
         key = tuple(sorted(shape[-2:]))
         buckets[key] = buckets.get(key, 0) + (shape[0] if len(shape) == 3 else 1)
     print("\nNewton-Schulz alone, by shape: ms (textbook-equivalent TFLOP/s)")
-    print(f"| {'shape x count':16s} | " + " | ".join(f"{name:>15s}" for name in impls) + " |")
+    print(f"| {'shape x count':16s} | " + " | ".join(f"{name:>14s}" for name in impls) + " |")
     for (m, k), n in buckets.items():
+        if n * ns_flops(m, k) < 5e12 and not full:  # the small MLA matrices are launch-bound alone
+            continue
         G = torch.randn(n, m, k, device=device)
         cells = []
         for name, (dtype, fn) in impls.items():
             ms = timeit(lambda: batched_newton_schulz([G], fn, steps=5, coefficients=NS_COEFFICIENTS, dtype=dtype),
                         device, warmup, repeat)
-            cells.append(f"{ms:7.2f} ({n * ns_flops(m, k) / ms / 1e9:4.0f})")
-        print(f"| {f'{m}x{k} x{n}':16s} | " + " | ".join(f"{c:>15s}" for c in cells) + " |")
+            cells.append(f"{ms:6.2f} ({n * ns_flops(m, k) / ms / 1e9:4.0f})")
+        print(f"| {f'{m}x{k} x{n}':16s} | " + " | ".join(f"{c:>14s}" for c in cells) + " |")
         del G
 
 

@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("triton")
 from k2train.kernels.newton_schulz import (  # noqa: E402
-    gemmt, gemmt_blocked, syrk, triton_ns_available, zeropower_gram_batched, zeropower_ns_batched, zeropower_ns_reference)
+    gemmt, gemmt_blocked, gemmt_tma, syrk, triton_ns_available, zeropower_gram_batched, zeropower_ns_batched, zeropower_ns_reference)
 from k2train.optim.newton_schulz import zeropower_via_gram_newtonschulz  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -52,14 +52,18 @@ def test_gemmt_of_commuting_symmetric_matrices(N, M):
     assert torch.equal(out, out.mT)
     with pytest.raises(ValueError, match="one shape"):
         gemmt(A.float(), B[:, :-1].float())
+    # TMA tile loads (tensor descriptors; the interpreter emulates them): K = 40 keeps fp32 rows
+    # 16-byte aligned, so the descriptor kernel runs rather than its fallback
+    tma = gemmt_tma(A.float().to(DEV), B.float().to(DEV), alpha=-1.5, Y_NMM=S.float().to(DEV), beta=0.5, diag=3.0)
+    assert _rel(tma, ref) < 1e-5 and torch.equal(tma, tma.mT)
     # the cuBLAS-blocked version, on any device (3 blocks: uneven edges at M=37 and 20)
     blocked = gemmt_blocked(A.float().to(DEV), B.float().to(DEV), alpha=-1.5, Y_NMM=S.float().to(DEV), beta=0.5,
                             diag=3.0, scale_N=torch.full((N,), 2.0), blocks=3)
     assert _rel(blocked, 2 * (-1.5 * A @ B + 0.5 * S) + 3.0 * torch.eye(M, dtype=torch.float64)) < 1e-5
 
 
-@pytest.mark.parametrize("sym_impl", ["triton", "blocked"])
-@pytest.mark.parametrize("shape", [(3, 24, 80), (2, 80, 24), (20, 33)])
+@pytest.mark.parametrize("sym_impl", ["triton", "tma", "blocked"])
+@pytest.mark.parametrize("shape", [(3, 24, 80), (2, 80, 24), (20, 32)])
 def test_gram_ns_kernel_matches_torch_gram(shape, sym_impl):
     # The kernel path and the torch reference run the same schedule; in fp32 (the interpreter's
     # precision) they differ only in summation order. On the GPU, fp16: closer to the exact NS5 than
