@@ -37,30 +37,31 @@ if triton is not None:
                       s_ab, s_am, s_ak, s_bb, s_bm, s_bk, s_cb, s_cm, s_cn, s_yb, s_ym, s_yn,
                       alpha, beta, diag,
                       HAS_Y: tl.constexpr, HAS_S: tl.constexpr, UPCAST: tl.constexpr,
-                      BM: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr = False):
-        """C[b] = alpha (* S[b]) * A[b] B[b]^T (+ beta * Y[b]) + diag * I, one lower-triangular BM x BM tile
-        per program, for a product known to be symmetric (B = A: a Gram matrix; or A, B commuting
-        symmetric matrices, where A B^T = A B).
+                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr = False):
+        """C[b] = alpha (* S[b]) * A[b] B[b]^T (+ beta * Y[b]) + diag * I, one BM x BN tile per program,
+        only for tiles that reach the lower triangle, for a product known to be symmetric (B = A: a
+        Gram matrix; or A, B commuting symmetric matrices, where A B^T = A B).
 
-        Program p takes lower-triangular tile p in row-major order (ti >= tj), so neighbouring
-        programs share the A row-block ti (L2 reuse); the tile is stored at (ti, tj) and,
-        transposed, at (tj, ti). Y must be symmetric (its lower triangle is what counts)."""
+        Program (p, b): tile row ti = p % rows, tile column tj = p // rows, so programs that run
+        together share B's column block (L2 reuse); tiles wholly above the diagonal return at once.
+        Each tile stores its lower-triangle part in place and its strictly lower part mirrored. Y
+        must be symmetric (its lower triangle is what counts)."""
         pid = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)
-        # invert p = ti (ti + 1) / 2 + tj; the fp32 sqrt is exact to +-1 up to ~2^20 tiles
-        ti = ((tl.sqrt(8.0 * pid + 1.0) - 1.0) * 0.5).to(tl.int32)
-        ti = tl.where(ti * (ti + 1) // 2 > pid, ti - 1, ti)
-        ti = tl.where((ti + 1) * (ti + 2) // 2 <= pid, ti + 1, ti)
-        tj = pid - ti * (ti + 1) // 2
+        rows = tl.cdiv(M, BM)
+        ti = pid % rows
+        tj = pid // rows
+        if tj * BN > ti * BM + BM - 1:
+            return
         rm = ti * BM + tl.arange(0, BM)
-        rn = tj * BM + tl.arange(0, BM)
+        rn = tj * BN + tl.arange(0, BN)
         rk = tl.arange(0, BK)
         a_ptrs = A + b * s_ab + rm[:, None] * s_am + rk[None, :] * s_ak
         if BT:  # B's tile loaded as stored ([BM, BK], K contiguous) and transposed in registers
             bt_ptrs = B + b * s_bb + rn[:, None] * s_bm + rk[None, :] * s_bk
         else:
             bt_ptrs = B + b * s_bb + rn[None, :] * s_bm + rk[:, None] * s_bk
-        acc = tl.zeros((BM, BM), dtype=tl.float32)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k in range(0, tl.cdiv(K, BK)):
             k_left = K - k * BK
             a = tl.load(a_ptrs, mask=(rm[:, None] < M) & (rk[None, :] < k_left), other=0.0)
@@ -99,29 +100,30 @@ if triton is not None:
                           s_cb, s_cm, s_cn, s_yb, s_ym, s_yn,
                           alpha, beta, diag,
                           HAS_Y: tl.constexpr, HAS_S: tl.constexpr, UPCAST: tl.constexpr,
-                          BM: tl.constexpr, BK: tl.constexpr):
+                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         """:func:`_gemmt_kernel` with the A and B tiles fetched by the tensor-memory accelerator
         (tensor descriptors over contiguous [N, M, K] operands; out-of-range rows and columns read
         as zeros). Same tile order and epilogue."""
         pid = tl.program_id(0)
         b = tl.program_id(1)
-        ti = ((tl.sqrt(8.0 * pid + 1.0) - 1.0) * 0.5).to(tl.int32)
-        ti = tl.where(ti * (ti + 1) // 2 > pid, ti - 1, ti)
-        ti = tl.where((ti + 1) * (ti + 2) // 2 <= pid, ti + 1, ti)
-        tj = pid - ti * (ti + 1) // 2
+        rows = tl.cdiv(M, BM)
+        ti = pid % rows
+        tj = pid // rows
+        if tj * BN > ti * BM + BM - 1:
+            return
         a_desc = tl.make_tensor_descriptor(A, shape=[N, M, K], strides=[M * K, K, 1], block_shape=[1, BM, BK])
-        b_desc = tl.make_tensor_descriptor(B, shape=[N, M, K], strides=[M * K, K, 1], block_shape=[1, BM, BK])
-        acc = tl.zeros((BM, BM), dtype=tl.float32)
+        b_desc = tl.make_tensor_descriptor(B, shape=[N, M, K], strides=[M * K, K, 1], block_shape=[1, BN, BK])
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k in range(0, tl.cdiv(K, BK)):
             a = a_desc.load([b, ti * BM, k * BK]).reshape(BM, BK)
-            bb = b_desc.load([b, tj * BM, k * BK]).reshape(BM, BK)
+            bb = b_desc.load([b, tj * BN, k * BK]).reshape(BN, BK)
             if UPCAST:
                 a = a.to(tl.float32)
                 bb = bb.to(tl.float32)
             acc = tl.dot(a, tl.trans(bb), acc)
         b = b.to(tl.int64)
         rm = ti * BM + tl.arange(0, BM)
-        rn = tj * BM + tl.arange(0, BM)
+        rn = tj * BN + tl.arange(0, BN)
         acc = acc * alpha
         if HAS_S:
             acc = acc * tl.load(S + b)
@@ -137,9 +139,11 @@ if triton is not None:
         tl.store(c + rn[:, None] * s_cm + rm[None, :] * s_cn, tl.trans(out), mask=mask_t)
 
 
+# 128 x 256 tiles (wgmma's widest) are what Triton's Hopper matmuls run best with; 128 x 128 kept
+# for small M. Timed once per shape.
 _TMA_CONFIGS = [
-    triton.Config({"BM": 128, "BK": bk}, num_warps=8, num_stages=st)
-    for bk, st in ((64, 3), (64, 4), (64, 5), (128, 3))
+    triton.Config({"BM": 128, "BN": bn, "BK": 64}, num_warps=8, num_stages=st)
+    for bn, st in ((256, 3), (256, 4), (128, 3), (128, 4), (128, 5))
 ] if triton is not None else []
 _gemmt_tma_tuned = (triton.autotune(_TMA_CONFIGS, key=["M", "K", "HAS_Y", "HAS_S"])(_gemmt_tma_kernel)
                     if triton is not None and not _interpreted(_gemmt_tma_kernel) else None)
@@ -165,12 +169,11 @@ def gemmt_tma(A_NMK: torch.Tensor, B_NMK: torch.Tensor | None = None, alpha: flo
     args = (A_NMK, B_NMK, C, Y, S, N, M, K, *C.stride(), *Y.stride(), float(alpha), float(beta), float(diag))
 
     def grid(meta):
-        nt = triton.cdiv(M, meta["BM"])
-        return (nt * (nt + 1) // 2, N)
+        return (triton.cdiv(M, meta["BM"]) * triton.cdiv(M, meta["BN"]), N)
     if _gemmt_tma_tuned is None:
         triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8))
-        _gemmt_tma_kernel[grid({"BM": 16})](*args, HAS_Y=Y_NMM is not None, HAS_S=scale_N is not None,
-                                            UPCAST=True, BM=16, BK=16, num_warps=1, num_stages=1)
+        _gemmt_tma_kernel[grid({"BM": 16, "BN": 32})](*args, HAS_Y=Y_NMM is not None, HAS_S=scale_N is not None,
+                                                      UPCAST=True, BM=16, BN=32, BK=16, num_warps=1, num_stages=1)
     else:
         triton.set_allocator(_tma_scratch)
         _gemmt_tma_tuned[grid](*args, HAS_Y=Y_NMM is not None, HAS_S=scale_N is not None, UPCAST=False)
@@ -180,11 +183,10 @@ def gemmt_tma(A_NMK: torch.Tensor, B_NMK: torch.Tensor | None = None, alpha: flo
 # 128x128 tiles with 64/128-wide K steps are wgmma-sized; the best pipeline depth and K step depend
 # on K (7168 for the Gram of an expert matrix, M for A A), so the few candidates are timed once per shape.
 _SYRK_CONFIGS = [
-    triton.Config({"BM": 128, "BK": 64, "BT": bt}, num_warps=w, num_stages=st)
-    for bt in (False, True) for w, st in ((8, 3), (8, 4), (4, 4), (8, 5))
+    triton.Config({"BM": 128, "BN": bn, "BK": 64, "BT": bt}, num_warps=8, num_stages=st)
+    for bt in (False, True) for bn, st in ((256, 3), (128, 3), (128, 4))
 ] + [
-    triton.Config({"BM": 128, "BK": 128}, num_warps=8, num_stages=3),
-    triton.Config({"BM": 64, "BK": 64}, num_warps=4, num_stages=4),
+    triton.Config({"BM": 64, "BN": 64, "BK": 64}, num_warps=4, num_stages=4),
 ] if triton is not None else []
 _gemmt_tuned = (triton.autotune(_SYRK_CONFIGS, key=["M", "K", "HAS_Y", "HAS_S"])(_gemmt_kernel)
                 if triton is not None and not _interpreted(_gemmt_kernel) else None)
@@ -213,11 +215,10 @@ def gemmt(A_NMK: torch.Tensor, B_NMK: torch.Tensor | None = None, alpha: float =
             float(alpha), float(beta), float(diag))
 
     def grid(meta):
-        nt = triton.cdiv(M, meta["BM"])
-        return (nt * (nt + 1) // 2, N)
+        return (triton.cdiv(M, meta["BM"]) * triton.cdiv(M, meta["BN"]), N)
     if _gemmt_tuned is None:  # the interpreter computes half dots wrongly: upcast, small tiles
-        _gemmt_kernel[grid({"BM": 16})](*args, HAS_Y=Y_NMM is not None, HAS_S=scale_N is not None,
-                                        UPCAST=True, BM=16, BK=16, num_warps=1, num_stages=1)
+        _gemmt_kernel[grid({"BM": 16, "BN": 32})](*args, HAS_Y=Y_NMM is not None, HAS_S=scale_N is not None,
+                                                  UPCAST=True, BM=16, BN=32, BK=16, num_warps=1, num_stages=1)
     else:
         _gemmt_tuned[grid](*args, HAS_Y=Y_NMM is not None, HAS_S=scale_N is not None, UPCAST=False)
     return C

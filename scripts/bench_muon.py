@@ -199,6 +199,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--repeat", type=int, default=None)
     ap.add_argument("--experts", type=int, default=24)
+    ap.add_argument("--sections", default="step,gemmt,ns", help="comma list: step (the table), gemmt, ns (GPU breakdowns)")
     # For the modelled share of step time in K2's layout (DESIGN.md section 4); assumptions, not measurements.
     ap.add_argument("--k2-gpus", type=int, default=2048, help="assumed cluster size for the model")
     ap.add_argument("--k2-tflops-per-gpu", type=float, default=300.0, help="assumed achieved training TFLOP/s per GPU")
@@ -244,8 +245,11 @@ def main() -> None:
     adamw_label = "torch.optim.AdamW(fused=True)" if device.type == "cuda" else "torch.optim.AdamW (CPU, unfused)"
     rows.append((adamw_label, lambda ps: torch.optim.AdamW(ps, lr=LR, weight_decay=WD, fused=device.type == "cuda"), False, False))
 
-    exact = exact_update(shapes, device)
-    ref_update = one_step_update(torch_muon, shapes, device, split=True)
+    sections = set(args.sections.split(","))
+    if "step" not in sections:
+        rows = []
+    exact = exact_update(shapes, device) if rows else None
+    ref_update = one_step_update(torch_muon, shapes, device, split=True) if rows else None
     results = []
     for label, make_opt, split, is_muon in rows:
         if is_muon:
@@ -262,7 +266,7 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    base = results[0][1]
+    base = results[0][1] if results else float("nan")
     print(f"| {'optimizer step':38s} | {'ms':>8s} | {'NS TFLOP/s*':>11s} | {'vs torch Muon':>13s} | {'diff to torch Muon':>18s} | {'error vs fp64 NS':>16s} |")
     print(f"|{'-' * 40}|{'-' * 10}|{'-' * 13}|{'-' * 15}|{'-' * 20}|{'-' * 18}|")
     for label, ms, diff, err in results:
@@ -273,10 +277,11 @@ def main() -> None:
     print("* textbook NS5 FLOPs of the slice over the whole step time (Gram and the symmetric kernels do fewer)")
     print("  diff / error: max over the matrices of ||update - other||_F / ||other||_F after one step")
 
-    if device.type == "cuda":
+    if device.type == "cuda" and "gemmt" in sections:
         gemmt_vs_cublas(device, warmup, repeat)
+    if device.type == "cuda" and "ns" in sections:
         ns_breakdown(shapes, device, warmup, repeat)
-    if device.type != "cuda":
+    if device.type != "cuda" or not results:
         return
     # Modelled share of step time in K2's layout: PP16 (61 layers -> ~3.8 per stage), EP16, ZeRO-1
     # over the remaining data-parallel ranks (each matrix's NS runs on one of them).
