@@ -156,7 +156,11 @@ def gemmt_vs_cublas(device, warmup: int, repeat: int) -> None:
             cells.append(f"{t:11.3f} {t_bmm / t:5.2f}x")
         print(f"| {f'{N}x{M}x{K}':16s} | {t_bmm:7.3f} {full / t_bmm * 1e3:5.0f} | " + " | ".join(cells) + " |")
         del A
-    print(f"best Triton configs: tiles {getattr(_gemmt_tuned, 'best_config', None)}")
+    from k2train.kernels.newton_schulz import _gemmt_tma_tuned
+
+    for name, tuned in (("pointer loads", _gemmt_tuned), ("TMA", _gemmt_tma_tuned)):
+        for key, cfg in getattr(tuned, "cache", {}).items():
+            print(f"  {name} {key[:4]}: {cfg}")
 
 
 def ns_breakdown(shapes, device, warmup: int, repeat: int, full: bool = False) -> None:
