@@ -156,12 +156,13 @@ def _tma_scratch(size: int, alignment: int, stream):
 def gemmt_tma(A_NMK: torch.Tensor, B_NMK: torch.Tensor | None = None, alpha: float = 1.0,
               Y_NMM: torch.Tensor | None = None, beta: float = 0.0, diag: float = 0.0,
               scale_N: torch.Tensor | None = None) -> torch.Tensor:
-    """:func:`gemmt` with TMA tile loads (Hopper+). Operands are made contiguous; K must keep rows
-    16-byte aligned (K % 8 == 0 in half precision), else this falls back to :func:`gemmt`."""
+    """:func:`gemmt` with TMA tile loads. Operands are made contiguous; it needs a Hopper or newer GPU
+    and rows 16-byte aligned (K % 8 == 0 in half precision), else it falls back to :func:`gemmt`."""
     A_NMK = A_NMK.contiguous()
     B_NMK = A_NMK if B_NMK is None else B_NMK.contiguous()
     N, M, K = A_NMK.shape
-    if (K * A_NMK.element_size()) % 16 or B_NMK.shape != A_NMK.shape:
+    pre_hopper = A_NMK.is_cuda and torch.cuda.get_device_capability(A_NMK.device)[0] < 9
+    if pre_hopper or (K * A_NMK.element_size()) % 16 or B_NMK.shape != A_NMK.shape:
         return gemmt(A_NMK, B_NMK, alpha, Y_NMM, beta, diag, scale_N)
     C = torch.empty(N, M, M, device=A_NMK.device, dtype=A_NMK.dtype)
     Y = Y_NMM if Y_NMM is not None else C
@@ -268,11 +269,21 @@ def syrk(X_NMK: torch.Tensor, alpha: float = 1.0, Y_NMM: torch.Tensor | None = N
 
 def _sym_product(sym_impl: str, M: int, K: int):
     """The symmetric-product implementation for an [N, M, K] operand: ``triton`` (:func:`gemmt`,
-    half the FLOPs on Triton tiles), ``blocked`` (:func:`gemmt_blocked`, 62.5% of them on cuBLAS) or
-    ``auto``: Triton where its tiles beat cuBLAS (measured on the H200, docs/muonclip.md: long
-    products, K >= 3 M, and only with M >= 1024 so the grid fills the GPU), blocked otherwise."""
+    half the FLOPs on Triton tiles, pointer loads), ``tma`` (:func:`gemmt_tma`), ``blocked<n>``
+    (:func:`gemmt_blocked` with n x n blocks on cuBLAS; ``blocked``: up to 4 blocks of >= 128
+    rows), or ``auto``, a fixed rule from the H200 measurements of docs/muonclip.md (a fixed rule,
+    not a timing at run time, so that every rank and every run computes the same bits):
+
+    - K >= 3 M, M >= 1024 (the Gram X X^T of an expert matrix): TMA tiles, 1.22x cuBLAS' full product;
+    - M >= 4096 (o_proj's 7168 x 7168 / 8192 products): 4 x 4 cuBLAS blocks, 1.05-1.08x;
+    - 1024 <= M < 4096 (the 2048^3 products of Gram NS): 2 x 2 cuBLAS blocks, 1.0x (no Triton
+      tile schedule beat cuBLAS' full product there: 0.63-0.96x);
+    - smaller: cuBLAS' full product (one launch; these are launch-bound)."""
     if sym_impl == "auto":
-        sym_impl = "triton" if (K >= 3 * M and M >= 1024) else "blocked"
+        if K >= 3 * M and M >= 1024:
+            sym_impl = "tma"
+        else:
+            sym_impl = "blocked4" if M >= 4096 else "blocked2" if M >= 1024 else "blocked1"
     if sym_impl == "triton":
         return gemmt
     if sym_impl == "tma":
