@@ -154,6 +154,14 @@ def build_optimizer(model_parts: list[nn.Module], cfg: OptimConfig, dp_group=Non
         ns_fn=_resolve_ns_fn(cfg.ns_impl, ns_dtype, cfg.ns_method, tuple(cfg.ns_gram_restarts)),
     )
     groups = build_param_groups(model_parts, cfg)
+    label = f"{cfg.ns_method}, {ns_dtype}, {cfg.ns_impl}, {cfg.ns_steps} steps" + (
+        f", restart before iteration {', '.join(map(str, cfg.ns_gram_restarts))}" if cfg.ns_method == "gram" else "")
+    opt = _build(groups, kwargs, cfg, dp_group, dims)
+    opt.ns_label = label
+    return opt
+
+
+def _build(groups: list[dict], kwargs: dict, cfg: OptimConfig, dp_group, dims) -> MuonClip:
     if not cfg.zero1:
         return MuonClip(groups, **kwargs)
     import torch.distributed as dist
@@ -190,4 +198,7 @@ def describe_param_groups(optimizer: torch.optim.Optimizer, max_names: int = 3) 
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    ns = getattr(optimizer, "ns_label", None)
+    if ns and any(g.get("kind") == "muon" for g in optimizer.param_groups):
+        lines.append(f"Newton-Schulz: {ns}")
     return "\n".join(lines)

@@ -47,6 +47,8 @@ def test_yarn_experiment():
         (["model.qk_rope_head_dim=15"], "must be even"),
         (["model.bos_token_id=99999"], "outside the vocabulary"),
         (["parallel.vpp=2"], "needs parallel.pp_schedule=Interleaved1F1B"),
+        (["optim.ns_dtype=float16"], "optim.ns_dtype=float16 is for optim.ns_method=gram"),
+        (["optim.ns_method=gram", "optim.ns_gram_restarts=[5]"], "each restart is an iteration index in [1, optim.ns_steps=5)"),
     ],
 )
 def test_bad_values_say_what_to_change(overrides, fragment):

@@ -143,3 +143,31 @@ def test_grouping_rule_and_table():
     assert "muon" in table and f"{3 * 5 * 8 + 2 * 6 * 8 + 3 * 8:,}" in table
     # optim=adamw: nothing goes to Muon.
     assert all(g["kind"] == "adamw" for g in build_param_groups([model], OptimConfig(name="adamw")))
+
+
+def test_gram_method_through_build_optimizer_matches_standard_in_fp32():
+    # optim.ns_method=gram: on CPU the NS runs in fp32 (ns_dtype=auto), where Gram NS is the same
+    # iteration as standard NS up to fp32 rounding; shapes where it saves nothing (square) run standard.
+    model = _FakeK2()
+    runs = []
+    for method in ("standard", "gram"):
+        m = copy.deepcopy(model)
+        opt = build_optimizer([m], OptimConfig(ns_method=method, lr=0.02))
+        params = [p for g in opt.param_groups for p in g["params"]]
+        _run(opt, params, _grads([p.shape for p in params], 3, seed=4))
+        runs.append([p.detach().clone() for p in params])
+    for a, b in zip(*runs):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_gram_ns_fn_picks_the_cheaper_schedule_per_shape(monkeypatch):
+    import k2train.optim.grouping as grouping
+
+    calls = []
+    monkeypatch.setattr(grouping, "zeropower_via_gram_newtonschulz", lambda G, *a, **k: calls.append(("gram", tuple(G.shape))) or G)
+    monkeypatch.setattr(grouping, "zeropower_via_newtonschulz", lambda G, *a, **k: calls.append(("standard", tuple(G.shape))) or G)
+    ns_fn = grouping._resolve_ns_fn("torch", "float32", "gram")
+    for shape in [(4, 64, 224), (1, 96, 96)]:
+        ns_fn(torch.zeros(shape), steps=5, coefficients=(3.4445, -4.7750, 2.0315), dtype=torch.float32)
+    assert calls == [("gram", (4, 64, 224)), ("standard", (1, 96, 96))]
+    assert grouping._resolve_ns_fn("torch", "float32", "standard") is None  # MuonClip's bit-exact default
