@@ -12,7 +12,7 @@ python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . > "$OUT
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 SMALL="model=k2_small trainer.dtype=bfloat16 trainer.seq_len=4096 trainer.micro_batch_size=1 trainer.global_batch_size=4"
-SMALL="$SMALL model.attn_impl=triton model.moe_impl=triton optim.ns_impl=triton"
+SMALL="$SMALL model.attn_impl=triton model.moe_impl=triton optim.ns_impl=triton optim.ns_method=gram"
 echo "== planner: k2_small, one GPU"
 python3 -m k2train.plan $SMALL 2>&1 | tail -30 | tee "$OUT/plan_small.txt"
 echo "== k2_small training, 12 steps"
@@ -28,6 +28,6 @@ if late:
           f"peak memory {max(r.get('memory_gib', 0) for r in rows):.1f} GiB  loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}")
 PY
 echo "== MuonClip optimizer step"
-timeout 110 python3 scripts/bench_muon.py 2>&1 | tee "$OUT/bench_muon.txt" | tail -25
+timeout 400 python3 scripts/bench_muon.py 2>&1 | tee "$OUT/bench_muon.txt" | tail -40
 echo "== activation recompute and compile: k2_small step time and peak activations vs the planner"
 timeout 300 python3 scripts/bench_recompute.py 2>&1 | tee "$OUT/bench_recompute.txt" | tail -8
