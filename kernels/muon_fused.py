@@ -40,16 +40,19 @@ if triton is not None:
         tl.atomic_add(SumSq + m, tl.sum(u * u, axis=0))
 
     @triton.jit
+    def _matrix_tile(R, C, BR: tl.constexpr, BC: tl.constexpr):
+        """Grid (row tiles, column tiles, matrices): this program's matrix, rows, columns, mask."""
+        m = tl.program_id(2).to(tl.int64)
+        rr = tl.program_id(0) * BR + tl.arange(0, BR)
+        rc = tl.program_id(1) * BC + tl.arange(0, BC)
+        return m, rr, rc, (rr[:, None] < R) & (rc[None, :] < C)
+
+    @triton.jit
     def _cast_kernel(G, Buf, SumSq, Out, R, C, scale_num, mu,
                      s_om, s_or, s_oc, NESTEROV: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
         """Out[m] = (U[m] * scale_num / ||U[m]||_F) in Out's dtype, U recomputed from G and the updated
         Buf. Out is addressed through strides (a transposed view for a tall matrix)."""
-        pr = tl.program_id(0)
-        pc = tl.program_id(1)
-        m = tl.program_id(2).to(tl.int64)
-        rr = pr * BR + tl.arange(0, BR)
-        rc = pc * BC + tl.arange(0, BC)
-        mask = (rr[:, None] < R) & (rc[None, :] < C)
+        m, rr, rc, mask = _matrix_tile(R, C, BR, BC)
         src = m * R * C + rr[:, None] * C + rc[None, :]
         buf = tl.load(Buf + src, mask=mask, other=0.0)
         if NESTEROV:
@@ -66,12 +69,7 @@ if triton is not None:
                        s_om, s_or, s_oc, HAS_P: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
         """W <- W * decay - step * O (fp32 W, O read through strides); P (the low-precision param
         whose master W is) <- W."""
-        pr = tl.program_id(0)
-        pc = tl.program_id(1)
-        m = tl.program_id(2).to(tl.int64)
-        rr = pr * BR + tl.arange(0, BR)
-        rc = pc * BC + tl.arange(0, BC)
-        mask = (rr[:, None] < R) & (rc[None, :] < C)
+        m, rr, rc, mask = _matrix_tile(R, C, BR, BC)
         dst = m * R * C + rr[:, None] * C + rc[None, :]
         o = tl.load(O + m * s_om + rr[:, None] * s_or + rc[None, :] * s_oc, mask=mask, other=0.0).to(tl.float32)
         w = tl.load(W + dst, mask=mask, other=0.0)

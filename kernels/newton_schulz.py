@@ -33,6 +33,39 @@ from ._triton import interpreted as _interpreted, tl, triton
 if triton is not None:
 
     @triton.jit
+    def _lower_tile(M, BM: tl.constexpr, BN: tl.constexpr):
+        """Program p's tile: row ti = p % rows, column tj = p // rows (programs that run together share
+        B's column block, L2 reuse), and whether it reaches the lower triangle."""
+        pid = tl.program_id(0)
+        rows = tl.cdiv(M, BM)
+        ti = pid % rows
+        tj = pid // rows
+        return ti, tj, tj * BN <= ti * BM + BM - 1
+
+    @triton.jit
+    def _gemmt_epilogue(acc, C, Y, S, b, rm, rn, M, s_cb, s_cm, s_cn, s_yb, s_ym, s_yn, alpha, beta, diag,
+                        HAS_Y: tl.constexpr, HAS_S: tl.constexpr):
+        """alpha (* S[b]) acc (+ beta Y) + diag I, stored as the lower triangle (diagonal included)
+        in place and the strictly lower part mirrored: the result is exactly symmetric, also inside
+        diagonal tiles (where A B^T's two halves are separate dot products when B is not A)."""
+        acc = acc * alpha
+        if HAS_S:
+            acc = acc * tl.load(S + b)
+        mask = (rm[:, None] < M) & (rn[None, :] < M)
+        if HAS_Y:
+            y = tl.load(Y + b * s_yb + rm[:, None] * s_ym + rn[None, :] * s_yn, mask=mask, other=0.0)
+            acc += beta * y.to(tl.float32)
+        acc = tl.where(rm[:, None] == rn[None, :], acc + diag, acc)
+        out = acc.to(C.dtype.element_ty)
+        c = C + b * s_cb
+        tl.store(c + rm[:, None] * s_cm + rn[None, :] * s_cn, out, mask=mask & (rm[:, None] >= rn[None, :]))
+        mask_t = (rn[:, None] < M) & (rm[None, :] < M) & (rm[None, :] > rn[:, None])
+        tl.store(c + rn[:, None] * s_cm + rm[None, :] * s_cn, tl.trans(out), mask=mask_t)
+
+
+if triton is not None:
+
+    @triton.jit
     def _gemmt_kernel(A, B, C, Y, S, M, K,
                       s_ab, s_am, s_ak, s_bb, s_bm, s_bk, s_cb, s_cm, s_cn, s_yb, s_ym, s_yn,
                       alpha, beta, diag,
@@ -46,13 +79,10 @@ if triton is not None:
         together share B's column block (L2 reuse); tiles wholly above the diagonal return at once.
         Each tile stores its lower-triangle part in place and its strictly lower part mirrored. Y
         must be symmetric (its lower triangle is what counts)."""
-        pid = tl.program_id(0)
-        b = tl.program_id(1).to(tl.int64)
-        rows = tl.cdiv(M, BM)
-        ti = pid % rows
-        tj = pid // rows
-        if tj * BN > ti * BM + BM - 1:
+        ti, tj, below = _lower_tile(M, BM, BN)
+        if not below:
             return
+        b = tl.program_id(1).to(tl.int64)
         rm = ti * BM + tl.arange(0, BM)
         rn = tj * BN + tl.arange(0, BN)
         rk = tl.arange(0, BK)
@@ -75,22 +105,8 @@ if triton is not None:
             acc = tl.dot(a, bt, acc)
             a_ptrs += BK * s_ak
             bt_ptrs += BK * s_bk
-        acc = acc * alpha
-        if HAS_S:
-            acc = acc * tl.load(S + b)
-        mask = (rm[:, None] < M) & (rn[None, :] < M)
-        if HAS_Y:
-            y = tl.load(Y + b * s_yb + rm[:, None] * s_ym + rn[None, :] * s_yn, mask=mask, other=0.0)
-            acc += beta * y.to(tl.float32)
-        acc = tl.where(rm[:, None] == rn[None, :], acc + diag, acc)
-        out = acc.to(C.dtype.element_ty)
-        c = C + b * s_cb
-        # the lower triangle (diagonal included) as computed, the strictly lower one mirrored: the
-        # result is exactly symmetric, also inside diagonal tiles (where A B^T's two halves are
-        # separate dot products when B is not A)
-        tl.store(c + rm[:, None] * s_cm + rn[None, :] * s_cn, out, mask=mask & (rm[:, None] >= rn[None, :]))
-        mask_t = (rn[:, None] < M) & (rm[None, :] < M) & (rm[None, :] > rn[:, None])
-        tl.store(c + rn[:, None] * s_cm + rm[None, :] * s_cn, tl.trans(out), mask=mask_t)
+        _gemmt_epilogue(acc, C, Y, S, b, rm, rn, M, s_cb, s_cm, s_cn, s_yb, s_ym, s_yn, alpha, beta, diag,
+                        HAS_Y, HAS_S)
 
 
 if triton is not None:
@@ -104,13 +120,10 @@ if triton is not None:
         """:func:`_gemmt_kernel` with the A and B tiles fetched by the tensor-memory accelerator
         (tensor descriptors over contiguous [N, M, K] operands; out-of-range rows and columns read
         as zeros). Same tile order and epilogue."""
-        pid = tl.program_id(0)
-        b = tl.program_id(1)
-        rows = tl.cdiv(M, BM)
-        ti = pid % rows
-        tj = pid // rows
-        if tj * BN > ti * BM + BM - 1:
+        ti, tj, below = _lower_tile(M, BM, BN)
+        if not below:
             return
+        b = tl.program_id(1)
         a_desc = tl.make_tensor_descriptor(A, shape=[N, M, K], strides=[M * K, K, 1], block_shape=[1, BM, BK])
         b_desc = tl.make_tensor_descriptor(B, shape=[N, M, K], strides=[M * K, K, 1], block_shape=[1, BN, BK])
         acc = tl.zeros((BM, BN), dtype=tl.float32)
@@ -124,19 +137,8 @@ if triton is not None:
         b = b.to(tl.int64)
         rm = ti * BM + tl.arange(0, BM)
         rn = tj * BN + tl.arange(0, BN)
-        acc = acc * alpha
-        if HAS_S:
-            acc = acc * tl.load(S + b)
-        mask = (rm[:, None] < M) & (rn[None, :] < M)
-        if HAS_Y:
-            y = tl.load(Y + b * s_yb + rm[:, None] * s_ym + rn[None, :] * s_yn, mask=mask, other=0.0)
-            acc += beta * y.to(tl.float32)
-        acc = tl.where(rm[:, None] == rn[None, :], acc + diag, acc)
-        out = acc.to(C.dtype.element_ty)
-        c = C + b * s_cb
-        tl.store(c + rm[:, None] * s_cm + rn[None, :] * s_cn, out, mask=mask & (rm[:, None] >= rn[None, :]))
-        mask_t = (rn[:, None] < M) & (rm[None, :] < M) & (rm[None, :] > rn[:, None])
-        tl.store(c + rn[:, None] * s_cm + rm[None, :] * s_cn, tl.trans(out), mask=mask_t)
+        _gemmt_epilogue(acc, C, Y, S, b, rm, rn, M, s_cb, s_cm, s_cn, s_yb, s_ym, s_yn, alpha, beta, diag,
+                        HAS_Y, HAS_S)
 
 
 # 128 x 256 tiles (wgmma's widest) are what Triton's Hopper matmuls run best with; 128 x 128 kept
@@ -193,6 +195,17 @@ _gemmt_tuned = (triton.autotune(_SYRK_CONFIGS, key=["M", "K", "HAS_Y", "HAS_S"])
                 if triton is not None and not _interpreted(_gemmt_kernel) else None)
 
 
+def _gemmt_operands(A_NMK: torch.Tensor, B_NMK: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checks A and B ([N, M, K], one shape; B=None is A) and returns B and the empty [N, M, M] result."""
+    if A_NMK.dim() != 3:
+        raise ValueError(f"gemmt expects a batch [N, M, K], got shape {tuple(A_NMK.shape)}")
+    B_NMK = A_NMK if B_NMK is None else B_NMK
+    if B_NMK.shape != A_NMK.shape:
+        raise ValueError(f"gemmt needs A and B of one shape, got {tuple(A_NMK.shape)} and {tuple(B_NMK.shape)}")
+    N, M, _ = A_NMK.shape
+    return B_NMK, torch.empty(N, M, M, device=A_NMK.device, dtype=A_NMK.dtype)
+
+
 def gemmt(A_NMK: torch.Tensor, B_NMK: torch.Tensor | None = None, alpha: float = 1.0,
           Y_NMM: torch.Tensor | None = None, beta: float = 0.0, diag: float = 0.0,
           scale_N: torch.Tensor | None = None) -> torch.Tensor:
@@ -203,13 +216,8 @@ def gemmt(A_NMK: torch.Tensor, B_NMK: torch.Tensor | None = None, alpha: float =
 
     Y, if given, must be symmetric (the lower tiles are read). ``scale_N`` (fp32, one per matrix)
     multiplies the product, like alpha. Output dtype = A's."""
-    if A_NMK.dim() != 3:
-        raise ValueError(f"gemmt expects a batch [N, M, K], got shape {tuple(A_NMK.shape)}")
-    B_NMK = A_NMK if B_NMK is None else B_NMK
-    if B_NMK.shape != A_NMK.shape:
-        raise ValueError(f"gemmt needs A and B of one shape, got {tuple(A_NMK.shape)} and {tuple(B_NMK.shape)}")
+    B_NMK, C = _gemmt_operands(A_NMK, B_NMK)
     N, M, K = A_NMK.shape
-    C = torch.empty(N, M, M, device=A_NMK.device, dtype=A_NMK.dtype)
     Y = Y_NMM if Y_NMM is not None else C
     S = scale_N.float().contiguous() if scale_N is not None else C
     args = (A_NMK, B_NMK, C, Y, S, M, K, *A_NMK.stride(), *B_NMK.stride(), *C.stride(), *Y.stride(),
@@ -233,13 +241,8 @@ def gemmt_blocked(A_NMK: torch.Tensor, B_NMK: torch.Tensor | None = None, alpha:
     strictly-upper blocks are filled with the transposed lower ones. (blocks + 1) / (2 blocks) of the
     product's FLOPs (62.5% at 4 blocks), on cuBLAS GEMMs rather than on Triton tiles. Unlike
     :func:`gemmt`, diagonal blocks are computed whole, so they are symmetric only up to rounding."""
-    if A_NMK.dim() != 3:
-        raise ValueError(f"gemmt expects a batch [N, M, K], got shape {tuple(A_NMK.shape)}")
-    B_NMK = A_NMK if B_NMK is None else B_NMK
-    if B_NMK.shape != A_NMK.shape:
-        raise ValueError(f"gemmt needs A and B of one shape, got {tuple(A_NMK.shape)} and {tuple(B_NMK.shape)}")
+    B_NMK, C = _gemmt_operands(A_NMK, B_NMK)
     N, M, K = A_NMK.shape
-    C = torch.empty(N, M, M, device=A_NMK.device, dtype=A_NMK.dtype)
     blocks = max(1, min(blocks, M))
     edges = [round(i * M / blocks) for i in range(blocks + 1)]
     for i in range(blocks):

@@ -12,6 +12,15 @@ from torch import Tensor
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
+def _check_ns_args(G: Tensor, steps: int, coefficients) -> None:
+    if G.ndim not in (2, 3):
+        raise ValueError(f"Newton-Schulz needs a matrix or a batch of matrices, got shape {tuple(G.shape)}")
+    if len(coefficients) != 3:
+        raise ValueError(f"coefficients must be (a, b, c), got {coefficients}")
+    if not 0 <= steps < 100:
+        raise ValueError(f"steps={steps} must be in [0, 100)")
+
+
 def zeropower_via_newtonschulz(
     G: Tensor,
     steps: int = 5,
@@ -32,12 +41,7 @@ def zeropower_via_newtonschulz(
 
     Returns a tensor of ``dtype`` with the shape of ``G``; the input is not modified.
     """
-    if G.ndim not in (2, 3):
-        raise ValueError(f"Newton-Schulz needs a matrix or a batch of matrices, got shape {tuple(G.shape)}")
-    if len(coefficients) != 3:
-        raise ValueError(f"coefficients must be (a, b, c), got {coefficients}")
-    if not 0 <= steps < 100:
-        raise ValueError(f"steps={steps} must be in [0, 100)")
+    _check_ns_args(G, steps, coefficients)
     a, b, c = coefficients
     tall = G.size(-2) > G.size(-1)
     X = G.to(dtype)
@@ -66,15 +70,6 @@ def zeropower_via_newtonschulz(
 # ----------------------------------------------------------------------------------------------
 
 GRAM_RESTARTS = (3,)
-
-
-def _check_ns_args(G: Tensor, steps: int, coefficients) -> None:
-    if G.ndim not in (2, 3):
-        raise ValueError(f"Newton-Schulz needs a matrix or a batch of matrices, got shape {tuple(G.shape)}")
-    if len(coefficients) != 3:
-        raise ValueError(f"coefficients must be (a, b, c), got {coefficients}")
-    if not 0 <= steps < 100:
-        raise ValueError(f"steps={steps} must be in [0, 100)")
 
 
 def ns_flops(rows: int, cols: int, steps: int = 5, method: str = "standard", symmetric: bool = False,
