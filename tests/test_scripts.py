@@ -1,0 +1,44 @@
+"""The optimizer scripts run on CPU and print what the docs quote (GPU numbers come from the same
+scripts on the H200, docs/muonclip.md)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args: str) -> str:
+    out = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
+def test_bench_muon_cpu_smoke_prints_the_table():
+    out = _run("scripts/bench_muon.py", "--cpu-smoke", "--warmup", "0", "--repeat", "1")
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+    assert "torch.optim.Muon (per matrix)" in rows and "MuonClip, Gram NS, torch, float32" in rows
+    # unfused standard NS is bitwise torch.optim.Muon: zero difference in its row
+    assert rows["MuonClip, standard NS, torch, bf16"].split("|")[5].strip() == "0.00e+00"
+
+
+def test_ns_accuracy_gram_fp16_beats_torch_on_every_spectrum():
+    out = _run("scripts/ns_accuracy.py", "--sizes", "48x160", "--count", "2")
+    rows = [line for line in out.splitlines() if line.startswith("| 48x160")]
+    assert len(rows) == 5
+    for line in rows:
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        torch_err, gram_fp16 = float(cells[2]), float(cells[4])
+        assert gram_fp16 < torch_err, line
+
+
+def test_symmetric_product_rule():
+    import functools
+
+    from k2train.kernels.newton_schulz import _sym_product, gemmt_tma
+
+    assert _sym_product("auto", 2048, 7168) is gemmt_tma  # the Gram of an expert matrix
+    square = _sym_product("auto", 2048, 2048)
+    assert isinstance(square, functools.partial) and square.keywords == {"blocks": 2}
+    assert _sym_product("auto", 7168, 8192).keywords == {"blocks": 4}
+    assert _sym_product("auto", 576, 7168).keywords == {"blocks": 1}
