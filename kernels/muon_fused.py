@@ -86,7 +86,7 @@ def fused_muon_available(t: torch.Tensor) -> bool:
     return t.is_cuda or (t.device.type == "cpu" and _interpreted(_momentum_kernel))
 
 
-def _tiles(R: int, C: int, interp: bool) -> tuple[int, int]:
+def _tiles(interp: bool) -> tuple[int, int]:
     return (16, 16) if interp else (32, 128)
 
 
@@ -111,7 +111,7 @@ def momentum_to_ns_input_(grad: torch.Tensor, buf: torch.Tensor, out: torch.Tens
     _momentum_kernel[(triton.cdiv(R * C, block), n)](grad, buf, sumsq, R * C, float(momentum),
                                                      NESTEROV=nesterov, BLOCK=block)
     o3 = out if out.ndim == 3 else out.unsqueeze(0)
-    BR, BC = _tiles(R, C, interp)
+    BR, BC = _tiles(interp)
     _cast_kernel[(triton.cdiv(R, BR), triton.cdiv(C, BC), n)](
         grad, buf, sumsq, o3, R, C, math.sqrt(min(R, C)), float(momentum), *o3.stride(),
         NESTEROV=nesterov, BR=BR, BC=BC)
@@ -132,7 +132,7 @@ def apply_update_(weight: torch.Tensor, ortho: torch.Tensor, lr: float, weight_d
     interp = _interpreted(_update_kernel)
     # the interpreter truncates fp32 -> bf16 instead of rounding to nearest: copy with torch there
     in_kernel = param is not None and not interp
-    BR, BC = _tiles(R, C, interp)
+    BR, BC = _tiles(interp)
     _update_kernel[(triton.cdiv(R, BR), triton.cdiv(C, BC), n)](
         weight, o3, param if in_kernel else weight, R, C, float(1 - lr * weight_decay),
         float(lr * lr_scale), *o3.stride(), HAS_P=in_kernel, BR=BR, BC=BC)

@@ -23,8 +23,7 @@ import math
 
 import torch
 
-
-from k2train.optim.newton_schulz import (GRAM_RESTARTS, NS_COEFFICIENTS, ns_flops,
+from k2train.optim.newton_schulz import (GRAM_RESTARTS, NS_COEFFICIENTS, scale_to_sqrt_m,
                                          zeropower_via_gram_newtonschulz)
 
 from ._triton import interpreted as _interpreted, tl, triton
@@ -329,11 +328,12 @@ def zeropower_ns_batched(G_NMK: torch.Tensor, steps: int = 5,
     # the norm in fp32: a bf16 sum of squares over ~15M entries loses digits for nothing
     norm = torch.linalg.vector_norm(X.float(), dim=(-2, -1), keepdim=True)
     X = (X.float() / (norm + eps)).bfloat16().contiguous()
+    if use_triton:
+        gram, square = _sym_product(sym_impl, X.size(-2), X.size(-1)), _sym_product(sym_impl, X.size(-2), X.size(-2))
     for _ in range(steps):
         if use_triton:
-            sym = _sym_product(sym_impl, M=X.size(-2), K=X.size(-1))
-            A = sym(X)
-            B = _sym_product(sym_impl, M=A.size(-2), K=A.size(-1))(A, alpha=c, Y_NMM=A, beta=b)
+            A = gram(X)
+            B = square(A, alpha=c, Y_NMM=A, beta=b)
         else:
             A = X @ X.mT
             B = torch.baddbmm(A, A, A, beta=b, alpha=c)
@@ -349,9 +349,9 @@ def zeropower_gram_batched(G_NMK: torch.Tensor, steps: int = 5,
                            restarts: tuple[int, ...] = GRAM_RESTARTS, impl: str = "auto",
                            sym_impl: str = "auto") -> torch.Tensor:
     """Gram Newton-Schulz (k2train.optim.newton_schulz.zeropower_via_gram_newtonschulz has the math
-    and the torch reference) on a batch [N, M, K] (or one [M, K]) with the GEMMT kernel: every
-    M x M product (R R, Q Q, R Q^2, Q P) and the Gram X X^T compute only their lower tiles; the two
-    M x K products P X are cuBLAS. Runs in ``dtype`` (fp16 or bf16 on GPUs; fp32 is for the CPU
+    and the torch reference) on a batch [N, M, K] (or one [M, K]): the Gram X X^T and every M x M
+    product (R R, Q Q, R Q^2, Q P) go through a symmetric-product implementation chosen by
+    :func:`_sym_product` (``sym_impl``); the two M x K products P X are cuBLAS. Runs in ``dtype`` (fp16 or bf16 on GPUs; fp32 is for the CPU
     interpreter's tests), returns it, in the input's orientation."""
     if G_NMK.dim() not in (2, 3):
         raise ValueError(f"zeropower_gram_batched expects [N, M, K] or [M, K], got {tuple(G_NMK.shape)}")
@@ -369,9 +369,8 @@ def zeropower_gram_batched(G_NMK: torch.Tensor, steps: int = 5,
     if transposed:
         X = X.mT
     M = X.size(-2)
-    if X.dtype != dtype:  # unit norm in fp32, times sqrt(M): fp16 entries stay normal numbers
-        norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=torch.float32)
-        X = (X.float() * (math.sqrt(M) / norm.clamp(min=eps))).to(dtype)
+    if X.dtype != dtype:
+        X = scale_to_sqrt_m(X, dtype, eps)
     X = X.contiguous()
     # X0 = f X with f = sqrt(M) / ||X||_F per matrix (~1 when MuonClip pre-scaled the input: see
     # ns_input_cast); f is folded into R0 and into the P that multiplies X, never a pass over X.

@@ -17,13 +17,14 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import Tensor
 
-from .newton_schulz import NS_COEFFICIENTS, zeropower_via_newtonschulz
+from .newton_schulz import NS_COEFFICIENTS, scale_to_sqrt_m, zeropower_via_newtonschulz
 from .sharded import is_dtensor, like_param, local, shard_like, sharded_newton_schulz, wrap_like
 
 GROUP_KINDS = ("muon", "adamw")
 
-# Newton-Schulz inputs of the same matrix shape are concatenated into batches of at most this many
-# elements (bf16: 1 GiB), which bounds the temporary memory of one call.
+# Newton-Schulz inputs of the same matrix shape are concatenated into batches; a batch is closed once
+# it holds this many elements (bf16: 1 GiB) or one more matrix would pass it. Params are never split,
+# so one expert stack can take a batch past it.
 NS_BATCH_MAX_ELEMENTS = 1 << 29
 
 NSFn = Callable[..., Tensor]
@@ -91,14 +92,14 @@ def ns_input_cast(x: Tensor, dtype: torch.dtype) -> Tensor:
     Other dtypes are a plain cast (bf16 keeps fp32's range; and torch.optim.Muon casts the same way)."""
     if dtype != torch.float16 or x.dtype == dtype:
         return x.to(dtype)
-    norm = torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True, dtype=torch.float32)
-    return (x.float() * (math.sqrt(min(x.shape[-2:])) / norm.clamp(min=1e-30))).to(dtype)
+    return scale_to_sqrt_m(x, dtype, eps=1e-30)
 
 
 def ns_chunks(shapes: list[tuple[torch.Size, torch.device]]) -> list[tuple[tuple[int, int], list[int]]]:
     """How :func:`batched_newton_schulz` batches matrices: ``(wide shape (M, K), input indices)`` per
     Newton-Schulz call. Inputs ``[r, c]`` / ``[n, r, c]`` are bucketed by wide orientation and device,
-    in input order, and each bucket is cut into chunks of at most :data:`NS_BATCH_MAX_ELEMENTS`."""
+    in input order, and each bucket is cut into chunks of about :data:`NS_BATCH_MAX_ELEMENTS` (whole
+    params only)."""
     buckets: dict[tuple, list[int]] = defaultdict(list)
     for i, (shape, device) in enumerate(shapes):
         r, c = shape[-2:]
@@ -314,17 +315,16 @@ class MuonClip(torch.optim.Optimizer):
         for (M, K), chunk in ns_chunks([(p.shape, p.device) for p in params]):
             counts = [params[i].numel() // (M * K) for i in chunk]
             batch = torch.empty(sum(counts), M, K, device=params[chunk[0]].device, dtype=self.ns_dtype)
-            views = []
             start = 0
             for i, n in zip(chunk, counts):
                 p = params[i]
                 v = batch[start : start + n]
-                views.append((v if p.shape[-2] <= p.shape[-1] else v.mT).reshape(p.shape))
                 start += n
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(targets[i])
-                momentum_to_ns_input_(p.grad, state["momentum_buffer"], views[-1], group["momentum"], group["nesterov"])
+                ns_in = (v if p.shape[-2] <= p.shape[-1] else v.mT).reshape(p.shape)
+                momentum_to_ns_input_(p.grad, state["momentum_buffer"], ns_in, group["momentum"], group["nesterov"])
             result = self.ns_fn(batch, steps=group["ns_steps"], coefficients=group["ns_coefficients"], dtype=self.ns_dtype)
             start = 0
             for i, n in zip(chunk, counts):

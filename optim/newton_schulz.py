@@ -21,6 +21,15 @@ def _check_ns_args(G: Tensor, steps: int, coefficients) -> None:
         raise ValueError(f"steps={steps} must be in [0, 100)")
 
 
+def scale_to_sqrt_m(X: Tensor, dtype: torch.dtype, eps: float) -> Tensor:
+    """Each matrix of ``X`` (``[..., r, c]``) times ``sqrt(M) / max(||X||_F, eps)``, M = min(r, c),
+    computed in fp32 (or wider) and cast to ``dtype`` once. Entries come out ~1/sqrt(max(r, c)):
+    normal numbers in fp16, where a raw gradient's would be subnormal or zero."""
+    wide = torch.promote_types(X.dtype, torch.float32)
+    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=wide)
+    return (X.to(wide) * (math.sqrt(min(X.shape[-2:])) / norm.clamp(min=eps))).to(dtype)
+
+
 def zeropower_via_newtonschulz(
     G: Tensor,
     steps: int = 5,
@@ -123,10 +132,10 @@ def zeropower_via_gram_newtonschulz(
     and ``R`` recomputed from it. Restarting before iteration 3 costs one ``X X^T`` and one ``P X``.
 
     Precision: ``dtype`` (fp16 by default) for every stored matrix, fp32 accumulation. fp16 has the
-    tensor-core rate of bf16 and 3 more mantissa bits; every matrix here is bounded (``||X||_F = 1``,
-    ``|R| <= 1``, ``|Q| <= a``, ``|P| <= a^3``), so its range is not a concern. The input is scaled
-    to unit norm in fp32 before the cast (a gradient's entries would underflow fp16), and by
-    ``sqrt(M)`` more, so that typical entries (~1/sqrt(K)) are normal fp16 numbers.
+    tensor-core rate of bf16 and 3 more mantissa bits; every matrix here is bounded (``||X||_F =
+    sqrt(M)`` after scaling, ``R = X X^T / M`` so ``|R| <= 1``, ``|Q| <= a``, ``|P| <= a^3``), so its
+    range is not a concern. The input is scaled in fp32 before the cast (:func:`scale_to_sqrt_m`: a
+    gradient's entries would underflow fp16; typical scaled entries, ~1/sqrt(K), are normal).
 
     Returns a tensor of ``dtype`` with the shape of ``G``; the input is not modified.
     """
@@ -138,10 +147,7 @@ def zeropower_via_gram_newtonschulz(
     if not batched:
         X = X.unsqueeze(0)
     M = X.size(-2)
-    # X' = sqrt(M) X / ||X||_F  (the sqrt(M) is taken back out of R and of the final product)
-    wide = torch.promote_types(X.dtype, torch.float32)
-    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=wide)
-    X = (X.to(wide) * (math.sqrt(M) / norm.clamp(min=eps))).to(dtype)
+    X = scale_to_sqrt_m(X, dtype, eps)  # the sqrt(M) is taken back out of R and of the final product
 
     def mm(x: Tensor, y: Tensor, alpha: float = 1.0) -> Tensor:
         # half inputs: fp32 accumulation and one rounding of alpha * x y, as the GPU GEMMs do

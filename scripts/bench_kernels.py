@@ -45,6 +45,7 @@ def bootstrap_k2train():
 bootstrap_k2train()
 from k2train.kernels.moe import build_routing, combine, moe_experts_forward, permute  # noqa: E402
 from k2train.kernels.newton_schulz import zeropower_ns_batched, zeropower_ns_reference  # noqa: E402
+from k2train.optim.newton_schulz import ns_flops  # noqa: E402
 from k2train.kernels.norms import rmsnorm_residual, rmsnorm_residual_torch  # noqa: E402
 from k2train.kernels.swiglu import swiglu, swiglu_torch  # noqa: E402
 from k2train.model.moe import experts_grouped_mm  # noqa: E402
@@ -90,9 +91,6 @@ def newton_schulz():
               + [(1536, 7168), (12288, 1536), (576, 7168), (16384, 512), (7168, 8192)])
     grads = [torch.randn(s, device=DEV) for s in shapes]
 
-    def ns_flops(m, n, it=5):
-        m, n = min(m, n), max(m, n)
-        return it * (4 * m * m * n + 2 * m**3)
     nsf = sum(ns_flops(*s) for s in shapes)
     groups: dict = {}
     for g in grads:

@@ -25,7 +25,7 @@ import time
 import torch
 
 from k2train.optim.muon import MuonClip
-from k2train.optim.newton_schulz import NS_COEFFICIENTS
+from k2train.optim.newton_schulz import NS_COEFFICIENTS, ns_flops
 
 LR, WD = 2e-4, 0.1
 
@@ -50,12 +50,8 @@ def layer_slice(scale: int, experts: int) -> dict[str, tuple[int, ...]]:
 
 
 def ns_tflop(shapes: dict[str, tuple[int, ...]], steps: int = 5) -> float:
-    total = 0.0
-    for shape in shapes.values():
-        n = math.prod(shape[:-2])
-        m, k = sorted(shape[-2:])
-        total += n * steps * (4 * m * m * k + 2 * m**3)
-    return total / 1e12
+    """Textbook NS5 TFLOP of the slice (the count every rate in the tables uses)."""
+    return sum(math.prod(s[:-2]) * ns_flops(*s[-2:], steps) for s in shapes.values()) / 1e12
 
 
 def make_params(shapes, device, split_experts: bool, seed: int = 0):
@@ -168,7 +164,7 @@ def ns_breakdown(shapes, device, warmup: int, repeat: int, full: bool = False) -
     symmetric-product implementation. Rate = textbook NS5 FLOPs / time (comparable across columns)."""
     from k2train.kernels.newton_schulz import zeropower_gram_batched, zeropower_ns_batched
     from k2train.optim.muon import batched_newton_schulz
-    from k2train.optim.newton_schulz import ns_flops, zeropower_via_gram_newtonschulz, zeropower_via_newtonschulz
+    from k2train.optim.newton_schulz import zeropower_via_gram_newtonschulz, zeropower_via_newtonschulz
 
     bf16, fp16 = torch.bfloat16, torch.float16
     impls = {
