@@ -2,12 +2,14 @@
 Newton-Schulz batch, and the decoupled-weight-decay update from the NS output.
 
 Shapes: a Muon parameter is ``[R, C]`` or a stack ``[E, R, C]``; "matrix" is one ``[R, C]``. The NS
-batch holds each matrix in its wide orientation (``[C, R]`` for a tall one), so the cast kernel
+batch holds each matrix in its wide orientation (``[C, R]`` for a tall one), so the momentum kernel
 writes through a strided (possibly transposed) view of the batch and the update kernel reads one.
 
 Unfused (k2train.optim.muon), the same work reads and writes the fp32 tensors about 11 times
-(lerp_, lerp, norm, scale, cast, concatenate; mul_, add_); fused, 5.5 times for the momentum side
-and 2.5 times for the update, which is what an H200 sees at 1.2B parameters per layer slice.
+(lerp_, lerp, norm, scale, cast, concatenate; mul_, add_); fused, 3.5 times for the momentum side
+(grad and buffer read, buffer written, the half NS input written: the input's scale is a power of
+two carried from the previous step, so no second pass waits for this step's norm) and 2.5 times for
+the update, which is what an H200 sees at 1.2B parameters per layer slice.
 """
 from __future__ import annotations
 
@@ -15,29 +17,11 @@ import math
 
 import torch
 
+from k2train.optim.newton_schulz import ns_input_target_norm, pow2_scale
+
 from ._triton import interpreted as _interpreted, tl, triton
 
 if triton is not None:
-
-    @triton.jit
-    def _momentum_kernel(G, Buf, SumSq, n_per, mu, NESTEROV: tl.constexpr, BLOCK: tl.constexpr):
-        """Buf <- Buf + (1 - mu) (G - Buf); U = G + mu (Buf - G) (Nesterov) or Buf; SumSq[m] += sum U^2.
-
-        Grid (blocks per matrix, matrices); G and Buf contiguous fp32, matrix m at m * n_per."""
-        blk = tl.program_id(0)
-        m = tl.program_id(1).to(tl.int64)
-        offs = blk * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n_per
-        base = m * n_per
-        g = tl.load(G + base + offs, mask=mask, other=0.0).to(tl.float32)
-        buf = tl.load(Buf + base + offs, mask=mask, other=0.0)
-        buf = buf + (1.0 - mu) * (g - buf)
-        tl.store(Buf + base + offs, buf, mask=mask)
-        if NESTEROV:
-            u = g + mu * (buf - g)
-        else:
-            u = buf
-        tl.atomic_add(SumSq + m, tl.sum(u * u, axis=0))
 
     @triton.jit
     def _matrix_tile(R, C, BR: tl.constexpr, BC: tl.constexpr):
@@ -48,10 +32,38 @@ if triton is not None:
         return m, rr, rc, (rr[:, None] < R) & (rc[None, :] < C)
 
     @triton.jit
-    def _cast_kernel(G, Buf, SumSq, Out, R, C, scale_num, mu,
-                     s_om, s_or, s_oc, NESTEROV: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
-        """Out[m] = (U[m] * scale_num / ||U[m]||_F) in Out's dtype, U recomputed from G and the updated
-        Buf. Out is addressed through strides (a transposed view for a tall matrix)."""
+    def _momentum_kernel(G, Buf, SumSq, Out, Hint, R, C, mu,
+                         s_om, s_or, s_oc, NESTEROV: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+        """Buf <- Buf + (1 - mu) (G - Buf); U = G + mu (Buf - G) (Nesterov) or Buf; SumSq[m] += sum U^2;
+        and, when the matrix has a scale hint (Hint[m] > 0, a power of two), Out[m] = U * Hint[m] in
+        Out's dtype. Out is addressed through strides (a transposed view for a tall matrix)."""
+        m, rr, rc, mask = _matrix_tile(R, C, BR, BC)
+        src = m * R * C + rr[:, None] * C + rc[None, :]
+        g = tl.load(G + src, mask=mask, other=0.0).to(tl.float32)
+        buf = tl.load(Buf + src, mask=mask, other=0.0)
+        buf = buf + (1.0 - mu) * (g - buf)
+        tl.store(Buf + src, buf, mask=mask)
+        if NESTEROV:
+            u = g + mu * (buf - g)
+        else:
+            u = buf
+        tl.atomic_add(SumSq + m, tl.sum(tl.sum(u * u, axis=1), axis=0))
+        s = tl.load(Hint + m)
+        dst = Out + m * s_om + rr[:, None] * s_or + rc[None, :] * s_oc
+        if s > 0:
+            tl.store(dst, (u * s).to(Out.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _ns_input_fixup_kernel(G, Buf, Scale, Out, Hint, R, C, mu,
+                               s_om, s_or, s_oc, NESTEROV: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+        """For a matrix whose hint was missing or more than 16x off this step's power of two
+        Scale[m] (or either is not finite): Out[m] = U * Scale[m], U recomputed from G and the updated
+        Buf. Every other program returns at once."""
+        m = tl.program_id(2).to(tl.int64)
+        p2 = tl.load(Scale + m)
+        s = tl.load(Hint + m)
+        if (s >= p2 * 0.0625) & (s <= p2 * 16.0):
+            return
         m, rr, rc, mask = _matrix_tile(R, C, BR, BC)
         src = m * R * C + rr[:, None] * C + rc[None, :]
         buf = tl.load(Buf + src, mask=mask, other=0.0)
@@ -60,9 +72,8 @@ if triton is not None:
             u = g + mu * (buf - g)
         else:
             u = buf
-        s = scale_num / tl.maximum(tl.sqrt(tl.load(SumSq + m)), 1e-30)
         dst = Out + m * s_om + rr[:, None] * s_or + rc[None, :] * s_oc
-        tl.store(dst, (u * s).to(Out.dtype.element_ty), mask=mask)
+        tl.store(dst, (u * p2).to(Out.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _update_kernel(W, O, P, R, C, decay, step,
@@ -91,13 +102,22 @@ def _tiles(interp: bool) -> tuple[int, int]:
 
 
 def momentum_to_ns_input_(grad: torch.Tensor, buf: torch.Tensor, out: torch.Tensor, momentum: float,
-                          nesterov: bool) -> None:
-    """Update ``buf`` (fp32, ``grad``'s shape) in place with ``grad``, and write the NS input of every
-    matrix into ``out`` (same shape, any strides, e.g. a transposed view of the NS batch), scaled to
-    Frobenius norm ``sqrt(min(R, C))`` and cast to ``out``'s dtype.
+                          nesterov: bool, scale_hint: torch.Tensor | None = None) -> None:
+    """Update ``buf`` (fp32, ``grad``'s shape) in place with ``grad``, and write the NS input U of
+    every matrix into ``out`` (same shape, any strides, e.g. a transposed view of the NS batch),
+    scaled by a power of two and cast to ``out``'s dtype.
+
+    One pass reads the grad and the buffer once: each matrix is scaled by its ``scale_hint`` (fp32
+    ``[matrices]``, carried from the previous step; updated in place to this step's power of two
+    nearest to ``ns_input_target_norm / ||U||_F``, as :func:`k2train.optim.muon.ns_input_cast`
+    scales). A matrix whose hint is missing (0), more than 16x
+    off, or not finite is rewritten by a second kernel with this step's power of two; every other
+    matrix costs that kernel one early exit. Scaling by a power of two is exact: the NS functions
+    (which normalise their input) return the same bits whatever power of two a matrix came with.
 
     The math is :func:`k2train.optim.muon.muon_momentum_` followed by
-    :func:`k2train.optim.muon.ns_input_cast` (same values up to fp32 rounding order)."""
+    :func:`k2train.optim.muon.ns_input_cast` (same values up to fp32 rounding order, whenever the
+    hint is this step's power of two)."""
     if not (grad.is_contiguous() and buf.is_contiguous() and buf.dtype == torch.float32):
         raise ValueError("momentum_to_ns_input_ needs a contiguous grad and a contiguous fp32 momentum buffer")
     if grad.shape != buf.shape or out.shape != grad.shape or grad.ndim not in (2, 3):
@@ -105,16 +125,21 @@ def momentum_to_ns_input_(grad: torch.Tensor, buf: torch.Tensor, out: torch.Tens
                          f"buffer {tuple(buf.shape)}, out {tuple(out.shape)}")
     R, C = grad.shape[-2:]
     n = grad.numel() // (R * C)
+    if scale_hint is None:
+        scale_hint = torch.zeros(n, device=grad.device, dtype=torch.float32)
+    if tuple(scale_hint.shape) != (n,) or scale_hint.dtype != torch.float32:
+        raise ValueError(f"scale_hint must be fp32 [{n}] (one per matrix), got {scale_hint.dtype} {tuple(scale_hint.shape)}")
     interp = _interpreted(_momentum_kernel)
     sumsq = torch.zeros(n, device=grad.device, dtype=torch.float32)
-    block = 256 if interp else 4096
-    _momentum_kernel[(triton.cdiv(R * C, block), n)](grad, buf, sumsq, R * C, float(momentum),
-                                                     NESTEROV=nesterov, BLOCK=block)
     o3 = out if out.ndim == 3 else out.unsqueeze(0)
     BR, BC = _tiles(interp)
-    _cast_kernel[(triton.cdiv(R, BR), triton.cdiv(C, BC), n)](
-        grad, buf, sumsq, o3, R, C, math.sqrt(min(R, C)), float(momentum), *o3.stride(),
-        NESTEROV=nesterov, BR=BR, BC=BC)
+    grid = (triton.cdiv(R, BR), triton.cdiv(C, BC), n)
+    _momentum_kernel[grid](grad, buf, sumsq, o3, scale_hint, R, C, float(momentum), *o3.stride(),
+                           NESTEROV=nesterov, BR=BR, BC=BC)
+    scale = pow2_scale(sumsq.sqrt(), ns_input_target_norm(R, C))  # what ns_input_cast computes
+    _ns_input_fixup_kernel[grid](grad, buf, scale, o3, scale_hint, R, C, float(momentum), *o3.stride(),
+                                 NESTEROV=nesterov, BR=BR, BC=BC)
+    scale_hint.copy_(scale)
 
 
 def apply_update_(weight: torch.Tensor, ortho: torch.Tensor, lr: float, weight_decay: float, lr_scale: float,

@@ -182,6 +182,141 @@ def gemmt_tma(A_NMK: torch.Tensor, B_NMK: torch.Tensor | None = None, alpha: flo
     return C
 
 
+if triton is not None:
+
+    @triton.jit
+    def _tile_of(r, SPLIT: tl.constexpr):
+        """Lower-triangle tile r -> (row block, column block) in units of BT x BT blocks, for tiles of
+        SPLIT x 1 blocks: row stripe I holds the tiles j = 0 .. SPLIT (I + 1) - 1, the first r tiles of
+        stripes 0..I-1 number SPLIT I (I + 1) / 2."""
+        i = ((tl.sqrt((8 * r // SPLIT + 1).to(tl.float32)) - 1) * 0.5).to(tl.int32)
+        i = tl.where(SPLIT * i * (i + 1) // 2 > r, i - 1, i)
+        i = tl.where(SPLIT * (i + 1) * (i + 2) // 2 <= r, i + 1, i)
+        return i, r - SPLIT * i * (i + 1) // 2
+
+    @triton.jit
+    def _store_sym_block(acc, c_desc, y_desc, S, b, bi, bj, M, alpha, beta, diag,
+                         HAS_Y: tl.constexpr, HAS_S: tl.constexpr, BT: tl.constexpr):
+        """One BT x BT block (bi, bj) of the result: alpha (* S[b]) acc (+ beta Y) + diag I, stored at
+        (bi, bj) and transposed at (bj, bi). A diagonal block keeps its lower half and mirrors it (the
+        result is exactly symmetric, and both stores write the same bits); a block above the diagonal
+        is not stored (its stores aim past the last row, which TMA clips)."""
+        rm = tl.arange(0, BT)[:, None]
+        rn = tl.arange(0, BT)[None, :]
+        acc = acc * alpha
+        if HAS_S:
+            acc = acc * tl.load(S + b)
+        if HAS_Y:
+            acc += beta * y_desc.load([b, bi * BT, bj * BT]).reshape(BT, BT).to(tl.float32)
+        acc = tl.where((rm == rn) & (bi == bj), acc + diag, acc)
+        out = acc.to(c_desc.dtype)
+        out_t = tl.trans(out)
+        off_diag = bi != bj
+        lower = tl.where((rm >= rn) | off_diag, out, out_t)
+        upper = tl.where((rm <= rn) | off_diag, out_t, out)  # = lower^T
+        skip = bj > bi
+        c_desc.store([b, tl.where(skip, M, bi * BT), bj * BT], lower.reshape(1, BT, BT))
+        c_desc.store([b, tl.where(skip, M, bj * BT), bi * BT], upper.reshape(1, BT, BT))
+
+    @triton.jit
+    def _gemmt_persistent_kernel(A, B, C, Y, S, N, M, K, s_cb, s_yb,
+                                 alpha, beta, diag,
+                                 HAS_Y: tl.constexpr, HAS_S: tl.constexpr, UPCAST: tl.constexpr,
+                                 BT: tl.constexpr, SPLIT: tl.constexpr, BK: tl.constexpr):
+        """:func:`_gemmt_tma_kernel` as a persistent kernel: one program per SM walks the lower-triangle
+        tiles of all N matrices, the tile loop and the K loop flattened into one software pipeline (the
+        next tile's TMA loads overlap this tile's epilogue). A tile is SPLIT x 1 blocks of BT x BT
+        (SPLIT = 2: 256 x 128, the wgmma-friendly shape); each block is stored by
+        :func:`_store_sym_block` with TMA, as itself and transposed."""
+        a_desc = tl.make_tensor_descriptor(A, shape=[N, M, K], strides=[M * K, K, 1], block_shape=[1, SPLIT * BT, BK])
+        b_desc = tl.make_tensor_descriptor(B, shape=[N, M, K], strides=[M * K, K, 1], block_shape=[1, BT, BK])
+        c_desc = tl.make_tensor_descriptor(C, shape=[N, M, M], strides=[s_cb, M, 1], block_shape=[1, BT, BT])
+        y_desc = c_desc
+        if HAS_Y:
+            y_desc = tl.make_tensor_descriptor(Y, shape=[N, M, M], strides=[s_yb, M, 1], block_shape=[1, BT, BT])
+        nb = tl.cdiv(M, BT)
+        stripes = tl.cdiv(nb, SPLIT)
+        T = SPLIT * stripes * (stripes + 1) // 2 - (SPLIT * stripes - nb)  # past the last block: dropped
+        k_tiles = tl.cdiv(K, BK)
+        step = tl.num_programs(0)
+        t_out = tl.program_id(0) - step  # the epilogue's own counter (keeps the pipeliner's
+        for t in tl.range(tl.program_id(0), N * T, step, flatten=True):  # prologue and epilogue apart)
+            ti, tj = _tile_of(t % T, SPLIT)
+            b = t // T
+            acc = tl.zeros((SPLIT * BT, BT), dtype=tl.float32)
+            for kk in range(k_tiles):
+                a = a_desc.load([b, ti * SPLIT * BT, kk * BK]).reshape(SPLIT * BT, BK)
+                bb = b_desc.load([b, tj * BT, kk * BK]).reshape(BT, BK)
+                if UPCAST:
+                    a = a.to(tl.float32)
+                    bb = bb.to(tl.float32)
+                acc = tl.dot(a, tl.trans(bb), acc)
+            t_out += step
+            ti, tj = _tile_of(t_out % T, SPLIT)
+            b = t_out // T
+            if SPLIT == 1:
+                _store_sym_block(acc, c_desc, y_desc, S, b, ti, tj, M, alpha, beta, diag, HAS_Y, HAS_S, BT)
+            else:
+                top, bottom = tl.split(tl.permute(tl.reshape(acc, (2, BT, BT)), (1, 2, 0)))
+                _store_sym_block(top, c_desc, y_desc, S, b, 2 * ti, tj, M, alpha, beta, diag, HAS_Y, HAS_S, BT)
+                _store_sym_block(bottom, c_desc, y_desc, S, b, 2 * ti + 1, tj, M, alpha, beta, diag, HAS_Y, HAS_S, BT)
+
+
+# BT = 128 blocks; 128 x 128 tiles on one or two warpgroups, 256 x 128 tiles on two; 64-wide K steps
+# and 3-6 stages (the deepest that fits shared memory won at 2048^3 on the H200). Timed once per shape.
+_PERSISTENT_CONFIGS = [
+    triton.Config({"BT": 128, "SPLIT": sp, "BK": 64}, num_warps=w, num_stages=st)
+    for sp, w, st in ((1, 4, 4), (1, 4, 5), (1, 4, 6), (1, 8, 4), (1, 8, 5), (2, 8, 3), (2, 8, 4))
+] if triton is not None else []
+_gemmt_persistent_tuned = (triton.autotune(_PERSISTENT_CONFIGS, key=["M", "K", "HAS_Y", "HAS_S"])(_gemmt_persistent_kernel)
+                           if triton is not None and not _interpreted(_gemmt_persistent_kernel) else None)
+
+
+_INTERPRETER_SPLIT = 2  # the tile shape the CPU interpreter runs (tests set 1 and 2)
+
+
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def gemmt_persistent(A_NMK: torch.Tensor, B_NMK: torch.Tensor | None = None, alpha: float = 1.0,
+                     Y_NMM: torch.Tensor | None = None, beta: float = 0.0, diag: float = 0.0,
+                     scale_N: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`gemmt` as one persistent launch with TMA loads and stores (:func:`_gemmt_persistent_kernel`):
+    one program per SM walks every lower tile of every matrix of the batch. The output is exactly
+    symmetric. Needs a Hopper or newer GPU (older ones get :func:`gemmt_blocked`) and 16-byte
+    aligned rows (K % 8 == 0 and M % 8 == 0 in half precision; otherwise :func:`gemmt`)."""
+    A_NMK = A_NMK.contiguous()
+    B_NMK = A_NMK if B_NMK is None else B_NMK.contiguous()
+    N, M, K = A_NMK.shape
+    es = A_NMK.element_size()
+    if A_NMK.is_cuda and torch.cuda.get_device_capability(A_NMK.device)[0] < 9:  # no TMA: cuBLAS blocks
+        blocks = 4 if M >= 4096 else 2 if M >= 1024 else 1
+        return gemmt_blocked(A_NMK, B_NMK, alpha, Y_NMM, beta, diag, scale_N, blocks=blocks)
+    if (K * es) % 16 or (M * es) % 16 or B_NMK.shape != A_NMK.shape:
+        return gemmt(A_NMK, B_NMK, alpha, Y_NMM, beta, diag, scale_N)
+    C = torch.empty(N, M, M, device=A_NMK.device, dtype=A_NMK.dtype)
+    Y = C if Y_NMM is None else Y_NMM.contiguous()
+    S = scale_N.float().contiguous() if scale_N is not None else C
+    args = (A_NMK, B_NMK, C, Y, S, N, M, K, C.stride(0), Y.stride(0), float(alpha), float(beta), float(diag))
+    flags = dict(HAS_Y=Y_NMM is not None, HAS_S=scale_N is not None)
+    if _gemmt_persistent_tuned is None:  # the interpreter: fp32 dots, small blocks, both tile shapes
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8))
+        _gemmt_persistent_kernel[(3,)](*args, **flags, UPCAST=True, BT=16, SPLIT=_INTERPRETER_SPLIT, BK=16, num_warps=1,
+                                       num_stages=1)
+        return C
+    triton.set_allocator(_tma_scratch)
+    sms = _num_sms(A_NMK.device)
+
+    def grid(meta):
+        nb = triton.cdiv(M, meta["BT"])
+        stripes = triton.cdiv(nb, meta["SPLIT"])
+        tiles = meta["SPLIT"] * stripes * (stripes + 1) // 2 - (meta["SPLIT"] * stripes - nb)
+        return (min(sms, N * tiles),)
+    _gemmt_persistent_tuned[grid](*args, **flags, UPCAST=False)
+    return C
+
+
 # 128x128 tiles with 64/128-wide K steps are wgmma-sized; the best pipeline depth and K step depend
 # on K (7168 for the Gram of an expert matrix, M for A A), so the few candidates are timed once per shape.
 _SYRK_CONFIGS = [
@@ -270,31 +405,29 @@ def syrk(X_NMK: torch.Tensor, alpha: float = 1.0, Y_NMM: torch.Tensor | None = N
 
 
 def _sym_product(sym_impl: str, M: int, K: int):
-    """The symmetric-product implementation for an [N, M, K] operand: ``triton`` (:func:`gemmt`,
-    half the FLOPs on Triton tiles, pointer loads), ``tma`` (:func:`gemmt_tma`), ``blocked<n>``
-    (:func:`gemmt_blocked` with n x n blocks on cuBLAS; ``blocked``: up to 4 blocks of >= 128
-    rows), or ``auto``, a fixed rule from the H200 measurements of docs/muonclip.md (a fixed rule,
-    not a timing at run time, so that every rank and every run computes the same bits):
+    """The symmetric-product implementation for an [N, M, K] operand: ``persistent``
+    (:func:`gemmt_persistent`), ``triton`` (:func:`gemmt`, half the FLOPs on Triton tiles, pointer
+    loads), ``tma`` (:func:`gemmt_tma`), ``blocked<n>`` (:func:`gemmt_blocked` with n x n blocks on
+    cuBLAS; ``blocked``: up to 4 blocks of >= 128 rows), or ``auto``, a fixed rule from the H200
+    measurements of docs/muonclip.md (a fixed rule, not a timing at run time, so that every rank and
+    every run computes the same bits):
 
-    - K >= 3 M, M >= 1024 (the Gram X X^T of an expert matrix): TMA tiles, 1.22x cuBLAS' full product;
-    - M >= 4096 (o_proj's 7168 x 7168 / 8192 products): 4 x 4 cuBLAS blocks, 1.05-1.08x;
-    - 1024 <= M < 4096 (the 2048^3 products of Gram NS): 2 x 2 cuBLAS blocks, 1.0x (no Triton
-      tile schedule beat cuBLAS' full product there: 0.63-0.96x);
+    - M >= 1024 (the experts' Gram and 2048^3 products, o_proj's 7168 ones): the persistent kernel,
+      1.31-1.47x cuBLAS' full product (on a GPU older than Hopper it falls back to cuBLAS blocks);
     - smaller: cuBLAS' full product (one launch; these are launch-bound)."""
     if sym_impl == "auto":
-        if K >= 3 * M and M >= 1024:
-            sym_impl = "tma"
-        else:
-            sym_impl = "blocked4" if M >= 4096 else "blocked2" if M >= 1024 else "blocked1"
+        sym_impl = "persistent" if M >= 1024 else "blocked1"
     if sym_impl == "triton":
         return gemmt
     if sym_impl == "tma":
         return gemmt_tma
+    if sym_impl == "persistent":
+        return gemmt_persistent
     if sym_impl.startswith("blocked") and sym_impl[7:].isdigit():
         return functools.partial(gemmt_blocked, blocks=int(sym_impl[7:]))
     if sym_impl == "blocked":  # blocks of at least 128 rows: smaller GEMMs lose more than they save
         return functools.partial(gemmt_blocked, blocks=max(1, min(4, M // 128)))
-    raise ValueError(f"sym_impl must be 'auto', 'triton', 'tma', 'blocked' or 'blocked<n>', got {sym_impl!r}")
+    raise ValueError(f"sym_impl must be 'auto', 'triton', 'tma', 'persistent', 'blocked' or 'blocked<n>', got {sym_impl!r}")
 
 
 def triton_ns_available(t: torch.Tensor) -> bool:

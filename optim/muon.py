@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import Tensor
 
-from .newton_schulz import NS_COEFFICIENTS, scale_to_sqrt_m, zeropower_via_newtonschulz
+from .newton_schulz import NS_COEFFICIENTS, ns_input_target_norm, pow2_scale, zeropower_via_newtonschulz
 from .sharded import is_dtensor, like_param, local, shard_like, sharded_newton_schulz, wrap_like
 
 GROUP_KINDS = ("muon", "adamw")
@@ -86,13 +86,16 @@ def adamw_update_(
 
 
 def ns_input_cast(x: Tensor, dtype: torch.dtype) -> Tensor:
-    """``x`` in the Newton-Schulz dtype. For fp16 each matrix is first scaled, in fp32, to the norm
-    ``sqrt(min(rows, cols))`` (entries ~1/sqrt(max(rows, cols))): a raw momentum's entries would be
-    subnormal or zero in fp16. NS normalises its input, so the scale does not change the result.
-    Other dtypes are a plain cast (bf16 keeps fp32's range; and torch.optim.Muon casts the same way)."""
+    """``x`` in the Newton-Schulz dtype. For fp16 each matrix is first scaled, in fp32, by the power of
+    two nearest to :func:`~k2train.optim.newton_schulz.ns_input_target_norm` / ``||x||_F`` (a raw
+    momentum's entries would be subnormal or zero in fp16); the fused kernels
+    (k2train.kernels.muon_fused) scale the same way. NS normalises its input, so the scale does not
+    change the result. Other dtypes are a plain cast (bf16 keeps fp32's range; and torch.optim.Muon
+    casts the same way)."""
     if dtype != torch.float16 or x.dtype == dtype:
         return x.to(dtype)
-    return scale_to_sqrt_m(x, dtype, eps=1e-30)
+    norm = torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True, dtype=torch.float32)
+    return (x.float() * pow2_scale(norm, ns_input_target_norm(*x.shape[-2:]))).to(dtype)
 
 
 def ns_chunks(shapes: list[tuple[torch.Size, torch.device]]) -> list[tuple[tuple[int, int], list[int]]]:
@@ -216,6 +219,7 @@ class MuonClip(torch.optim.Optimizer):
         self.ns_dtype = ns_dtype
         self.ns_fn = ns_fn or zeropower_via_newtonschulz
         self.fused = fused
+        self._ns_scale_hints: dict[Tensor, Tensor] = {}  # fused path: per param, [matrices] powers of two
         for g in self.param_groups:
             kind = g.get("kind")
             if kind not in GROUP_KINDS:
@@ -324,7 +328,13 @@ class MuonClip(torch.optim.Optimizer):
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(targets[i])
                 ns_in = (v if p.shape[-2] <= p.shape[-1] else v.mT).reshape(p.shape)
-                momentum_to_ns_input_(p.grad, state["momentum_buffer"], ns_in, group["momentum"], group["nesterov"])
+                # each matrix's NS-input scale (a power of two) from the last step: not optimizer
+                # state, since NS returns the same bits whatever power of two it is given
+                hint = self._ns_scale_hints.get(p)
+                if hint is None:
+                    hint = self._ns_scale_hints[p] = torch.zeros(n, device=p.device, dtype=torch.float32)
+                momentum_to_ns_input_(p.grad, state["momentum_buffer"], ns_in, group["momentum"], group["nesterov"],
+                                      scale_hint=hint)
             result = self.ns_fn(batch, steps=group["ns_steps"], coefficients=group["ns_coefficients"], dtype=self.ns_dtype)
             start = 0
             for i, n in zip(chunk, counts):

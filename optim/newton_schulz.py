@@ -30,6 +30,20 @@ def scale_to_sqrt_m(X: Tensor, dtype: torch.dtype, eps: float) -> Tensor:
     return (X.to(wide) * (math.sqrt(min(X.shape[-2:])) / norm.clamp(min=eps))).to(dtype)
 
 
+def ns_input_target_norm(rows: int, cols: int) -> float:
+    """The Frobenius norm MuonClip scales a ``[rows, cols]`` NS input to before an fp16 cast: entries
+    of RMS 1/8, normal fp16 numbers from ~2000x below the RMS to ~5e5x above it (a raw gradient's
+    entries would be subnormal or zero). NS normalises its input, so the scale does not matter."""
+    return math.sqrt(rows * cols) / 8
+
+
+def pow2_scale(norm: Tensor, target: float) -> Tensor:
+    """The power of two nearest (in log) to ``target / norm``, elementwise in fp32. Scaling by a power
+    of two is exact: an NS input scaled so gives NS the same bits whatever the power (as long as no
+    entry leaves fp16's normal range)."""
+    return torch.exp2(torch.floor(torch.log2(target / norm.float().clamp(min=1e-30)) + 0.5))
+
+
 def zeropower_via_newtonschulz(
     G: Tensor,
     steps: int = 5,
@@ -134,8 +148,10 @@ def zeropower_via_gram_newtonschulz(
     Precision: ``dtype`` (fp16 by default) for every stored matrix, fp32 accumulation. fp16 has the
     tensor-core rate of bf16 and 3 more mantissa bits; every matrix here is bounded (``||X||_F =
     sqrt(M)`` after scaling, ``R = X X^T / M`` so ``|R| <= 1``, ``|Q| <= a``, ``|P| <= a^3``), so its
-    range is not a concern. The input is scaled in fp32 before the cast (:func:`scale_to_sqrt_m`: a
-    gradient's entries would underflow fp16; typical scaled entries, ~1/sqrt(K), are normal).
+    range is not a concern. An input of another dtype is scaled in fp32 before the cast
+    (:func:`scale_to_sqrt_m`: a gradient's entries would underflow fp16; typical scaled entries,
+    ~1/sqrt(K), are normal). An input already in ``dtype`` is used as it is, its norm folded into ``R``
+    and ``P`` (as the kernel path does): inputs a power of two apart give the same bits.
 
     Returns a tensor of ``dtype`` with the shape of ``G``; the input is not modified.
     """
@@ -147,13 +163,18 @@ def zeropower_via_gram_newtonschulz(
     if not batched:
         X = X.unsqueeze(0)
     M = X.size(-2)
-    X = scale_to_sqrt_m(X, dtype, eps)  # the sqrt(M) is taken back out of R and of the final product
+    if X.dtype != dtype:
+        X = scale_to_sqrt_m(X, dtype, eps)
+    # X0 = f X, f = sqrt(M) / ||X||_F per matrix (~1 after scale_to_sqrt_m); the sqrt(M) is taken
+    # back out of R and of the final product
+    wide = torch.promote_types(X.dtype, torch.float32)
+    f = (math.sqrt(M) / torch.linalg.vector_norm(X, dim=(-2, -1), dtype=wide).clamp(min=eps))[:, None, None]
 
     def mm(x: Tensor, y: Tensor, alpha: float = 1.0) -> Tensor:
         # half inputs: fp32 accumulation and one rounding of alpha * x y, as the GPU GEMMs do
         return torch.baddbmm(x.new_empty(()), x, y, beta=0.0, alpha=alpha).to(dtype) if alpha != 1.0 else torch.bmm(x, y)
 
-    R = mm(X, X.mT, 1.0 / M)
+    R = mm(X, X.mT, 1.0 / M) * (f * f).to(dtype)
     P = None
     for it in range(steps):
         Q = torch.baddbmm(R, R, R, beta=b, alpha=c)  # b R + c R^2
@@ -162,11 +183,14 @@ def zeropower_via_gram_newtonschulz(
         if it == steps - 1:
             break
         if it + 1 in restarts:
-            X = mm(P, X)
+            X = mm(P if f is None else P * f.to(dtype), X)
+            f = None
             R = mm(X, X.mT, 1.0 / M)
             P = None
         else:
             R = mm(R, mm(Q, Q))
+    if f is not None:
+        X = X * f.to(dtype)
     X = mm(P, X, 1.0 / math.sqrt(M)) if P is not None else (X.float() / math.sqrt(M)).to(dtype)
     if not batched:
         X = X.squeeze(0)

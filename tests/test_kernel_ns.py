@@ -7,7 +7,8 @@ import torch
 
 pytest.importorskip("triton")
 from k2train.kernels.newton_schulz import (  # noqa: E402
-    gemmt, gemmt_blocked, gemmt_tma, syrk, triton_ns_available, zeropower_gram_batched, zeropower_ns_batched, zeropower_ns_reference)
+    gemmt, gemmt_blocked, gemmt_persistent, gemmt_tma, syrk, triton_ns_available, zeropower_gram_batched, zeropower_ns_batched, zeropower_ns_reference)
+from k2train.kernels import newton_schulz  # noqa: E402
 from k2train.optim.newton_schulz import zeropower_via_gram_newtonschulz  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -65,7 +66,31 @@ def test_gemmt_of_commuting_symmetric_matrices(N, M):
     assert _rel(blocked, 2 * (-1.5 * A @ B + 0.5 * S) + 3.0 * torch.eye(M, dtype=torch.float64)) < 1e-5
 
 
-@pytest.mark.parametrize("sym_impl", ["triton", "tma", "blocked"])
+@pytest.mark.parametrize("split", [1, 2])
+@pytest.mark.parametrize("N,M", [(1, 20), (3, 40), (2, 64)])
+def test_gemmt_persistent(N, M, split, monkeypatch):
+    # One persistent launch over every lower tile of every matrix (three programs under the
+    # interpreter, so each walks tiles of several matrices). The interpreter's 16 x 16 blocks in
+    # 16 x 16 (split 1) or 32 x 16 tiles (split 2, the GPU's 256 x 128 shape), over odd (M = 20:
+    # 2 blocks, the last partial; 40: 3) and even (64: 4) block counts. M % 4 == 0: fp32 rows are
+    # 16-byte aligned, so the descriptor kernel runs rather than its fallback.
+    _need_triton()
+    monkeypatch.setattr(newton_schulz, "_INTERPRETER_SPLIT", split)
+    g = torch.Generator().manual_seed(N + M + split)
+    S = torch.randn(N, M, M, generator=g, dtype=torch.float64)
+    S = (S + S.mT) / M
+    A, B = (2 * S + S @ S), (S - 3 * S @ S @ S)
+    scale = torch.rand(N, generator=g, dtype=torch.float64) + 0.5
+    ref = scale[:, None, None] * (-1.5 * A @ B) + 0.5 * S + 3.0 * torch.eye(M, dtype=torch.float64)
+    out = gemmt_persistent(A.float().to(DEV), B.float().to(DEV), alpha=-1.5, Y_NMM=S.float().to(DEV), beta=0.5,
+                           diag=3.0, scale_N=scale.float().to(DEV))
+    assert _rel(out, ref) < FP32_TOL and torch.equal(out, out.mT)
+    X = torch.randn(N, M, 24, generator=g)
+    gram = gemmt_persistent(X.to(DEV))
+    assert _rel(gram, X.double() @ X.double().mT) < FP32_TOL and torch.equal(gram, gram.mT)
+
+
+@pytest.mark.parametrize("sym_impl", ["triton", "tma", "persistent", "blocked"])
 @pytest.mark.parametrize("shape", [(3, 24, 80), (2, 80, 24), (20, 32)])
 def test_gram_ns_kernel_matches_torch_gram(shape, sym_impl):
     # The kernel path and the torch reference run the same schedule; in fp32 (the interpreter's
@@ -146,3 +171,19 @@ def test_gram_ns_gpu_fp16(N, M, K):
     S = (Q + Q.mT) / 2
     P = S @ S
     assert _rel(gemmt(S, P), S.double() @ P.double()) < 2e-3  # fp32 accumulation, one fp16 rounding
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("N,M,K", [(4, 2048, 7168), (3, 2048, 2048), (1, 7168, 8192), (2, 1536, 12288), (2, 1000, 1536)])
+def test_gemmt_persistent_gpu_fp16(N, M, K):
+    # fp32 accumulation and one fp16 rounding, as cuBLAS: within fp16's half-ulp (4.9e-4) of the
+    # fp64 product, and exactly symmetric; with Y and diag (Gram NS's Q = a I + b R + c R R)
+    A = torch.randn(N, M, K, device="cuda", dtype=torch.float16) / K**0.5
+    ref = A.double() @ A.double().mT
+    out = gemmt_persistent(A)
+    assert _rel(out, ref) < 5e-4 and torch.equal(out, out.mT)
+    R = (ref / ref.diagonal(dim1=-2, dim2=-1).amax()).half()
+    out = gemmt_persistent(R, alpha=2.0315, Y_NMM=R, beta=-4.775, diag=3.4445)
+    refq = 2.0315 * R.double() @ R.double() - 4.775 * R.double() + 3.4445 * torch.eye(M, device="cuda", dtype=torch.float64)
+    assert _rel(out, refq) < 5e-4 and torch.equal(out, out.mT)
