@@ -7,8 +7,8 @@ writes through a strided (possibly transposed) view of the batch and the update 
 
 Unfused (k2train.optim.muon), the same work reads and writes the fp32 tensors about 11 times
 (lerp_, lerp, norm, scale, cast, concatenate; mul_, add_); fused, 3.5 times for the momentum side
-(grad and buffer read, buffer written, the half NS input written: the input's scale is a power of
-two carried from the previous step, so no second pass waits for this step's norm) and 2.5 times for
+(grad and buffer read, buffer written, the half NS input written: the input's scale, a power of two,
+is predicted from the previous step, so no second pass waits for this step's norm) and 2.5 times for
 the update, which is what an H200 sees at 1.2B parameters per layer slice.
 """
 from __future__ import annotations
@@ -56,13 +56,12 @@ if triton is not None:
     @triton.jit
     def _ns_input_fixup_kernel(G, Buf, Scale, Out, Hint, R, C, mu,
                                s_om, s_or, s_oc, NESTEROV: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
-        """For a matrix whose hint was missing or more than 16x off this step's power of two
-        Scale[m] (or either is not finite): Out[m] = U * Scale[m], U recomputed from G and the updated
-        Buf. Every other program returns at once."""
+        """For a matrix whose hint is not this step's power of two Scale[m] (missing, changed, or not
+        finite): Out[m] = U * Scale[m], U recomputed from G and the updated Buf. Every other program
+        returns at once."""
         m = tl.program_id(2).to(tl.int64)
         p2 = tl.load(Scale + m)
-        s = tl.load(Hint + m)
-        if (s >= p2 * 0.0625) & (s <= p2 * 16.0):
+        if tl.load(Hint + m) == p2:
             return
         m, rr, rc, mask = _matrix_tile(R, C, BR, BC)
         src = m * R * C + rr[:, None] * C + rc[None, :]
@@ -103,21 +102,18 @@ def _tiles(interp: bool) -> tuple[int, int]:
 
 def momentum_to_ns_input_(grad: torch.Tensor, buf: torch.Tensor, out: torch.Tensor, momentum: float,
                           nesterov: bool, scale_hint: torch.Tensor | None = None) -> None:
-    """Update ``buf`` (fp32, ``grad``'s shape) in place with ``grad``, and write the NS input U of
-    every matrix into ``out`` (same shape, any strides, e.g. a transposed view of the NS batch),
-    scaled by a power of two and cast to ``out``'s dtype.
+    """Update ``buf`` (fp32, ``grad``'s shape) in place with ``grad``, and write the NS input of every
+    matrix, U scaled by a power of two and cast to ``out``'s dtype, into ``out`` (same shape, any
+    strides, e.g. a transposed view of the NS batch). The result is
+    :func:`k2train.optim.muon.muon_momentum_` followed by :func:`k2train.optim.muon.ns_input_cast`
+    (the same power of two; values up to fp32 rounding order).
 
-    One pass reads the grad and the buffer once: each matrix is scaled by its ``scale_hint`` (fp32
-    ``[matrices]``, carried from the previous step; updated in place to this step's power of two
-    nearest to ``ns_input_target_norm / ||U||_F``, as :func:`k2train.optim.muon.ns_input_cast`
-    scales). A matrix whose hint is missing (0), more than 16x
-    off, or not finite is rewritten by a second kernel with this step's power of two; every other
-    matrix costs that kernel one early exit. Scaling by a power of two is exact: the NS functions
-    (which normalise their input) return the same bits whatever power of two a matrix came with.
-
-    The math is :func:`k2train.optim.muon.muon_momentum_` followed by
-    :func:`k2train.optim.muon.ns_input_cast` (same values up to fp32 rounding order, whenever the
-    hint is this step's power of two)."""
+    The power of two depends on this step's norm, which is known only once every entry has been
+    read. ``scale_hint`` (fp32 ``[matrices]``, kept by the caller across steps; updated in place)
+    predicts it with the last step's: the first kernel writes U times the hint while it updates the
+    buffer, and a second kernel rewrites only the matrices whose power of two changed (or had none:
+    zeros, the default), at one early exit per program for the rest. The norm of a momentum moves
+    slowly, so most steps read the grad and the buffer once. Whatever the hint, ``out`` is the same."""
     if not (grad.is_contiguous() and buf.is_contiguous() and buf.dtype == torch.float32):
         raise ValueError("momentum_to_ns_input_ needs a contiguous grad and a contiguous fp32 momentum buffer")
     if grad.shape != buf.shape or out.shape != grad.shape or grad.ndim not in (2, 3):

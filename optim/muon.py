@@ -88,10 +88,9 @@ def adamw_update_(
 def ns_input_cast(x: Tensor, dtype: torch.dtype) -> Tensor:
     """``x`` in the Newton-Schulz dtype. For fp16 each matrix is first scaled, in fp32, by the power of
     two nearest to :func:`~k2train.optim.newton_schulz.ns_input_target_norm` / ``||x||_F`` (a raw
-    momentum's entries would be subnormal or zero in fp16); the fused kernels
-    (k2train.kernels.muon_fused) scale the same way. NS normalises its input, so the scale does not
-    change the result. Other dtypes are a plain cast (bf16 keeps fp32's range; and torch.optim.Muon
-    casts the same way)."""
+    momentum's entries would be subnormal or zero in fp16; a power of two rounds nothing), as the
+    fused kernels (k2train.kernels.muon_fused) do. NS normalises its input. Other dtypes are a plain
+    cast (bf16 keeps fp32's range; and torch.optim.Muon casts the same way)."""
     if dtype != torch.float16 or x.dtype == dtype:
         return x.to(dtype)
     norm = torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True, dtype=torch.float32)
@@ -328,8 +327,8 @@ class MuonClip(torch.optim.Optimizer):
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(targets[i])
                 ns_in = (v if p.shape[-2] <= p.shape[-1] else v.mT).reshape(p.shape)
-                # each matrix's NS-input scale (a power of two) from the last step: not optimizer
-                # state, since NS returns the same bits whatever power of two it is given
+                # each matrix's NS-input scale (a power of two) of the last step: a prediction that
+                # saves a pass when right, not optimizer state (the result does not depend on it)
                 hint = self._ns_scale_hints.get(p)
                 if hint is None:
                     hint = self._ns_scale_hints[p] = torch.zeros(n, device=p.device, dtype=torch.float32)

@@ -31,16 +31,16 @@ def scale_to_sqrt_m(X: Tensor, dtype: torch.dtype, eps: float) -> Tensor:
 
 
 def ns_input_target_norm(rows: int, cols: int) -> float:
-    """The Frobenius norm MuonClip scales a ``[rows, cols]`` NS input to before an fp16 cast: entries
-    of RMS 1/8, normal fp16 numbers from ~2000x below the RMS to ~5e5x above it (a raw gradient's
-    entries would be subnormal or zero). NS normalises its input, so the scale does not matter."""
-    return math.sqrt(rows * cols) / 8
+    """The Frobenius norm MuonClip scales a ``[rows, cols]`` NS input to (to the nearest power of two)
+    before an fp16 cast: ``sqrt(min(rows, cols))``, entries ~1/sqrt(max(rows, cols)), normal fp16
+    numbers (a raw gradient's entries would be subnormal or zero), and the norm Gram NS iterates at,
+    so the factor it folds into its products stays within sqrt(2) of 1."""
+    return math.sqrt(min(rows, cols))
 
 
 def pow2_scale(norm: Tensor, target: float) -> Tensor:
-    """The power of two nearest (in log) to ``target / norm``, elementwise in fp32. Scaling by a power
-    of two is exact: an NS input scaled so gives NS the same bits whatever the power (as long as no
-    entry leaves fp16's normal range)."""
+    """The power of two nearest (in log) to ``target / norm``, elementwise in fp32: a scale that
+    rounds nothing itself (entries stay in fp16's normal range)."""
     return torch.exp2(torch.floor(torch.log2(target / norm.float().clamp(min=1e-30)) + 0.5))
 
 

@@ -134,12 +134,11 @@ def exact_update(shapes, device) -> list[torch.Tensor]:
 
 def gemmt_vs_cublas(device, warmup: int, repeat: int) -> None:
     """The symmetric-product kernel against cuBLAS computing the whole product (torch.bmm)."""
-    from k2train.kernels.newton_schulz import _gemmt_tuned, gemmt, gemmt_blocked
+    from k2train.kernels.newton_schulz import (_gemmt_persistent_tuned, _gemmt_tma_tuned, _gemmt_tuned, gemmt,
+                                               gemmt_blocked, gemmt_persistent, gemmt_tma)
 
     print("\nGEMMT (lower tiles, mirrored) vs torch.bmm (whole product), fp16, one batch of the expert bucket:")
-    from k2train.kernels.newton_schulz import gemmt_tma
-
-    variants = {"triton": gemmt, "tma": gemmt_tma,
+    variants = {"triton": gemmt, "tma": gemmt_tma, "persistent": gemmt_persistent,
                 "blocked2": lambda A: gemmt_blocked(A, blocks=2), "blocked4": lambda A: gemmt_blocked(A, blocks=4)}
     print(f"| {'N x M x K':16s} | {'bmm ms':>7s} {'TF/s':>5s} | " + " | ".join(f"{v:>8s} ms  x bmm" for v in variants) + " |")
     for N, M, K in [(36, 2048, 7168), (36, 2048, 2048), (1, 7168, 8192), (1, 7168, 7168)]:
@@ -152,9 +151,7 @@ def gemmt_vs_cublas(device, warmup: int, repeat: int) -> None:
             cells.append(f"{t:11.3f} {t_bmm / t:5.2f}x")
         print(f"| {f'{N}x{M}x{K}':16s} | {t_bmm:7.3f} {full / t_bmm * 1e3:5.0f} | " + " | ".join(cells) + " |")
         del A
-    from k2train.kernels.newton_schulz import _gemmt_tma_tuned
-
-    for name, tuned in (("pointer loads", _gemmt_tuned), ("TMA", _gemmt_tma_tuned)):
+    for name, tuned in (("pointer loads", _gemmt_tuned), ("TMA", _gemmt_tma_tuned), ("persistent", _gemmt_persistent_tuned)):
         for key, cfg in getattr(tuned, "cache", {}).items():
             print(f"  {name} {key[:4]}: {cfg}")
 
@@ -171,7 +168,7 @@ def ns_breakdown(shapes, device, warmup: int, repeat: int, full: bool = False) -
         "std torch": (bf16, lambda G, **k: zeropower_via_newtonschulz(G, dtype=bf16)),
         "gram torch": (fp16, lambda G, **k: zeropower_via_gram_newtonschulz(G, dtype=fp16)),
     }
-    for sym in ("triton", "tma", "blocked2", "blocked4", "auto"):
+    for sym in ("triton", "tma", "persistent", "blocked2", "blocked4", "auto"):
         impls[f"std {sym}"] = (bf16, lambda G, sym=sym, **k: zeropower_ns_batched(G, impl="triton", sym_impl=sym))
         impls[f"gram {sym}"] = (fp16, lambda G, sym=sym, **k: zeropower_gram_batched(G, impl="triton", sym_impl=sym))
     buckets: dict[tuple[int, int], int] = {}

@@ -62,7 +62,7 @@ def test_gemmt_of_commuting_symmetric_matrices(N, M):
     assert _rel(tma, ref) < FP32_TOL and torch.equal(tma, tma.mT)
     # the cuBLAS-blocked version, on any device (3 blocks: uneven edges at M=37 and 20)
     blocked = gemmt_blocked(A.float().to(DEV), B.float().to(DEV), alpha=-1.5, Y_NMM=S.float().to(DEV), beta=0.5,
-                            diag=3.0, scale_N=torch.full((N,), 2.0), blocks=3)
+                            diag=3.0, scale_N=torch.full((N,), 2.0, device=DEV), blocks=3)
     assert _rel(blocked, 2 * (-1.5 * A @ B + 0.5 * S) + 3.0 * torch.eye(M, dtype=torch.float64)) < 1e-5
 
 
