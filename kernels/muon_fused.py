@@ -13,8 +13,6 @@ the update, which is what an H200 sees at 1.2B parameters per layer slice.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from k2train.optim.newton_schulz import ns_input_target_norm, pow2_scale

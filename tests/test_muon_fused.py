@@ -1,8 +1,6 @@
 """The fused Muon elementwise kernels (k2train.kernels.muon_fused) against the unfused optimizer path:
 momentum buffers, NS inputs and updates; Triton's CPU interpreter in CI, the GPU under -m gpu."""
 
-import math
-
 import pytest
 import torch
 
