@@ -102,16 +102,17 @@ def momentum_to_ns_input_(grad: torch.Tensor, buf: torch.Tensor, out: torch.Tens
                           nesterov: bool, scale_hint: torch.Tensor | None = None) -> None:
     """Update ``buf`` (fp32, ``grad``'s shape) in place with ``grad``, and write the NS input of every
     matrix, U scaled by a power of two and cast to ``out``'s dtype, into ``out`` (same shape, any
-    strides, e.g. a transposed view of the NS batch). The result is
+    strides, e.g. a transposed view of the NS batch). For fp16 the result is
     :func:`k2train.optim.muon.muon_momentum_` followed by :func:`k2train.optim.muon.ns_input_cast`
-    (the same power of two; values up to fp32 rounding order).
+    (the same power of two; values up to fp32 rounding order); for bf16, where ns_input_cast is a plain
+    cast, it differs from that by the power of two, which NS's own normalisation removes exactly.
 
     The power of two depends on this step's norm, which is known only once every entry has been
     read. ``scale_hint`` (fp32 ``[matrices]``, kept by the caller across steps; updated in place)
     predicts it with the last step's: the first kernel writes U times the hint while it updates the
     buffer, and a second kernel rewrites only the matrices whose power of two changed (or had none:
-    zeros, the default), at one early exit per program for the rest. The norm of a momentum moves
-    slowly, so most steps read the grad and the buffer once. Whatever the hint, ``out`` is the same."""
+    zeros, the default), at one early exit per program for the rest: when the prediction holds, the
+    grad and the buffer are read once. Whatever the hint, ``out`` is the same."""
     if not (grad.is_contiguous() and buf.is_contiguous() and buf.dtype == torch.float32):
         raise ValueError("momentum_to_ns_input_ needs a contiguous grad and a contiguous fp32 momentum buffer")
     if grad.shape != buf.shape or out.shape != grad.shape or grad.ndim not in (2, 3):

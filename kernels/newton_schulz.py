@@ -2,9 +2,11 @@
 
 Shapes: N = matrices in the batch, M = rows, K = columns (after the transpose that makes M <= K).
 
-`_gemmt_kernel` computes alpha A B^T + beta Y + diag I for products known to be symmetric, only
-the tiles on and below the diagonal, and writes each one twice (as itself and mirrored): half the
-FLOPs of a GEMM. Two Newton-Schulz schedules use it:
+The GEMMT kernels compute alpha A B^T + beta Y + diag I for products known to be symmetric, only
+the tiles on and below the diagonal, and write each one twice (as itself and mirrored): half the
+FLOPs of a GEMM. `gemmt_persistent` (one persistent launch, TMA loads and stores) is the one
+`_sym_product("auto")` picks on Hopper; `gemmt` (pointer loads), `gemmt_tma` and `gemmt_blocked`
+(cuBLAS blocks) are the alternatives and fallbacks. Two Newton-Schulz schedules use them:
 
 - standard (`zeropower_ns_batched`): per iteration A = X X^T; B = b A + c A A; X = a X + B X.
   X X^T and A A are symmetric: 3 M^2 K + M^3 FLOPs instead of 4 M^2 K + 2 M^3 (28% fewer for a
@@ -275,10 +277,6 @@ _gemmt_persistent_tuned = (triton.autotune(_PERSISTENT_CONFIGS, key=["M", "K", "
 _INTERPRETER_SPLIT = 2  # the tile shape the CPU interpreter runs (tests set 1 and 2)
 
 
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-
-
 def gemmt_persistent(A_NMK: torch.Tensor, B_NMK: torch.Tensor | None = None, alpha: float = 1.0,
                      Y_NMM: torch.Tensor | None = None, beta: float = 0.0, diag: float = 0.0,
                      scale_N: torch.Tensor | None = None) -> torch.Tensor:
@@ -308,7 +306,7 @@ def gemmt_persistent(A_NMK: torch.Tensor, B_NMK: torch.Tensor | None = None, alp
                                        num_stages=1)
         return C
     triton.set_allocator(_tma_scratch)
-    sms = _num_sms(A_NMK.device)
+    sms = torch.cuda.get_device_properties(A_NMK.device).multi_processor_count
 
     def grid(meta):
         nb = triton.cdiv(M, meta["BT"])
