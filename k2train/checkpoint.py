@@ -1,17 +1,9 @@
 """Sharded, atomic, resumable checkpoints with ``torch.distributed.checkpoint`` (DCP).
 
-Layout of a checkpoint root (``<run>/checkpoints``)::
-
-    step-00000100/
-        .metadata, __0_0.distcp ...   DCP: "model.<fqn>" and "optimizer.state.<fqn>.<key>" (reshardable)
-        extra/rank00000.pt            this rank's small state: LR scheduler, data loader, RNG, ...
-        meta.json                     step, tokens seen, resolved config, git revision, wandb run id
-        COMPLETE                      written last, before the rename: the checkpoint is whole
-    latest                            "step-00000100", replaced atomically after the rename
-
-A save writes into ``.tmp-step-N`` and renames it, so a crash leaves either the old state or a
-``.tmp`` folder that the next resume deletes. Resume walks the checkpoints newest first and skips,
-with a warning, any that lacks its marker, its ``.metadata`` or a byte of a shard.
+The folder layout is in :mod:`k2train.checkpoint_layout`. A save writes into ``.tmp-step-N`` and
+renames it, so a crash leaves either the old state or a ``.tmp`` folder that the next resume
+deletes. Resume walks the checkpoints newest first and skips, with a warning, any that lacks its
+marker, its ``.metadata`` or a byte of a shard.
 
 Model and optimizer are keyed by parameter FQN (not by position), so a checkpoint saved under one
 layout (DP size, TP/EP sharding as DTensors, pipeline stages) loads under another: each process asks
@@ -25,133 +17,27 @@ import json
 import logging
 import os
 import random
-import re
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict import get_model_state_dict
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard
 
+from .checkpoint_layout import (DONE_FILE, EXTRA_DIR, LATEST_FILE, META_FILE, MODEL_KEY, OPTIM_KEY, extra_name,
+                                git_revision, latest_valid, list_checkpoints, mark_complete, resolve_checkpoint,
+                                step_dir_name, validate_checkpoint, write_json)
 from .config import CheckpointConfig
+from .parallel.expert_parallel import ExpertParallelExperts
 
 log = logging.getLogger(__name__)
-
-MODEL_KEY = "model"
-OPTIM_KEY = "optimizer"
-META_FILE = "meta.json"
-DONE_FILE = "COMPLETE"
-LATEST_FILE = "latest"
-EXTRA_DIR = "extra"
-_STEP_RE = re.compile(r"^step-(\d+)$")
-
-
-# ---------------------------------------------------------------------------------------------
-# small helpers (also used by k2train.convert)
-# ---------------------------------------------------------------------------------------------
-
-
-def step_dir_name(step: int) -> str:
-    return f"step-{step:08d}"
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (temporary file + rename), so readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
-
-
-def mark_complete(folder: Path) -> None:
-    (Path(folder) / DONE_FILE).write_text("ok\n")
-
-
-def git_revision() -> str:
-    """``<sha>`` (``+dirty`` with uncommitted changes) of the source tree, or "unknown"."""
-    here = Path(__file__).resolve().parent
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
-        if sha.returncode != 0:
-            return "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "-uno"], cwd=here, capture_output=True, text=True, timeout=10)
-        return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def validate_checkpoint(folder: Path) -> Optional[str]:
-    """None if ``folder`` is a whole checkpoint, else why not (missing marker, metadata, bytes)."""
-    folder = Path(folder)
-    if not (folder / DONE_FILE).exists():
-        return f"no {DONE_FILE} marker (the save did not finish)"
-    if not (folder / ".metadata").exists():
-        return "no DCP .metadata file"
-    try:
-        from torch.distributed.checkpoint import FileSystemReader
-
-        md = FileSystemReader(str(folder)).read_metadata()
-    except Exception as e:  # a truncated pickle raises anything from EOFError to UnpicklingError
-        return f"unreadable .metadata ({type(e).__name__}: {e})"
-    need: dict[str, int] = {}
-    for info in (md.storage_data or {}).values():
-        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
-    for rel, nbytes in need.items():
-        path = folder / rel
-        if not path.exists():
-            return f"shard {rel} is missing"
-        if path.stat().st_size < nbytes:
-            return f"shard {rel} is truncated ({path.stat().st_size} of {nbytes} bytes)"
-    meta = folder / META_FILE
-    if meta.exists():
-        try:
-            world = json.loads(meta.read_text()).get("world_size", 0)
-        except ValueError:
-            return f"corrupt {META_FILE}"
-        for r in range(world):
-            if not (folder / EXTRA_DIR / _extra_name(r)).exists():
-                return f"per-rank state {EXTRA_DIR}/{_extra_name(r)} is missing"
-    return None
-
-
-def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
-    """(step, folder) of every ``step-N`` folder under ``root``, oldest first (valid or not)."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    out = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_RE.match(p.name))]
-    return sorted(out)
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder itself, or the newest valid checkpoint under a checkpoint root."""
-    path = Path(path)
-    if (path / ".metadata").exists() or (path / DONE_FILE).exists():
-        reason = validate_checkpoint(path)
-        if reason:
-            raise ValueError(f"checkpoint {path} is not usable: {reason}")
-        return path
-    found = latest_valid(path)
-    if found is None:
-        raise ValueError(f"no valid checkpoint in {path} (expected a step-N folder or a root holding them)")
-    return found[1]
-
-
-def latest_valid(root: Path) -> Optional[tuple[int, Path]]:
-    """The newest valid checkpoint under ``root``; invalid ones are reported and skipped."""
-    for step, folder in reversed(list_checkpoints(root)):
-        reason = validate_checkpoint(folder)
-        if reason is None:
-            return step, folder
-        log.warning("skipping checkpoint %s: %s", folder, reason)
-    return None
-
-
-def _extra_name(rank: int) -> str:
-    return f"rank{rank:05d}.pt"
-
 
 # ---------------------------------------------------------------------------------------------
 # RNG
@@ -190,15 +76,11 @@ def _ep_meshes(model) -> dict[int, Any]:
     DCP they become DTensors sharded on dim 0, so the checkpoint stores the whole ``[E, ...]`` stack
     and any other layout (EP size, a single process) can read its own slice.
     """
-    from .parallel.expert_parallel import ExpertParallelExperts
-
     out: dict[int, Any] = {}
     meshes: dict[int, Any] = {}
     for part in _parts(model):
         for mod in part.modules():
             if isinstance(mod, ExpertParallelExperts) and mod.ep_size > 1:
-                from torch.distributed.device_mesh import DeviceMesh
-
                 if id(mod.group) not in meshes:
                     dev = mod.w_gate.device.type
                     meshes[id(mod.group)] = DeviceMesh.from_group(mod.group, dev)
@@ -208,8 +90,6 @@ def _ep_meshes(model) -> dict[int, Any]:
 
 
 def _as_sharded(t: torch.Tensor, mesh) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor, Shard
-
     # from_local without a check aliases ``t``: DCP loads in place into the parameter itself.
     return DTensor.from_local(t, mesh, [Shard(0)], run_check=False)
 
@@ -218,8 +98,6 @@ def model_state(model: nn.Module | Sequence[nn.Module]) -> dict[str, torch.Tenso
     """Parameters and persistent buffers (router biases) of all model parts (pipeline stages)
     by FQN; DTensors stay sharded, EP expert slices become DTensors. The tensors alias the
     module's, so loading into them is in place."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
     out = {}
     for part in _parts(model):
         ep = _ep_meshes(part)
@@ -268,8 +146,6 @@ def _optimizer_targets(optimizer, model, stored: dict) -> dict[str, Any]:
     State shaped like its parameter is allocated like the parameter (so DTensor params get
     DTensor state with the same sharding); scalars (``step``) as plain tensors.
     """
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
     owns = getattr(optimizer, "_owns", lambda p: True)  # ZeRO-1: only the params this rank updates
     fqn = _param_fqns(model)
     ep = _ep_meshes(model)
@@ -301,8 +177,6 @@ def _optimizer_targets(optimizer, model, stored: dict) -> dict[str, Any]:
 
 def _local_if_ep(v, p):
     # EP state was wrapped as a DTensor for DCP; the optimizer keeps the plain local slice.
-    from torch.distributed.tensor import DTensor
-
     return v.to_local() if isinstance(v, DTensor) and not isinstance(p, DTensor) else v
 
 
@@ -357,7 +231,7 @@ class CheckpointManager:
         self.process_group = process_group
         self.wandb_run_id: Optional[str] = None
         self.loaded_meta: Optional[dict] = None
-        self._pending = None  # (future, tmp, final, step, state_meta, export) of an async save
+        self._pending = None  # (future, tmp folder, final folder, meta) of an async save
         self._git = git_revision()
 
     # -- process topology ----------------------------------------------------------------------
@@ -402,20 +276,15 @@ class CheckpointManager:
                 extras[name] = obj.state_dict() if hasattr(obj, "state_dict") else dict(obj)
         return flat, extras
 
-    def save(self, step: int, state: dict, blocking: Optional[bool] = None, final: bool = False) -> Path:
+    def save(self, step: int, state: dict, blocking: Optional[bool] = None) -> Path:
         """Write checkpoint ``step``; every rank calls it. Returns the final folder.
 
         Non-blocking (``blocking=False`` or ``cfg.async_save``) stages the tensors to CPU, returns,
         and completes (marker, rename, ``latest``) in :meth:`wait`, which the next save or
-        :meth:`close` calls. ``final=True`` is always blocking and also exports safetensors.
+        :meth:`close` calls.
         """
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint import FileSystemWriter
-
         self.wait()
         blocking = (not self.cfg.async_save) if blocking is None else blocking
-        if final:
-            blocking = True
         final_dir = self.folder / step_dir_name(step)
         tmp = self.folder / f".tmp-{step_dir_name(step)}"
         if self.rank == 0:
@@ -425,7 +294,7 @@ class CheckpointManager:
             (tmp / EXTRA_DIR).mkdir(parents=True)
         self._barrier()
         flat, extras = self._split(state)
-        torch.save(extras, tmp / EXTRA_DIR / _extra_name(self.rank))
+        torch.save(extras, tmp / EXTRA_DIR / extra_name(self.rank))
         train = state.get("train", {})
         meta = {
             "step": step,
@@ -440,7 +309,7 @@ class CheckpointManager:
         writer = FileSystemWriter(str(tmp))
         if blocking:
             dcp.save(flat, storage_writer=writer, process_group=self.process_group)
-            self._finish(tmp, final_dir, meta, export=final and self.cfg.export_hf)
+            self._finish(tmp, final_dir, meta)
         else:
             future = dcp.async_save(flat, storage_writer=writer, process_group=self.process_group)
             self._pending = (future, tmp, final_dir, meta)
@@ -453,12 +322,12 @@ class CheckpointManager:
         future, tmp, final_dir, meta = self._pending
         self._pending = None
         future.result()
-        self._finish(tmp, final_dir, meta, export=False)
+        self._finish(tmp, final_dir, meta)
 
     def close(self) -> None:
         self.wait()
 
-    def _finish(self, tmp: Path, final_dir: Path, meta: dict, export: bool) -> None:
+    def _finish(self, tmp: Path, final_dir: Path, meta: dict) -> None:
         self._barrier()  # every rank's shard and extras are on disk
         if self.rank == 0:
             write_json(tmp / META_FILE, meta)
@@ -469,11 +338,6 @@ class CheckpointManager:
             write_json(self.folder / LATEST_FILE, final_dir.name)
             log.info("saved checkpoint %s", final_dir)
             self._retain()
-            if export:
-                from .convert import export_hf
-
-                export_hf(final_dir, final_dir / "hf", dtype=self.cfg.export_dtype,
-                          max_shard_size=self.cfg.max_shard_size, progress=False)
         self._barrier()
 
     def _retain(self) -> None:
@@ -508,9 +372,6 @@ class CheckpointManager:
 
     def load(self, folder: Path, state: dict) -> int:
         """Restore ``state`` from one checkpoint folder (every rank calls it); returns its step."""
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint import FileSystemReader
-
         folder = Path(folder)
         reader = FileSystemReader(str(folder))
         stored = reader.read_metadata().state_dict_metadata
@@ -532,10 +393,10 @@ class CheckpointManager:
         if OPTIM_KEY in state and any(k.startswith(f"{OPTIM_KEY}.state.") for k in targets):
             _apply_optimizer_state(state[OPTIM_KEY], model, targets)
 
-        extra_path = folder / EXTRA_DIR / _extra_name(self.rank)
+        extra_path = folder / EXTRA_DIR / extra_name(self.rank)
         if not extra_path.exists() and set(state) - {MODEL_KEY, OPTIM_KEY}:
             log.warning("%s has no per-rank state for rank %d (world size changed?): using rank 0's", folder, self.rank)
-            extra_path = folder / EXTRA_DIR / _extra_name(0)
+            extra_path = folder / EXTRA_DIR / extra_name(0)
         extras = torch.load(extra_path, weights_only=False) if extra_path.exists() else {}
         for name, obj in state.items():
             if name in (MODEL_KEY, OPTIM_KEY):

@@ -26,7 +26,7 @@ from typing import Iterable, Optional
 import torch
 from tqdm import tqdm
 
-from .checkpoint import META_FILE, MODEL_KEY, mark_complete, resolve_checkpoint, write_json
+from .checkpoint_layout import META_FILE, MODEL_KEY, mark_complete, resolve_checkpoint, write_json
 from .config import ModelConfig
 from .hf import from_hf, hf_config_dict, model_config_from_hf, to_hf
 

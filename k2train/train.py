@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import git_revision as ckpt_git_revision
+from .checkpoint_layout import git_revision as ckpt_git_revision
 from .config import JobConfig, ModelConfig, TrainerConfig, job_config_to_dict
 from .flops import flops_per_token, peak_tflops
 from .metrics import MetricLogger, format_step, layer_metrics
@@ -411,7 +411,17 @@ def run(cfg: JobConfig, run_dir: Optional[Path] = None, checkpoint_dir: Optional
     if progress is not None:
         progress.close()
     if t.checkpoint.enable and step >= t.steps and history:
-        ckpt.save(step, state, final=True)
+        final_dir = ckpt.save(step, state, blocking=True)
+        if t.checkpoint.export_hf:
+            if rt.rank == 0:
+                from .convert import export_hf
+
+                export_hf(final_dir, final_dir / "hf", dtype=t.checkpoint.export_dtype,
+                          max_shard_size=t.checkpoint.max_shard_size, progress=False)
+            if rt.distributed:
+                import torch.distributed as dist
+
+                dist.barrier()
     ckpt.close()
     preempt.uninstall()
     logger.close()

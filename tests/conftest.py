@@ -1,7 +1,15 @@
 """Test-suite setup shared by every test file."""
 
 import os
+import sys
+from pathlib import Path
 
+# `python -m pytest` puts the working directory first on sys.path. From the repository root that
+# makes our top-level kernels/ folder importable as `kernels`, the name of a PyPI package that
+# transformers probes for (and then fails to import). k2train itself is installed (`pip install
+# -e .`), so the repository root is not needed on the path.
+_REPO = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != _REPO]
 # Triton kernels run on CPU only in the interpreter, and it must be switched on before anything
 # imports triton. On a GPU machine the real kernels run.
 try:

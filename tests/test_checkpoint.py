@@ -114,10 +114,13 @@ def test_async_save_snapshots_state_at_call_time(tmp_path):
     assert torch.equal(fresh.weight, before)
 
 
-def test_final_save_writes_hf_safetensors(tmp_path):
+def test_saved_checkpoint_exports_hf_safetensors(tmp_path):
+    from k2train.convert import export_hf
+
     model, opt = _trained(0)
-    mgr = CheckpointManager(tmp_path, CheckpointConfig(export_dtype="float32"))
-    folder = mgr.save(5, {"model": model, "optimizer": opt}, final=True)
+    mgr = CheckpointManager(tmp_path, CheckpointConfig())
+    folder = mgr.save(5, {"model": model, "optimizer": opt}, blocking=True)
+    export_hf(folder, folder / "hf", dtype="float32", progress=False)
     index = json.loads((folder / "hf" / "model.safetensors.index.json").read_text())
     assert "model.layers.1.mlp.experts.0.gate_proj.weight" in index["weight_map"]
     from safetensors import safe_open
