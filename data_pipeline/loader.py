@@ -101,7 +101,6 @@ class DataLoader:
         eos_id: int,
         document_mask: bool = False,
         prefetch: int = 4,
-        background: bool = True,
     ):
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
@@ -112,7 +111,10 @@ class DataLoader:
         self.seq_len, self.micro_batch_size = seq_len, micro_batch_size
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.vocab_size, self.eos_id = vocab_size, eos_id
-        self.document_mask, self.prefetch, self.background = document_mask, prefetch, background
+        if prefetch < 0:
+            raise ValueError(f"prefetch={prefetch} must be >= 0 (0: no background thread)")
+        # prefetch > 0: a background thread keeps that many batches ready.
+        self.document_mask, self.prefetch = document_mask, prefetch
         self.signature = {
             "seq_len": seq_len,
             "seed": seed,
@@ -129,7 +131,7 @@ class DataLoader:
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        if not self.background:
+        if not self.prefetch:
             batch, self._consumed, self._counts = self._make_batch(self._consumed, self._counts.copy())
             return batch
         if self._thread is None:
@@ -252,8 +254,8 @@ def build_data_loader(
     """The loader for one DP rank from a :class:`k2train.config.DataConfig`.
 
     Yields ``{"tokens", "labels"}`` int64 ``[micro_batch_size, seq_len]`` (plus ``position_ids``
-    and ``doc_ids`` when ``cfg.document_mask``). ``cfg.num_workers=0`` reads in the caller's
-    thread; otherwise one background thread keeps ``cfg.prefetch`` batches ready.
+    and ``doc_ids`` when ``cfg.document_mask``). ``cfg.prefetch=0`` reads in the caller's thread;
+    otherwise one background thread keeps ``cfg.prefetch`` batches ready.
     """
     check_vocab(tokenizer, vocab_size)
     datasets, weights = build_datasets(cfg, tokenizer)
@@ -269,5 +271,4 @@ def build_data_loader(
         eos_id=tokenizer.eos_id,
         document_mask=cfg.document_mask,
         prefetch=cfg.prefetch,
-        background=cfg.num_workers > 0,
     )

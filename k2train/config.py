@@ -143,7 +143,9 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    name: Literal["muonclip", "muon", "adamw"] = "muonclip"
+    # muonclip: Muon for the block matrices, AdamW for the rest, QK-Clip when ``qk_clip`` (plain
+    # Muon is ``qk_clip=false``, the optim=muon preset); adamw: AdamW for every parameter.
+    name: Literal["muonclip", "adamw"] = "muonclip"
     lr: float = 2e-4
     weight_decay: float = 0.1
     # Muon (2-D matrices inside the blocks)
@@ -230,7 +232,7 @@ class DataConfig:
     seed: int = 1234
     # Reset positions and mask attention at document boundaries inside packed samples.
     document_mask: bool = False
-    num_workers: int = 1
+    # Batches a background thread keeps ready (0: read them in the training loop, no thread).
     prefetch: int = 4
 
     def validate(self) -> None:
@@ -241,8 +243,8 @@ class DataConfig:
                 _fail(f"data.datasets[{i}].path is empty: give the prefix of a .bin/.idx pair")
             if d.weight <= 0:
                 _fail(f"data.datasets[{i}].weight={d.weight} must be > 0")
-        if self.num_workers < 0 or self.prefetch < 1:
-            _fail(f"data.num_workers={self.num_workers} must be >= 0 and data.prefetch={self.prefetch} >= 1")
+        if self.prefetch < 0:
+            _fail(f"data.prefetch={self.prefetch} must be >= 0 (0 reads batches in the training loop)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,9 +254,9 @@ class DataConfig:
 
 @dataclass
 class ParallelConfig:
-    """Parallel degrees. ``dp=-1`` means: whatever the world size leaves over."""
+    """Parallel degrees. ``dp=-1`` means: whatever the world size leaves over. Tensor parallelism
+    always shards the sequence between blocks (sequence parallelism)."""
 
-    name: str = "single"
     dp: int = -1
     tp: int = 1
     pp: int = 1
@@ -263,11 +265,13 @@ class ParallelConfig:
     # Virtual pipeline stages per rank (interleaved 1F1B when > 1).
     vpp: int = 1
     pp_schedule: Literal["1F1B", "Interleaved1F1B", "GPipe"] = "1F1B"
-    sequence_parallel: bool = True
     # Activation recompute (k2train/parallel/recompute.py): none; selective (K2: norms, SwiGLU,
     # RoPE and the MLA up-projections recomputed, matmul/attention outputs kept); full (each block
     # keeps only its input).
     recompute: Literal["none", "selective", "full"] = "none"
+    # Memory of one GPU the layout is meant for, in GB (1e9 bytes; an H800 has 80): the planner
+    # (python -m k2train.plan) says whether the layout fits. 0: no verdict.
+    gpu_memory_gb: float = 0.0
     # Collective timeout (NCCL/gloo), seconds.
     timeout_s: int = 600
 
@@ -282,6 +286,8 @@ class ParallelConfig:
         if self.vpp > 1 and self.pp_schedule != "Interleaved1F1B":
             _fail(f"parallel.vpp={self.vpp} needs parallel.pp_schedule=Interleaved1F1B (got {self.pp_schedule})")
         _positive("parallel", timeout_s=self.timeout_s)
+        if self.gpu_memory_gb < 0:
+            _fail(f"parallel.gpu_memory_gb={self.gpu_memory_gb} must be >= 0 (0: the planner judges no fit)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,7 +373,9 @@ class JobConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     experiment: str = "default"
 
-    def validate(self, world_size: int = 1) -> "JobConfig":
+    def validate(self) -> "JobConfig":
+        """Every section's own checks, then the checks across sections that need no world size
+        (the layout's, which do, are :meth:`k2train.parallel.ParallelDims.validate`)."""
         self.model.validate()
         self.optim.validate()
         self.data.validate()

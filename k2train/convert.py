@@ -5,7 +5,8 @@
 
 ``to-hf`` reads a k2train checkpoint (a DCP folder written by :class:`k2train.checkpoint.CheckpointManager`)
 one tensor at a time and writes ``config.json`` plus size-bounded safetensors shards with a
-``model.safetensors.index.json``. ``from-hf`` reads an HF folder (bf16/fp32, or K2's released FP8
+``model.safetensors.index.json``, and the tokenizer files of the tokenizer it was trained with
+(``--tokenizer`` picks another). ``from-hf`` reads an HF folder (bf16/fp32, or K2's released FP8
 e4m3 weights with 128x128 block scales, dequantized here) and writes a model-only k2train checkpoint
 that the trainer loads with ``trainer.checkpoint.load_path``. Peak memory is one output shard plus
 one tensor; for the routed experts one stacked ``[E, out, in]`` tensor of one layer.
@@ -24,11 +25,19 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 import torch
+import torch.distributed.checkpoint as dcp
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemReader, FileSystemWriter
 from tqdm import tqdm
 
 from .checkpoint_layout import META_FILE, MODEL_KEY, mark_complete, resolve_checkpoint, write_json
-from .config import ModelConfig
+from .config import ModelConfig, _build, load_config
+from .data_pipeline.embedded import embedded_tokenizer
+from .data_pipeline.hf_tokenizer import write_hf_tokenizer
+from .data_pipeline.tokenizer import K2Tokenizer
 from .hf import from_hf, hf_config_dict, model_config_from_hf, to_hf
+from .model import K2Model
 
 INDEX_FILE = "model.safetensors.index.json"
 FP8_BLOCK = (128, 128)
@@ -91,8 +100,6 @@ def quantize_fp8_blocks(w: torch.Tensor, block: tuple[int, int] = FP8_BLOCK) -> 
 
 def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Our checkpoint names -> (shape, dtype) of the model a config describes (built on meta)."""
-    from .model import K2Model
-
     with torch.device("meta"):
         model = K2Model(cfg)
     return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
@@ -129,8 +136,6 @@ def read_safetensors_header(path: Path) -> dict:
 
 
 def _model_config_of(ckpt: Path, preset: Optional[str]) -> ModelConfig:
-    from .config import _build, load_config
-
     if preset:
         return load_config([f"model={preset}"]).model
     meta_path = ckpt / META_FILE
@@ -142,16 +147,12 @@ def _model_config_of(ckpt: Path, preset: Optional[str]) -> ModelConfig:
 
 
 def _dcp_reader(ckpt: Path):
-    from torch.distributed.checkpoint import FileSystemReader
-
     if not (ckpt / ".metadata").exists():
         raise ValueError(f"{ckpt} is not a complete DCP checkpoint (no .metadata file)")
     return FileSystemReader(str(ckpt))
 
 
 def _load_dcp_tensor(ckpt: Path, key: str, shape, dtype) -> torch.Tensor:
-    import torch.distributed.checkpoint as dcp
-
     out = {key: torch.empty(shape, dtype=dtype)}
     try:
         # no_dist: this runs on one rank (also rank 0 of a multi-process save), never collectively.
@@ -168,14 +169,23 @@ def export_hf(
     dtype: str = "bfloat16",
     max_shard_size: str | int = "5GB",
     progress: bool = True,
+    tokenizer: str | None = None,
 ) -> Path:
     """Write the model of a k2train checkpoint as an HF ``DeepseekV3ForCausalLM`` folder.
 
     ``checkpoint`` is a checkpoint folder or a run's checkpoint root (its ``latest`` is used).
     Tensors are read from DCP one at a time and cast to ``dtype`` (the router bias stays fp32).
+    The tokenizer files go next to ``config.json``: ``tokenizer`` (a rank-file path, or "embedded"),
+    else the one the checkpoint's job config trained with; none when the checkpoint records no data config.
     """
     ckpt = resolve_checkpoint(checkpoint)
     cfg = _model_config_of(ckpt, preset)
+    tok = _export_tokenizer(ckpt, tokenizer)
+    if tok is not None and tok.n_vocab > cfg.vocab_size:
+        raise ValueError(
+            f"tokenizer {tok.path} has {tok.n_vocab} tokens, more than the model's vocab_size={cfg.vocab_size}: "
+            "pass the tokenizer the model was trained with (--tokenizer PATH or 'embedded')"
+        )
     out_dtype = _DTYPES[dtype]
     limit = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
     stored = _dcp_reader(ckpt).read_metadata().state_dict_metadata
@@ -204,8 +214,6 @@ def export_hf(
             used += nbytes
             total += nbytes
 
-    from safetensors.torch import save_file
-
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     weight_map = {}
@@ -229,7 +237,36 @@ def export_hf(
     bar.close()
     write_json(out / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
     write_json(out / "config.json", hf_config_dict(cfg, torch_dtype=dtype))
+    if tok is not None:
+        write_hf_tokenizer(tok, out, model_max_length=cfg.max_position_embeddings)
+    else:
+        print(
+            f"note: {ckpt} records no data config, so {out} has no tokenizer; add one with "
+            "`python -m k2train.convert to-hf ... --tokenizer PATH|embedded`",
+            file=sys.stderr,
+        )
     return out
+
+
+def _export_tokenizer(ckpt: Path, choice: str | None):
+    """The K2Tokenizer ``choice`` names ("embedded" or a rank file), else the one of the checkpoint's
+    job config (``data.tokenizer_path``, "" = embedded); None when the checkpoint has no data config."""
+    if choice is None:
+        meta_path = ckpt / META_FILE
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        data = (meta.get("config") or {}).get("data")
+        if data is None:
+            return None
+        choice = data.get("tokenizer_path") or "embedded"
+        source = f"the tokenizer {ckpt / META_FILE} records"
+    else:
+        source = "the tokenizer given"
+    if choice == "embedded":
+        return embedded_tokenizer()
+    try:
+        return K2Tokenizer(choice)
+    except FileNotFoundError as e:
+        raise ValueError(f"{source} is missing: {e}; pass --tokenizer PATH (or 'embedded')") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,8 +306,6 @@ class _HFSource:
         return _ST_DTYPES[self.headers[name]["dtype"]]
 
     def get(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
         f = self.file_of[name]
         if f not in self._open:
             self._open[f] = safe_open(str(self.folder / f), framework="pt")
@@ -309,9 +344,6 @@ def import_hf(
     written in ``dtype`` except the fp32 router bias. The DCP writer pulls one tensor (one
     expert stack) at a time from the memory-mapped shards, so memory stays bounded.
     """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemWriter
-
     folder = Path(input_dir)
     cfg_path = folder / "config.json"
     if not cfg_path.exists():
@@ -384,6 +416,8 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
     a.add_argument("--model", default=None, help="model preset (conf/model/*.yaml) if the checkpoint has no config")
     a.add_argument("--dtype", default="bfloat16", choices=sorted(_DTYPES))
     a.add_argument("--max-shard-size", default="5GB")
+    a.add_argument("--tokenizer", default=None,
+                   help="tiktoken rank file (or its folder) or 'embedded'; default: the one the checkpoint was trained with")
     b = sub.add_parser("from-hf", help="HF folder (bf16/fp32 or block FP8) -> k2train checkpoint")
     b.add_argument("--input", required=True)
     b.add_argument("--output", required=True)
@@ -391,7 +425,7 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
     args = p.parse_args(list(argv) if argv is not None else None)
     try:
         if args.cmd == "to-hf":
-            out = export_hf(args.checkpoint, args.output, args.model, args.dtype, args.max_shard_size)
+            out = export_hf(args.checkpoint, args.output, args.model, args.dtype, args.max_shard_size, tokenizer=args.tokenizer)
         else:
             out = import_hf(args.input, args.output, args.dtype)
     except ValueError as e:

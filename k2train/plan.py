@@ -12,6 +12,7 @@ import sys
 
 from .config import JobConfig, load_config
 from .flops import count_params, flops_per_token
+from .parallel.memory import format_memory_report
 
 
 def _b(n: float) -> str:
@@ -55,12 +56,7 @@ def format_param_report(cfg: JobConfig) -> str:
 
 
 def format_plan(cfg: JobConfig) -> str:
-    report = format_param_report(cfg)
-    try:
-        from .parallel.memory import format_memory_report
-    except ImportError:
-        return report
-    return report + "\n\n" + format_memory_report(cfg.model, cfg.parallel, cfg.trainer, cfg.optim)
+    return format_param_report(cfg) + "\n\n" + format_memory_report(cfg.model, cfg.parallel, cfg.trainer, cfg.optim)
 
 
 def main(argv: list[str] | None = None) -> None:

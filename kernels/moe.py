@@ -186,11 +186,11 @@ def combine(y_ND: torch.Tensor, topk_w_TK: torch.Tensor, routing: Routing) -> to
     return (y_TKD.float() * topk_w_TK.float().unsqueeze(-1)).sum(1).to(y_ND.dtype)
 
 
-def grouped_linear(x_ND: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
-    """Row block e of x (rows offs[e-1]:offs[e]) times w[e]^T: [N, I] x [E, O, I] -> [N, O]."""
-    from k2train.model.moe import grouped_mm_supported  # the model's rule: CUDA bf16 sm90+, CPU torch >= 2.13
-
-    if grouped_mm_supported(x_ND):
+def grouped_linear(x_ND: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Tensor, use_grouped_mm: bool) -> torch.Tensor:
+    """Row block e of x (rows offs[e-1]:offs[e]) times w[e]^T: [N, I] x [E, O, I] -> [N, O].
+    ``use_grouped_mm``: whether ``torch._grouped_mm`` runs these operands here (the caller's rule;
+    otherwise a per-expert loop)."""
+    if use_grouped_mm:
         return torch._grouped_mm(x_ND, w_EOI.transpose(1, 2), offs=offs_E)
     # a host sync per call: this is the fallback for machines without grouped_mm, not a fast path
     bounds = [0] + offs_E.tolist()
@@ -199,11 +199,13 @@ def grouped_linear(x_ND: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Tensor
 
 def moe_experts_forward(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_w_TK: torch.Tensor,
                         w_gate_EID: torch.Tensor, w_up_EID: torch.Tensor,
-                        w_down_EDI: torch.Tensor) -> torch.Tensor:
+                        w_down_EDI: torch.Tensor, use_grouped_mm: bool) -> torch.Tensor:
     """sum_k w[t,k] * down_e(silu(gate_e(x_t)) * up_e(x_t)), e = topk_idx[t,k]; returns [T, D].
 
     Same function as the per-expert loop `k2train.model.moe.experts_reference`; differentiable in
-    x, topk_w and the three weights (stacked nn.Linear-style, out x in)."""
+    x, topk_w and the three weights (stacked nn.Linear-style, out x in). ``use_grouped_mm``: the
+    expert GEMMs as ``torch._grouped_mm`` (the model decides where that runs: CUDA bf16 on sm90+,
+    CPU with torch >= 2.13), else a loop over experts."""
     E, I, D = w_gate_EID.shape
     if x_TD.dim() != 2 or x_TD.shape[1] != D or w_up_EID.shape != (E, I, D) or w_down_EDI.shape != (E, D, I):
         raise ValueError(f"moe_experts_forward: x {tuple(x_TD.shape)} must be [T, {D}] and w_up "
@@ -218,7 +220,7 @@ def moe_experts_forward(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_w_TK
     with torch.no_grad():
         routing = build_routing(topk_idx_TK, E)
     x_ND = permute(x_TD, routing)
-    h_NI = swiglu(grouped_linear(x_ND, w_gate_EID, routing.offs_E),
-                  grouped_linear(x_ND, w_up_EID, routing.offs_E))
-    y_ND = grouped_linear(h_NI, w_down_EDI, routing.offs_E)
+    h_NI = swiglu(grouped_linear(x_ND, w_gate_EID, routing.offs_E, use_grouped_mm),
+                  grouped_linear(x_ND, w_up_EID, routing.offs_E, use_grouped_mm))
+    y_ND = grouped_linear(h_NI, w_down_EDI, routing.offs_E, use_grouped_mm)
     return combine(y_ND, topk_w_TK, routing)

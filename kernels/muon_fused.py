@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from k2train.optim.newton_schulz import ns_input_target_norm, pow2_scale
-
 from ._triton import interpreted as _interpreted, tl, triton
+from .newton_schulz import ns_input_target_norm, pow2_scale
 
 if triton is not None:
 

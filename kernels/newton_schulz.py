@@ -16,7 +16,8 @@ FLOPs of a GEMM. `gemmt_persistent` (one persistent launch, TMA loads and stores
   matrix: 6 M^2 K + 14 M^3 FLOPs with one restart (56% fewer than textbook for 2048 x 7168).
 
 Without Triton, or for CPU tensors when Triton is not in interpreter mode (TRITON_INTERPRET=1),
-the same math runs in plain torch.
+the standard schedule runs in plain torch; the Gram schedule's torch version is the optimizer's own
+(k2train.optim.newton_schulz), which picks between the two.
 """
 from __future__ import annotations
 
@@ -24,11 +25,36 @@ import functools
 import math
 
 import torch
-
-from k2train.optim.newton_schulz import (GRAM_RESTARTS, NS_COEFFICIENTS, scale_to_sqrt_m,
-                                         zeropower_via_gram_newtonschulz)
+from torch import Tensor
 
 from ._triton import interpreted as _interpreted, tl, triton
+
+# Muon's quintic Newton-Schulz coefficients (a, b, c) and the Gram schedule's default restart.
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+GRAM_RESTARTS = (3,)
+
+
+def scale_to_sqrt_m(X: Tensor, dtype: torch.dtype, eps: float) -> Tensor:
+    """Each matrix of ``X`` (``[..., r, c]``) times ``sqrt(M) / max(||X||_F, eps)``, M = min(r, c),
+    computed in fp32 (or wider) and cast to ``dtype`` once. Entries come out ~1/sqrt(max(r, c)):
+    normal numbers in fp16, where a raw gradient's would be subnormal or zero."""
+    wide = torch.promote_types(X.dtype, torch.float32)
+    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=wide)
+    return (X.to(wide) * (math.sqrt(min(X.shape[-2:])) / norm.clamp(min=eps))).to(dtype)
+
+
+def ns_input_target_norm(rows: int, cols: int) -> float:
+    """The Frobenius norm MuonClip scales a ``[rows, cols]`` NS input to (to the nearest power of two)
+    before an fp16 cast: ``sqrt(min(rows, cols))``, entries ~1/sqrt(max(rows, cols)), normal fp16
+    numbers (a raw gradient's entries would be subnormal or zero), and the norm Gram NS iterates at,
+    so the factor it folds into its products stays within sqrt(2) of 1."""
+    return math.sqrt(min(rows, cols))
+
+
+def pow2_scale(norm: Tensor, target: float) -> Tensor:
+    """The power of two nearest (in log) to ``target / norm``, elementwise in fp32: a scale that
+    rounds nothing itself (entries stay in fp16's normal range)."""
+    return torch.exp2(torch.floor(torch.log2(target / norm.float().clamp(min=1e-30)) + 0.5))
 
 
 if triton is not None:
@@ -485,16 +511,17 @@ def zeropower_gram_batched(G_NMK: torch.Tensor, steps: int = 5,
     and the torch reference) on a batch [N, M, K] (or one [M, K]): the Gram X X^T and every M x M
     product (R R, Q Q, R Q^2, Q P) go through a symmetric-product implementation chosen by
     :func:`_sym_product` (``sym_impl``); the two M x K products P X are cuBLAS. Runs in ``dtype`` (fp16 or bf16 on GPUs; fp32 is for the CPU
-    interpreter's tests), returns it, in the input's orientation."""
+    interpreter's tests), returns it, in the input's orientation. Needs Triton (``impl`` "auto" or
+    "triton")."""
     if G_NMK.dim() not in (2, 3):
         raise ValueError(f"zeropower_gram_batched expects [N, M, K] or [M, K], got {tuple(G_NMK.shape)}")
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"Gram Newton-Schulz runs in fp16, bf16 (or fp32, for tests), got {dtype}")
-    use_triton = impl == "triton" or (impl == "auto" and triton_ns_available(G_NMK))
-    if impl == "triton" and not triton_ns_available(G_NMK):
-        raise ValueError("impl='triton' needs triton and a CUDA tensor (or TRITON_INTERPRET=1 on CPU)")
-    if not use_triton:
-        return zeropower_via_gram_newtonschulz(G_NMK, steps, coefficients, eps, dtype, restarts)
+    if impl not in ("auto", "triton"):
+        raise ValueError(f"impl must be 'auto' or 'triton', got {impl!r} (the torch schedule is "
+                         "k2train.optim.newton_schulz.zeropower_via_gram_newtonschulz)")
+    if not triton_ns_available(G_NMK):
+        raise ValueError("Gram Newton-Schulz kernels need triton and a CUDA tensor (or TRITON_INTERPRET=1 on CPU)")
     a, b, c = coefficients
     single = G_NMK.dim() == 2
     X = G_NMK.unsqueeze(0) if single else G_NMK

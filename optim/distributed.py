@@ -12,10 +12,9 @@ Plumbing only: the update math is :class:`~k2train.optim.muon.MuonClip`'s, which
 :meth:`_owns` / :meth:`_after_update` hooks overridden here.
 
 Gradients must be identical on all ranks of a group when ``step`` runs (averaged by the trainer).
-A param group may carry its own ``"dp_group"``, or ``"dp_groups"`` (one per param: expert params
-under expert parallelism have another data-parallel group than dense ones); the others use the
-constructor's ``dp_group``. ``k2train.parallel.zero1_param_groups`` attaches ``dp_groups``;
-``build_optimizer(..., dims=dims)`` does it all.
+Every param group carries ``"dp_groups"``, one process group per param: the ranks holding replicas
+of it (expert params under expert parallelism have another data-parallel group than dense ones).
+``build_optimizer(..., replica_group=k2train.parallel.replica_groups(dims))`` attaches them.
 
 With tensor parallelism, a dense data-parallel group holds one tp coordinate: its ranks hold the same
 shard of each DTensor param, and the groups of the other tp coordinates compute the same owner plan
@@ -74,7 +73,7 @@ def merge_state_dicts(shards: Iterable[dict]) -> dict:
 
 
 class DistributedMuonClip(MuonClip):
-    """:class:`MuonClip` with ZeRO-1 sharding over ``dp_group`` (see the module docstring).
+    """:class:`MuonClip` with ZeRO-1 sharding over each parameter's ``dp_groups`` entry (see the module docstring).
 
     ``state_dict()`` returns this rank's shard (torch's format; param ids are global, so shards of
     different ranks have disjoint keys). ``full_state_dict()`` gathers the full one on every rank.
@@ -82,16 +81,16 @@ class DistributedMuonClip(MuonClip):
     a run with another DP size) and keeps only what this rank owns: that is the resharding.
     """
 
-    def __init__(self, params, dp_group=None, **kwargs):
+    def __init__(self, params, **kwargs):
         super().__init__(params, **kwargs)
-        self.dp_group = dp_group if dp_group is not None else dist.group.WORLD
         self._owner_rank: dict[Tensor, int] = {}  # param -> owner's rank within its group
         self._group_of: dict[Tensor, object] = {}
         by_group: dict[object, list[tuple[Tensor, str]]] = defaultdict(list)
         for g in self.param_groups:
-            pgs = g.get("dp_groups") or [g.get("dp_group", self.dp_group)] * len(g["params"])
-            if len(pgs) != len(g["params"]):
-                raise ValueError(f"param group {g.get('name')!r}: {len(pgs)} dp_groups for {len(g['params'])} params")
+            pgs = g.get("dp_groups")
+            if pgs is None or len(pgs) != len(g["params"]):
+                raise ValueError(f"param group {g.get('name')!r}: needs one entry of 'dp_groups' per param "
+                                 f"({len(g['params'])} params)")
             for p, pg in zip(g["params"], pgs):
                 by_group[pg].append((p, g["kind"]))
                 self._group_of[p] = pg
@@ -159,12 +158,11 @@ class DistributedMuonClip(MuonClip):
         """This rank's shard in torch's format; state of DTensor params stays DTensor (what DCP wants)."""
         sd = super().state_dict()
         for g in sd["param_groups"]:
-            g.pop("dp_group", None)  # a ProcessGroup is neither picklable nor portable
-            g.pop("dp_groups", None)
+            g.pop("dp_groups", None)  # process groups are neither picklable nor portable
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
-        dp_groups = [(g.get("dp_group"), g.get("dp_groups")) for g in self.param_groups]
+        dp_groups = [g["dp_groups"] for g in self.param_groups]
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         if len(ids) != len(params):
@@ -172,11 +170,8 @@ class DistributedMuonClip(MuonClip):
         owned = {i for i, p in zip(ids, params) if self._owns(p)}
         mine = {"state": {i: s for i, s in state_dict["state"].items() if i in owned}, "param_groups": state_dict["param_groups"]}
         super().load_state_dict(mine)
-        for g, (pg, pgs) in zip(self.param_groups, dp_groups):
-            if pg is not None:
-                g["dp_group"] = pg
-            if pgs is not None:
-                g["dp_groups"] = pgs
+        for g, pgs in zip(self.param_groups, dp_groups):
+            g["dp_groups"] = pgs
 
 
 def _to_cpu(obj, full: bool = False):

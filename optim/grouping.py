@@ -1,19 +1,22 @@
 """Which parameter gets Muon and which AdamW, and the optimizer built from that grouping.
 
-The rule (DESIGN.md section 3): Muon for every matrix inside the transformer blocks, i.e. a
+The rule (Kimi K2's MuonClip): Muon for every matrix inside the transformer blocks, i.e. a
 parameter whose FQN starts with ``layers.`` and that is 2-D (attention projections, dense FFN,
 router gate, shared expert) or a 3-D expert stack ``[E, out, in]`` (each expert a matrix).
 AdamW for the rest: embedding, LM head, final norm, every norm scale and bias. The router's
 ``e_score_correction_bias`` is a buffer, not a parameter: no optimizer touches it.
 """
 
-
+from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from k2train.config import OptimConfig
+from k2train.kernels.newton_schulz import zeropower_gram_batched, zeropower_ns_batched
 
+from .distributed import DistributedMuonClip
 from .muon import MuonClip
 from .newton_schulz import GRAM_RESTARTS, ns_flops, zeropower_via_gram_newtonschulz, zeropower_via_newtonschulz
 
@@ -46,13 +49,6 @@ def _resolve_ns_fn(impl: str, ns_dtype: str, method: str = "standard", restarts:
     if impl == "triton":
         if ns_dtype == "float32":
             raise ValueError(f"optim.ns_impl={impl!r} runs in half precision; set optim.ns_dtype=auto or optim.ns_impl=torch")
-        try:
-            from k2train.kernels.newton_schulz import zeropower_gram_batched, zeropower_ns_batched
-        except ImportError as e:
-            raise ValueError(
-                f"optim.ns_impl={impl!r} needs k2train.kernels.newton_schulz, which failed to import ({e}); "
-                "use optim.ns_impl=torch"
-            ) from e
 
         def standard(G, steps, coefficients, dtype):
             return zeropower_ns_batched(G, steps=steps, coefficients=coefficients)
@@ -122,23 +118,20 @@ def resolve_ns_dtype(ns_dtype: str, model_parts: list[nn.Module], method: str = 
     return "float16" if method == "gram" else "bfloat16"
 
 
-def build_optimizer(model_parts: list[nn.Module], cfg: OptimConfig, dp_group=None, dims=None) -> MuonClip:
+def build_optimizer(
+    model_parts: list[nn.Module], cfg: OptimConfig, replica_group: Optional[Callable[[str], object]] = None
+) -> MuonClip:
     """MuonClip over the params of ``model_parts`` (the pipeline stages this rank holds).
 
-    ``dims``: the run's :class:`~k2train.parallel.ParallelDims` (mesh built). With ``cfg.zero1``
-    and a data-parallel group of more than one rank for some params, the result is a
-    :class:`~k2train.optim.distributed.DistributedMuonClip` whose groups carry each param's
-    data-parallel group (:func:`~k2train.parallel.zero1_param_groups`: dense params over dp x ep,
-    routed experts over their replicas). Otherwise a plain MuonClip, which handles tp-sharded
-    (DTensor) and ep-local params itself. The caller must have reduced the gradients
-    (``reduce_gradients_``) before ``step``.
-
-    ``dp_group`` (without ``dims``): one data-parallel process group for every param, for ZeRO-1
-    without tensor or expert parallelism.
+    Tensor-parallel (DTensor) matrices are orthogonalised whole and expert-parallel slices per
+    expert by :class:`MuonClip` itself. ``replica_group(fqn)`` gives the process group whose ranks
+    hold replicas of a parameter (under any layout: ``k2train.parallel.replica_groups(dims)``; plain
+    data parallelism: ``lambda fqn: group``). With ``cfg.zero1`` and some parameter replicated on
+    more than one rank, the result is a :class:`~k2train.optim.distributed.DistributedMuonClip`,
+    which shards each parameter's state over its group. The caller must have reduced the gradients
+    before ``step``.
     """
     cfg.validate()
-    if dims is not None and dp_group is not None:
-        raise ValueError("pass dims (any layout) or dp_group (plain data parallelism), not both")
     ns_dtype = resolve_ns_dtype(cfg.ns_dtype, model_parts, cfg.ns_method)
     kwargs = dict(
         lr=cfg.lr,
@@ -156,29 +149,12 @@ def build_optimizer(model_parts: list[nn.Module], cfg: OptimConfig, dp_group=Non
     groups = build_param_groups(model_parts, cfg)
     label = f"{cfg.ns_method}, {ns_dtype}, {cfg.ns_impl}, {cfg.ns_steps} steps" + (
         f", restart before iteration {', '.join(map(str, cfg.ns_gram_restarts))}" if cfg.ns_method == "gram" else "")
-    opt = _build(groups, kwargs, cfg, dp_group, dims)
+    if cfg.zero1 and replica_group is not None:
+        sharded = [{**g, "dp_groups": [replica_group(n) for n in g["names"]]} for g in groups]
+        zero1 = any(dist.get_world_size(pg) > 1 for g in sharded for pg in g["dp_groups"])
+    opt = DistributedMuonClip(sharded, **kwargs) if cfg.zero1 and replica_group is not None and zero1 else MuonClip(groups, **kwargs)
     opt.ns_label = label
     return opt
-
-
-def _build(groups: list[dict], kwargs: dict, cfg: OptimConfig, dp_group, dims) -> MuonClip:
-    if not cfg.zero1:
-        return MuonClip(groups, **kwargs)
-    import torch.distributed as dist
-
-    if dims is not None:
-        from k2train.parallel.data_parallel import zero1_param_groups
-
-        sharded = zero1_param_groups(groups, dims)
-        if any(dist.get_world_size(pg) > 1 for g in sharded for pg in g["dp_groups"]):
-            from .distributed import DistributedMuonClip
-
-            return DistributedMuonClip(sharded, dp_group=dims.dense_dp_mesh.get_group(), **kwargs)
-    elif dp_group is not None and dist.get_world_size(dp_group) > 1:
-        from .distributed import DistributedMuonClip
-
-        return DistributedMuonClip(groups, dp_group=dp_group, **kwargs)
-    return MuonClip(groups, **kwargs)
 
 
 def describe_param_groups(optimizer: torch.optim.Optimizer, max_names: int = 3) -> str:

@@ -9,8 +9,13 @@ import math
 import torch
 from torch import Tensor
 
-NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+# The constants and input-scaling rules shared with the Triton kernels live with the kernels
+# (kernels import nothing of ours); re-exported here, where the optimizer reads them.
+from k2train.kernels.newton_schulz import (GRAM_RESTARTS, NS_COEFFICIENTS, ns_input_target_norm, pow2_scale,
+                                           scale_to_sqrt_m)
 
+__all__ = ["GRAM_RESTARTS", "NS_COEFFICIENTS", "ns_flops", "ns_input_target_norm", "pow2_scale", "scale_to_sqrt_m",
+           "zeropower_via_gram_newtonschulz", "zeropower_via_newtonschulz"]
 
 def _check_ns_args(G: Tensor, steps: int, coefficients) -> None:
     if G.ndim not in (2, 3):
@@ -19,29 +24,6 @@ def _check_ns_args(G: Tensor, steps: int, coefficients) -> None:
         raise ValueError(f"coefficients must be (a, b, c), got {coefficients}")
     if not 0 <= steps < 100:
         raise ValueError(f"steps={steps} must be in [0, 100)")
-
-
-def scale_to_sqrt_m(X: Tensor, dtype: torch.dtype, eps: float) -> Tensor:
-    """Each matrix of ``X`` (``[..., r, c]``) times ``sqrt(M) / max(||X||_F, eps)``, M = min(r, c),
-    computed in fp32 (or wider) and cast to ``dtype`` once. Entries come out ~1/sqrt(max(r, c)):
-    normal numbers in fp16, where a raw gradient's would be subnormal or zero."""
-    wide = torch.promote_types(X.dtype, torch.float32)
-    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=wide)
-    return (X.to(wide) * (math.sqrt(min(X.shape[-2:])) / norm.clamp(min=eps))).to(dtype)
-
-
-def ns_input_target_norm(rows: int, cols: int) -> float:
-    """The Frobenius norm MuonClip scales a ``[rows, cols]`` NS input to (to the nearest power of two)
-    before an fp16 cast: ``sqrt(min(rows, cols))``, entries ~1/sqrt(max(rows, cols)), normal fp16
-    numbers (a raw gradient's entries would be subnormal or zero), and the norm Gram NS iterates at,
-    so the factor it folds into its products stays within sqrt(2) of 1."""
-    return math.sqrt(min(rows, cols))
-
-
-def pow2_scale(norm: Tensor, target: float) -> Tensor:
-    """The power of two nearest (in log) to ``target / norm``, elementwise in fp32: a scale that
-    rounds nothing itself (entries stay in fp16's normal range)."""
-    return torch.exp2(torch.floor(torch.log2(target / norm.float().clamp(min=1e-30)) + 0.5))
 
 
 def zeropower_via_newtonschulz(
@@ -91,9 +73,6 @@ def zeropower_via_newtonschulz(
 # ----------------------------------------------------------------------------------------------
 # Gram Newton-Schulz
 # ----------------------------------------------------------------------------------------------
-
-GRAM_RESTARTS = (3,)
-
 
 def ns_flops(rows: int, cols: int, steps: int = 5, method: str = "standard", symmetric: bool = False,
              restarts: tuple[int, ...] = GRAM_RESTARTS) -> int:

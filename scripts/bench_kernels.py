@@ -48,7 +48,7 @@ from k2train.kernels.newton_schulz import zeropower_ns_batched, zeropower_ns_ref
 from k2train.optim.newton_schulz import ns_flops  # noqa: E402
 from k2train.kernels.norms import rmsnorm_residual, rmsnorm_residual_torch  # noqa: E402
 from k2train.kernels.swiglu import swiglu, swiglu_torch  # noqa: E402
-from k2train.model.moe import experts_grouped_mm  # noqa: E402
+from k2train.model.moe import experts_grouped_mm, grouped_mm_supported  # noqa: E402
 
 DEV = "cuda"
 RES: dict = {}
@@ -172,7 +172,7 @@ def moe(copy_gbps):
                     p.grad = None
                 fn().backward(dy)
             return step
-        ours_fn = lambda: moe_experts_forward(x, idx, w, *ws)  # noqa: E731
+        ours_fn = lambda: moe_experts_forward(x, idx, w, *ws, grouped_mm_supported(x))  # noqa: E731
         ref_fn = lambda: experts_grouped_mm(x, idx, w, *ws)  # noqa: E731
         hf_fn = lambda: hf.forward(x, idx, w)  # noqa: E731
         # correctness: forward and every gradient, ours vs the grouped_mm reference

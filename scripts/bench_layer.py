@@ -88,18 +88,17 @@ def bench_hf():
 
 def bench_ours(attn_impl, moe_impl, anchors):
     from k2train.model import Block
-    from k2train.model.rope import rope_cos_sin, rope_inv_freq
+    from k2train.model.rope import rope_table
     cfg = ModelConfig(num_hidden_layers=2, first_k_dense_replace=1, attn_impl=attn_impl, moe_impl=moe_impl)
     torch.manual_seed(0)
     with torch.device("cuda"):
         block = Block(cfg, layer_id=1).to(torch.bfloat16)
     for name, p in block.named_parameters():
         torch.nn.init.normal_(p, std=0.006) if p.ndim > 1 else torch.nn.init.ones_(p)
-    inv_freq, factor = rope_inv_freq(cfg)
+    cos_table, sin_table = (t.cuda() for t in rope_table(cfg))
     for B in (1, 2):
         x = torch.randn(B, SEQ, 7168, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        pos = torch.arange(SEQ, device="cuda")[None].expand(B, SEQ)
-        cos, sin = rope_cos_sin(inv_freq.cuda(), pos, factor)
+        cos, sin = cos_table[:SEQ].expand(B, SEQ, -1), sin_table[:SEQ].expand(B, SEQ, -1)
         g = torch.randn_like(x)
 
         def step():

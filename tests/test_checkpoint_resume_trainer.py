@@ -8,7 +8,7 @@ def _cfg(out, steps):
     return load_config([
         "model=k2_tiny", "trainer.seq_len=32", "trainer.micro_batch_size=2", "trainer.global_batch_size=4",
         f"trainer.steps={steps}", f"trainer.output_dir={out}", "trainer.device=cpu", "trainer.dtype=float32",
-        "trainer.checkpoint.export_hf=false", "logging.wandb=false", "logging.progress_bar=false", "data.num_workers=0",
+        "trainer.checkpoint.export_hf=false", "logging.wandb=false", "logging.progress_bar=false", "data.prefetch=0",
         "optim.warmup_steps=2",
     ])
 

@@ -94,7 +94,7 @@ def test_dp_ranks_are_disjoint_and_cover_the_global_batch(data, tok):
 
 @pytest.mark.parametrize("background", [True, False])
 def test_exact_resume(data, tok, background):
-    cfg = _cfg(*data, weights=[0.7, 0.3], num_workers=int(background), document_mask=True)
+    cfg = _cfg(*data, weights=[0.7, 0.3], prefetch=4 if background else 0, document_mask=True)
     reference = _take(_loader(cfg, tok), 12)
     first = _loader(cfg, tok)
     _take(first, 7)

@@ -161,7 +161,7 @@ def test_signal_checkpoints_exits_zero_and_resumes(tmp_path):
 )
 def test_trainer_preemption_and_resume(tmp_path):
     args = [sys.executable, "-m", "k2train.train", "trainer.steps=100000", "trainer.seq_len=32", "trainer.micro_batch_size=2",
-            "trainer.global_batch_size=2", "logging.wandb=false", "logging.progress_bar=false", "data.num_workers=0",
+            "trainer.global_batch_size=2", "logging.wandb=false", "logging.progress_bar=false", "data.prefetch=0",
             f"trainer.output_dir={tmp_path}", f"hydra.run.dir={tmp_path}/run", "trainer.log_interval=1",
             "trainer.checkpoint.export_hf=false"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -8,7 +8,7 @@ import torch
 
 pytest.importorskip("triton")
 from k2train.kernels.moe import build_routing, combine, moe_experts_forward, permute  # noqa: E402
-from k2train.model.moe import experts_reference  # noqa: E402
+from k2train.model.moe import experts_reference, grouped_mm_supported  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -32,7 +32,7 @@ def _random_case(T, D, I, E, K, dtype, seed):
 
 def _check(T, D, I, E, K, dtype, tol, seed=0):
     x, idx, w, ws = _random_case(T, D, I, E, K, dtype, seed)
-    y = moe_experts_forward(x, idx, w, *ws)
+    y = moe_experts_forward(x, idx, w, *ws, grouped_mm_supported(x))
     dy = torch.randn_like(y)
     y.backward(dy)
     xr, wr = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
@@ -73,9 +73,9 @@ def test_permute_combine_roundtrip_and_grads():
 def test_moe_shape_errors():
     x, idx, w, ws = _random_case(4, 8, 6, 3, 2, torch.float32, 0)
     with pytest.raises(ValueError, match="must be"):
-        moe_experts_forward(x[:, :5], idx, w, *ws)
+        moe_experts_forward(x[:, :5], idx, w, *ws, True)
     with pytest.raises(ValueError, match="topk_idx"):
-        moe_experts_forward(x, idx[:, :1], w, *ws)
+        moe_experts_forward(x, idx[:, :1], w, *ws, True)
 
 
 @pytest.mark.gpu

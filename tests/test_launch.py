@@ -159,7 +159,7 @@ def test_pipeline_run_logs_every_stages_layers(tmp_path):
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "k2train.train",
         "model=k2_tiny", "parallel=pp2", "trainer.steps=2", "trainer.seq_len=32", "trainer.global_batch_size=4",
         "trainer.micro_batch_size=2", "trainer.dtype=float32", "trainer.device=cpu", "logging.wandb=false",
-        "logging.progress_bar=false", "trainer.checkpoint.enable=false", "data.num_workers=0",
+        "logging.progress_bar=false", "trainer.checkpoint.enable=false", "data.prefetch=0",
         "optim.qk_clip_tau=0.05", f"trainer.output_dir={tmp_path}",
     ]  # fmt: skip
     out = subprocess.run(args, env=_env(OMP_NUM_THREADS="1", **{RUN_ID_ENV: "pp"}), capture_output=True, text=True,

@@ -65,7 +65,7 @@ def _worker(rank, world, port, ckpt_in, ckpt_out, start, stop):
     try:
         torch.manual_seed(0)
         net = _Net()
-        opt = build_optimizer([net], CFG, dp_group=dist.group.WORLD)
+        opt = build_optimizer([net], CFG, replica_group=lambda name: dist.group.WORLD)
         assert isinstance(opt, DistributedMuonClip)
         if ckpt_in:
             ck = torch.load(ckpt_in, weights_only=False)

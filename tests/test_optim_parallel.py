@@ -8,7 +8,7 @@ AdamW embedding, a plain 1-D norm; gradients are the same full tensors, sharded 
 What is checked (all bitwise: the gathered matrix is the same tensor the single process
 orthogonalises, in a batch of the same shape, and elementwise math on shards is elementwise):
 1. plain MuonClip with DTensor params: 3 steps equal the single process;
-2. ZeRO-1 (DistributedMuonClip from ``build_optimizer(dims=)``): same result; state only on the
+2. ZeRO-1 (DistributedMuonClip from ``build_optimizer(replica_group=replica_groups(dims))``): same result; state only on the
    owners, DTensor state for DTensor params, owners agree over tp (else the gathers would hang);
 3. ``full_state_dict`` after 2 steps loads into a plain single-process MuonClip on full tensors and
    into a fresh ZeRO-1 optimizer, and step 3 equals the uninterrupted run;
@@ -31,6 +31,7 @@ from k2train.config import ModelConfig, OptimConfig, ParallelConfig
 from k2train.optim import build_optimizer
 from k2train.optim.muon import MuonClip
 from k2train.optim.qk_clip import apply_qk_clip, attention_modules
+from k2train.parallel import replica_groups
 
 CFG = OptimConfig(lr=0.02, ns_dtype="float32", zero1=False)
 CFG_ZERO1 = OptimConfig(lr=0.02, ns_dtype="float32", zero1=True)
@@ -112,7 +113,7 @@ def _assert_equal(net: nn.Module, ref: nn.Module, what: str) -> None:
 
 def check_tp(dims) -> None:
     net = _Net(dims.tp_mesh)
-    opt = build_optimizer([net], CFG, dims=dims)
+    opt = build_optimizer([net], CFG)
     assert type(opt) is MuonClip
     for s in range(STEPS):
         _set_grads(net, s)
@@ -126,7 +127,7 @@ def check_zero1(dims):
     from k2train.optim.distributed import DistributedMuonClip
 
     net = _Net(dims.tp_mesh)
-    opt = build_optimizer([net], CFG_ZERO1, dims=dims)
+    opt = build_optimizer([net], CFG_ZERO1, replica_group=replica_groups(dims))
     assert isinstance(opt, DistributedMuonClip)
     for s in range(STEPS):
         _set_grads(net, s)
@@ -140,7 +141,7 @@ def check_state_dict(dims) -> None:
     from k2train.optim.distributed import DistributedMuonClip
 
     net = _Net(dims.tp_mesh)
-    opt = build_optimizer([net], CFG_ZERO1, dims=dims)
+    opt = build_optimizer([net], CFG_ZERO1, replica_group=replica_groups(dims))
     for s in range(STEPS - 1):
         _set_grads(net, s)
         opt.step()
@@ -156,7 +157,7 @@ def check_state_dict(dims) -> None:
     single_opt.step()
     _assert_equal(single, ref_net, "single process resumed from the ZeRO-1 x TP full state dict")
     # (b) a fresh ZeRO-1 x TP optimizer (state resharded over tp and dp) continues the run
-    opt2 = build_optimizer([net], CFG_ZERO1, dims=dims)
+    opt2 = build_optimizer([net], CFG_ZERO1, replica_group=replica_groups(dims))
     assert isinstance(opt2, DistributedMuonClip)
     opt2.load_state_dict(copy.deepcopy(full_sd))
     _set_grads(net, STEPS - 1)
@@ -178,13 +179,13 @@ def check_dcp(dims, folder: str) -> None:
 
     cfg = CheckpointConfig(export_hf=False, async_save=False)
     net = _Net(dims.tp_mesh)
-    opt = build_optimizer([net], CFG_ZERO1, dims=dims)
+    opt = build_optimizer([net], CFG_ZERO1, replica_group=replica_groups(dims))
     for s in range(STEPS - 1):
         _set_grads(net, s)
         opt.step()
     CheckpointManager(folder, cfg).save(STEPS - 1, {"model": net, "optimizer": opt})
     net2 = _Net(dims.tp_mesh)
-    opt2 = build_optimizer([net2], CFG_ZERO1, dims=dims)
+    opt2 = build_optimizer([net2], CFG_ZERO1, replica_group=replica_groups(dims))
     assert CheckpointManager(folder, cfg).load_latest({"model": net2, "optimizer": opt2}) == STEPS - 1
     _set_grads(net2, STEPS - 1)
     opt2.step()
@@ -235,7 +236,7 @@ def _attn_run(dims=None) -> tuple[nn.Module, dict, dict]:
     if tp > 1:
         parallelize_module(attn, dims.tp_mesh, {"q_b_proj": ColwiseParallel(), "kv_b_proj": ColwiseParallel()})
         attn.num_heads //= tp
-    opt = build_optimizer([net], CFG_ZERO1 if dims is not None else CFG, dims=dims)
+    opt = build_optimizer([net], CFG_ZERO1 if dims is not None else CFG, replica_group=replica_groups(dims) if dims is not None else None)
     _set_grads(net, 0)
     opt.step()
     if dims is None:

@@ -1,5 +1,6 @@
-"""Parallel layouts vs one process: tiny K2, fp32, 5 MuonClip steps with QK-Clip firing (tau=0.05),
-gradient clipping, aux loss and router-bias updates; gloo processes on CPU (tests/parallel_harness.py).
+"""Parallel layouts vs one process, both through the trainer's own step (k2train.trainer.Trainer):
+tiny K2, fp32, 5 MuonClip steps with QK-Clip firing (tau=0.05), gradient clipping, aux loss and
+router-bias updates; gloo processes on CPU (tests/parallel_harness.py).
 The real optimizer in every layout: tp-sharded (DTensor) matrices are orthogonalised whole,
 ep-local experts per expert, QK-Clip clips each tp rank's local heads; ``_zero1`` layouts shard the
 optimizer state (DistributedMuonClip: dense params over dp x ep, experts over their replicas).

@@ -6,7 +6,6 @@ bitwise equal to ``none``. With several intra-op threads the recomputed matmuls 
 reductions differently (seen: 4e-7 relative on gradients), hence ``torch.set_num_threads(1)``.
 """
 
-import functools
 import gc
 import weakref
 
@@ -159,10 +158,6 @@ def test_full_recompute_under_autocast_keeps_the_fp32_residual():
     out.float().sum().backward()
 
 
-def _with_recompute(model, dims, mode):
-    apply_recompute(model, mode)
-
-
 @pytest.mark.parametrize(
     "layout, mode",
     [
@@ -175,7 +170,7 @@ def _with_recompute(model, dims, mode):
 def test_parallel_layout_with_recompute_matches_single_process(layout, mode):
     from test_parallel_parity import assert_parity
 
-    par = h.run_parallel(layout, apply_fn=functools.partial(_with_recompute, mode=mode))
+    par = h.run_parallel({**layout, "recompute": mode})
     assert_parity(par, h.run_reference())
 
 
@@ -187,7 +182,7 @@ def _trainer_losses(out, *overrides):
         "model=k2_tiny", "trainer.seq_len=32", "trainer.micro_batch_size=2", "trainer.global_batch_size=4",
         "trainer.steps=3", f"trainer.output_dir={out}", "trainer.device=cpu", "trainer.dtype=float32",
         "trainer.checkpoint.enable=false", "logging.wandb=false", "logging.progress_bar=false",
-        "data.num_workers=0", *overrides,
+        "data.prefetch=0", *overrides,
     ])  # fmt: skip
     return [m["loss"] for m in run(cfg, run_dir=out / "logs")]
 

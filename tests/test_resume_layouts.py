@@ -34,7 +34,7 @@ EXTRA = {"pp2_ep2@8": ["trainer.global_batch_size=16"]}
 COMMON = [
     "model=k2_tiny", "trainer.seq_len=32", "trainer.micro_batch_size=2", "trainer.global_batch_size=8",
     "trainer.device=cpu", "trainer.dtype=float32", "trainer.log_interval=1", "trainer.checkpoint.export_hf=false",
-    "logging.wandb=false", "logging.progress_bar=false", "data.num_workers=0",
+    "logging.wandb=false", "logging.progress_bar=false", "data.prefetch=0",
     "optim.schedule=constant", "optim.warmup_steps=2",
 ]
 # Cross-layout tolerance: fp32 sums in another order (TP-split matmuls, all-reduces, DP-averaged
@@ -74,7 +74,7 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     """All parameters and buffers of a checkpoint, loaded into one single-process k2_tiny model."""
     from k2train.checkpoint import load_model_weights
     from k2train.config import load_config
-    from k2train.train import build_model
+    from k2train.trainer import build_model
 
     model = build_model(load_config(["model=k2_tiny"]).model, torch.device("cpu"), seed=0)
     load_model_weights(folder, model)

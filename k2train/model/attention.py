@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..kernels.attention import mla_attention
 from .norms import RMSNorm
 from .rope import apply_rope, softmax_scale
 
@@ -109,8 +110,6 @@ class MLA(nn.Module):
         k = torch.cat((k_nope, k_rope.expand(B, H, S, dr)), dim=-1)
 
         if self.attn_impl == "triton":
-            from k2train.kernels.attention import mla_attention
-
             out, max_logit = mla_attention(q, k, v, self.softmax_scale, causal=True, doc_ids=doc_ids)
         elif self.attn_impl == "sdpa":
             mask = None if doc_ids is None else attention_mask(S, doc_ids, q.device)

@@ -16,7 +16,7 @@ from ..config import ModelConfig
 from .attention import MLA
 from .moe import MoE, FeedForward
 from .norms import RMSNorm
-from .rope import rope_cos_sin, rope_inv_freq
+from .rope import rope_table
 
 
 _EXPERT_STACKS = ("w_gate", "w_up", "w_down")
@@ -69,8 +69,10 @@ class K2Model(nn.Module):
         self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.num_hidden_layers)})
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_impl)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        inv_freq, self.rope_attention_factor = rope_inv_freq(cfg)
-        self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
+        # RoPE for positions 0 .. max_position_embeddings - 1, computed once (not saved).
+        cos, sin = rope_table(cfg)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
 
     @torch.no_grad()
     def init_weights(self, seed: Optional[int] = None) -> None:
@@ -100,7 +102,9 @@ class K2Model(nn.Module):
                 b.zero_()
             elif name.endswith("max_logit"):
                 b.fill_(float("-inf"))
-        self.rope_inv_freq.copy_(rope_inv_freq(self.cfg)[0])
+        cos, sin = rope_table(self.cfg)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
 
     def forward(
         self,
@@ -117,8 +121,14 @@ class K2Model(nn.Module):
         x = self.embed_tokens(tokens) if self.embed_tokens is not None else hidden
         B, S = x.shape[:2]
         if position_ids is None:
-            position_ids = torch.arange(S, device=x.device).expand(B, S)
-        cos, sin = rope_cos_sin(self.rope_inv_freq, position_ids, self.rope_attention_factor)
+            if S > self.rope_cos.shape[0]:
+                raise ValueError(
+                    f"a sequence of {S} tokens exceeds model.max_position_embeddings={self.rope_cos.shape[0]}: "
+                    "raise model.max_position_embeddings or shorten the sequence"
+                )
+            cos, sin = self.rope_cos[:S].expand(B, S, -1), self.rope_sin[:S].expand(B, S, -1)
+        else:  # explicit positions (packed documents, sequence shards) index the table
+            cos, sin = self.rope_cos[position_ids], self.rope_sin[position_ids]
         for layer in self.layers.values():
             x = layer(x, cos, sin, doc_ids)
         if self.norm is not None:
@@ -130,7 +140,7 @@ class K2Model(nn.Module):
     @property
     def aux_loss(self) -> torch.Tensor:
         """Sum of the MoE auxiliary losses of the last forward pass (0 when disabled)."""
-        total = torch.zeros((), device=self.rope_inv_freq.device)
+        total = torch.zeros((), device=self.rope_cos.device)
         for moe in self.moe_layers():
             total = total + moe.aux_loss.to(total.device)
         return total

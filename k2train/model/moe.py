@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..kernels.moe import moe_experts_forward
+from ..kernels.swiglu import swiglu
 
 
 class FeedForward(nn.Module):
@@ -29,8 +31,6 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_proj(x), self.up_proj(x)
         if self.impl == "triton":
-            from k2train.kernels.swiglu import swiglu
-
             return self.down_proj(swiglu(gate, up))
         return self.down_proj(F.silu(gate) * up)
 
@@ -126,9 +126,7 @@ class GroupedExperts(nn.Module):
     def forward(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_w_TK: torch.Tensor) -> torch.Tensor:
         args = (x_TD, topk_idx_TK, topk_w_TK, self.w_gate, self.w_up, self.w_down)
         if self.impl == "triton":
-            from k2train.kernels.moe import moe_experts_forward
-
-            return moe_experts_forward(*args)
+            return moe_experts_forward(*args, use_grouped_mm=grouped_mm_supported(x_TD))
         if self.impl == "grouped_mm" and grouped_mm_supported(x_TD):
             return experts_grouped_mm(*args)
         return experts_reference(*args)

@@ -3,6 +3,8 @@
 import torch
 from torch import nn
 
+from ..kernels.norms import rmsnorm
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6, impl: str = "torch"):
@@ -13,8 +15,6 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.impl == "triton":
-            from k2train.kernels.norms import rmsnorm
-
             return rmsnorm(x, self.weight, self.eps)
         dtype = x.dtype
         x = x.float()

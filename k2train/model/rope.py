@@ -48,16 +48,17 @@ def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     return inv_freq, attention_factor
 
 
-def rope_cos_sin(
-    inv_freq: torch.Tensor, position_ids: torch.Tensor, attention_factor: float = 1.0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape [B, S, dr/2] (fp32) for integer positions [B, S]."""
-    freqs = position_ids[..., None].float() * inv_freq.float()
+def rope_table(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [max_position_embeddings, dr/2] (fp32, YaRN's magnitude included) of every
+    position the model accepts; the model gathers its positions' rows from them."""
+    inv_freq, attention_factor = rope_inv_freq(cfg)
+    freqs = torch.arange(cfg.max_position_embeddings, dtype=torch.float32)[:, None] * inv_freq
     return freqs.cos() * attention_factor, freqs.sin() * attention_factor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs of the last dim of x [B, H, S, dr] (or [B, 1, S, dr]); cos/sin [B, S, dr/2].
+    """Rotate pairs of the last dim of x [B, H, S, dr] (or [B, 1, S, dr]); cos/sin [B, S, dr/2]
+    (rows of :func:`rope_table`).
 
     The output lists the rotated even dims, then the rotated odd dims. q and k use the same
     permutation, so every dot product q.k equals the one of the interleaved layout.

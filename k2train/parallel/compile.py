@@ -15,11 +15,11 @@ recompute with compile is refused by the config check (its op policy runs on eag
 
 from torch import nn
 
+from .recompute import RecomputedBlock
+
 
 def apply_compile(model: nn.Module, backend: str = "inductor") -> nn.Module:
     """Compile every block in ``model.layers`` in place; returns ``model``."""
-    from .recompute import RecomputedBlock
-
     for block in model.layers.values():
         if isinstance(block, RecomputedBlock):
             block.compile_inner(backend)

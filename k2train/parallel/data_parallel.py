@@ -1,8 +1,9 @@
 """Data-parallel gradient reduction and the global gradient norm, for every layout of ParallelDims.
 
-The loss of one step is the mean over the dp x ep data streams of each stream's mean loss, so the
-gradient of a parameter is (1 / (dp*ep)) x the SUM of the local gradients over the ranks that hold
-a replica of it and saw different tokens:
+The loss of one step is the mean over the dp x ep data streams and over each stream's micro-batches
+of the micro-batch mean loss. The backward passes leave in each ``.grad`` the SUM over this rank's
+micro-batches; the true gradient of a parameter is ``1 / (dp*ep*micro-batches)`` times the SUM of
+those over the ranks that hold a replica of it and saw different tokens:
 - dense parameters: replicated over dp x ep -> sum over ``dp_ep``. Tensor-parallel DTensor
   parameters first get their tp reduction from DTensor (Partial -> the param's placements); plain
   replicated ones inside the attention see the full sequence and already agree over tp;
@@ -11,10 +12,14 @@ a replica of it and saw different tokens:
   where tp ranks route different tokens) -> sum over ``dp`` (``dp_tp``). Their local gradient
   already sums the tokens that all ep ranks sent them, hence the same 1/(dp*ep) factor.
 The pipeline axis holds different layers and takes no part.
+
+:func:`reduce_gradients_` sums; :func:`clip_grad_norm_` applies the ``1 / (dp*ep*micro-batches)``
+factor and the clipping coefficient in the same pass over the gradients. Every layout (one
+process included) goes through both, so they all round alike.
 """
 
 from collections import defaultdict
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -48,12 +53,13 @@ def param_kind(name: str) -> str:
 
 @torch.no_grad()
 def reduce_gradients_(model_parts: Iterable[nn.Module], dims: ParallelDims) -> None:
-    """Average gradients in place after the last backward of a step, before clipping and the
-    optimizer. One all-reduce per kind of parameter (flat buckets). Parameters without a gradient
-    take part with zeros so that every rank issues the same collectives."""
-    meshes = grad_reduction_meshes(dims)
-    scale = 1.0 / dims.dp_size
-    buckets: dict[str, list[tuple[nn.Parameter, torch.Tensor]]] = defaultdict(list)
+    """Sum gradients in place over the ranks holding replicas of each parameter, after the last
+    backward of a step (no scaling: :func:`clip_grad_norm_` applies the mean's factor). One
+    all-reduce per kind of parameter (flat buckets). Parameters without a gradient take part with
+    zeros so that every rank issues the same collectives. DTensor gradients are laid out like their
+    parameters first (tp reduction), also in one process."""
+    meshes = grad_reduction_meshes(dims) if dims.world_size > 1 else {}
+    buckets: dict[str, list[torch.Tensor]] = defaultdict(list)
     for part in model_parts:
         for name, p in part.named_parameters():
             if not p.requires_grad:
@@ -66,78 +72,66 @@ def reduce_gradients_(model_parts: Iterable[nn.Module], dims: ParallelDims) -> N
                     g = g.redistribute(p.device_mesh, p.placements)
                     p.grad = g
                 g = g.to_local()
-            buckets[param_kind(name)].append((p, g))
-    for kind in ("dense", "router", "expert"):
-        items = buckets.get(kind)
-        mesh = meshes[kind]
-        if not items or mesh.size() == 1 and dims.dp_size == 1:
+            buckets[param_kind(name)].append(g)
+    for kind, grads in buckets.items():
+        mesh = meshes.get(kind)
+        if mesh is None or mesh.size() == 1:
             continue
-        flat = torch.cat([g.reshape(-1) for _, g in items])
-        if mesh.size() > 1:
-            dist.all_reduce(flat, group=mesh.get_group())
-        flat.mul_(scale)
-        for (_, g), part in zip(items, flat.split([g.numel() for _, g in items])):
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=mesh.get_group())
+        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
             g.copy_(part.view_as(g))
 
 
 @torch.no_grad()
-def clip_grad_norm_(model_parts: Iterable[nn.Module], max_norm: float, dims: ParallelDims) -> torch.Tensor:
-    """The global L2 norm of the (already reduced) gradients, equal to the single-process one, and
-    clip to ``max_norm`` (``inf``: measure only). Returns the norm before clipping.
+def clip_grad_norm_(
+    model_parts: Iterable[nn.Module], max_norm: float, dims: ParallelDims, scale: float = 1.0
+) -> torch.Tensor:
+    """The gradients are ``1 / scale`` times the true ones (sums over micro-batches and replicas, see
+    the module docstring): return the global L2 norm of the true gradient, equal to the
+    single-process one, and multiply every gradient by ``scale x min(1, max_norm / norm)`` in one
+    pass (``max_norm=inf``: scale only). Returns a device tensor (no host sync).
 
-    Sums of squares: tp-sharded DTensors over tp, expert slices over ep; replicated tensors once.
+    Sums of squares: tp-sharded DTensors over tp, expert slices over ep, stages over pp; replicated
+    tensors once.
     """
     parts = list(model_parts)
     device = next(p.device for part in parts for p in part.parameters())
-    dense_sq, tp_sq, expert_sq = (torch.zeros((), dtype=torch.float32, device=device) for _ in range(3))
-    grads = []
+    grads: dict[str, list[torch.Tensor]] = defaultdict(list)  # "dense", "tp" (sharded), "expert"
     for part in parts:
         for name, p in part.named_parameters():
             if p.grad is None:
                 continue
             g = p.grad
             if _is_dtensor(g):
-                local = g.to_local()
-                sharded = any(pl.is_shard() for pl in g.placements)
-                sq = local.float().pow(2).sum()
-                if sharded:
-                    tp_sq += sq
-                else:
-                    dense_sq += sq
-                grads.append(local)
+                kind = "tp" if any(pl.is_shard() for pl in g.placements) else "dense"
+                g = g.to_local()
             else:
-                sq = g.float().pow(2).sum()
-                if is_expert_param(name):
-                    expert_sq += sq
-                else:
-                    dense_sq += sq
-                grads.append(g)
+                kind = "expert" if is_expert_param(name) else "dense"
+            grads[kind].append(g)
+    sq = {kind: torch.zeros((), dtype=torch.float32, device=device) for kind in ("dense", "tp", "expert")}
+    for kind, gs in grads.items():
+        norms = torch._foreach_norm(gs, 2, dtype=torch.float32)
+        sq[kind] = torch.stack(norms).pow(2).sum().to(device)
     if dims.tp > 1:
-        dist.all_reduce(tp_sq, group=dims.tp_mesh.get_group())
+        dist.all_reduce(sq["tp"], group=dims.tp_mesh.get_group())
     if dims.ep > 1:
-        dist.all_reduce(expert_sq, group=dims.ep_mesh.get_group())
-    total = (dense_sq + tp_sq + expert_sq).sqrt()
+        dist.all_reduce(sq["expert"], group=dims.ep_mesh.get_group())
+    total_sq = sq["dense"] + sq["tp"] + sq["expert"]
     if dims.pp > 1:
-        sq = total.pow(2)
-        dist.all_reduce(sq, group=dims.pp_mesh.get_group())
-        total = sq.sqrt()
-    if max_norm != float("inf"):
-        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        for g in grads:
-            g.mul_(coef.to(g.device, g.dtype))
+        dist.all_reduce(total_sq, group=dims.pp_mesh.get_group())
+    total = total_sq.sqrt() * scale
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0) * scale if max_norm != float("inf") else total.new_tensor(scale)
+    for gs in grads.values():
+        torch._foreach_mul_(gs, coef.to(gs[0].device))
     return total
 
 
-def zero1_param_groups(param_groups: list[dict], dims: ParallelDims) -> list[dict]:
-    """Copies of optimizer param groups (``k2train.optim.build_param_groups``) whose ``dp_groups``
-    list gives, per param, the process group over which it is replicated, for ZeRO-1
-    (DistributedMuonClip shards each param's state over it): dense params over ``dp_ep``; routed
-    experts over their replicas (``dp``, or ``dp_tp`` with tp > 1). The groups and their param
-    order are unchanged, so the optimizer's state dict lines up with an unsharded one.
-    ``k2train.optim.build_optimizer(..., dims=dims)`` calls this."""
+def replica_groups(dims: ParallelDims) -> Callable[[str], object]:
+    """``fqn -> process group`` of the ranks holding replicas of a parameter, for ZeRO-1
+    (``k2train.optim.build_optimizer(..., replica_group=replica_groups(dims))`` shards each
+    parameter's optimizer state over its group): dense params over ``dp_ep``; routed experts over
+    their replicas (``dp``, or ``dp_tp`` with tp > 1)."""
     meshes = grad_reduction_meshes(dims)
-    groups = {kind: meshes[kind].get_group() for kind in ("dense", "expert")}
-    return [
-        {**g, "dp_groups": [groups["expert" if is_expert_param(n) else "dense"] for n in g["names"]]}
-        for g in param_groups
-    ]
+    dense, expert = meshes["dense"].get_group(), meshes["expert"].get_group()
+    return lambda name: expert if is_expert_param(name) else dense

@@ -40,7 +40,6 @@ class ParallelDims:
     world_size: int
     vpp: int = 1
     pp_schedule: str = "1F1B"
-    sequence_parallel: bool = True
     mesh: Optional["torch.distributed.device_mesh.DeviceMesh"] = field(default=None, repr=False)
     _flat: dict = field(default_factory=dict, repr=False)
 
@@ -65,7 +64,6 @@ class ParallelDims:
             world_size=world_size,
             vpp=cfg.vpp,
             pp_schedule=cfg.pp_schedule,
-            sequence_parallel=cfg.sequence_parallel,
         )
 
     # ------------------------------------------------------------------------------------------
@@ -74,20 +72,12 @@ class ParallelDims:
 
     def num_microbatches(self, trainer: TrainerConfig) -> int:
         """Micro-batches per step on one data-parallel rank (= gradient accumulation steps)."""
-        per_step = trainer.micro_batch_size * self.dp_size
-        if trainer.global_batch_size % per_step:
-            _fail(
-                f"trainer.global_batch_size={trainer.global_batch_size} is not divisible by "
-                f"trainer.micro_batch_size * data-parallel size = {trainer.micro_batch_size} * {self.dp_size} "
-                f"(dp={self.dp} x ep={self.ep}) = {per_step}"
-            )
-        return trainer.global_batch_size // per_step
+        return microbatches_per_step(trainer, self.dp, self.ep)
 
     def validate(self, model: ModelConfig, trainer: Optional[TrainerConfig] = None) -> "ParallelDims":
-        """Fail early, with the numbers, on a layout that cannot run this model."""
-        for name in MESH_AXES + ("vpp",):
-            if getattr(self, name) < 1:
-                _fail(f"parallel.{name}={getattr(self, name)} must be >= 1")
+        """Fail early, with the numbers and a fix, on a layout that cannot run this model (every
+        cross-field check of the layout lives here; ``ParallelConfig.validate`` checks the section
+        alone)."""
         product = self.pp * self.dp * self.ep * self.tp
         if product != self.world_size:
             _fail(
@@ -98,15 +88,18 @@ class ParallelDims:
             for name in ("num_attention_heads", "vocab_size", "intermediate_size"):
                 v = getattr(model, name)
                 if v % self.tp:
-                    _fail(f"model.{name}={v} is not divisible by tensor parallel degree {self.tp}")
+                    _fail(f"model.{name}={v} is not divisible by tensor parallel degree {self.tp}: change parallel.tp")
             shared = model.moe_intermediate_size * model.n_shared_experts
             if model.num_moe_layers and shared % self.tp:
                 _fail(
                     f"shared expert width moe_intermediate_size*n_shared_experts = {shared} is not divisible "
-                    f"by tensor parallel degree {self.tp}"
+                    f"by tensor parallel degree {self.tp}: change parallel.tp"
                 )
         if model.num_moe_layers and model.n_routed_experts % self.ep:
-            _fail(f"model.n_routed_experts={model.n_routed_experts} is not divisible by expert parallel degree {self.ep}")
+            _fail(
+                f"model.n_routed_experts={model.n_routed_experts} is not divisible by expert parallel degree {self.ep}: "
+                "change parallel.ep"
+            )
         if self.ep > 1 and model.num_moe_layers == 0:
             _fail(f"parallel.ep={self.ep} needs MoE layers, but the model has none (first_k_dense_replace = num_hidden_layers)")
         stages = self.pp * self.vpp
@@ -115,13 +108,11 @@ class ParallelDims:
                 f"model.num_hidden_layers={model.num_hidden_layers} cannot fill pp*vpp = {self.pp}*{self.vpp} = {stages} "
                 f"pipeline stages (at least one layer each): lower parallel.pp or parallel.vpp"
             )
-        if self.vpp > 1 and self.pp_schedule != "Interleaved1F1B":
-            _fail(f"parallel.vpp={self.vpp} needs parallel.pp_schedule=Interleaved1F1B (got {self.pp_schedule})")
         if trainer is not None:
-            if self.tp > 1 and self.sequence_parallel and trainer.seq_len % self.tp:
+            if self.tp > 1 and trainer.seq_len % self.tp:
                 _fail(
                     f"trainer.seq_len={trainer.seq_len} is not divisible by tensor parallel degree {self.tp} "
-                    f"(sequence parallelism splits the sequence); change seq_len or set parallel.sequence_parallel=false"
+                    f"(tensor parallelism shards the sequence between blocks): make trainer.seq_len a multiple of {self.tp}"
                 )
             n_micro = self.num_microbatches(trainer)
             if self.pp > 1 and n_micro < self.pp:
@@ -132,7 +123,8 @@ class ParallelDims:
                 )
             if self.pp > 1 and self.pp_schedule == "Interleaved1F1B" and n_micro % self.pp:
                 _fail(
-                    f"Interleaved1F1B needs the micro-batch count ({n_micro}) to be a multiple of pp={self.pp}"
+                    f"Interleaved1F1B needs the micro-batch count ({n_micro}) to be a multiple of pp={self.pp}: "
+                    f"make trainer.global_batch_size a multiple of {self.pp * trainer.micro_batch_size * self.dp_size}"
                 )
         return self
 
@@ -210,23 +202,37 @@ class ParallelDims:
     @property
     def dp_rank(self) -> int:
         """This rank's data stream, the flattened (dp, ep) coordinate: ``dp_coord * ep + ep_coord``."""
-        return self.dense_dp_mesh.get_local_rank()
+        return self.dense_dp_mesh.get_local_rank() if self.distributed else 0
 
     @property
-    def pp_enabled(self) -> bool:
-        return self.pp > 1
+    def distributed(self) -> bool:
+        return self.world_size > 1
 
     @property
-    def tp_enabled(self) -> bool:
-        return self.tp > 1
+    def rank(self) -> int:
+        """This process's global rank (0 in a single process)."""
+        return torch.distributed.get_rank() if self.distributed else 0
 
-    @property
-    def ep_enabled(self) -> bool:
-        return self.ep > 1
+    def group(self, mesh_name: str):
+        """The process group of a (flattened) mesh with more than one rank, else None (no
+        collective needed): ``dims.group("dense_dp_mesh")``."""
+        if not self.distributed:
+            return None
+        mesh = getattr(self, mesh_name)
+        return mesh.get_group() if mesh.size() > 1 else None
 
-    @property
-    def dp_enabled(self) -> bool:
-        return self.dp_size > 1
+
+def microbatches_per_step(trainer: TrainerConfig, dp: int, ep: int) -> int:
+    """Micro-batches per step on one data stream: ``global_batch_size / (micro_batch_size * dp * ep)``
+    (every (dp, ep) coordinate reads its own data), or a ValueError that says what to change."""
+    per_step = trainer.micro_batch_size * dp * ep
+    if trainer.global_batch_size % per_step:
+        _fail(
+            f"trainer.global_batch_size={trainer.global_batch_size} is not divisible by trainer.micro_batch_size x "
+            f"data streams (dp={dp} x ep={ep}) = {trainer.micro_batch_size} x {dp * ep} = {per_step}: make it a "
+            f"multiple of {per_step}"
+        )
+    return trainer.global_batch_size // per_step
 
 
 def backend_for(device_type: str) -> str:

@@ -56,8 +56,7 @@ class ExpertParallelExperts(nn.Module):
         self.ep_size = ep_mesh.size()
         self.ep_rank = ep_mesh.get_local_rank()
         self.num_experts = experts.w_gate.shape[0]
-        if self.num_experts % self.ep_size:
-            raise ValueError(f"num_experts={self.num_experts} is not divisible by expert parallel degree {self.ep_size}")
+        assert self.num_experts % self.ep_size == 0, "ParallelDims.validate checks the experts"
         self.num_local_experts = self.num_experts // self.ep_size
         self.impl = experts.impl
         lo = self.ep_rank * self.num_local_experts

@@ -352,18 +352,16 @@ def format_memory_report(
     parallel_cfg: ParallelConfig,
     trainer_cfg: TrainerConfig,
     optim_cfg: OptimConfig,
-    gpu_memory_gib: Optional[float] = None,
     precision: Optional[str] = None,
 ) -> str:
-    """The planner's text: per-pp-rank breakdown (GiB), bubble, tokens per step, the fit on
-    ``gpu_memory_gib`` (default: 80 GB = 74.5 GiB for an H800-named layout, else not judged), and
-    for ``dp=-1`` layouts the GPU counts the global batch allows."""
+    """The planner's text: per-pp-rank breakdown (GiB), bubble, tokens per step, the fit on GPUs of
+    ``parallel.gpu_memory_gb`` (not judged when 0), and for ``dp=-1`` layouts the GPU counts the
+    global batch allows."""
     p = parallel_cfg
     plan = estimate_memory(model_cfg, p, trainer_cfg, optim_cfg, precision)
-    if gpu_memory_gib is None and "h800" in p.name.lower():
-        gpu_memory_gib = 80e9 / GiB
+    gpu_memory_gib = p.gpu_memory_gb * 1e9 / GiB if p.gpu_memory_gb > 0 else None
     lines = [
-        f"memory per GPU: parallel={p.name} pp={p.pp} vpp={p.vpp} ({p.pp_schedule}) ep={p.ep} tp={p.tp} dp={plan.dp} "
+        f"memory per GPU: pp={p.pp} vpp={p.vpp} ({p.pp_schedule}) ep={p.ep} tp={p.tp} dp={plan.dp} "
         f"-> {plan.world_size} GPUs; precision {plan.precision}, recompute {plan.recompute}, ZeRO-1 {optim_cfg.zero1}",
         f"  micro-batch {trainer_cfg.micro_batch_size} x {trainer_cfg.seq_len}, {plan.num_microbatches} micro-batches per step "
         f"per data stream, {plan.tokens_per_step:,d} tokens per step, pipeline bubble {100 * plan.bubble_fraction:.2f}%",

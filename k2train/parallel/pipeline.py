@@ -14,8 +14,8 @@ MoE auxiliary loss across stages: the loss function only sees the last stage's o
 MoE layer's aux loss must reach the total loss ``CE + sum of aux``. Each stage module attaches the
 aux loss of its own layers to its output tensor with :class:`_AttachAuxLoss`, an identity in the
 forward whose backward also returns gradient 1 for the aux loss. That is exactly the gradient of
-``CE + aux`` with respect to the aux loss, and the schedule's ``scale_grads`` later divides all
-gradients by the number of micro-batches, like ``(ce + aux) / accum`` in the single-process loop.
+``CE + aux`` with respect to the aux loss; the gradients then hold the sum over micro-batches, as
+in the single-process loop, and the trainer divides by their number once.
 """
 
 import copy
@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import ModelConfig, ParallelConfig
+from ..flops import count_params
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -46,8 +47,6 @@ def layer_costs(cfg: ModelConfig, seq_len: int) -> tuple[list[float], float, flo
     flops, small). The embedding is a lookup: no FLOPs, its cost is memory, which the planner
     (:mod:`k2train.parallel.memory`) reports per rank.
     """
-    from ..flops import count_params
-
     counts = count_params(cfg)
     scores = 2 * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * seq_len / 2
     costs = [2.0 * (lc.attention + lc.ffn + lc.router + lc.routed_active) + scores for lc in counts.layers]
@@ -217,26 +216,21 @@ def build_pipeline(
     the schedule (``parallel_cfg.pp_schedule``: 1F1B, GPipe, or Interleaved1F1B with ``vpp``).
 
     ``loss_fn(logits, labels)`` is the next-token cross entropy of one micro-batch (mean over its
-    tokens); the MoE aux losses are added through the stage outputs (module docstring).
+    tokens); the MoE aux losses are added through the stage outputs (module docstring). The
+    schedule leaves the SUM over micro-batches in the gradients, as the one-process loop does
+    (:func:`k2train.parallel.clip_grad_norm_` applies the mean's factor).
     ``layer_split`` overrides the FLOP-balanced placement (:func:`split_layers`).
     The stage modules hold the parts by reference: apply TP/EP and materialize the parts after this
-    call, before the first step.
+    call, before the first step. The layout must have passed ``ParallelDims.validate``.
     """
+    # torch.distributed.pipelining takes ~1 s to import: only pipeline runs pay for it.
     from torch.distributed.pipelining import PipelineStage
     from torch.distributed.pipelining.schedules import get_schedule_class
 
     pp, vpp = parallel_cfg.pp, parallel_cfg.vpp
-    if pp_mesh.size() != pp:
-        raise ValueError(f"pp mesh has {pp_mesh.size()} ranks but parallel.pp={pp}")
+    assert pp_mesh.size() == pp and num_microbatches >= pp, "ParallelDims.validate checks the layout"
     num_stages = pp * vpp
     schedule_name = parallel_cfg.pp_schedule
-    if vpp > 1 and schedule_name != "Interleaved1F1B":
-        raise ValueError(f"parallel.vpp={vpp} needs parallel.pp_schedule=Interleaved1F1B (got {schedule_name})")
-    if num_microbatches < pp:
-        raise ValueError(
-            f"{schedule_name} with pp={pp} needs at least {pp} micro-batches per step, got {num_microbatches}: "
-            "raise trainer.global_batch_size or lower trainer.micro_batch_size"
-        )
     if layer_split is None:
         costs, first_extra, last_extra = layer_costs(model.cfg, seq_len)
         layer_split = split_layers(costs, num_stages, first_extra, last_extra)
@@ -251,8 +245,6 @@ def build_pipeline(
     # Static shapes (no shape-inference pass). requires_grad tells the stage which tensors have
     # gradients to exchange in the backward. Under tensor (+ sequence) parallelism the hidden
     # states between stages are each tp rank's sequence shard [B, S/tp, D].
-    if seq_len % parallel_cfg.tp:
-        raise ValueError(f"trainer.seq_len={seq_len} must be divisible by parallel.tp={parallel_cfg.tp} (sequence parallelism)")
     hidden = torch.empty(micro_batch_size, seq_len // parallel_cfg.tp, model.cfg.hidden_size, dtype=dtype, device="meta", requires_grad=True)
     tokens = torch.empty(micro_batch_size, seq_len, dtype=torch.long, device="meta")
     logits = torch.empty(micro_batch_size, seq_len, model.cfg.vocab_size, dtype=dtype, device="meta", requires_grad=True)
@@ -278,9 +270,9 @@ def build_pipeline(
 
     schedule_cls = get_schedule_class(schedule_name)
     if schedule_name == "Interleaved1F1B":
-        schedule = schedule_cls(stages, n_microbatches=num_microbatches, loss_fn=loss_fn, scale_grads=True)
+        schedule = schedule_cls(stages, n_microbatches=num_microbatches, loss_fn=loss_fn, scale_grads=False)
     else:
-        schedule = schedule_cls(stages[0], n_microbatches=num_microbatches, loss_fn=loss_fn, scale_grads=True)
+        schedule = schedule_cls(stages[0], n_microbatches=num_microbatches, loss_fn=loss_fn, scale_grads=False)
     return Pipeline(
         schedule=schedule,
         model_parts=parts,

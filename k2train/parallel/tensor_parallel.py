@@ -16,7 +16,7 @@ Per block:
 Embedding: vocab-parallel (row-wise on the vocabulary) with a reduce-scatter to the sequence shard.
 Head: column-wise on the vocabulary with DTensor logits for ``loss_parallel`` cross entropy.
 
-Requires sequence parallelism (``parallel.sequence_parallel=true``) and explicit full-length
+Tensor parallelism is always sequence-parallel here. It needs explicit full-length
 ``position_ids`` inside the model, which a pre-hook supplies when the caller passes none.
 """
 
@@ -89,19 +89,17 @@ def _block_plan(block: nn.Module) -> dict:
     return plan
 
 
-def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool = True) -> None:
+def apply_tp(model: nn.Module, tp_mesh) -> None:
     """Install the tensor/sequence-parallel plan on ``model`` in place (no-op for one tp rank).
 
-    Call before :func:`~k2train.parallel.expert_parallel.apply_ep` and before building the optimizer.
-    Compute the loss inside :func:`loss_context` (the logits are a vocab-sharded DTensor).
+    Call before :func:`~k2train.parallel.expert_parallel.apply_ep` and before building the optimizer
+    (:func:`k2train.parallel.parallelize` keeps that order), on a layout that passed
+    ``ParallelDims.validate``. Compute the loss inside :func:`loss_context` (the logits are a
+    vocab-sharded DTensor).
     """
     tp = tp_mesh.size()
     if tp == 1:
         return
-    if not sequence_parallel:
-        raise ValueError(
-            f"tensor parallelism (tp={tp}) is implemented with sequence parallelism only: set parallel.sequence_parallel=true"
-        )
     top = {
         "embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
         "norm": SequenceParallel(),
@@ -111,8 +109,7 @@ def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool = True) -> None:
     for block in model.layers.values():
         parallelize_module(block, tp_mesh, _block_plan(block))
         attn = block.self_attn
-        if attn.num_heads % tp:
-            raise ValueError(f"num_attention_heads={attn.num_heads} is not divisible by tensor parallel degree {tp}")
+        assert attn.num_heads % tp == 0, "ParallelDims.validate checks the heads"
         attn.num_heads //= tp
         attn.max_logit = torch.full((attn.num_heads,), float("-inf"), device=attn.max_logit.device)
         attn.kv_a_proj_with_mqa.register_forward_hook(_rope_key_grad_hook(attn.qk_rope_head_dim, tp_mesh.get_group()))

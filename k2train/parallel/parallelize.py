@@ -1,0 +1,81 @@
+"""Every parallelism, applied to a model built on the meta device, in one fixed order.
+
+    pipeline split (pp > 1)   this rank's stages, each a K2Model with the other layers removed,
+                              and the schedule that runs them
+    then, on each part:
+      tensor parallelism      DTensor plan, sequence-parallel between blocks   (apply_tp)
+      expert parallelism      this rank's experts + the token all-to-all       (apply_ep)
+      activation recompute    none / selective / full per block               (apply_recompute)
+      torch.compile           per block                                        (apply_compile)
+
+Why this order: the pipeline split decides which layers this rank holds; TP changes parameter
+types (DTensor) and EP their shapes, which recompute and compile must see as final; compile goes
+last so that it traces the parallel code. The parts stay on the meta device: the caller
+materializes them (``to_empty`` + ``init_weights``) and builds the optimizer on the result. The
+trainer, the tests and the scripts all go through :func:`parallelize`.
+"""
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from ..config import ParallelConfig
+from .compile import apply_compile
+from .dims import ParallelDims
+from .expert_parallel import apply_ep
+from .pipeline import Pipeline, build_pipeline
+from .recompute import apply_recompute
+from .tensor_parallel import apply_tp
+
+
+@dataclass
+class ParallelModel:
+    """What this rank holds: its model parts (one, or one per pipeline stage) and the pipeline
+    (None without pipeline parallelism)."""
+
+    parts: list[nn.Module]
+    pipeline: Optional[Pipeline] = None
+
+
+def parallelize(
+    model: nn.Module,
+    dims: ParallelDims,
+    cfg: ParallelConfig,
+    *,
+    compile: bool,
+    seq_len: int,
+    micro_batch_size: int,
+    num_microbatches: int,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    device: torch.device,
+) -> ParallelModel:
+    """Apply the layout of ``dims`` (mesh built when there is more than one process) to ``model``
+    (a :class:`~k2train.model.K2Model`, on the meta device). ``loss_fn(logits, labels)`` is the
+    pipeline's last-stage loss; ``seq_len``, ``micro_batch_size`` and ``num_microbatches`` size the
+    pipeline's buffers and schedule."""
+    pipeline = None
+    parts = [model]
+    if dims.pp > 1:
+        pipeline = build_pipeline(
+            model,
+            dims.pp_mesh,
+            cfg,
+            num_microbatches=num_microbatches,
+            micro_batch_size=micro_batch_size,
+            seq_len=seq_len,
+            loss_fn=loss_fn,
+            device=device,
+        )
+        parts = pipeline.model_parts
+    for part in parts:
+        if dims.tp > 1:
+            apply_tp(part, dims.tp_mesh)
+        if dims.ep > 1:
+            apply_ep(part, dims.ep_mesh)
+        if cfg.recompute != "none":
+            apply_recompute(part, cfg.recompute)
+        if compile:
+            apply_compile(part)
+    return ParallelModel(parts, pipeline)

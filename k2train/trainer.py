@@ -1,0 +1,432 @@
+"""The trainer: what one training run builds, in order, and the optimizer step.
+
+    with Trainer(cfg) as trainer:      # builds everything (see Trainer.__init__ for the order)
+        history = trainer.run()        # batches -> train_step -> log -> checkpoint, until trainer.steps
+
+:meth:`Trainer.train_step` is one optimizer step over this rank's micro-batches, for every layout
+(one process, tensor/expert/data/pipeline parallel). The parity, resume and golden-loss tests and
+the scripts drive it (or :meth:`Trainer.run`), never a copy of it. Leaving the ``with`` block, by
+the end of the run or by an exception, drains the checkpoint writer, stops the data thread, closes
+the logs and, if the trainer started it, the process group.
+
+Host syncs per step are marked ``# host sync``.
+"""
+
+import json
+import os
+import sys
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .checkpoint import CheckpointManager, load_model_weights
+from .checkpoint_layout import git_revision
+from .config import JobConfig, job_config_to_dict
+from .convert import export_hf
+from .data_pipeline.loader import build_data_loader, load_tokenizer
+from .faults import LossSpikeDetector, NonFiniteGuard, PreemptionHandler, discard_step_, init_distributed
+from .flops import flops_per_token, peak_tflops
+from .metrics import MetricLogger, format_step, layer_metrics
+from .model import K2Model, update_router_bias_
+from .optim import apply_qk_clip, attention_modules, build_lr_scheduler, build_optimizer, describe_param_groups
+from .parallel import (ParallelDims, backend_for, clip_grad_norm_, local_loss, loss_context, reduce_gradients_,
+                       replica_groups, sum_expert_load_)
+from .parallel.parallelize import parallelize
+from .parallel.pipeline import pipeline_step
+from .runtime import default_wandb_run_id, logging_rank
+
+Batch = dict[str, torch.Tensor]
+# (dp_rank, dp_size) -> this data stream's micro-batches: {"tokens", "labels"} [B, S] int64, plus
+# "position_ids" / "doc_ids" for packed documents. Labels equal to IGNORE_INDEX add no loss.
+DataFactory = Callable[[int, int], Iterable[Batch]]
+IGNORE_INDEX = -100
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token loss, the mean over the labelled tokens; autocast runs it in fp32, loss_parallel
+    on vocab shards."""
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(0, 1), ignore_index=IGNORE_INDEX)
+
+
+def pipeline_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The last pipeline stage's loss: under TP the logits are a vocab-sharded DTensor and the
+    replicated loss comes back as a plain tensor (the schedule runs it inside ``loss_context``)."""
+    return local_loss(cross_entropy(logits, labels))
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu or auto")
+    if name == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device(name)
+
+
+def build_model(cfg, device: torch.device, seed: int) -> K2Model:
+    """One whole model: built on the meta device (no memory, any size), materialized and
+    initialized on ``device``, as every model part of the trainer is."""
+    with torch.device("meta"):
+        model = K2Model(cfg)
+    model.to_empty(device=device)
+    model.init_weights(seed=seed)
+    return model
+
+
+@dataclass
+class StepStats:
+    """One optimizer step, read back to the host once. ``loss`` = cross entropy + MoE aux loss,
+    the mean over micro-batches and data streams; ``layers``: per-layer max logit, clipped heads,
+    expert load of every pipeline stage, with their summaries (``max_logit``, ``clipped_heads``,
+    ``expert_load_max_over_mean``)."""
+
+    step: int
+    loss: float
+    aux_loss: float
+    grad_norm: float
+    lr: float
+    skipped: bool = False
+    layers: dict[str, Any] = field(default_factory=dict)
+
+
+class Trainer:
+    """Builds a run from a validated :class:`~k2train.config.JobConfig` and trains it.
+
+    ``run_dir`` (default ``<trainer.output_dir>/logs/<time>``) receives the config, the code
+    version and the metrics; checkpoints go to ``checkpoint_dir`` (default
+    ``<trainer.output_dir>/checkpoints``), where a rerun resumes. ``data`` replaces the loader of
+    ``cfg.data`` (tests, demonstrations): a function of (dp_rank, dp_size) returning this data
+    stream's micro-batches.
+    """
+
+    def __init__(
+        self,
+        cfg: JobConfig,
+        *,
+        run_dir: Optional[Path] = None,
+        checkpoint_dir: Optional[Path] = None,
+        data: Optional[DataFactory] = None,
+    ):
+        self.cfg = cfg.validate()
+        self._stack = ExitStack()  # teardown, newest first: see close()
+        try:
+            self._build(run_dir, checkpoint_dir, data)
+        except BaseException:
+            self._stack.close()
+            raise
+
+    def _build(self, run_dir: Optional[Path], checkpoint_dir: Optional[Path], data: Optional[DataFactory]) -> None:
+        cfg, t = self.cfg, self.cfg.trainer
+
+        # 1. runtime: device, process group, degrees and mesh (the layout is checked first)
+        self.device = pick_device(t.device)
+        world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+        self.dims = dims = ParallelDims.from_config(cfg.parallel, world).validate(cfg.model, t)
+        if dims.distributed:
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            if not dist.is_initialized():
+                init_distributed(backend_for(self.device.type), cfg.parallel.timeout_s)
+                self._stack.push(_destroy_process_group)
+            dims.build_mesh(self.device.type)
+        self.is_logging_rank = dims.rank == logging_rank(world, dims.pp)
+        self.num_microbatches = dims.num_microbatches(t)
+        torch.manual_seed(t.seed)
+
+        # 2. model: meta device -> parallelize -> materialize + layout-invariant init (or load)
+        with torch.device("meta"):
+            model = K2Model(cfg.model)
+        placed = parallelize(
+            model, dims, cfg.parallel, compile=t.compile, seq_len=t.seq_len, micro_batch_size=t.micro_batch_size,
+            num_microbatches=self.num_microbatches, loss_fn=pipeline_cross_entropy, device=self.device,
+        )
+        self.parts, self.pipeline = placed.parts, placed.pipeline
+        for part in self.parts:
+            part.to_empty(device=self.device)
+            part.init_weights(seed=t.seed)
+            part.train()
+        if t.checkpoint.load_path:  # initial weights; a resume below overrides them
+            load_model_weights(t.checkpoint.load_path, self.parts)
+
+        # 3. optimizer and LR schedule; the modules QK-Clip and the router-bias update act on
+        self.optimizer = build_optimizer(self.parts, cfg.optim, replica_group=replica_groups(dims) if dims.distributed else None)
+        self.scheduler = build_lr_scheduler(self.optimizer, cfg.optim, total_steps=t.steps)
+        self.attention = attention_modules(self.parts)
+        self.moes = [m for part in self.parts for m in part.moe_layers()]
+        self.moe_layer_ids = [int(i) for part in self.parts for i, blk in part.layers.items() if blk.mlp in self.moes]
+
+        # 4. data: this rank's stream (dp x ep coordinates read different data)
+        self.data = (data or self._default_data)(dims.dp_rank, dims.dp_size)
+        if hasattr(self.data, "close"):
+            self._stack.callback(self.data.close)
+        self._batches: Iterator[Batch] = iter(self.data)
+
+        # 5. checkpointing, then resume
+        self.progress = {"step": 0, "tokens_seen": 0, "clipped_heads_total": 0, "wandb_run_id": None}
+        self.guard = NonFiniteGuard(t.on_nonfinite)
+        self.spikes = LossSpikeDetector(t.spike_factor, t.spike_window)
+        checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else Path(t.output_dir) / "checkpoints"
+        self.checkpointer = CheckpointManager(checkpoint_dir, t.checkpoint, job_config=job_config_to_dict(cfg))
+        self._stack.callback(self.checkpointer.close)  # drains an asynchronous save
+        resumed = None
+        if t.checkpoint.enable and t.checkpoint.resume:
+            resumed = self.checkpointer.load_latest(self.checkpoint_state())
+
+        # 6. metrics: run folder, console / JSONL / wandb (continuing the checkpoint's wandb run)
+        self.run_dir = Path(run_dir) if run_dir is not None else Path(t.output_dir) / "logs" / time.strftime("%Y%m%d-%H%M%S")
+        if self.is_logging_rank:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(json.dumps(job_config_to_dict(cfg), indent=2))
+            (self.run_dir / "git_revision").write_text(git_revision() + "\n")
+        run_id = self.progress["wandb_run_id"] or default_wandb_run_id(self.run_dir)
+        self.progress["wandb_run_id"] = self.checkpointer.wandb_run_id = run_id
+        self.logger = MetricLogger(cfg.logging, self.run_dir, enabled=self.is_logging_rank,
+                                   config_dict=job_config_to_dict(cfg), wandb_run_id=run_id)
+        self._stack.callback(self.logger.close)
+        if resumed is not None:
+            self.logger.console(f"resumed from {self.checkpointer.folder} at step {resumed}")
+        self.tokens_per_step = t.global_batch_size * t.seq_len
+        self.flops_per_token = flops_per_token(cfg.model, t.seq_len, "megatron")
+        self.peak_tflops = peak_tflops(self.device)
+
+    def _default_data(self, dp_rank: int, dp_size: int):
+        t = self.cfg.trainer
+        return build_data_loader(self.cfg.data, load_tokenizer(self.cfg.data), seq_len=t.seq_len,
+                                 micro_batch_size=t.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
+                                 vocab_size=self.cfg.model.vocab_size)
+
+    # -- teardown -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Drain the checkpoint writer, stop the data thread, close the logs and the process
+        group the trainer started. Idempotent."""
+        self._stack.close()
+
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.__exit__(*exc)
+
+    # -- state --------------------------------------------------------------------------------
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps done (skipped ones included)."""
+        return self.progress["step"]
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """What a checkpoint saves and a resume restores."""
+        state = {
+            "model": self.parts, "optimizer": self.optimizer, "scheduler": self.scheduler, "train": self.progress,
+            "nonfinite": self.guard, "spikes": self.spikes,
+        }
+        if hasattr(self.data, "state_dict"):
+            state["data"] = self.data
+        return state
+
+    def next_batches(self) -> list[Batch]:
+        """This rank's micro-batches of the next step."""
+        return [next(self._batches) for _ in range(self.num_microbatches)]
+
+    # -- the step -----------------------------------------------------------------------------
+
+    def train_step(self, batches: list[Batch]) -> StepStats:
+        """One optimizer step over this rank's ``num_microbatches`` micro-batches: forward and
+        backward (or the pipeline schedule), gradient reduction and clipping, the skip decision on a
+        non-finite loss or norm, the optimizer, QK-Clip, the router-bias update, the LR schedule
+        and the step's metrics."""
+        t, dims = self.cfg.trainer, self.dims
+        self.progress["step"] += 1
+        step = self.progress["step"]
+        self.optimizer.zero_grad(set_to_none=True)
+        ce, aux = self._forward_backward(batches)
+
+        # gradients: sums over micro-batches and replicas -> the mean's gradient, clipped
+        reduce_gradients_(self.parts, dims)
+        grad_norm = clip_grad_norm_(self.parts, t.grad_clip if t.grad_clip > 0 else float("inf"), dims,
+                                    scale=1.0 / (self.num_microbatches * dims.dp_size))
+        # host sync: the skip decision needs the loss and the norm (the same on every rank)
+        loss, aux_loss, gnorm = torch.stack([ce + aux, aux, grad_norm.float()]).tolist()
+        lr = self.optimizer.param_groups[0]["lr"]
+        if not self.guard.check(loss, gnorm, step):
+            discard_step_(self.optimizer, self.moes)
+            for m in self.attention.values():
+                m.reset_max_logit()
+            self.scheduler.step()
+            return StepStats(step, loss, aux_loss, gnorm, lr, skipped=True)
+
+        # update: optimizer, QK-Clip, aux-loss-free router bias, LR
+        self.optimizer.step()
+        clip = apply_qk_clip(
+            self.attention, self.cfg.optim.qk_clip_tau if self.cfg.optim.qk_clip else None,
+            group=dims.group("dense_dp_mesh"), optimizer=self.optimizer, tp_group=dims.group("tp_mesh"),
+        )
+        for part in self.parts:
+            sum_expert_load_(part, dims.group("token_mesh"))
+        loads = [moe.tokens_per_expert.clone() for moe in self.moes]
+        for moe in self.moes:
+            update_router_bias_(moe, self.cfg.model.bias_update_rate)
+        self.scheduler.step()
+
+        layers = layer_metrics({**clip, **_expert_load_stats(self.moe_layer_ids, loads)}, dims.group("pp_mesh"))
+        self.progress["tokens_seen"] += self.tokens_per_step
+        self.progress["clipped_heads_total"] += layers.get("clipped_heads", 0)
+        return StepStats(step, loss, aux_loss, gnorm, lr, layers=layers)
+
+    def _forward_backward(self, batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross entropy and aux loss, each the mean over this step's micro-batches and data
+        streams; the gradients are left as sums over the micro-batches."""
+        t, dims, device = self.cfg.trainer, self.dims, self.device
+        tp_mesh = dims.tp_mesh if dims.tp > 1 else None
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.dtype == "bfloat16")
+        if len(batches) != self.num_microbatches:
+            raise ValueError(f"train_step got {len(batches)} micro-batches, this layout takes {self.num_microbatches}")
+        if self.pipeline is not None:
+            cat = {k: torch.cat([b[k] for b in batches]).to(device) for k in batches[0]}
+            with loss_context(tp_mesh), autocast:
+                res = pipeline_step(self.pipeline, cat["tokens"], cat["labels"], cat.get("position_ids"), cat.get("doc_ids"))
+            stats = torch.stack([res.ce, res.aux])
+        else:
+            model = self.parts[0]
+            stats = torch.zeros(2, device=device)
+            for batch in batches:
+                b = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                with loss_context(tp_mesh), autocast:
+                    logits = model(b["tokens"], position_ids=b.get("position_ids"), doc_ids=b.get("doc_ids"))
+                    ce = local_loss(cross_entropy(logits, b["labels"]))
+                    aux = model.aux_loss
+                    (ce + aux).backward()
+                stats += torch.stack([ce.detach(), aux.detach()]).float()
+            stats /= self.num_microbatches
+        if dims.dp_size > 1:
+            dist.all_reduce(stats, group=dims.dense_dp_mesh.get_group())
+            stats /= dims.dp_size
+        return stats[0], stats[1]
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def run(self) -> list[dict]:
+        """Train until ``trainer.steps``, checkpointing at ``trainer.checkpoint.interval`` and at the
+        end (plus the HF export), or until a preemption signal (checkpoint, then return). Returns
+        the metrics of every step trained."""
+        t = self.cfg.trainer
+        self.logger.console(self._banner())
+        if self.step >= t.steps:
+            self.logger.console(
+                f"the checkpoint in {self.checkpointer.folder} is at step {self.step} >= trainer.steps={t.steps}: nothing "
+                "to train (raise trainer.steps, or use another trainer.output_dir / trainer.checkpoint.resume=false)"
+            )
+            return []
+        history: list[dict] = []
+        # The bar only on a terminal: into a log file it would write a redraw per update.
+        bar = None
+        if self.is_logging_rank and self.cfg.logging.progress_bar and sys.stderr.isatty():
+            bar = tqdm(total=t.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        preempt = PreemptionHandler()
+        try:
+            while self.step < t.steps:
+                t0 = time.perf_counter()
+                stats = self.train_step(self.next_batches())
+                if stats.skipped:
+                    self.logger.console(f"step {stats.step}: non-finite loss={stats.loss} or grad norm={stats.grad_norm}; step skipped")
+                    continue
+                metrics = self._metrics(stats, time.perf_counter() - t0)
+                history.append(metrics)
+                self.logger.log(stats.step, metrics)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{stats.loss:.3f}", tok_s=f"{metrics['tokens_per_s']:,.0f}")
+                if stats.step % t.log_interval == 0 or stats.step == t.steps:
+                    line = format_step(stats.step, t.steps, metrics)
+                    bar.write(line) if bar is not None else self.logger.console(line)
+                ckpt = t.checkpoint
+                if ckpt.enable and ckpt.interval and stats.step % ckpt.interval == 0 and stats.step < t.steps:
+                    self.checkpointer.save(stats.step, self.checkpoint_state())
+                if preempt.should_stop(self.dims.group("token_mesh"), self.device):
+                    self.logger.console(f"preemption signal: checkpointing at step {stats.step} and exiting")
+                    if ckpt.enable:
+                        self.checkpointer.save(stats.step, self.checkpoint_state(), blocking=True)
+                    return history
+        finally:
+            preempt.uninstall()
+            if bar is not None:
+                bar.close()
+        if t.checkpoint.enable and history:
+            self._final_save()
+        return history
+
+    def _final_save(self) -> None:
+        """The last checkpoint (blocking) and, with ``trainer.checkpoint.export_hf``, its HF export
+        next to it (``<step>/hf``), written by rank 0."""
+        c = self.cfg.trainer.checkpoint
+        folder = self.checkpointer.save(self.step, self.checkpoint_state(), blocking=True)
+        if c.export_hf:
+            if self.dims.rank == 0:
+                export_hf(folder, folder / "hf", dtype=c.export_dtype, max_shard_size=c.max_shard_size, progress=False)
+            if self.dims.distributed:
+                dist.barrier()
+
+    def _metrics(self, stats: StepStats, seconds: float) -> dict[str, Any]:
+        metrics = {
+            "loss": stats.loss,
+            "aux_loss": stats.aux_loss,
+            "lr": stats.lr,
+            "grad_norm": stats.grad_norm,
+            "tokens_per_s": self.tokens_per_step / seconds,
+            "step_time_s": seconds,
+            "tokens_seen": self.progress["tokens_seen"],
+            "skipped_steps": self.guard.skipped,
+            **stats.layers,
+            "clipped_heads_total": self.progress["clipped_heads_total"],
+        }
+        if self.peak_tflops is not None:
+            world = self.dims.world_size
+            metrics["mfu"] = self.tokens_per_step / seconds * self.flops_per_token / (self.peak_tflops * 1e12 * world)
+            metrics["memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        if self.spikes.update(stats.loss):
+            metrics["loss_spike"] = 1
+            self.logger.console(f"step {stats.step}: loss spike {stats.loss:.4f} vs running mean {self.spikes.mean:.4f}")
+        return metrics
+
+    def _banner(self) -> str:
+        t, d = self.cfg.trainer, self.dims
+        n_params = sum(p.numel() for part in self.parts for p in part.parameters())
+        resume = f", resuming at step {self.step}" if self.step else ""
+        return (
+            f"k2train | model {self.cfg.model.name} | {n_params:,} params on this rank | device {self.device} | "
+            f"world {d.world_size} (pp {d.pp}, dp {d.dp}, ep {d.ep}, tp {d.tp})\n"
+            f"{t.steps} steps x {self.tokens_per_step:,} tokens ({self.num_microbatches} micro-batches of "
+            f"{t.micro_batch_size}x{t.seq_len} per data-parallel rank){resume}\nrun dir {self.run_dir}\n"
+            f"{describe_param_groups(self.optimizer)}"
+        )
+
+
+def _expert_load_stats(layer_ids: list[int], loads: list[torch.Tensor]) -> dict[str, float]:
+    """Per MoE layer: max / mean routed tokens per expert, and experts that got none (one host sync)."""
+    if not loads:
+        return {}
+    load_LE = torch.stack(loads)
+    ratio, dead = torch.stack([load_LE.amax(1) / load_LE.mean(1).clamp_min(1e-9), (load_LE == 0).sum(1)]).tolist()
+    out: dict[str, float] = {}
+    for layer, r, d in zip(layer_ids, ratio, dead):
+        out[f"expert_load_max_over_mean/layer_{layer}"] = r
+        out[f"dead_experts/layer_{layer}"] = int(d)
+    return out
+
+
+def _destroy_process_group(exc_type, exc, tb) -> None:
+    # A barrier first: without one, gloo rarely aborts at exit. Not after an error: another rank
+    # may be gone, and the barrier would wait for it until the collective timeout.
+    if dist.is_initialized():
+        if exc_type is None:
+            dist.barrier()
+        dist.destroy_process_group()
