@@ -7,8 +7,9 @@ max attention logit (max over layers and heads) and the loss to ``docs/muonclip_
 The task makes attention sharp on purpose: each sequence is random tokens followed by a copy of
 them, so the second half is predictable only by attending to one exact earlier position (an
 induction head). Sharp attention is what large logits buy, and an aggressive Muon lr gets there by
-growing the query/key weights. The loop is compact (model + MuonClip + QK-Clip + WSD schedule);
-the real trainer is ``python -m k2train.train``, which calls the same functions.
+growing the query/key weights. Both runs are the trainer's own (k2train.trainer.Trainer: MuonClip,
+QK-Clip, router-bias update, WSD schedule, gradient clipping) fed with these batches; the loss is
+on the copied half only (the first half's labels are ignored).
 
     python scripts/muonclip_demo.py --steps 200           # the setting of docs/muonclip_demo.png
     python scripts/muonclip_demo.py --steps 100 --lr 0.02 --tau 20
@@ -16,15 +17,14 @@ the real trainer is ``python -m k2train.train``, which calls the same functions.
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from k2train.config import ModelConfig, OptimConfig
-from k2train.model import K2Model, update_router_bias_
-from k2train.optim import apply_qk_clip, attention_modules, build_lr_scheduler, build_optimizer
+from k2train.config import CheckpointConfig, JobConfig, LoggingConfig, ModelConfig, OptimConfig, TrainerConfig
+from k2train.trainer import IGNORE_INDEX, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,54 +51,51 @@ MODEL = ModelConfig(
 )
 
 
-def copy_batch(gen: torch.Generator, batch: int, half: int, vocab: int) -> torch.Tensor:
-    """[batch, 2*half] tokens: random first half, then the same tokens again."""
-    first = torch.randint(2, vocab, (batch, half), generator=gen)
-    return torch.cat([first, first], dim=1)
+def copy_batches(seed: int, batch: int, half: int, vocab: int):
+    """A data factory for the trainer: [batch, 2*half] tokens, random first half then the same
+    tokens again; labels only on the copied half (the same batches in both runs)."""
+
+    def factory(dp_rank: int, dp_size: int):
+        gen = torch.Generator().manual_seed(seed)
+        while True:
+            first = torch.randint(2, vocab, (batch, half), generator=gen)
+            tokens = torch.cat([first, first], dim=1)
+            labels = tokens[:, 1:].clone()
+            labels[:, : half - 1] = IGNORE_INDEX  # the first half is unpredictable noise
+            yield {"tokens": tokens[:, :-1], "labels": labels}
+
+    return factory
 
 
 def train(args, qk_clip: bool) -> list[dict]:
-    torch.manual_seed(args.seed)
-    model = K2Model(MODEL)
-    model.init_weights(seed=args.seed)
-    cfg = OptimConfig(
-        name="muonclip" if qk_clip else "muon",
+    optim = OptimConfig(
         lr=args.lr,
         min_lr=args.lr / 10,
         weight_decay=0.1,
         ns_dtype="float32",  # bf16 matmuls are ~20x slower on CPU; the comparison does not depend on it
-        qk_clip=qk_clip,
+        qk_clip=qk_clip,  # off: plain Muon (the optim=muon preset)
         qk_clip_tau=args.tau,
         schedule="wsd",
         warmup_steps=args.warmup,
         decay_fraction=0.2,
     )
-    opt = build_optimizer([model], cfg)
-    sched = build_lr_scheduler(opt, cfg, args.steps)
-    attn = attention_modules(model)
-    moes = list(model.moe_layers())
-    gen = torch.Generator().manual_seed(args.seed + 1)  # same batches in both runs
-    half = args.seq_len // 2
+    trainer = TrainerConfig(
+        steps=args.steps, seq_len=args.seq_len - 1, micro_batch_size=args.batch, global_batch_size=args.batch,
+        grad_clip=1.0, seed=args.seed, device="cpu", log_interval=args.log_every, checkpoint=CheckpointConfig(enable=False),
+    )
+    logging = LoggingConfig(console=False, jsonl=False, progress_bar=False, wandb=False)
+    cfg = JobConfig(model=MODEL, optim=optim, trainer=trainer, logging=logging)
+    data = copy_batches(args.seed + 1, args.batch, args.seq_len // 2, MODEL.vocab_size)
+    label = "muonclip" if qk_clip else "muon    "
     history = []
-    for step in range(1, args.steps + 1):
-        tokens = copy_batch(gen, args.batch, half, MODEL.vocab_size)
-        logits = model(tokens[:, :-1])
-        # Loss on the copied half only: the first half is unpredictable noise.
-        loss = F.cross_entropy(logits[:, half - 1 :].flatten(0, 1), tokens[:, half:].flatten())
-        (loss + model.aux_loss).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        metrics = apply_qk_clip(attn, args.tau if qk_clip else None, optimizer=opt)
-        for moe in moes:
-            update_router_bias_(moe, MODEL.bias_update_rate)
-        sched.step()
-        history.append({"step": step, "loss": loss.item(), **metrics})
-        if step % args.log_every == 0:
-            print(
-                f"{'muonclip' if qk_clip else 'muon    '} step {step:4d} loss {loss.item():.3f} "
-                f"max_logit {metrics['max_logit']:8.2f} clipped {metrics['clipped_heads']}"
-            )
+    with tempfile.TemporaryDirectory() as tmp, Trainer(cfg, run_dir=tmp, data=data) as t:
+        for metrics in t.run():
+            # the reported loss is the cross entropy of the copied half (the trainer adds the MoE aux loss)
+            metrics = {**metrics, "step": len(history) + 1, "loss": metrics["loss"] - metrics["aux_loss"]}
+            history.append(metrics)
+            if metrics["step"] % args.log_every == 0:
+                print(f"{label} step {metrics['step']:4d} loss {metrics['loss']:.3f} "
+                      f"max_logit {metrics['max_logit']:8.2f} clipped {metrics['clipped_heads']}")
     return history
 
 
