@@ -17,13 +17,14 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from .embedded import embedded_documents
 from .tokenizer import K2_PATTERN, K2Tokenizer, _write_atomic, default_special_names, save_rank_file, special_tokens_config
 
 
 def _byte_decoder() -> dict[str, int]:
     """The printable character -> byte map of byte-level BPE (the inverse of GPT-2's bytes_to_unicode)."""
-    from tokenizers import pre_tokenizers
-
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     # ByteLevel maps printable ASCII/Latin-1 bytes to themselves and the rest to U+0100 and up, in
     # byte order; rebuild that map and check it covers the alphabet the library reports.
@@ -45,8 +46,6 @@ def train_bpe_ranks(texts: Iterable[str], vocab_size: int) -> dict[bytes, int]:
 
     Deterministic for a given input; raises if the corpus is too small to reach ``vocab_size``.
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-
     if vocab_size < 257:
         raise ValueError(f"--vocab-size={vocab_size} must be > 256 (the single bytes take the first 256 ranks)")
     tok = Tokenizer(models.BPE())
@@ -96,8 +95,6 @@ def build_hf_tokenizer(tokenizer: K2Tokenizer):
     Used by the benchmark and the equivalence tests. Merges are recovered from the ranks: a token of
     rank r is the merge of the two parts BPE leaves when only ranks below r may be used.
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-
     ranks = tokenizer.mergeable_ranks
     to_char = {b: c for c, b in _byte_decoder().items()}
 
@@ -159,8 +156,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--text-field", default="text", help="field of jsonl records holding the text")
     args = ap.parse_args(argv)
     if args.input == ["embedded"]:
-        from .embedded import embedded_documents
-
         texts: Iterable[str] = embedded_documents()
     else:
         texts = _read_texts(args.input, args.text_field)

@@ -13,6 +13,11 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
+from hydra import compose, initialize_config_module
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, OmegaConf
+
 
 def _fail(msg: str) -> None:
     raise ValueError(msg)
@@ -447,8 +452,6 @@ _SCHEMAS: dict[type, type] = {}
 
 def register_configs() -> None:
     """Register the schema so that Hydra type-checks every YAML file and override against it."""
-    from hydra.core.config_store import ConfigStore
-
     cs = ConfigStore.instance()
     cs.store(name="job_schema", node=_schema(JobConfig))
 
@@ -478,13 +481,8 @@ def _build(cls: type, data: Any, where: str = "") -> Any:
 
 def to_job_config(cfg: Any) -> JobConfig:
     """Composed Hydra config (DictConfig or dict) -> validated :class:`JobConfig`."""
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(cfg, DictConfig):
-            cfg = OmegaConf.to_container(cfg, resolve=True)
-    except ImportError:  # pragma: no cover - hydra is a core dependency
-        pass
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
     cfg = {k: v for k, v in dict(cfg).items() if k != "hydra"}
     return _build(JobConfig, cfg)
 
@@ -495,9 +493,6 @@ def job_config_to_dict(cfg: JobConfig) -> dict:
 
 def load_config(overrides: Optional[list[str]] = None, config_name: str = "config") -> JobConfig:
     """Compose ``conf/`` with Hydra's compose API (for tests, notebooks and the planner)."""
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-
     register_configs()
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module="k2train.conf", version_base=None):

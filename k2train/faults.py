@@ -22,6 +22,7 @@ be the globally reduced ones (``clip_grad_norm_`` over DTensors already is), and
 import datetime
 import logging
 import math
+import os
 import signal
 from collections import deque
 from typing import Iterable, Literal, Optional
@@ -155,7 +156,5 @@ def init_distributed(backend: str, timeout_s: int) -> None:
     A hung collective (a dead rank, a deadlocked pipeline) then fails after ``timeout_s`` instead
     of hanging the job forever; NCCL needs async error handling for that, which we switch on.
     """
-    import os
-
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     torch.distributed.init_process_group(backend=backend, timeout=collective_timeout(timeout_s))

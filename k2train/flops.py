@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import ModelConfig
+from .model import K2Model, MoE
 
 
 @dataclass
@@ -57,8 +58,6 @@ def _numel(module: torch.nn.Module) -> int:
 
 def count_params(cfg: ModelConfig) -> ParamCount:
     """Count every tensor of the real model, built on the meta device (no memory, seconds for 1T)."""
-    from .model import K2Model, MoE
-
     with torch.device("meta"):
         model = K2Model(cfg)
     counts = ParamCount(

@@ -11,7 +11,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from .config import ModelConfig
+from .config import ModelConfig, RopeScalingConfig
 
 _EXPERT_STACKS = {"w_gate": "gate_proj", "w_up": "up_proj", "w_down": "down_proj"}
 _EXPERT_NAMES = {v: k for k, v in _EXPERT_STACKS.items()}
@@ -80,8 +80,6 @@ def hf_config_dict(cfg: ModelConfig, torch_dtype: str = "bfloat16") -> dict:
 
 def model_config_from_hf(hf: dict, name: str = "hf") -> ModelConfig:
     """The inverse of :func:`hf_config_dict` (for ``from-hf`` imports)."""
-    from .config import RopeScalingConfig
-
     if hf.get("n_group", 1) != 1 or hf.get("topk_group", 1) != 1:
         raise ValueError(
             f"group-limited routing (n_group={hf.get('n_group')}, topk_group={hf.get('topk_group')}) is not "

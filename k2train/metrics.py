@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+import torch.distributed as dist
 
 from .config import LoggingConfig
 
@@ -44,9 +45,9 @@ class MetricLogger:
             self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
         mode = os.environ.get("WANDB_MODE", cfg.wandb_mode)
         if cfg.wandb and mode != "disabled":
-            try:
+            try:  # imported only when asked for: it takes seconds, and a run never fails for it
                 import wandb
-            except ImportError:  # wandb is a core dependency, but never fail a run for it
+            except ImportError:
                 wandb = None
             if wandb is not None:
                 self.wandb_run = wandb.init(
@@ -120,8 +121,6 @@ def layer_metrics(stage_metrics: dict[str, Any], group=None) -> dict[str, Any]:
     """
     per_layer = {k: v for k, v in stage_metrics.items() if "/layer_" in k}
     if group is not None:
-        import torch.distributed as dist
-
         gathered: list = [None] * dist.get_world_size(group)
         dist.all_gather_object(gathered, per_layer, group=group)
         per_layer = {k: v for part in gathered for k, v in part.items()}

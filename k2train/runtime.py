@@ -13,11 +13,14 @@ its name when ``main()`` starts. The name comes from the environment, in this or
 log file. Only rank 0 writes the config and git revision; metrics come from :func:`logging_rank`.
 """
 
+import datetime
 import hashlib
 import os
 import time
 from pathlib import Path
 from typing import Mapping, Optional
+
+from torch.distributed import TCPStore
 
 RUN_ID_ENV = "K2TRAIN_RUN_ID"
 _STORE_KEY = "k2train/run_id"
@@ -53,10 +56,6 @@ def _agreed_timestamp(env: Mapping[str, str], timeout_s: float = 300.0) -> Optio
     """
     if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "MASTER_ADDR" not in env:
         return None
-    import datetime
-
-    from torch.distributed import TCPStore
-
     rank, _, world = rank_from_env(env)
     store = TCPStore(
         env["MASTER_ADDR"], int(env["MASTER_PORT"]), world, is_master=False,

@@ -17,6 +17,8 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import Tensor
 
+from k2train.kernels.muon_fused import apply_update_, fused_muon_available, momentum_to_ns_input_
+
 from .newton_schulz import NS_COEFFICIENTS, ns_input_target_norm, pow2_scale, zeropower_via_newtonschulz
 from .sharded import is_dtensor, like_param, local, shard_like, sharded_newton_schulz, wrap_like
 
@@ -299,10 +301,6 @@ class MuonClip(torch.optim.Optimizer):
         tensors with a half-precision NS; ``fused=True`` also asks for them on CPU (interpreter)."""
         if self.fused is False or self.ns_dtype not in (torch.float16, torch.bfloat16):
             return False
-        try:
-            from k2train.kernels.muon_fused import fused_muon_available
-        except ImportError:
-            return False
         for p, w in zip(params, targets):
             if is_dtensor(p) or not (p.is_contiguous() and p.grad.is_contiguous() and w.is_contiguous()):
                 return False
@@ -313,8 +311,6 @@ class MuonClip(torch.optim.Optimizer):
     def _muon_group_fused(self, group: dict, params: list[Tensor], targets: list[Tensor]) -> None:
         # Same math as the unfused path: momentum, Nesterov and the scaled half cast go straight into
         # each NS batch (one kernel pair per param), the update is one pass per param.
-        from k2train.kernels.muon_fused import apply_update_, momentum_to_ns_input_
-
         for (M, K), chunk in ns_chunks([(p.shape, p.device) for p in params]):
             counts = [params[i].numel() // (M * K) for i in chunk]
             batch = torch.empty(sum(counts), M, K, device=params[chunk[0]].device, dtype=self.ns_dtype)

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from typing import Optional, Union
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from k2train.model.attention import MLA
@@ -138,8 +139,6 @@ def apply_qk_clip(
     for row, m in enumerate(attn.values()):
         logits_LH[row, : m.max_logit.numel()] = m.max_logit
     if group is not None:
-        import torch.distributed as dist
-
         dist.all_reduce(logits_LH, op=dist.ReduceOp.MAX, group=group)
 
     clipped_L = torch.zeros(len(layers), dtype=torch.int64, device=device)
@@ -163,8 +162,6 @@ def apply_qk_clip(
 
     summary_2L = torch.stack([logits_LH.amax(dim=1), clipped_L.to(logits_LH.dtype)])
     if tp_group is not None:
-        import torch.distributed as dist
-
         parts = [torch.empty_like(summary_2L) for _ in range(dist.get_world_size(tp_group))]
         dist.all_gather(parts, summary_2L, group=tp_group)
         all_T2L = torch.stack(parts)

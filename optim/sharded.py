@@ -19,11 +19,11 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 
 def is_dtensor(t) -> bool:
-    """Whether ``t`` is a DTensor (duck-typed, so that nothing here imports DTensor unless needed)."""
-    return hasattr(t, "device_mesh") and hasattr(t, "to_local") and hasattr(t, "placements")
+    return isinstance(t, DTensor)
 
 
 def local(t: Tensor) -> Tensor:
@@ -45,8 +45,6 @@ def matrix_shard_dims(x: Tensor) -> Optional[tuple]:
     matrix dim (r or c) is sharded, None if only the stack dims are (then each rank holds whole
     matrices and NS runs locally). Raises for layouts we do not orthogonalise (Partial, or stack
     and matrix dims sharded together)."""
-    from torch.distributed.tensor import Replicate, Shard
-
     nd = x.ndim
     out, matrix_sharded, batch_sharded = [], False, False
     for pl in x.placements:
@@ -72,8 +70,6 @@ def matrix_shard_dims(x: Tensor) -> Optional[tuple]:
 def gather_matrices(xs: list[Tensor], placements: tuple) -> Tensor:
     """The full ``[N, r, c]`` stack of the DTensors ``xs`` (same mesh, global matrix shape and
     layout ``placements`` in the stacked frame, see :func:`matrix_shard_dims`): one all-gather."""
-    from torch.distributed.tensor import DTensor
-
     x0 = xs[0]
     r, c = x0.shape[-2:]
     locals_ = [local(x) for x in xs]
@@ -87,8 +83,6 @@ def gather_matrices(xs: list[Tensor], placements: tuple) -> Tensor:
 def shard_matrices(full: Tensor, like: list[Tensor], placements: tuple) -> list[Tensor]:
     """Inverse of :func:`gather_matrices`: this rank's shards of the full ``[N, r, c]`` stack, as
     DTensors shaped and placed like ``like``. Local slicing only (Replicate -> Shard), no collective."""
-    from torch.distributed.tensor import DTensor, Replicate
-
     mesh = like[0].device_mesh
     replicated = DTensor.from_local(full, mesh, [Replicate()] * mesh.ndim, run_check=False)
     stack = replicated.redistribute(mesh, placements).to_local()
@@ -106,8 +100,6 @@ def wrap_like(t: Tensor, like: Tensor) -> Tensor:
     """``t`` (a local shard) as a DTensor placed like ``like``; ``t`` itself if ``like`` is plain."""
     if not is_dtensor(like):
         return t
-    from torch.distributed.tensor import DTensor
-
     return DTensor.from_local(t, like.device_mesh, like.placements, run_check=False, shape=like.shape, stride=like.stride())
 
 
@@ -121,8 +113,6 @@ def shard_like(full: Tensor, param: Tensor) -> Tensor:
     if ``param`` is one, else ``full`` (no collective). Used to load gathered optimizer state."""
     if not is_dtensor(param) or is_dtensor(full):
         return full
-    from torch.distributed.tensor import DTensor, Replicate
-
     mesh = param.device_mesh
     if tuple(full.shape) != tuple(param.shape):
         raise ValueError(f"state of shape {tuple(full.shape)} for a DTensor param of global shape {tuple(param.shape)}")

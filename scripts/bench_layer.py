@@ -112,30 +112,25 @@ def bench_ours(attn_impl, moe_impl, anchors):
 
 
 def bench_small(attn_impl, moe_impl, ns_impl, B=4):
-    import yaml
-    from k2train.config import OptimConfig
+    """The trainer's own optimizer step (k2train.trainer.Trainer.train_step) on k2_small."""
+    import tempfile
+
+    from k2train.config import CheckpointConfig, JobConfig, LoggingConfig, OptimConfig, TrainerConfig, load_config
     from k2train.flops import flops_per_token
-    from k2train.model import K2Model
-    from k2train.optim import build_optimizer
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    fields = yaml.safe_load(open(os.path.join(root, "conf", "model", "k2_small.yaml")))
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    cfg = ModelConfig(**{k: v for k, v in fields.items() if k in known}, attn_impl=attn_impl, moe_impl=moe_impl)
-    with torch.device("meta"):
-        model = K2Model(cfg)
-    model.to_empty(device="cuda")
-    model.init_weights(seed=0)
-    opt = build_optimizer([model], OptimConfig(ns_impl=ns_impl))
-    tokens = torch.randint(0, cfg.vocab_size, (B, SEQ + 1), device="cuda")
+    from k2train.trainer import Trainer
+    cfg = dataclasses.replace(load_config(["model=k2_small"]).model, attn_impl=attn_impl, moe_impl=moe_impl)
+    job = JobConfig(
+        model=cfg, optim=OptimConfig(ns_impl=ns_impl),
+        trainer=TrainerConfig(seq_len=SEQ, micro_batch_size=B, global_batch_size=B, dtype="bfloat16", device="cuda",
+                              checkpoint=CheckpointConfig(enable=False)),
+        logging=LoggingConfig(console=False, jsonl=False, progress_bar=False, wandb=False),
+    )
+    tokens = torch.randint(0, cfg.vocab_size, (B, SEQ + 1))
+    batches = [{"tokens": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous()}]
+    trainer = Trainer(job, run_dir=tempfile.mkdtemp(), data=lambda rank, size: iter(()))
 
     def step():
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = model(tokens[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
-        (loss + model.aux_loss).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
-        opt.step()
+        trainer.train_step(batches)
     for _ in range(2):
         step()
     torch.cuda.synchronize()
@@ -148,7 +143,8 @@ def bench_small(attn_impl, moe_impl, ns_impl, B=4):
     key = f"k2_small step B={B} S={SEQ} attn={attn_impl} moe={moe_impl} ns={ns_impl}"
     RES[key] = dict(ms=ms, tokens_per_s=tok_s, mfu=mfu, gflop_per_token=fpt / 1e9, peak_gib=peak)
     print(f"{key:66s} {ms:8.1f} ms {tok_s:9.0f} tok/s MFU {mfu:.1%} (989 TFLOP/s peak) peak {peak:.1f} GiB", flush=True)
-    del model, opt
+    trainer.close()
+    del trainer
     torch.cuda.empty_cache()
 
 

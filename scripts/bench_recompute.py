@@ -18,11 +18,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-from k2train.config import load_config
+from k2train.config import ParallelConfig, load_config
 from k2train.model import K2Model
-from k2train.parallel.compile import apply_compile
+from k2train.parallel import ParallelDims
 from k2train.parallel.memory import head_activation_bytes, layer_activation_bytes
-from k2train.parallel.recompute import apply_recompute
+from k2train.parallel.parallelize import parallelize
 
 MODES = [("none", False), ("selective", False), ("full", False), ("full", True)]
 
@@ -40,9 +40,9 @@ def run(cfg, mode: str, compiled: bool, batch: int, seq: int, device: torch.devi
     torch.manual_seed(0)
     with torch.device("meta"):
         model = K2Model(cfg)
-    apply_recompute(model, mode)
-    if compiled:
-        apply_compile(model)
+    layout = ParallelConfig(recompute=mode)
+    (model,) = parallelize(model, ParallelDims.from_config(layout, 1), layout, compile=compiled, seq_len=seq,
+                           micro_batch_size=batch, num_microbatches=1, loss_fn=None, device=device).parts
     model.to_empty(device=device)
     model.init_weights(seed=0)
     model.train()

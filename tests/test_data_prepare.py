@@ -1,9 +1,8 @@
-"""prepare: datasets-based reading, parallel tokenization, manifest, resume, bad inputs."""
+"""prepare: reading, parallel tokenization, manifest, resume, bad inputs (bad records: test_data_prepare_bad.py)."""
 
 import json
 
 import pytest
-
 from k2train.data_pipeline import prepare as prep
 from k2train.data_pipeline.embedded import embedded_tokenizer
 from k2train.data_pipeline.indexed import IndexedDataset
@@ -80,15 +79,21 @@ def test_text_parquet_and_invalid_utf8(tmp_path, tok):
 
 
 def test_missing_field_and_corrupt_file_name_the_file(tmp_path, jsonl):
-    with pytest.raises(ValueError, match=r"in\.jsonl: record 0 has no field 'body'.*'id', 'text'"):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"content": ["x"]}), tmp_path / "b.parquet")
+    with pytest.raises(prep.BadRecordError, match=r"in\.jsonl:1: no field 'body' \(fields: id, text\); set --text-field"):
         prep.prepare([jsonl], str(tmp_path / "o"), text_field="body", workers=1, progress=False)
+    with pytest.raises(ValueError, match=r"b\.parquet: no column 'body' \(columns: content\); set --text-field"):
+        prep.prepare([str(tmp_path / "b.parquet")], str(tmp_path / "o1"), text_field="body", workers=1, progress=False)
     bad = tmp_path / "broken.parquet"
     bad.write_bytes(b"PAR1 this is not parquet")
     with pytest.raises(ValueError, match=r"broken\.parquet: cannot read"):
         prep.prepare([str(bad)], str(tmp_path / "o2"), workers=1, progress=False)
     bad_json = tmp_path / "broken.jsonl"
     bad_json.write_bytes(b'{"text": "ok"}\n{"text": "unterminated\n')
-    with pytest.raises(ValueError, match=r"broken\.jsonl: cannot read"):
+    with pytest.raises(prep.BadRecordError, match=r"broken\.jsonl:2: not valid JSON \(column 10: Unterminated string"):
         prep.prepare([str(bad_json)], str(tmp_path / "o3"), workers=1, progress=False)
 
 

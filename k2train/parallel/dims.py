@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+from torch.distributed.device_mesh import init_device_mesh
 
 from ..config import ModelConfig, ParallelConfig, TrainerConfig
 
@@ -136,8 +137,6 @@ class ParallelDims:
         """The 4-D mesh (size-1 axes included, so every name always exists) and its flattened
         ``dp_ep`` (dense data parallel), ``dp_tp`` (expert replicas) and ``dp_ep_tp`` (all ranks
         that see different tokens) axes. Stored on ``self.mesh`` and returned."""
-        from torch.distributed.device_mesh import init_device_mesh
-
         mesh = init_device_mesh(
             device_type, (self.pp, self.dp, self.ep, self.tp), mesh_dim_names=MESH_AXES
         )

@@ -22,7 +22,13 @@ weights, fp32 gradients, fp32 masters inside the ZeRO-1-sharded optimizer state)
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
+
 from ..config import ModelConfig, OptimConfig, ParallelConfig, TrainerConfig
+from ..model import K2Model
+from ..optim.grouping import is_muon_param
+from .expert_parallel import is_expert_param
+from .pipeline import build_stage_part, layer_costs, split_layers
 
 GiB = 1024**3
 # Parameters that the TP plan shards over tp (docs/parallelism.md); the rest are replicated.
@@ -199,14 +205,6 @@ def _stage_params(model_cfg: ModelConfig, num_stages: int, seq_len: int, adamw_o
     key = repr((model_cfg, num_stages, seq_len, adamw_only))
     if key in _STAGE_CACHE:
         return _STAGE_CACHE[key]
-    import torch
-
-    from k2train.optim.grouping import is_muon_param
-
-    from ..model import K2Model
-    from .expert_parallel import is_expert_param
-    from .pipeline import build_stage_part, layer_costs, split_layers
-
     with torch.device("meta"):
         model = K2Model(model_cfg)
     costs, first, last = layer_costs(model_cfg, seq_len)
