@@ -33,7 +33,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from .checkpoint_layout import (DONE_FILE, EXTRA_DIR, LATEST_FILE, META_FILE, MODEL_KEY, OPTIM_KEY, extra_name,
                                 git_revision, latest_valid, list_checkpoints, mark_complete, resolve_checkpoint,
-                                step_dir_name, validate_checkpoint, write_json)
+                                step_dir_name, write_json)
 from .config import CheckpointConfig
 from .parallel.expert_parallel import ExpertParallelExperts
 
@@ -385,7 +385,8 @@ class CheckpointManager:
         if OPTIM_KEY in state:
             opt_targets = _optimizer_targets(state[OPTIM_KEY], model, stored)
             if not any(k.startswith(f"{OPTIM_KEY}.state.") for k in stored):
-                log.warning("checkpoint %s holds no optimizer state (a weights-only import, or saved before the first step): the optimizer starts fresh", folder)
+                log.warning("checkpoint %s holds no optimizer state (a weights-only import, or saved before the first "
+                            "step): the optimizer starts fresh", folder)
                 opt_targets = {}
             targets.update(opt_targets)
         dcp.load(targets, storage_reader=reader, process_group=self.process_group)

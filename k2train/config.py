@@ -138,7 +138,8 @@ class ModelConfig:
                 _fail(f"model.{name}={tid} is outside the vocabulary [0, {self.vocab_size})")
         rs = self.rope_scaling
         if rs.type == "yarn":
-            _positive("model.rope_scaling", factor=rs.factor, original_max_position_embeddings=rs.original_max_position_embeddings)
+            _positive("model.rope_scaling", factor=rs.factor,
+                      original_max_position_embeddings=rs.original_max_position_embeddings)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -361,7 +361,8 @@ def import_hf(
         for hf_name, t in parts:
             _check_hf_tensor(src, hf_name, tuple(t.shape), block)
         sources[our] = [p[0] for p in parts]
-    unused = sorted(set(src.headers) - {n for v in sources.values() for n in v} - {n + "_scale_inv" for v in sources.values() for n in v})
+    used = {n for v in sources.values() for n in v}
+    unused = sorted(set(src.headers) - used - {n + "_scale_inv" for n in used})
     unused = [n for n in unused if from_hf(n) is not None]
     if unused:
         raise ValueError(f"{folder} has tensors the config does not explain, e.g. {unused[:3]}: does config.json match?")

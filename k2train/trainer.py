@@ -337,7 +337,8 @@ class Trainer:
                 t0 = time.perf_counter()
                 stats = self.train_step(self.next_batches())
                 if stats.skipped:
-                    self.logger.console(f"step {stats.step}: non-finite loss={stats.loss} or grad norm={stats.grad_norm}; step skipped")
+                    self.logger.console(
+                        f"step {stats.step}: non-finite loss={stats.loss} or grad norm={stats.grad_norm}; step skipped")
                     continue
                 metrics = self._metrics(stats, time.perf_counter() - t0)
                 history.append(metrics)

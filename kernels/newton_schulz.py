@@ -510,9 +510,9 @@ def zeropower_gram_batched(G_NMK: torch.Tensor, steps: int = 5,
     """Gram Newton-Schulz (k2train.optim.newton_schulz.zeropower_via_gram_newtonschulz has the math
     and the torch reference) on a batch [N, M, K] (or one [M, K]): the Gram X X^T and every M x M
     product (R R, Q Q, R Q^2, Q P) go through a symmetric-product implementation chosen by
-    :func:`_sym_product` (``sym_impl``); the two M x K products P X are cuBLAS. Runs in ``dtype`` (fp16 or bf16 on GPUs; fp32 is for the CPU
-    interpreter's tests), returns it, in the input's orientation. Needs Triton (``impl`` "auto" or
-    "triton")."""
+    :func:`_sym_product` (``sym_impl``); the two M x K products P X are cuBLAS. Runs in ``dtype`` (fp16
+    or bf16 on GPUs; fp32 is for the CPU interpreter's tests), returns it, in the input's orientation.
+    Needs Triton (``impl`` "auto" or "triton")."""
     if G_NMK.dim() not in (2, 3):
         raise ValueError(f"zeropower_gram_batched expects [N, M, K] or [M, K], got {tuple(G_NMK.shape)}")
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):

@@ -149,10 +149,12 @@ def build_optimizer(
     groups = build_param_groups(model_parts, cfg)
     label = f"{cfg.ns_method}, {ns_dtype}, {cfg.ns_impl}, {cfg.ns_steps} steps" + (
         f", restart before iteration {', '.join(map(str, cfg.ns_gram_restarts))}" if cfg.ns_method == "gram" else "")
+    sharded = None
     if cfg.zero1 and replica_group is not None:
         sharded = [{**g, "dp_groups": [replica_group(n) for n in g["names"]]} for g in groups]
-        zero1 = any(dist.get_world_size(pg) > 1 for g in sharded for pg in g["dp_groups"])
-    opt = DistributedMuonClip(sharded, **kwargs) if cfg.zero1 and replica_group is not None and zero1 else MuonClip(groups, **kwargs)
+        if all(dist.get_world_size(pg) == 1 for g in sharded for pg in g["dp_groups"]):
+            sharded = None  # every param lives on one rank: nothing to shard
+    opt = DistributedMuonClip(sharded, **kwargs) if sharded else MuonClip(groups, **kwargs)
     opt.ns_label = label
     return opt
 

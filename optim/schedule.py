@@ -14,7 +14,9 @@ from torch.optim.lr_scheduler import LambdaLR
 from k2train.config import OptimConfig
 
 
-def lr_multiplier(step: int, schedule: str, peak_lr: float, min_lr: float, warmup_steps: int, decay_start: int, total_steps: int) -> float:
+def lr_multiplier(
+    step: int, schedule: str, peak_lr: float, min_lr: float, warmup_steps: int, decay_start: int, total_steps: int
+) -> float:
     """lr(step) / peak_lr, where ``step`` counts finished optimizer steps (0 before the first).
 
     Warmup: ``(step + 1) / warmup_steps`` so the first step already trains. Decay: from the peak at

@@ -91,7 +91,8 @@ def train(cfg: JobConfig, batches: torch.Tensor) -> dict:
     """Run the trainer over ``batches``; this rank's losses, grad norms and clipped heads per step,
     its step-1 gradients (after reduction and clipping: what the optimizer sees), final parameters
     and router biases, as full tensors (tp shards and ep slices gathered)."""
-    with tempfile.TemporaryDirectory() as tmp, Trainer(cfg, run_dir=tmp, data=stream(batches, cfg.trainer.micro_batch_size)) as trainer:
+    data = stream(batches, cfg.trainer.micro_batch_size)
+    with tempfile.TemporaryDirectory() as tmp, Trainer(cfg, run_dir=tmp, data=data) as trainer:
         grads: dict = {}
 
         def record(optimizer, args, kwargs):

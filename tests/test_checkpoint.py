@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from k2train.checkpoint import DONE_FILE, LATEST_FILE, CheckpointManager, list_checkpoints, validate_checkpoint
+from k2train.checkpoint import CheckpointManager
+from k2train.checkpoint_layout import DONE_FILE, LATEST_FILE, list_checkpoints, validate_checkpoint
 from k2train.config import CheckpointConfig, load_config
 from k2train.model import K2Model, update_router_bias_
 

@@ -17,7 +17,7 @@ import dataclasses
 import pytest
 
 import parallel_harness as h
-from k2train.config import ModelConfig, OptimConfig, TrainerConfig
+from k2train.config import ModelConfig, OptimConfig
 
 RTOL = 1e-5
 

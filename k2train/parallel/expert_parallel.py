@@ -70,7 +70,8 @@ class ExpertParallelExperts(nn.Module):
             self.register_parameter(name, nn.Parameter(local, requires_grad=full.requires_grad))
 
     def extra_repr(self) -> str:
-        return f"experts {self.ep_rank * self.num_local_experts}..{(self.ep_rank + 1) * self.num_local_experts - 1} of {self.num_experts}, ep={self.ep_size}"
+        lo = self.ep_rank * self.num_local_experts
+        return f"experts {lo}..{lo + self.num_local_experts - 1} of {self.num_experts}, ep={self.ep_size}"
 
     def _local_experts(self, x_MD: torch.Tensor, local_id_M: torch.Tensor) -> torch.Tensor:
         """The El local experts on received rows, unweighted (gate weight 1.0 is exact)."""

@@ -381,7 +381,9 @@ def format_memory_report(
     if gpu_memory_gib is not None:
         lines.append(f"  on {gpu_memory_gib:.1f} GiB GPUs ({gpu_memory_gib * GiB / 1e9:.0f} GB):")
         variants = [("as configured", {}), ("+ FP8 storage of MoE/SwiGLU inputs (K2)", dict(fp8_moe_inputs=True))]
-        variants.append(("+ FP8 + CPU offload of in-flight activations (K2)", dict(fp8_moe_inputs=True, offload_activations=True)))
+        variants.append(
+            ("+ FP8 + CPU offload of in-flight activations (K2)", dict(fp8_moe_inputs=True, offload_activations=True))
+        )
         for label, kw in variants:
             q = plan if not kw else estimate_memory(model_cfg, p, trainer_cfg, optim_cfg, precision, **kw)
             margin = gpu_memory_gib - q.peak.total / GiB

@@ -245,7 +245,8 @@ def build_pipeline(
     # Static shapes (no shape-inference pass). requires_grad tells the stage which tensors have
     # gradients to exchange in the backward. Under tensor (+ sequence) parallelism the hidden
     # states between stages are each tp rank's sequence shard [B, S/tp, D].
-    hidden = torch.empty(micro_batch_size, seq_len // parallel_cfg.tp, model.cfg.hidden_size, dtype=dtype, device="meta", requires_grad=True)
+    hidden = torch.empty(micro_batch_size, seq_len // parallel_cfg.tp, model.cfg.hidden_size, dtype=dtype, device="meta",
+                         requires_grad=True)
     tokens = torch.empty(micro_batch_size, seq_len, dtype=torch.long, device="meta")
     logits = torch.empty(micro_batch_size, seq_len, model.cfg.vocab_size, dtype=dtype, device="meta", requires_grad=True)
 
