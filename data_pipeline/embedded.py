@@ -50,7 +50,9 @@ def embedded_files() -> list[Path]:
     paths = [stdlib / f"{m}.py" for m in EMBEDDED_MODULES]
     found = [p for p in paths if p.is_file()]
     if len(found) < len(paths) // 2:
-        raise FileNotFoundError(f"the embedded corpus needs the standard-library sources under {stdlib}; found {len(found)} of {len(paths)}")
+        raise FileNotFoundError(
+            f"the embedded corpus needs the standard-library sources under {stdlib}; found {len(found)} of {len(paths)}"
+        )
     return found
 
 

@@ -198,4 +198,6 @@ class IndexedDataset:
         """Fail, naming the file, if any token id is outside ``[0, vocab_size)``."""
         top = self.max_token_id()
         if top >= vocab_size:
-            raise ValueError(f"{self.bin_file}: token id {top} >= vocab size {vocab_size}; the data was tokenized with a larger vocabulary")
+            raise ValueError(
+                f"{self.bin_file}: token id {top} >= vocab size {vocab_size}; the data was tokenized with a larger vocabulary"
+            )

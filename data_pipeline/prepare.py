@@ -164,7 +164,10 @@ def _check_not_binary(path: str, builder: str) -> None:
     except (OSError, EOFError, zlib.error) as e:
         raise ValueError(f"{path}: cannot read ({type(e).__name__}: {e}); the file is truncated or corrupt") from e
     if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        raise ValueError(f"{path}: is UTF-16 (it starts with a UTF-16 byte-order mark); convert it to UTF-8, e.g. with iconv -f UTF-16 -t UTF-8")
+        raise ValueError(
+            f"{path}: is UTF-16 (it starts with a UTF-16 byte-order mark); "
+            "convert it to UTF-8, e.g. with iconv -f UTF-16 -t UTF-8"
+        )
     nul = head.find(b"\0")
     if nul >= 0:
         what = "JSON" if builder == "json" else "text"
@@ -264,7 +267,8 @@ def _iter_json_array(path: str, field: str, data: bytes, first_line: int) -> Ite
 
     def broken(pos: int, what: str) -> ValueError:
         return ValueError(
-            f"{path}:{line_at(pos)}: {what}; a broken JSON array cannot be skipped past: fix it, or convert the file to JSON Lines"
+            f"{path}:{line_at(pos)}: {what}; a broken JSON array cannot be skipped past: "
+            "fix it, or convert the file to JSON Lines"
         )
 
     pos = _JSON_WS.match(text, _JSON_WS.match(text).end() + 1).end()  # past "["
@@ -291,7 +295,9 @@ def _iter_json_array(path: str, field: str, data: bytes, first_line: int) -> Ite
 
 
 def _json_type(value: object) -> str:
-    return {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number"}.get(type(value), type(value).__name__)
+    return {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number"}.get(
+        type(value), type(value).__name__
+    )
 
 
 def _json_record(value: object, where: str, field: str, invalid_utf8: bool) -> str | _Repaired | _Bad:
@@ -405,7 +411,10 @@ class _Progress:
             self.bar.update(documents)
         elif self.enabled and now - self.last_line >= PROGRESS_EVERY_S:
             self.last_line = now
-            print(f"prepare {self.name}: {self.documents:,} documents, {rate}, {self.bad:,} bad records skipped", file=sys.stderr, flush=True)
+            print(
+                f"prepare {self.name}: {self.documents:,} documents, {rate}, {self.bad:,} bad records skipped",
+                file=sys.stderr, flush=True,
+            )
 
     def close(self) -> None:
         if self.bar is not None:
@@ -465,7 +474,8 @@ def prepare(
     if pool is None:
         _init_worker(tokenizer_path)
     bar = _Progress(
-        Path(output).name, progress, sum(p["documents"] for p in state["parts"]), sum(sum(p["bad"].values()) for p in state["parts"])
+        Path(output).name, progress, sum(p["documents"] for p in state["parts"]),
+        sum(sum(p["bad"].values()) for p in state["parts"]),
     )
     try:
         stream = records()
@@ -489,7 +499,10 @@ def prepare(
 
 def _write_part(stream, prefix: Path, tokenizer, part_records, batch_docs, pool, bar, on_bad_record) -> dict | None:
     """Tokenize up to ``part_records`` records into one part; None when the input is exhausted."""
-    stats = {"name": prefix.name, "records": 0, "documents": 0, "tokens": 0, "empty": 0, "bad": {}, "bad_first": [], "repaired": {}}
+    stats = {
+        "name": prefix.name, "records": 0, "documents": 0, "tokens": 0, "empty": 0,
+        "bad": {}, "bad_first": [], "repaired": {},
+    }
 
     def batches():
         # With a pool this runs in the pool's task thread; an exception here reaches imap's caller.
@@ -567,7 +580,10 @@ def _finish(output, parts_dir, state, sources, tokenizer, source_fp, on_bad_reco
         "invalid_utf8_documents_replaced": repaired.get("invalid_utf8", 0) + sum(s.get("invalid_utf8", 0) for s in sources),
         "lone_surrogate_documents_replaced": repaired.get("lone_surrogate", 0),
         "eos_appended": True,
-        "tokenizer": {"path": str(tokenizer.path), "fingerprint": tokenizer.fingerprint, "n_vocab": tokenizer.n_vocab, "eos_id": tokenizer.eos_id},
+        "tokenizer": {
+            "path": str(tokenizer.path), "fingerprint": tokenizer.fingerprint,
+            "n_vocab": tokenizer.n_vocab, "eos_id": tokenizer.eos_id,
+        },
         "source": {"fingerprint": source_fp, "files": sources},
     }
     _write_atomic(Path(f"{output}.json"), (json.dumps(manifest, indent=1) + "\n").encode())
@@ -577,7 +593,10 @@ def _finish(output, parts_dir, state, sources, tokenizer, source_fp, on_bad_reco
 
 def summary_line(m: dict) -> str:
     """The one line the command prints at the end: counts, and the first bad records by file:line."""
-    line = f"wrote {m['prefix']}.bin/.idx: {m['documents']:,} documents, {m['tokens']:,} tokens; skipped {m['empty_documents_skipped']:,} empty"
+    line = (
+        f"wrote {m['prefix']}.bin/.idx: {m['documents']:,} documents, {m['tokens']:,} tokens; "
+        f"skipped {m['empty_documents_skipped']:,} empty"
+    )
     bad = m["bad_records_skipped"]
     if bad:
         n = sum(bad.values())
@@ -592,17 +611,24 @@ def summary_line(m: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--input", nargs="+", required=True, help="json/jsonl(.gz)/parquet/text files, folders of them, or a hub dataset name")
+    ap.add_argument(
+        "--input", nargs="+", required=True,
+        help="json/jsonl(.gz)/parquet/text files, folders of them, or a hub dataset name",
+    )
     ap.add_argument("--output", required=True, help="output prefix: writes PREFIX.bin, PREFIX.idx, PREFIX.json")
     ap.add_argument("--tokenizer", default="embedded", help="tiktoken.model file or folder ('embedded': the built-in BPE)")
     ap.add_argument("--text-field", default="text")
-    ap.add_argument("--text-unit", default="document", choices=["document", "line", "paragraph"], help="what one document is in a text file")
+    ap.add_argument(
+        "--text-unit", default="document", choices=["document", "line", "paragraph"],
+        help="what one document is in a text file",
+    )
     ap.add_argument("--split", default="train", help="split of a hub dataset")
     ap.add_argument("--workers", type=int, default=0, help="tokenizer processes (0 = one per CPU core)")
     ap.add_argument("--part-records", type=int, default=20_000, help="records per resumable part")
     ap.add_argument(
         "--on-bad-record", default="fail", choices=["fail", "skip"],
-        help="a record that is not JSON, lacks the text field or has null/non-string text: stop (fail) or count it and go on (skip)",
+        help="a record that is not JSON, lacks the text field or has null/non-string text: "
+        "stop (fail) or count it and go on (skip)",
     )
     ap.add_argument("--traceback", action="store_true", help="on an error, show the Python traceback (also K2TRAIN_TRACEBACK=1)")
     args = ap.parse_args(argv)

@@ -2,7 +2,7 @@
 
 A rank file (``tiktoken.model``) has one line per base token: the token's bytes in base64, a space,
 its rank. The ranks must be exactly ``0..n_base-1``; the special tokens then take the ids
-``n_base..n_base+255`` (DESIGN.md section 2). The same code path loads the real K2 file
+``n_base..n_base+255`` (as Kimi K2's tokenizer). The same code path loads the real K2 file
 (n_base = 163,584) and the small BPEs the project trains itself (``train_tokenizer.py``).
 
 Everything here is offline: tiktoken's ``Encoding`` is built from an in-memory dict of ranks, so it
@@ -23,7 +23,7 @@ import tiktoken
 
 NUM_RESERVED_SPECIAL_TOKENS = 256
 
-# The pre-tokenization regex of Kimi K2 (DESIGN.md section 2). The `&&` class intersections are
+# The pre-tokenization regex of Kimi K2 (its released tokenizer). The `&&` class intersections are
 # understood by tiktoken (fancy-regex), by Oniguruma (the HF `tokenizers` Split pre-tokenizer) and
 # by the `regex` module in V1 mode; tests check the engines agree.
 _LETTERS_UPPER = r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]"
@@ -43,7 +43,7 @@ K2_PATTERN = "|".join(
 )
 
 # tiktoken's regex engine backtracks badly on very long inputs and very long runs of one character
-# class; K2 encodes in chunks of at most this many characters (DESIGN.md section 2).
+# class; K2 encodes in chunks of at most this many characters (as its released tokenizer code does).
 MAX_CHUNK_CHARS = 400_000
 MAX_RUN_CHARS = 25_000
 
@@ -126,7 +126,9 @@ def special_tokens_config(names: dict[int, str]) -> dict:
         "unk_token": "[UNK]" if "[UNK]" in by_name else None,
         "pad_token": names[max(names)],
         "added_tokens_decoder": {
-            str(tid): {"content": name, "special": True, "lstrip": False, "rstrip": False, "normalized": False, "single_word": False}
+            str(tid): {
+                "content": name, "special": True, "lstrip": False, "rstrip": False, "normalized": False, "single_word": False
+            }
             for tid, name in sorted(names.items())
         },
     }

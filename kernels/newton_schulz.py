@@ -468,7 +468,7 @@ def zeropower_ns_batched(G_NMK: torch.Tensor, steps: int = 5,
                          eps: float = 1e-7, impl: str = "auto", sym_impl: str = "auto") -> torch.Tensor:
     """Approximate orthogonal factor U V^T of each matrix in a batch [N, M, K] (or one [M, K]).
 
-    Math as DESIGN.md section 3: X = G / (||G||_F + eps) per matrix, transpose if M > K, then
+    Muon's NS5: X = G / (||G||_F + eps) per matrix, transpose if M > K, then
     `steps` times A = X X^T; X = a X + (b A + c A A) X. Runs in bf16 and returns bf16 in the
     input's orientation. impl: "auto" (Triton where available), "triton" or "torch"."""
     if G_NMK.dim() not in (2, 3):

@@ -1,4 +1,4 @@
-"""MuonClip: Muon + AdamW with QK-Clip for MLA (DESIGN.md section 3), LR schedules, ZeRO-1 sharding.
+"""MuonClip: Muon + AdamW with QK-Clip for MLA (Kimi K2; docs/muonclip.md), LR schedules, ZeRO-1 sharding.
 
 Trainer usage (any layout: tp-sharded DTensor params, ep-local experts, ZeRO-1 when cfg.optim.zero1)::
 

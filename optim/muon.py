@@ -41,7 +41,7 @@ def muon_momentum_(grad: Tensor, momentum_buf: Tensor, momentum: float, nesterov
     """Update ``momentum_buf`` in place and return the Newton-Schulz input.
 
     Written as torch.optim.Muon writes it: ``B <- mu B + (1 - mu) G`` and, with Nesterov,
-    ``NS input = (1 - mu) G + mu B``. That is ``(1 - mu)`` times DESIGN.md's (Moonlight's)
+    ``NS input = (1 - mu) G + mu B``. That is ``(1 - mu)`` times Moonlight's
     ``M <- mu M + G``, ``NS input = G + mu M``; Newton-Schulz divides by the Frobenius norm, so the
     positive factor cancels and the update is the same. We keep torch's form so that the result is
     bit-identical to torch.optim.Muon (the bf16 cast rounds ``0.05 x`` and ``x`` differently).

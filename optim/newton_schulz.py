@@ -41,7 +41,7 @@ def zeropower_via_newtonschulz(
 
     The op sequence (cast, transpose, norm, clamp, ``addmm``) is the one of ``torch.optim.Muon``,
     so for a 2-D input and the same ``dtype`` the result is bit-identical to its internal NS. The
-    normaliser is ``max(||G||_F, eps)`` as there; DESIGN.md writes ``||G||_F + eps``, which is the
+    normaliser is ``max(||G||_F, eps)`` as there; Moonlight writes ``||G||_F + eps``, which is the
     same number in bf16/fp32 for any matrix whose norm is not itself ~eps.
 
     Returns a tensor of ``dtype`` with the shape of ``G``; the input is not modified.

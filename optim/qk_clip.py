@@ -1,4 +1,4 @@
-"""QK-Clip for Multi-head Latent Attention (Kimi K2 report; DESIGN.md section 3).
+"""QK-Clip for Multi-head Latent Attention (Kimi K2 report; docs/muonclip.md).
 
 Legend: H heads held locally, dn/dr/dv nope/rope/value head dims, r_q / r_kv the q and kv lora ranks.
 After the optimizer step, every head h whose max scaled logit S_h of the step exceeded tau gets

@@ -7,7 +7,7 @@
 2. Timing (triton.testing.do_bench medians), qk 192 / v 128, causal, B2 H64 S4096 and
    B1 H64 S8192, forward and forward+backward.
 
-FLOPs (as in ../shared/BASELINES.md): forward = 2*B*H*S*S*(Dqk+Dv) / 2 (two matmuls, causal
+FLOPs (as in docs/performance.md#anchors): forward = 2*B*H*S*S*(Dqk+Dv) / 2 (two matmuls, causal
 counts half); backward = 2.5 x forward; forward+backward = 3.5 x forward. Writes
 bench_attention.json to --out (default $OUT, else the current directory).
 """

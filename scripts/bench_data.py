@@ -20,7 +20,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
 def k2_small_tokens_per_s_bound(seq_len: int, peak_flops: float = 788e12) -> float:
-    """Tokens/s one H200 could train k2_small at its measured bf16 matmul ceiling (BASELINES.md)."""
+    """Tokens/s one H200 could train k2_small at its measured bf16 matmul ceiling (docs/performance.md#anchors)."""
     import yaml
 
     m = yaml.safe_load((Path(__file__).parents[1] / "conf/model/k2_small.yaml").read_text())
@@ -68,7 +68,10 @@ def main() -> None:
         t0 = time.perf_counter()
         prepare([str(src)], f"{tmp}/ours", "embedded", workers=args.workers, progress=False)
         t_ours = time.perf_counter() - t0
-        rows.append(("tokenize: k2train prepare (datasets stream -> tiktoken procs -> .bin/.idx)", f"{mb / t_ours:.2f} MB/s", f"{t_ours:.1f} s"))
+        rows.append((
+            "tokenize: k2train prepare (datasets stream -> tiktoken procs -> .bin/.idx)",
+            f"{mb / t_ours:.2f} MB/s", f"{t_ours:.1f} s",
+        ))
 
         eos = tok.eos_id
 
@@ -79,7 +82,10 @@ def main() -> None:
         ds = datasets.load_dataset("json", data_files=str(src), split="train", cache_dir=f"{tmp}/hf_cache")
         mapped = ds.map(encode, batched=True, batch_size=256, num_proc=args.workers, remove_columns=["text"])
         t_hf = time.perf_counter() - t0
-        rows.append((f"tokenize: datasets.map(num_proc={args.workers}) + HF tokenizers encode_batch", f"{mb / t_hf:.2f} MB/s", f"{t_hf:.1f} s"))
+        rows.append((
+            f"tokenize: datasets.map(num_proc={args.workers}) + HF tokenizers encode_batch",
+            f"{mb / t_hf:.2f} MB/s", f"{t_hf:.1f} s",
+        ))
 
         ours = IndexedDataset(f"{tmp}/ours")
         same = len(ours) == len(mapped) and all(np.array_equal(ours.document(i), mapped[i]["ids"]) for i in range(len(ours)))

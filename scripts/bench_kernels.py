@@ -1,4 +1,4 @@
-"""Our kernels against the anchors of BASELINES.md, side by side in one run on one GPU (< 5 min).
+"""Our kernels against the anchors of docs/performance.md, side by side in one run on one GPU (< 5 min).
 
     python scripts/bench_kernels.py            # prints a table; writes $OUT/bench_kernels.json
 

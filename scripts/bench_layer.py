@@ -4,7 +4,7 @@ then one k2_small training step (tokens/s, MFU by the Megatron convention).
 
     python scripts/bench_layer.py [--skip-hf] [--skip-layer] [--skip-small]   # prints a table; $OUT/bench_layer.json
 
-Layer FLOPs (Megatron count, BASELINES.md): 6*T*(attention params + 9 experts' params)
+Layer FLOPs (Megatron count, docs/performance.md#anchors): 6*T*(attention params + 9 experts' params)
 + 6*T*S*64*(192+128)/2. The HF layer and ours are built and timed one after the other (each
 holds ~63 GiB of bf16 weights and grads), so the peak memory numbers are each one's own.
 """

@@ -1,4 +1,4 @@
-"""Optimizer step on one K2 layer at EP16 (BASELINES.md): MuonClip vs torch.optim.Muon vs fused AdamW.
+"""Optimizer step on one K2 layer at EP16 (docs/performance.md#anchors): MuonClip vs torch.optim.Muon vs fused AdamW.
 
 The slice: 24 routed experts (w_gate, w_up [2048, 7168], w_down [7168, 2048]), the shared expert
 (same three shapes) and the five MLA matrices (q_a [1536, 7168], q_b [12288, 1536],
@@ -197,7 +197,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=None)
     ap.add_argument("--experts", type=int, default=24)
     ap.add_argument("--sections", default="step,gemmt,ns", help="comma list: step (the table), gemmt, ns (GPU breakdowns)")
-    # For the modelled share of step time in K2's layout (DESIGN.md section 4); assumptions, not measurements.
+    # For the modelled share of step time in K2's layout (conf/parallel/k2_h800.yaml); assumptions, not measurements.
     ap.add_argument("--k2-gpus", type=int, default=2048, help="assumed cluster size for the model")
     ap.add_argument("--k2-tflops-per-gpu", type=float, default=300.0, help="assumed achieved training TFLOP/s per GPU")
     args = ap.parse_args()
@@ -218,7 +218,9 @@ def main() -> None:
     print(f"slice: {n_mats} matrices, {n_params / 1e6:.1f}M params, {flops * 1e3:.3f} GFLOP of NS5 per step\n")
 
     def torch_muon(ps):
-        return torch.optim.Muon(ps, lr=LR, weight_decay=WD, nesterov=True, adjust_lr_fn="match_rms_adamw", ns_coefficients=NS_COEFFICIENTS)
+        return torch.optim.Muon(
+            ps, lr=LR, weight_decay=WD, nesterov=True, adjust_lr_fn="match_rms_adamw", ns_coefficients=NS_COEFFICIENTS
+        )
 
     def ours(ns_fn=None, ns_dtype=torch.bfloat16, fused=None):
         return lambda ps: MuonClip([{"kind": "muon", "params": ps}], lr=LR, weight_decay=WD, ns_fn=ns_fn,
@@ -240,7 +242,9 @@ def main() -> None:
             continue
         rows.append((label, ours(fn, dtype, fused), False, True))
     adamw_label = "torch.optim.AdamW(fused=True)" if device.type == "cuda" else "torch.optim.AdamW (CPU, unfused)"
-    rows.append((adamw_label, lambda ps: torch.optim.AdamW(ps, lr=LR, weight_decay=WD, fused=device.type == "cuda"), False, False))
+    rows.append(
+        (adamw_label, lambda ps: torch.optim.AdamW(ps, lr=LR, weight_decay=WD, fused=device.type == "cuda"), False, False)
+    )
 
     sections = set(args.sections.split(","))
     if "step" not in sections:
@@ -264,7 +268,10 @@ def main() -> None:
             torch.cuda.empty_cache()
 
     base = results[0][1] if results else float("nan")
-    print(f"| {'optimizer step':38s} | {'ms':>8s} | {'NS TFLOP/s*':>11s} | {'vs torch Muon':>13s} | {'diff to torch Muon':>18s} | {'error vs fp64 NS':>16s} |")
+    print(
+        f"| {'optimizer step':38s} | {'ms':>8s} | {'NS TFLOP/s*':>11s} | {'vs torch Muon':>13s} | "
+        f"{'diff to torch Muon':>18s} | {'error vs fp64 NS':>16s} |"
+    )
     print(f"|{'-' * 40}|{'-' * 10}|{'-' * 13}|{'-' * 15}|{'-' * 20}|{'-' * 18}|")
     for label, ms, diff, err in results:
         rate = f"{flops / (ms / 1e3):.0f}" if "AdamW" not in label else "-"

@@ -39,7 +39,9 @@ def run(out: Path, nproc: int, common: list[str], layout_args: list[str], run_id
     env.update({"K2TRAIN_RUN_ID": run_id, "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1"), "WANDB_MODE": "disabled"})
     launcher = [sys.executable, "-m", "k2train.train"]
     if nproc > 1:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "k2train.train"]
+        launcher = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "k2train.train"
+        ]
     args = common + layout_args + [f"trainer.output_dir={out}"]
     res = subprocess.run(launcher + args, env=env, capture_output=True, text=True)
     if res.returncode != 0:

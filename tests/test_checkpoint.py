@@ -44,7 +44,9 @@ def test_round_trip_restores_everything(tmp_path):
     mgr = CheckpointManager(tmp_path, CheckpointConfig(export_hf=False), job_config={"model": dataclasses.asdict(_small_cfg())})
     mgr.wandb_run_id = "abc123"
     random.seed(5), np.random.seed(5), torch.manual_seed(5)
-    mgr.save(2, {"model": model, "optimizer": opt, "lr_scheduler": sched, "data": {"pos": 17}, "train": {"step": 2, "tokens_seen": 64}})
+    mgr.save(
+        2, {"model": model, "optimizer": opt, "lr_scheduler": sched, "data": {"pos": 17}, "train": {"step": 2, "tokens_seen": 64}}
+    )
     expect_rng = (random.random(), np.random.rand(), torch.rand(1))
 
     model2, opt2 = _trained(1)

@@ -55,7 +55,9 @@ def _worker(rank, world, tmp, mode):
         else:  # load the single-process checkpoint into EP2 and check this rank's slice
             opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
             data = {}
-            step = CheckpointManager(f"{tmp}/single", CheckpointConfig()).load_latest({"model": model, "optimizer": opt, "data": data})
+            step = CheckpointManager(f"{tmp}/single", CheckpointConfig()).load_latest(
+                {"model": model, "optimizer": opt, "data": data}
+            )
             ref = torch.load(f"{tmp}/ref_rank{rank}.pt")
             ok = step == 1 and all(torch.equal(v, ref["model"][k]) for k, v in model.state_dict().items())
             ok &= all(torch.equal(opt.state[p]["exp_avg"], ref["exp_avg"][n]) for n, p in model.named_parameters())
@@ -76,7 +78,9 @@ def test_ep2_to_single_process_and_back(tmp_path):
     model = _full_model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     data = {}
-    assert CheckpointManager(f"{tmp}/ep2_save", CheckpointConfig()).load_latest({"model": model, "optimizer": opt, "data": data}) == 1
+    assert CheckpointManager(f"{tmp}/ep2_save", CheckpointConfig()).load_latest(
+        {"model": model, "optimizer": opt, "data": data}
+    ) == 1
     assert data == {"rank": 0}  # per-rank state: the process without a file of its own takes rank 0's
     for name, t in model.state_dict().items():
         if ".experts.w_" in name:

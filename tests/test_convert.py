@@ -131,7 +131,9 @@ def _write_fp8_folder(folder, cfg, model):
         weight_map.update({n: fname for n in part})
     (folder / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     hf_cfg = hf_config_dict(cfg)
-    hf_cfg["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
+    hf_cfg["quantization_config"] = {
+        "activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]
+    }
     (folder / "config.json").write_text(json.dumps(hf_cfg))
     return tensors
 

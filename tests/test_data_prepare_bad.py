@@ -88,7 +88,9 @@ def test_skip_counts_lists_and_keeps_order(tmp_path, tok, workers):
     assert _texts(tmp_path / "out", tok) == good
     assert len(bad) > prep.FIRST_BAD_LISTED
     assert m["bad_records_skipped"] == {k: sum(1 for _, b in bad if b == k) for k in sorted(BAD_LINES)}
-    assert [(b["where"], b["kind"]) for b in m["bad_records_first"]] == [(f"{path}:{n}", k) for n, k in bad[: prep.FIRST_BAD_LISTED]]
+    assert [(b["where"], b["kind"]) for b in m["bad_records_first"]] == [
+        (f"{path}:{n}", k) for n, k in bad[: prep.FIRST_BAD_LISTED]
+    ]
     assert m["records_read"] == len(good) + len(bad) and m["documents"] == len(good) and m["on_bad_record"] == "skip"
     line = prep.summary_line(m)
     assert "\n" not in line and f"{len(bad)} bad (invalid_json " in line
@@ -323,4 +325,6 @@ def test_plain_progress_lines_when_stderr_is_not_a_terminal(tmp_path, capsys, mo
     monkeypatch.setattr(prep, "PROGRESS_EVERY_S", 0.0)
     _run([path], tmp_path / "o", progress=True, on_bad_record="skip", batch_docs=4)
     err = capsys.readouterr().err
-    assert "\r" not in err and re.fullmatch(rf"prepare o: 10 documents, [\d,]+ tok/s, {len(bad)} bad records skipped", err.splitlines()[-1])
+    assert "\r" not in err and re.fullmatch(
+        rf"prepare o: 10 documents, [\d,]+ tok/s, {len(bad)} bad records skipped", err.splitlines()[-1]
+    )

@@ -2,7 +2,6 @@
 real signal to a real training process, then resume."""
 
 import datetime
-import inspect
 import os
 import re
 import signal
@@ -149,16 +148,14 @@ def test_signal_checkpoints_exits_zero_and_resumes(tmp_path):
     assert proc.wait(timeout=120) == 0
     stopped = int(out.split("preempted")[1].split()[0])
     assert stopped >= 3
-    res = subprocess.run([sys.executable, str(script), str(folder), str(stopped + 2)], capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, str(script), str(folder), str(stopped + 2)], capture_output=True, text=True, timeout=120
+    )
     assert res.returncode == 0, res.stderr
     assert f"start {stopped}" in res.stdout and f"done {stopped + 2}" in res.stdout
 
 
 @pytest.mark.slow  # two trainer processes: ~70 s on a loaded 2-core machine
-@pytest.mark.skipif(
-    "PreemptionHandler" not in inspect.getsource(__import__("k2train.train", fromlist=["run"])),
-    reason="k2train.train does not install the PreemptionHandler yet",
-)
 def test_trainer_preemption_and_resume(tmp_path):
     args = [sys.executable, "-m", "k2train.train", "trainer.steps=100000", "trainer.seq_len=32", "trainer.micro_batch_size=2",
             "trainer.global_batch_size=2", "logging.wandb=false", "logging.progress_bar=false", "data.prefetch=0",

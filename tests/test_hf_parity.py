@@ -18,7 +18,9 @@ def _tiny(yarn: bool):
     cfg = load_config(["model=k2_tiny"]).model
     cfg = dataclasses.replace(cfg, vocab_size=512, bos_token_id=0, eos_token_id=1, num_hidden_layers=3)
     if yarn:
-        cfg = dataclasses.replace(cfg, rope_scaling=RopeScalingConfig(type="yarn", factor=8.0, original_max_position_embeddings=16))
+        cfg = dataclasses.replace(
+            cfg, rope_scaling=RopeScalingConfig(type="yarn", factor=8.0, original_max_position_embeddings=16)
+        )
     return cfg
 
 

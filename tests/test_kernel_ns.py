@@ -7,7 +7,8 @@ import torch
 
 pytest.importorskip("triton")
 from k2train.kernels.newton_schulz import (  # noqa: E402
-    gemmt, gemmt_blocked, gemmt_persistent, gemmt_tma, syrk, triton_ns_available, zeropower_gram_batched, zeropower_ns_batched, zeropower_ns_reference)
+    gemmt, gemmt_blocked, gemmt_persistent, gemmt_tma, syrk, triton_ns_available, zeropower_gram_batched, zeropower_ns_batched,
+    zeropower_ns_reference)
 from k2train.kernels import newton_schulz  # noqa: E402
 from k2train.optim.newton_schulz import zeropower_via_gram_newtonschulz  # noqa: E402
 

@@ -133,7 +133,8 @@ def test_grouping_rule_and_table():
     model = _FakeK2()
     groups = {g["name"]: g["names"] for g in build_param_groups([model], OptimConfig())}
     assert sorted(groups["muon"]) == sorted(
-        ["layers.0.self_attn.q_a_proj.weight", "layers.1.self_attn.q_a_proj.weight", "layers.1.mlp.experts.w_gate", "layers.1.mlp.gate.weight"]
+        ["layers.0.self_attn.q_a_proj.weight", "layers.1.self_attn.q_a_proj.weight",
+         "layers.1.mlp.experts.w_gate", "layers.1.mlp.gate.weight"]
     )
     assert sorted(groups["adamw"]) == ["embed_tokens.weight", "lm_head.weight"]
     assert len(groups["adamw_no_decay"]) == 5  # 4 block norms + final norm
@@ -164,8 +165,12 @@ def test_gram_ns_fn_picks_the_cheaper_schedule_per_shape(monkeypatch):
     import k2train.optim.grouping as grouping
 
     calls = []
-    monkeypatch.setattr(grouping, "zeropower_via_gram_newtonschulz", lambda G, *a, **k: calls.append(("gram", tuple(G.shape))) or G)
-    monkeypatch.setattr(grouping, "zeropower_via_newtonschulz", lambda G, *a, **k: calls.append(("standard", tuple(G.shape))) or G)
+    monkeypatch.setattr(
+        grouping, "zeropower_via_gram_newtonschulz", lambda G, *a, **k: calls.append(("gram", tuple(G.shape))) or G
+    )
+    monkeypatch.setattr(
+        grouping, "zeropower_via_newtonschulz", lambda G, *a, **k: calls.append(("standard", tuple(G.shape))) or G
+    )
     ns_fn = grouping._resolve_ns_fn("torch", "float32", "gram")
     for shape in [(4, 64, 224), (1, 96, 96)]:
         ns_fn(torch.zeros(shape), steps=5, coefficients=(3.4445, -4.7750, 2.0315), dtype=torch.float32)

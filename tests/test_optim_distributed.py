@@ -101,12 +101,17 @@ def _check_qk_clip_max_reduction(rank):
     from k2train.model.attention import MLA
     from k2train.optim.qk_clip import apply_qk_clip, qk_clip_
 
-    cfg = ModelConfig(hidden_size=32, num_attention_heads=4, q_lora_rank=16, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8)
+    cfg = ModelConfig(
+        hidden_size=32, num_attention_heads=4, q_lora_rank=16, kv_lora_rank=8,
+        qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+    )
     torch.manual_seed(1)
     attn = {0: MLA(cfg), 1: MLA(cfg)}
     q0 = [m.q_b_proj.weight.detach().clone() for m in attn.values()]
     kv0 = [m.kv_b_proj.weight.detach().clone() for m in attn.values()]
-    per_rank = [torch.tensor([[5.0, 1.0, 9.0, 2.0], [1.0, 1.0, 1.0, 1.0]]), torch.tensor([[1.0, 6.0, 3.0, 2.0], [1.0, 8.0, 1.0, 1.0]])]
+    per_rank = [
+        torch.tensor([[5.0, 1.0, 9.0, 2.0], [1.0, 1.0, 1.0, 1.0]]), torch.tensor([[1.0, 6.0, 3.0, 2.0], [1.0, 8.0, 1.0, 1.0]])
+    ]
     for row, m in enumerate(attn.values()):
         m.max_logit.copy_(per_rank[rank][row])
     metrics = apply_qk_clip(attn, 4.0, group=dist.group.WORLD)

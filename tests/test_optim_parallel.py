@@ -236,7 +236,9 @@ def _attn_run(dims=None) -> tuple[nn.Module, dict, dict]:
     if tp > 1:
         parallelize_module(attn, dims.tp_mesh, {"q_b_proj": ColwiseParallel(), "kv_b_proj": ColwiseParallel()})
         attn.num_heads //= tp
-    opt = build_optimizer([net], CFG_ZERO1 if dims is not None else CFG, replica_group=replica_groups(dims) if dims is not None else None)
+    opt = build_optimizer(
+        [net], CFG_ZERO1 if dims is not None else CFG, replica_group=replica_groups(dims) if dims is not None else None
+    )
     _set_grads(net, 0)
     opt.step()
     if dims is None:

@@ -10,7 +10,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_wheel_has_configs_and_assets_and_runs(tmp_path):
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(REPO), "-w", str(tmp_path / "dist")],
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(REPO),
+         "-w", str(tmp_path / "dist")],
         check=True, capture_output=True, timeout=300,
     )
     (wheel,) = (tmp_path / "dist").glob("k2train-*.whl")

@@ -8,7 +8,7 @@ from k2train.flops import count_params, flops_per_token
 
 
 def _public_k2_tensor_sizes() -> tuple[int, int]:
-    """Sum of the HF tensor shapes of DESIGN.md section 1 (params, plus the fp32 router-bias buffers)."""
+    """Sum of the HF tensor shapes of the public Kimi K2 checkpoint (params, plus the fp32 router-bias buffers)."""
     D, V, L, E, I_dense, I_exp = 7168, 163840, 61, 384, 18432, 2048
     attn = 1536 * D + 1536 + 12288 * 1536 + 576 * D + 512 + 16384 * 512 + D * 8192
     norms = 2 * D
@@ -33,7 +33,7 @@ def test_k2_flops_per_token_matches_baselines():
     cfg = load_config(["model=k2_1t"]).model
     meg = flops_per_token(cfg, 4096, "megatron")
     tt = flops_per_token(cfg, 4096, "torchtitan")
-    assert abs(meg / 1e9 - 204.5) < 0.05  # BASELINES.md
+    assert abs(meg / 1e9 - 204.5) < 0.05  # docs/performance.md#anchors
     assert 1.07 < tt / meg < 1.09  # "about 8% more"
 
 

@@ -74,7 +74,9 @@ def _capture_attention_inputs(model, attn, tokens):
     """Run the model once and keep each MLA's call arguments (its input is the residual stream)."""
     calls, hooks = {}, []
     for i, m in attn.items():
-        hooks.append(m.register_forward_pre_hook(lambda mod, args, kwargs, i=i: calls.__setitem__(i, (args, kwargs)), with_kwargs=True))
+        hooks.append(
+            m.register_forward_pre_hook(lambda mod, args, kwargs, i=i: calls.__setitem__(i, (args, kwargs)), with_kwargs=True)
+        )
     with torch.no_grad():
         model(tokens)
     for h in hooks:

@@ -145,13 +145,7 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm, tmp_path):
     assert "restart 1 |" in text
 
 
-def _trainer_supports_preemption() -> bool:
-    src = (REPO / "k2train" / "train.py").read_text()
-    return "PreemptionHandler" in src and "CheckpointManager" in src
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _trainer_supports_preemption(), reason="k2train/train.py does not wire PreemptionHandler + CheckpointManager yet")
 def test_real_trainer_under_slurm_resumes(slurm, tmp_path):
     """k2train.train itself: k2_tiny on 2 gloo ranks (dp2), checkpoints, USR1, requeue, resume."""
     out, log = tmp_path / "out", tmp_path / "slurm.out"

@@ -9,6 +9,7 @@ compared exactly, so that any numerical change is seen and re-baselined on purpo
 
 import json
 import signal
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -41,6 +42,7 @@ def test_an_exception_mid_run_tears_everything_down(tmp_path, monkeypatch):
     cfg = _small(tmp_path, "trainer.steps=6", "trainer.checkpoint.interval=1", "trainer.checkpoint.async_save=true",
                  "data.prefetch=4")
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    threads = set(threading.enumerate())  # other tests' threads are not ours to check
     train_step = Trainer.train_step
 
     def failing_step(self, batches):
@@ -54,7 +56,7 @@ def test_an_exception_mid_run_tears_everything_down(tmp_path, monkeypatch):
             trainer.run()
     assert trainer.checkpointer._pending is None
     assert (tmp_path / "checkpoints" / "step-00000002" / "COMPLETE").exists()
-    assert not any(t.name == "k2-data" and t.is_alive() for t in threading.enumerate())
+    assert not [t for t in set(threading.enumerate()) - threads if t.name == "k2-data"]
     assert {sig: signal.getsignal(sig) for sig in handlers} == handlers
     assert trainer.logger.jsonl is None
     trainer.close()  # idempotent
@@ -63,9 +65,25 @@ def test_an_exception_mid_run_tears_everything_down(tmp_path, monkeypatch):
 def test_a_bad_data_config_after_setup_leaves_nothing_open(tmp_path):
     """A failure inside the constructor (here: the data) closes what was already built."""
     cfg = _small(tmp_path, "data=megatron", "+data.datasets=[{path: /nonexistent/shard, weight: 1.0}]")
+    threads = set(threading.enumerate())
     with pytest.raises((ValueError, FileNotFoundError), match="nonexistent"):
         Trainer(cfg, run_dir=tmp_path / "logs")
-    assert not any(t.name == "k2-data" and t.is_alive() for t in threading.enumerate())
+    assert set(threading.enumerate()) <= threads
+
+
+def test_log_files_get_plain_lines_not_progress_bar_redraws(tmp_path):
+    """stdout and stderr sent to files (as under Slurm): no progress bar, no carriage return, the
+    step lines at trainer.log_interval; the bar is on by default, for terminals."""
+    out, err = tmp_path / "run.out", tmp_path / "run.err"
+    cmd = [sys.executable, "-m", "k2train.train", "trainer.steps=4", "trainer.log_interval=2", "trainer.seq_len=32",
+           "trainer.micro_batch_size=2", "trainer.global_batch_size=2", f"trainer.output_dir={tmp_path}",
+           "logging.wandb=false", "trainer.checkpoint.enable=false"]
+    with open(out, "w") as fo, open(err, "w") as fe:
+        subprocess.run(cmd, stdout=fo, stderr=fe, timeout=300, check=True, cwd=tmp_path)
+    text = out.read_text() + err.read_text()
+    assert "\r" not in text
+    assert [line.split("|")[0].strip() for line in text.splitlines() if line.startswith("step ")] == ["step      2/4",
+                                                                                                     "step      4/4"]
 
 
 def _golden_losses(out: Path) -> list[float]:

@@ -190,4 +190,3 @@ def loss_context(tp_mesh):
 def local_loss(loss: torch.Tensor) -> torch.Tensor:
     """A replicated DTensor loss as a plain tensor (same value on every tp rank), gradient kept."""
     return loss.to_local() if hasattr(loss, "to_local") else loss
-
