@@ -54,6 +54,7 @@ from typing import NamedTuple
 import numpy as np
 from tqdm import tqdm
 
+from ..cli import EXIT_USER_ERROR, USER_ERRORS, report_error, traceback_requested
 from .embedded import embedded_tokenizer
 from .indexed import IndexedDataset, IndexedDatasetWriter, token_dtype
 from .tokenizer import K2Tokenizer, _write_atomic
@@ -632,7 +633,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--traceback", action="store_true", help="on an error, show the Python traceback (also K2TRAIN_TRACEBACK=1)")
     args = ap.parse_args(argv)
-    show_traceback = args.traceback or os.environ.get("K2TRAIN_TRACEBACK", "") not in ("", "0")
+    show_traceback = traceback_requested(args.traceback)
     if not show_traceback:  # datasets logs a broken file as ERROR before raising; our error line says it once
         os.environ.setdefault("DATASETS_VERBOSITY", "critical")
     if all(os.path.exists(p) for p in args.input):
@@ -648,11 +649,11 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"interrupted: rerun the same command to continue from the finished parts in {args.output}.parts/", file=sys.stderr)
         raise SystemExit(130) from None
-    except (ValueError, OSError) as e:
+    except USER_ERRORS as e:
         if show_traceback:
             raise
-        print(f"error: {_one_line(str(e))}", file=sys.stderr)
-        raise SystemExit(2) from None
+        report_error(_one_line(str(e)))
+        raise SystemExit(EXIT_USER_ERROR) from None
     print(summary_line(m))
 
 

@@ -32,6 +32,7 @@ from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemReader, F
 from tqdm import tqdm
 
 from .checkpoint_layout import META_FILE, MODEL_KEY, mark_complete, resolve_checkpoint, write_json
+from .cli import user_errors
 from .config import ModelConfig, _build, load_config
 from .data_pipeline.embedded import embedded_tokenizer
 from .data_pipeline.hf_tokenizer import write_hf_tokenizer
@@ -423,15 +424,15 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
     b.add_argument("--input", required=True)
     b.add_argument("--output", required=True)
     b.add_argument("--dtype", default="bfloat16", choices=sorted(_DTYPES))
+    for sp in (a, b):
+        sp.add_argument("--traceback", action="store_true",
+                        help="on an error, show the Python traceback (also K2TRAIN_TRACEBACK=1)")
     args = p.parse_args(list(argv) if argv is not None else None)
-    try:
+    with user_errors(args.traceback):
         if args.cmd == "to-hf":
             out = export_hf(args.checkpoint, args.output, args.model, args.dtype, args.max_shard_size, tokenizer=args.tokenizer)
         else:
             out = import_hf(args.input, args.output, args.dtype)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     print(f"wrote {out}")
     return 0
 

@@ -10,6 +10,10 @@ for a parallel layout, the per-rank memory breakdown of the planner.
 
 import sys
 
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
+
+from .cli import user_errors
 from .config import JobConfig, load_config
 from .flops import count_params, flops_per_token
 from .parallel.memory import format_memory_report
@@ -64,11 +68,9 @@ def main(argv: list[str] | None = None) -> None:
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
         return
-    try:
+    with user_errors(errors=(ValueError, HydraException, OmegaConfBaseException)):
         cfg = load_config(argv).validate()
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    print(format_plan(cfg))
+        print(format_plan(cfg))
 
 
 if __name__ == "__main__":

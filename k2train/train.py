@@ -8,13 +8,17 @@ Hydra composes conf/ into a typed, validated :class:`~k2train.config.JobConfig`;
 nothing sees Hydra: :class:`~k2train.trainer.Trainer` builds the run and trains it.
 """
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
 
+from .cli import user_errors
 from .config import JobConfig, register_configs, to_job_config
 from .runtime import prepare_hydra_argv
 from .trainer import DataFactory, Trainer
@@ -33,23 +37,28 @@ def run(
 
 
 def main() -> None:
+    """``python -m k2train.train`` / ``k2train-train``: a config or user error (a bad value, path,
+    checkpoint or dataset) ends with one line and exit code 2 (k2train.cli)."""
     register_configs()
     # One run folder name for every rank (K2TRAIN_RUN_ID), and Hydra's .hydra/ + log file on rank 0 only.
     sys.argv = prepare_hydra_argv(sys.argv)
+    # Hydra's errors (an unknown key, a value of the wrong type, a missing preset) come to us as
+    # exceptions, instead of its own report and exit code 1.
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
 
     @hydra.main(config_path="pkg://k2train.conf", config_name="config", version_base=None)
     def _main(dcfg) -> None:
-        try:
+        with user_errors(errors=(ValueError,), prefix="config error"):
             cfg = to_job_config(dcfg).validate()
-        except ValueError as e:
-            raise SystemExit(f"config error: {e}") from None
         hc = HydraConfig.get()
         run_dir = Path(hc.runtime.output_dir)
         # Each job of a multirun sweep keeps its own checkpoints (else job 1 would resume job 0).
         sweep = hc.mode is not None and hc.mode.name == "MULTIRUN"
-        run(cfg, run_dir=run_dir, checkpoint_dir=run_dir / "checkpoints" if sweep else None)
+        with user_errors():
+            run(cfg, run_dir=run_dir, checkpoint_dir=run_dir / "checkpoints" if sweep else None)
 
-    _main()
+    with user_errors(errors=(HydraException, OmegaConfBaseException), prefix="config error"):
+        _main()
 
 
 if __name__ == "__main__":

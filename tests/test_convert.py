@@ -180,7 +180,9 @@ def test_truncated_missing_and_misshapen_inputs_fail_clearly(tmp_path):
     path.write_bytes(good[:-1000])
     with pytest.raises(ValueError, match="truncated"):
         import_hf(folder, tmp_path / "o1", progress=False)
-    assert main(["from-hf", "--input", str(folder), "--output", str(tmp_path / "o1")]) == 2
+    with pytest.raises(SystemExit) as e:
+        main(["from-hf", "--input", str(folder), "--output", str(tmp_path / "o1")])
+    assert e.value.code == 2
 
     tensors = hf_state_dict(_model(cfg).state_dict())
     del tensors["model.layers.2.mlp.experts.9.gate_proj.weight"]
