@@ -129,3 +129,14 @@ def test_index_links_every_guide():
     index = (DOCS / "index.md").read_text()
     unlisted = [p.name for p in DOCS.glob("*.md") if p.name != "index.md" and f"]({p.name})" not in index]
     assert not unlisted, f"docs/index.md does not link {unlisted}"
+
+
+def test_nothing_cites_files_outside_the_repository():
+    """Users have only this repository: no doc, module or script points at planning files outside it."""
+    root = DOCS.parent
+    files = [root / "README.md", *DOCS.glob("*.md")]
+    for folder in ("k2train", "optim", "kernels", "data_pipeline", "scripts", "launch", "conf"):
+        files += [p for p in (root / folder).rglob("*") if p.suffix in (".py", ".md", ".sh", ".yaml", ".sbatch")]
+    pattern = re.compile(r"DESIGN\.md|BASELINES\.md|STYLE\.md|\.\./shared/")
+    bad = [str(p.relative_to(root)) for p in files if pattern.search(p.read_text(errors="replace"))]
+    assert not bad, f"these cite files that are not in the repository: {bad}"
