@@ -339,6 +339,11 @@ class TrainerConfig:
     spike_window: int = 100
     # torch.compile each transformer block (k2train/parallel/compile.py).
     compile: bool = False
+    # The same config, data, seed, world size and CPU thread count give the same losses, gradients
+    # and checkpoint tensors bit for bit, run after run and across a kill and resume (on CPU and on
+    # GPUs): torch's deterministic algorithms, cuBLAS' deterministic workspace, and fixed kernel
+    # configurations instead of autotuning. Costs some speed on GPUs (docs/performance.md).
+    deterministic: bool = False
     output_dir: str = "runs"
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
@@ -399,6 +404,12 @@ class JobConfig:
                 f"trainer.compile=true with parallel.tp={self.parallel.tp}: compiling the DTensor blocks fails in "
                 "torch's tracing (AttributeError: 'Tensor' object has no attribute '_local_tensor', torch 2.13); "
                 "use trainer.compile=false with tensor parallelism"
+            )
+        if t.compile and t.deterministic:
+            _fail(
+                "trainer.deterministic=true with trainer.compile=true: compiled kernels choose their reduction "
+                "configurations by timing, so the order of their sums can change from run to run; use "
+                "trainer.compile=false for bitwise reproducible runs"
             )
         if t.compile and self.parallel.recompute == "selective":
             _fail(

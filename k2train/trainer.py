@@ -14,13 +14,15 @@ Host syncs per step are marked ``# host sync``.
 
 import json
 import os
+import random
 import sys
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -33,6 +35,7 @@ from .convert import export_hf
 from .data_pipeline.loader import build_data_loader, load_tokenizer
 from .faults import LossSpikeDetector, NonFiniteGuard, PreemptionHandler, discard_step_, init_distributed
 from .flops import flops_per_token, peak_tflops
+from .kernels import is_deterministic as kernels_deterministic, set_deterministic as set_kernels_deterministic
 from .metrics import MetricLogger, format_step, layer_metrics
 from .model import K2Model, update_router_bias_
 from .optim import apply_qk_clip, attention_modules, build_lr_scheduler, build_optimizer, describe_param_groups
@@ -126,8 +129,10 @@ class Trainer:
     def _build(self, run_dir: Optional[Path], checkpoint_dir: Optional[Path], data: Optional[DataFactory]) -> None:
         cfg, t = self.cfg, self.cfg.trainer
 
-        # 1. runtime: device, process group, degrees and mesh (the layout is checked first)
+        # 1. runtime: device, determinism, process group, degrees and mesh (the layout is checked first)
         self.device = pick_device(t.device)
+        if t.deterministic:
+            self._stack.enter_context(deterministic_mode(self.device))
         world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
         self.dims = dims = ParallelDims.from_config(cfg.parallel, world).validate(cfg.model, t)
         if dims.distributed:
@@ -140,6 +145,8 @@ class Trainer:
         self.is_logging_rank = dims.rank == logging_rank(world, dims.pp)
         self.num_microbatches = dims.num_microbatches(t)
         torch.manual_seed(t.seed)
+        random.seed(t.seed)  # checkpoints carry every generator's state: the same seed, the same bytes
+        np.random.seed(t.seed)
 
         # 2. model: meta device -> parallelize -> materialize + layout-invariant init (or load)
         with torch.device("meta"):
@@ -409,6 +416,30 @@ class Trainer:
             f"{t.micro_batch_size}x{t.seq_len} per data-parallel rank){resume}\nrun dir {self.run_dir}\n"
             f"{describe_param_groups(self.optimizer)}"
         )
+
+
+@contextmanager
+def deterministic_mode(device: torch.device) -> Iterator[None]:
+    """``trainer.deterministic``: torch's deterministic algorithms (and cuDNN's), cuBLAS' fixed
+    workspace, fixed configurations for our Triton kernels and no atomic accumulation in them.
+    Restores the previous settings on exit (they are process-wide)."""
+    if device.type == "cuda":
+        workspace = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+        if workspace not in (None, ":4096:8", ":16:8"):
+            raise ValueError(f"trainer.deterministic=true needs CUBLAS_WORKSPACE_CONFIG=:4096:8 (or :16:8), found "
+                             f"{workspace!r}: unset it or set it to :4096:8")
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = workspace or ":4096:8"  # read when cuBLAS starts a handle
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+              torch.backends.cudnn.benchmark, kernels_deterministic())
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    set_kernels_deterministic(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[1], before[2]
+        set_kernels_deterministic(before[3])
 
 
 def _expert_load_stats(layer_ids: list[int], loads: list[torch.Tensor]) -> dict[str, float]:

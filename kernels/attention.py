@@ -28,11 +28,7 @@ import os
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs: the reference path still works
-    triton = None
+from ._triton import is_deterministic, tl, triton
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _LOG2E = 1.4426950408889634
@@ -136,7 +132,7 @@ class _MLAAttention(torch.autograd.Function):
             DV=common["DV"], BDV=common["BDV"], BLOCK_M=64, UPCAST=_INTERPRET,
         )
         strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
-        atomic = ATOMIC_DQ
+        atomic = ATOMIC_DQ and not is_deterministic()  # atomics sum dq in a varying order
         dqacc = torch.zeros(1, device=q.device)  # unused; the tuner zeroes it, so not lse
         if atomic:  # fp32 dq accumulator, padded to D1 + D2 columns
             dqacc = torch.zeros(B * H, S, common["D1"] + common["D2"], device=q.device)
@@ -183,7 +179,7 @@ def _launcher(name, fp32):
     """(kernel, extra launch kwargs) for one of "fwd", "dkdv", "dq"."""
     kernel, pairs = {"fwd": (_fwd_kernel, FWD_CONFIGS), "dkdv": (_dkdv_kernel, DKDV_CONFIGS),
                      "dq": (_dq_kernel, DQ_CONFIGS)}[name]
-    if _INTERPRET or fp32 or not AUTOTUNE:
+    if _INTERPRET or fp32 or not AUTOTUNE or is_deterministic():
         bm, bn, w, st = _INTERP_CONFIG if _INTERPRET else _FP32_CONFIGS[name] if fp32 else pairs[0]
         return kernel, dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
     if name not in _LAUNCHERS:

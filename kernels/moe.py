@@ -81,11 +81,16 @@ if triton is not None:
 
 class Routing(NamedTuple):
     """Where each (token, slot) pair goes: pos_TK[t, k] is its row in expert order; offs_E the
-    cumulative row counts per expert (int32, torch._grouped_mm's offs); token_N the source token of
-    each expert-ordered row."""
+    cumulative row counts per expert (int32, torch._grouped_mm's offs); order_N the (token, slot)
+    pair (flat index t*K + k) of each expert-ordered row, the inverse of pos_TK."""
     pos_TK: torch.Tensor
     offs_E: torch.Tensor
-    token_N: torch.Tensor
+    order_N: torch.Tensor
+
+    @property
+    def token_N(self) -> torch.Tensor:
+        """The source token of each expert-ordered row."""
+        return self.order_N // self.pos_TK.shape[1]
 
 
 def build_routing(topk_idx_TK: torch.Tensor, num_experts: int) -> Routing:
@@ -99,7 +104,7 @@ def build_routing(topk_idx_TK: torch.Tensor, num_experts: int) -> Routing:
     sorted_N = flat_N[order_N]
     experts_E = torch.arange(num_experts, device=flat_N.device, dtype=sorted_N.dtype)
     offs_E = torch.searchsorted(sorted_N, experts_E, right=True).to(torch.int32)
-    return Routing(pos_N.view(T, K).to(torch.int32), offs_E, order_N // K)
+    return Routing(pos_N.view(T, K).to(torch.int32), offs_E, order_N)
 
 
 def _triton_ok(t: torch.Tensor) -> bool:
@@ -170,16 +175,21 @@ class _Combine(torch.autograd.Function):
         return dy_ND, dw_TK.to(w_TK.dtype), None
 
 
-def permute(x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
-    """Rows of x in expert order [N, D] (row pos_TK[t, k] is a copy of token t); differentiable."""
-    if _triton_ok(x_TD):
+def permute(x_TD: torch.Tensor, routing: Routing, impl: str = "auto") -> torch.Tensor:
+    """Rows of x in expert order [N, D] (row pos_TK[t, k] is a copy of token t); differentiable.
+    ``impl``: "auto" (Triton where it runs), "torch". Both are deterministic: the torch version
+    gathers each of the K copies once (a permutation), so its backward has no colliding writes
+    and sums a token's K gradients in slot order."""
+    if impl == "auto" and _triton_ok(x_TD):
         return _Permute.apply(x_TD, routing.pos_TK)
-    return x_TD[routing.token_N]
+    K = routing.pos_TK.shape[1]
+    return x_TD.repeat_interleave(K, dim=0)[routing.order_N]
 
 
-def combine(y_ND: torch.Tensor, topk_w_TK: torch.Tensor, routing: Routing) -> torch.Tensor:
-    """out[t] = sum_k w[t, k] * y[pos[t, k]] in y's dtype (fp32 sum); differentiable in y and w."""
-    if _triton_ok(y_ND):
+def combine(y_ND: torch.Tensor, topk_w_TK: torch.Tensor, routing: Routing, impl: str = "auto") -> torch.Tensor:
+    """out[t] = sum_k w[t, k] * y[pos[t, k]] in y's dtype (fp32 sum); differentiable in y and w.
+    Deterministic, as :func:`permute` (``impl`` likewise)."""
+    if impl == "auto" and _triton_ok(y_ND):
         return _Combine.apply(y_ND, topk_w_TK, routing.pos_TK)
     T, K = routing.pos_TK.shape
     y_TKD = y_ND[routing.pos_TK.reshape(-1).long()].view(T, K, -1)

@@ -27,7 +27,7 @@ import math
 import torch
 from torch import Tensor
 
-from ._triton import interpreted as _interpreted, tl, triton
+from ._triton import interpreted as _interpreted, launch_tuned, tl, triton
 
 # Muon's quintic Newton-Schulz coefficients (a, b, c) and the Gram schedule's default restart.
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -206,7 +206,8 @@ def gemmt_tma(A_NMK: torch.Tensor, B_NMK: torch.Tensor | None = None, alpha: flo
                                                       UPCAST=True, BM=16, BN=32, BK=16, num_warps=1, num_stages=1)
     else:
         triton.set_allocator(_tma_scratch)
-        _gemmt_tma_tuned[grid](*args, HAS_Y=Y_NMM is not None, HAS_S=scale_N is not None, UPCAST=False)
+        launch_tuned(_gemmt_tma_tuned, _gemmt_tma_kernel, _TMA_CONFIGS[2], grid, *args, HAS_Y=Y_NMM is not None,
+                     HAS_S=scale_N is not None, UPCAST=False)
     return C
 
 
@@ -339,7 +340,8 @@ def gemmt_persistent(A_NMK: torch.Tensor, B_NMK: torch.Tensor | None = None, alp
         stripes = triton.cdiv(nb, meta["SPLIT"])
         tiles = meta["SPLIT"] * stripes * (stripes + 1) // 2 - (meta["SPLIT"] * stripes - nb)
         return (min(sms, N * tiles),)
-    _gemmt_persistent_tuned[grid](*args, **flags, UPCAST=False)
+    launch_tuned(_gemmt_persistent_tuned, _gemmt_persistent_kernel, _PERSISTENT_CONFIGS[0], grid, *args, **flags,
+                 UPCAST=False)
     return C
 
 
@@ -389,7 +391,8 @@ def gemmt(A_NMK: torch.Tensor, B_NMK: torch.Tensor | None = None, alpha: float =
         _gemmt_kernel[grid({"BM": 16, "BN": 32})](*args, HAS_Y=Y_NMM is not None, HAS_S=scale_N is not None,
                                                   UPCAST=True, BM=16, BN=32, BK=16, num_warps=1, num_stages=1)
     else:
-        _gemmt_tuned[grid](*args, HAS_Y=Y_NMM is not None, HAS_S=scale_N is not None, UPCAST=False)
+        launch_tuned(_gemmt_tuned, _gemmt_kernel, _SYRK_CONFIGS[1], grid, *args, HAS_Y=Y_NMM is not None,
+                     HAS_S=scale_N is not None, UPCAST=False)
     return C
 
 

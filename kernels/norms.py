@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import interpreted as _interpreted, tl, triton
+from ._triton import interpreted as _interpreted, launch_tuned, tl, triton
 
 
 if triton is not None:
@@ -90,8 +90,10 @@ def _bwd_launch(dy, ds, s, w, rstd, dx, T, D):
         _rmsnorm_bwd_kernel[(triton.cdiv(T, rows),)](*args, HAS_DS=ds is not None, BLOCK_D=BLOCK_D,
                                                       ROWS=rows, num_warps=1)
     else:
-        _bwd_tuned[lambda meta: (triton.cdiv(T, meta["ROWS"]),)](*args, HAS_DS=ds is not None, BLOCK_D=BLOCK_D)
-        rows = _bwd_tuned.best_config.kwargs["ROWS"]
+        grid = lambda meta: (triton.cdiv(T, meta["ROWS"]),)  # noqa: E731
+        ran = launch_tuned(_bwd_tuned, _rmsnorm_bwd_kernel, _BWD_CONFIGS[0], grid, *args, HAS_DS=ds is not None,
+                           BLOCK_D=BLOCK_D)
+        rows = ran.kwargs["ROWS"]
     return dw_part[: triton.cdiv(T, rows)].sum(0)
 
 

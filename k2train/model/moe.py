@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from ..kernels.moe import moe_experts_forward
+from ..kernels.moe import build_routing, combine, moe_experts_forward, permute
 from ..kernels.swiglu import swiglu
 
 
@@ -78,21 +78,16 @@ def _contiguous_grad(t: torch.Tensor) -> torch.Tensor:
 
 
 def experts_grouped_mm(x_TD, topk_idx_TK, topk_w_TK, w_gate_EID, w_up_EID, w_down_EDI) -> torch.Tensor:
-    """Permute rows into expert order, three grouped GEMMs, weighted scatter-add back."""
+    """Permute rows into expert order, three grouped GEMMs, weighted sum back per token (in plain
+    torch: the gathers of k2train.kernels.moe's torch path, deterministic, no scatter-add)."""
     dt = compute_dtype(x_TD)
     x_TD, w_gate_EID, w_up_EID, w_down_EDI = (t.to(dt) for t in (x_TD, w_gate_EID, w_up_EID, w_down_EDI))
-    T, K = topk_idx_TK.shape
-    flat_idx_N = topk_idx_TK.reshape(-1)
-    order_N = torch.argsort(flat_idx_N, stable=True)
-    token_N = order_N // K
-    counts_E = torch.bincount(flat_idx_N, minlength=w_gate_EID.shape[0])
-    offs_E = torch.cumsum(counts_E, 0).to(torch.int32)
-    x_ND = x_TD[token_N]
-    gate = _contiguous_grad(torch._grouped_mm(x_ND, w_gate_EID.transpose(1, 2), offs=offs_E))
-    up = _contiguous_grad(torch._grouped_mm(x_ND, w_up_EID.transpose(1, 2), offs=offs_E))
-    y_ND = _contiguous_grad(torch._grouped_mm(F.silu(gate) * up, w_down_EDI.transpose(1, 2), offs=offs_E))
-    y_ND = y_ND * topk_w_TK.reshape(-1)[order_N, None].to(y_ND.dtype)
-    return torch.zeros_like(x_TD).index_add(0, token_N, y_ND)
+    routing = build_routing(topk_idx_TK, w_gate_EID.shape[0])
+    x_ND = permute(x_TD, routing, impl="torch")
+    gate = _contiguous_grad(torch._grouped_mm(x_ND, w_gate_EID.transpose(1, 2), offs=routing.offs_E))
+    up = _contiguous_grad(torch._grouped_mm(x_ND, w_up_EID.transpose(1, 2), offs=routing.offs_E))
+    y_ND = _contiguous_grad(torch._grouped_mm(F.silu(gate) * up, w_down_EDI.transpose(1, 2), offs=routing.offs_E))
+    return combine(y_ND, topk_w_TK, routing, impl="torch")
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from k2train.kernels.moe import build_routing, combine, permute
 from k2train.model.moe import GroupedExperts, MoE, experts_grouped_mm, experts_reference, grouped_mm_supported
 
 
@@ -82,12 +83,11 @@ class ExpertParallelExperts(nn.Module):
         return experts_reference(*args)
 
     def forward(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_w_TK: torch.Tensor) -> torch.Tensor:
-        T, K = topk_idx_TK.shape
         El, ep = self.num_local_experts, self.ep_size
-        flat_idx_N = topk_idx_TK.reshape(-1)
-        order_N = torch.argsort(flat_idx_N, stable=True)
-        token_N = order_N // K
-        counts_E = torch.bincount(flat_idx_N, minlength=self.num_experts)
+        # Rows in global expert order (so each destination rank's rows are contiguous); permute and
+        # combine are the MoE path's own (Triton on GPUs), deterministic, no scatter-add.
+        routing = build_routing(topk_idx_TK, self.num_experts)
+        counts_E = torch.diff(routing.offs_E, prepend=routing.offs_E.new_zeros(1))
         # recv_counts[src, e]: rows that rank src sends to my local expert e.
         recv_counts = torch.empty_like(counts_E)
         dist.all_to_all_single(recv_counts, counts_E, group=self.group)
@@ -96,14 +96,13 @@ class ExpertParallelExperts(nn.Module):
         in_splits = counts_E.view(ep, El).sum(1).tolist()
         out_splits = recv_counts.sum(1).tolist()
 
-        x_recv_MD = all_to_all(x_TD[token_N], out_splits, in_splits, self.group)
+        x_recv_MD = all_to_all(permute(x_TD, routing), out_splits, in_splits, self.group)
         local_id_M = torch.repeat_interleave(
             torch.arange(El, device=x_TD.device).repeat(ep), recv_counts.reshape(-1)
         )
         y_recv_MD = self._local_experts(x_recv_MD, local_id_M)
         y_ND = all_to_all(y_recv_MD, in_splits, out_splits, self.group)
-        y_ND = y_ND * topk_w_TK.reshape(-1)[order_N, None].to(y_ND.dtype)
-        return torch.zeros_like(x_TD).index_add(0, token_N, y_ND)
+        return combine(y_ND, topk_w_TK, routing)
 
 
 def apply_ep(model: nn.Module, ep_mesh) -> None:

@@ -136,9 +136,8 @@ def layer_activation_bytes(
         norm_bytes(qr, a)  # q_a_layernorm
         + a * (kr + dr)  # kv_a output (the norm reads a view of it, rope the k_rope view)
         + norm_bytes(kr, a) - 4 * kr * (a == 4)  # kv_a_layernorm: its input is the view above
-        + a * H * (dn + dr)  # q_b output (rope keeps it)
-        + a * H * (dn + dv)  # kv_b output (v is a view of it)
-        + 2 * a * H * (dn + dr)  # q and k after cat
+        + 2 * a * H * (dn + dr)  # q and k after cat (rope saves only its cos/sin: buffer rows)
+        + a * H * dv  # v, made contiguous for the attention (the kv_b output itself is not kept)
         + a * H * dv  # attention output, reshaped for o_proj
         + (probs if eager else 4 * H)
     )
