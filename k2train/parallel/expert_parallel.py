@@ -85,8 +85,10 @@ class ExpertParallelExperts(nn.Module):
     def forward(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_w_TK: torch.Tensor) -> torch.Tensor:
         El, ep = self.num_local_experts, self.ep_size
         # Rows in global expert order (so each destination rank's rows are contiguous); permute and
-        # combine are the MoE path's own (Triton on GPUs), deterministic, no scatter-add.
+        # combine are the MoE path's own (the Triton kernels with moe_impl=triton), deterministic,
+        # no scatter-add.
         routing = build_routing(topk_idx_TK, self.num_experts)
+        impl = "auto" if self.impl == "triton" else "torch"
         counts_E = torch.diff(routing.offs_E, prepend=routing.offs_E.new_zeros(1))
         # recv_counts[src, e]: rows that rank src sends to my local expert e.
         recv_counts = torch.empty_like(counts_E)
@@ -96,13 +98,13 @@ class ExpertParallelExperts(nn.Module):
         in_splits = counts_E.view(ep, El).sum(1).tolist()
         out_splits = recv_counts.sum(1).tolist()
 
-        x_recv_MD = all_to_all(permute(x_TD, routing), out_splits, in_splits, self.group)
+        x_recv_MD = all_to_all(permute(x_TD, routing, impl), out_splits, in_splits, self.group)
         local_id_M = torch.repeat_interleave(
             torch.arange(El, device=x_TD.device).repeat(ep), recv_counts.reshape(-1)
         )
         y_recv_MD = self._local_experts(x_recv_MD, local_id_M)
         y_ND = all_to_all(y_recv_MD, in_splits, out_splits, self.group)
-        return combine(y_ND, topk_w_TK, routing)
+        return combine(y_ND, topk_w_TK, routing, impl)
 
 
 def apply_ep(model: nn.Module, ep_mesh) -> None:
