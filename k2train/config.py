@@ -267,6 +267,7 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     ep: int = 1
+    # Context parallelism (DeepSpeed Ulysses): each rank holds seq_len / cp tokens of every sequence.
     cp: int = 1
     # Virtual pipeline stages per rank (interleaved 1F1B when > 1).
     vpp: int = 1
@@ -287,8 +288,6 @@ class ParallelConfig:
                 _fail(f"parallel.{name}={getattr(self, name)} must be >= 1")
         if self.dp == 0 or self.dp < -1:
             _fail(f"parallel.dp={self.dp} must be >= 1, or -1 to use the rest of the world size")
-        if self.cp != 1:
-            _fail("parallel.cp > 1 (context parallelism) is reserved for the long-context stage and not implemented yet")
         if self.vpp > 1 and self.pp_schedule != "Interleaved1F1B":
             _fail(f"parallel.vpp={self.vpp} needs parallel.pp_schedule=Interleaved1F1B (got {self.pp_schedule})")
         _positive("parallel", timeout_s=self.timeout_s)
@@ -339,6 +338,9 @@ class TrainerConfig:
     spike_window: int = 100
     # torch.compile each transformer block (k2train/parallel/compile.py).
     compile: bool = False
+    # The LM head and the cross entropy on chunks of this many tokens, each recomputed in the
+    # backward: the logits of the whole micro-batch never exist at once (0: in one piece).
+    loss_chunk_tokens: int = 0
     # The same config, data, seed, world size and CPU thread count give the same losses, gradients
     # and checkpoint tensors bit for bit, run after run and across a kill and resume (on CPU and on
     # GPUs): torch's deterministic algorithms, cuBLAS' deterministic workspace, and fixed kernel
@@ -358,6 +360,8 @@ class TrainerConfig:
         )
         if self.grad_clip < 0:
             _fail(f"trainer.grad_clip={self.grad_clip} must be >= 0 (0 disables clipping)")
+        if self.loss_chunk_tokens < 0:
+            _fail(f"trainer.loss_chunk_tokens={self.loss_chunk_tokens} must be >= 0 (0: the loss in one piece)")
         if self.checkpoint.interval < 0 or self.checkpoint.keep_last < 1 or self.checkpoint.keep_every < 0:
             _fail("trainer.checkpoint: interval >= 0, keep_last >= 1 and keep_every >= 0 are required")
 
@@ -404,6 +408,11 @@ class JobConfig:
                 f"trainer.compile=true with parallel.tp={self.parallel.tp}: compiling the DTensor blocks fails in "
                 "torch's tracing (AttributeError: 'Tensor' object has no attribute '_local_tensor', torch 2.13); "
                 "use trainer.compile=false with tensor parallelism"
+            )
+        if t.loss_chunk_tokens and self.parallel.tp > 1:
+            _fail(
+                f"trainer.loss_chunk_tokens={t.loss_chunk_tokens} with parallel.tp={self.parallel.tp}: the vocabulary-"
+                "parallel loss already splits the logits over the tp ranks; set trainer.loss_chunk_tokens=0"
             )
         if t.compile and t.deterministic:
             _fail(

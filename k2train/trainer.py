@@ -25,7 +25,6 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointManager, load_model_weights
@@ -35,33 +34,23 @@ from .convert import export_hf
 from .data_pipeline.loader import build_data_loader, load_tokenizer
 from .faults import LossSpikeDetector, NonFiniteGuard, PreemptionHandler, discard_step_, init_distributed
 from .flops import flops_per_token, peak_tflops
+from .loss import NextTokenLoss
 from .kernels import is_deterministic as kernels_deterministic, set_deterministic as set_kernels_deterministic
 from .metrics import MetricLogger, format_step, layer_metrics
 from .model import K2Model, update_router_bias_
 from .optim import apply_qk_clip, attention_modules, build_lr_scheduler, build_optimizer, describe_param_groups
-from .parallel import (ParallelDims, backend_for, clip_grad_norm_, local_loss, loss_context, reduce_gradients_,
+from .parallel import (ParallelDims, backend_for, clip_grad_norm_, loss_context, reduce_gradients_,
                        replica_groups, sum_expert_load_)
+from .parallel.context_parallel import shard_sequence
 from .parallel.parallelize import parallelize
 from .parallel.pipeline import pipeline_step
 from .runtime import default_wandb_run_id, logging_rank
 
 Batch = dict[str, torch.Tensor]
 # (dp_rank, dp_size) -> this data stream's micro-batches: {"tokens", "labels"} [B, S] int64, plus
-# "position_ids" / "doc_ids" for packed documents. Labels equal to IGNORE_INDEX add no loss.
+# "position_ids" / "doc_ids" for packed documents. Labels equal to k2train.loss.IGNORE_INDEX add no
+# loss.
 DataFactory = Callable[[int, int], Iterable[Batch]]
-IGNORE_INDEX = -100
-
-
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token loss, the mean over the labelled tokens; autocast runs it in fp32, loss_parallel
-    on vocab shards."""
-    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(0, 1), ignore_index=IGNORE_INDEX)
-
-
-def pipeline_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The last pipeline stage's loss: under TP the logits are a vocab-sharded DTensor and the
-    replicated loss comes back as a plain tensor (the schedule runs it inside ``loss_context``)."""
-    return local_loss(cross_entropy(logits, labels))
 
 
 def pick_device(name: str) -> torch.device:
@@ -151,11 +140,16 @@ class Trainer:
         # 2. model: meta device -> parallelize -> materialize + layout-invariant init (or load)
         with torch.device("meta"):
             model = K2Model(cfg.model)
+        # the next-token loss: each cp rank's share of the sequence's mean; with loss_chunk_tokens
+        # it runs the LM head itself, chunk by chunk
+        self.loss = NextTokenLoss(t.loss_chunk_tokens, cp_group=dims.group("cp_mesh"))
         placed = parallelize(
             model, dims, cfg.parallel, compile=t.compile, seq_len=t.seq_len, micro_batch_size=t.micro_batch_size,
-            num_microbatches=self.num_microbatches, loss_fn=pipeline_cross_entropy, device=self.device,
+            num_microbatches=self.num_microbatches, loss_fn=self.loss, device=self.device,
+            head_in_loss=bool(t.loss_chunk_tokens),
         )
         self.parts, self.pipeline = placed.parts, placed.pipeline
+        self.loss.head = next((p.lm_head for p in self.parts if p.lm_head is not None), None)
         for part in self.parts:
             part.to_empty(device=self.device)
             part.init_weights(seed=t.seed)
@@ -297,6 +291,8 @@ class Trainer:
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.dtype == "bfloat16")
         if len(batches) != self.num_microbatches:
             raise ValueError(f"train_step got {len(batches)} micro-batches, this layout takes {self.num_microbatches}")
+        if dims.cp > 1:  # this rank's part of every sequence (global positions, whole document ids)
+            batches = [shard_sequence(b, dims.cp, dims.cp_rank) for b in batches]
         if self.pipeline is not None:
             cat = {k: torch.cat([b[k] for b in batches]).to(device) for k in batches[0]}
             with loss_context(tp_mesh), autocast:
@@ -305,16 +301,20 @@ class Trainer:
         else:
             model = self.parts[0]
             stats = torch.zeros(2, device=device)
+            head = not t.loss_chunk_tokens
             for batch in batches:
                 b = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 with loss_context(tp_mesh), autocast:
-                    logits = model(b["tokens"], position_ids=b.get("position_ids"), doc_ids=b.get("doc_ids"))
-                    ce = local_loss(cross_entropy(logits, b["labels"]))
+                    out = model(b["tokens"], position_ids=b.get("position_ids"), doc_ids=b.get("doc_ids"), head=head)
+                    ce = self.loss(out, b["labels"])
                     aux = model.aux_loss
                     (ce + aux).backward()
                 stats += torch.stack([ce.detach(), aux.detach()]).float()
             stats /= self.num_microbatches
-        if dims.dp_size > 1:
+        # each cp rank's cross entropy is its part of the mean (they add up over cp), its aux loss
+        # the whole sequence's (the same on every cp rank)
+        stats[1] /= dims.cp
+        if dims.dp_size * dims.cp > 1:
             dist.all_reduce(stats, group=dims.dense_dp_mesh.get_group())
             stats /= dims.dp_size
         return stats[0], stats[1]

@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from k2train.config import CheckpointConfig, JobConfig, LoggingConfig, ModelConfig, OptimConfig, TrainerConfig
-from k2train.trainer import IGNORE_INDEX, Trainer
+from k2train.loss import IGNORE_INDEX
+from k2train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 

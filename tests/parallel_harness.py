@@ -74,24 +74,47 @@ def global_batches(trainer: TrainerConfig = TRAINER, vocab: int = TINY.vocab_siz
     return torch.randint(0, vocab, (trainer.steps, trainer.global_batch_size, trainer.seq_len + 1), generator=g)
 
 
-def stream(batches: torch.Tensor, micro: int):
-    """A data factory for Trainer(data=...): stream r's micro-batches, dealt as the loader does."""
+def documents(batch: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed documents for the rows of one global batch: (doc_ids, position_ids) [rows, S], every
+    row cut at its own fixed random boundaries (documents of 3 to S/2 tokens), positions restarting
+    at each."""
+    rows, S = batch.shape[0], batch.shape[1] - 1
+    doc_ids, positions = torch.zeros(rows, S, dtype=torch.long), torch.zeros(rows, S, dtype=torch.long)
+    for r in range(rows):
+        g = torch.Generator().manual_seed(DATA_SEED * 1000 + step * 100 + r)
+        start, doc = 0, 0
+        while start < S:
+            n = int(torch.randint(3, max(4, S // 2), (1,), generator=g))
+            doc_ids[r, start : start + n] = doc
+            positions[r, start : start + n] = torch.arange(min(n, S - start))
+            start, doc = start + n, doc + 1
+    return doc_ids, positions
+
+
+def stream(batches: torch.Tensor, micro: int, with_documents: bool = False):
+    """A data factory for Trainer(data=...): stream r's micro-batches, dealt as the loader does
+    (``with_documents``: packed documents, :func:`documents`)."""
 
     def factory(dp_rank: int, dp_size: int) -> Iterator[dict]:
-        for batch in batches:
+        for step, batch in enumerate(batches):
+            docs = documents(batch, step) if with_documents else None
             for m in range(batch.shape[0] // (micro * dp_size)):
                 start = (m * dp_size + dp_rank) * micro
                 rows = batch[start : start + micro]
-                yield {"tokens": rows[:, :-1].contiguous(), "labels": rows[:, 1:].contiguous()}
+                out = {"tokens": rows[:, :-1].contiguous(), "labels": rows[:, 1:].contiguous()}
+                if docs is not None:
+                    out["doc_ids"] = docs[0][start : start + micro].contiguous()
+                    out["position_ids"] = docs[1][start : start + micro].contiguous()
+                yield out
 
     return factory
 
 
-def train(cfg: JobConfig, batches: torch.Tensor) -> dict:
+def train(cfg: JobConfig, batches: torch.Tensor, with_documents: bool = False) -> dict:
     """Run the trainer over ``batches``; this rank's losses, grad norms and clipped heads per step,
     its step-1 gradients (after reduction and clipping: what the optimizer sees), final parameters
     and router biases, as full tensors (tp shards and ep slices gathered)."""
-    data = stream(batches, cfg.trainer.micro_batch_size)
+    data = stream(batches, cfg.trainer.micro_batch_size, with_documents)
     with tempfile.TemporaryDirectory() as tmp, Trainer(cfg, run_dir=tmp, data=data) as trainer:
         grads: dict = {}
 
@@ -143,12 +166,12 @@ def merged(results: list[dict]) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str, jobs: dict, batches: dict) -> None:
+def _worker(rank: int, world: int, init_file: str, out_dir: str, jobs: dict, batches: dict, docs: bool) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         for name, cfg in jobs.items():
-            torch.save(train(cfg, batches[name]), os.path.join(out_dir, f"{name}_rank{rank}.pt"))
+            torch.save(train(cfg, batches[name], docs), os.path.join(out_dir, f"{name}_rank{rank}.pt"))
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -159,14 +182,14 @@ def world_size(layout: dict) -> int:
     return layout.get("pp", 1) * layout.get("dp", 1) * layout.get("ep", 1) * layout.get("tp", 1)
 
 
-def run_jobs(jobs: dict[str, JobConfig], world: int) -> dict[str, list[dict]]:
+def run_jobs(jobs: dict[str, JobConfig], world: int, documents: bool = False) -> dict[str, list[dict]]:
     """Train every job of ``jobs`` (same world size) in one spawn of ``world`` gloo processes
     (importing torch.distributed costs seconds per process on a loaded 2-core machine); returns
-    each job's per-rank results."""
+    each job's per-rank results. ``documents``: packed documents in every sequence."""
     batches = {name: global_batches(cfg.trainer, cfg.model.vocab_size) for name, cfg in jobs.items()}
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
-        mp.spawn(_worker, args=(world, init_file, tmp, jobs, batches), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, init_file, tmp, jobs, batches, documents), nprocs=world, join=True)
         return {name: [torch.load(os.path.join(tmp, f"{name}_rank{r}.pt"), weights_only=False) for r in range(world)]
                 for name in jobs}
 
@@ -181,14 +204,14 @@ def run_parallel(layout: dict, optim: OptimConfig = OPTIM, trainer: TrainerConfi
 _REFERENCE: dict = {}
 
 
-def run_reference_job(cfg: JobConfig) -> dict:
+def run_reference_job(cfg: JobConfig, documents: bool = False) -> dict:
     """A job in this process, on one thread like the workers (cached per process)."""
-    key = repr(cfg)
+    key = repr((cfg, documents))
     if key not in _REFERENCE:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            _REFERENCE[key] = train(cfg, global_batches(cfg.trainer, cfg.model.vocab_size))
+            _REFERENCE[key] = train(cfg, global_batches(cfg.trainer, cfg.model.vocab_size), documents)
         finally:
             torch.set_num_threads(threads)
     return _REFERENCE[key]

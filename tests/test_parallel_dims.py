@@ -19,17 +19,17 @@ def test_dp_inferred_from_world_size():
     d = dims(8, tp=2, ep=2)
     assert (d.pp, d.dp, d.ep, d.tp) == (1, 2, 2, 2)
     assert d.dp_size == 4  # every (dp, ep) coordinate reads its own data
-    with pytest.raises(ValueError, match="not divisible by pp\\*ep\\*tp"):
+    with pytest.raises(ValueError, match="not divisible by pp\\*ep\\*cp\\*tp"):
         dims(6, tp=4)
 
 
 def test_world_size_mismatch(tiny):
-    with pytest.raises(ValueError, match=r"world size 8 != pp\*dp\*ep\*tp = 1\*2\*2\*1 = 4"):
+    with pytest.raises(ValueError, match=r"world size 8 != pp\*dp\*ep\*cp\*tp = 1\*2\*2\*1\*1 = 4"):
         dims(8, dp=2, ep=2).validate(tiny)
 
 
 def test_heads_vocab_ffn_divisible_by_tp(tiny):
-    with pytest.raises(ValueError, match="num_attention_heads=4 is not divisible by tensor parallel degree 8"):
+    with pytest.raises(ValueError, match="num_attention_heads=4 is not divisible by tp x cp = 8 x 1"):
         dims(8, tp=8).validate(tiny)
     dims(4, tp=4).validate(tiny)
 
@@ -55,7 +55,7 @@ def test_microbatches_for_schedule(tiny):
 
 
 def test_sequence_parallel_needs_divisible_seq_len(tiny):
-    with pytest.raises(ValueError, match="seq_len=33 is not divisible by tensor parallel degree 2"):
+    with pytest.raises(ValueError, match="seq_len=33 is not divisible by tp x cp = 2 x 1"):
         dims(2, tp=2).validate(tiny, TrainerConfig(seq_len=33, micro_batch_size=1, global_batch_size=1))
 
 

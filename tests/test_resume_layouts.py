@@ -27,7 +27,7 @@ from k2train.runtime import RUN_ID_ENV
 pytestmark = pytest.mark.slow
 
 NPROC = {"single": 1, "dp2": 2, "tp2": 2, "ep2": 2, "ep4": 4, "pp2": 2, "pp2_vpp2": 2, "tp2_ep2": 4,
-         "dp2_ep2": 4, "pp2_ep2": 4, "pp2_ep2@8": 8, "pp2_tp2": 4}
+         "dp2_ep2": 4, "pp2_ep2": 4, "pp2_ep2@8": 8, "pp2_tp2": 4, "cp2": 2}
 # "preset@N": the preset on N processes (its dp=-1 takes the rest: pp2_ep2@8 is PP2 x EP2 x DP2),
 # with a global batch that still gives each pipeline two micro-batches.
 EXTRA = {"pp2_ep2@8": ["trainer.global_batch_size=16"]}

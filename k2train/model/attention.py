@@ -58,6 +58,32 @@ def max_logit_chunked(
     return out
 
 
+class AttentionCore(nn.Module):
+    """softmax(q k^T * scale) v under the causal (and document) mask, and the per-head max scaled
+    logit QK-Clip needs: q, k [B, H, S, dqk], v [B, H, S, dv] -> (out [B, H, S, dv], max_logit [H]
+    fp32). A module of its own (no parameters) so that context parallelism can wrap it from outside
+    (k2train/parallel/context_parallel.py); ``doc_ids`` [B, S] covers the whole sequence."""
+
+    def __init__(self, impl: str, softmax_scale: float):
+        super().__init__()
+        self.impl = impl
+        self.softmax_scale = softmax_scale
+
+    def forward(self, q, k, v, doc_ids: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.impl == "triton":
+            return mla_attention(q, k, v, self.softmax_scale, causal=True, doc_ids=doc_ids)
+        if self.impl == "sdpa":
+            mask = None if doc_ids is None else attention_mask(q.shape[2], doc_ids, q.device)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=doc_ids is None, scale=self.softmax_scale
+            )
+            return out, max_logit_chunked(q, k, self.softmax_scale, doc_ids)
+        return attention_reference(q, k, v, self.softmax_scale, doc_ids)
+
+    def extra_repr(self) -> str:
+        return f"impl={self.impl}, scale={self.softmax_scale:.4g}"
+
+
 class MLA(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -67,7 +93,7 @@ class MLA(nn.Module):
         self.v_head_dim = cfg.v_head_dim
         self.kv_lora_rank = cfg.kv_lora_rank
         self.softmax_scale = softmax_scale(cfg)
-        self.attn_impl = cfg.attn_impl
+        self.core = AttentionCore(cfg.attn_impl, self.softmax_scale)
         qk_head_dim = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
         D, H = cfg.hidden_size, cfg.num_attention_heads
 
@@ -109,16 +135,7 @@ class MLA(nn.Module):
         q = torch.cat((q_nope, q_rope), dim=-1)
         k = torch.cat((k_nope, k_rope.expand(B, H, S, dr)), dim=-1)
 
-        if self.attn_impl == "triton":
-            out, max_logit = mla_attention(q, k, v, self.softmax_scale, causal=True, doc_ids=doc_ids)
-        elif self.attn_impl == "sdpa":
-            mask = None if doc_ids is None else attention_mask(S, doc_ids, q.device)
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=doc_ids is None, scale=self.softmax_scale
-            )
-            max_logit = max_logit_chunked(q, k, self.softmax_scale, doc_ids)
-        else:
-            out, max_logit = attention_reference(q, k, v, self.softmax_scale, doc_ids)
+        out, max_logit = self.core(q, k, v, doc_ids)
 
         with torch.no_grad():
             torch.maximum(self.max_logit, max_logit.to(self.max_logit.dtype), out=self.max_logit)

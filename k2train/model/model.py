@@ -112,11 +112,13 @@ class K2Model(nn.Module):
         position_ids: Optional[torch.Tensor] = None,
         doc_ids: Optional[torch.Tensor] = None,
         hidden: Optional[torch.Tensor] = None,
+        head: bool = True,
     ) -> torch.Tensor:
         """tokens [B, S] -> logits [B, S, V].
 
         A pipeline stage without the embedding (``embed_tokens`` set to None) takes ``hidden``
-        instead; one without the head returns hidden states.
+        instead; one without the head returns hidden states, and so does ``head=False`` (the final
+        norm applied: a chunked loss runs the head itself, k2train/loss.py).
         """
         x = self.embed_tokens(tokens) if self.embed_tokens is not None else hidden
         B, S = x.shape[:2]
@@ -133,7 +135,7 @@ class K2Model(nn.Module):
             x = layer(x, cos, sin, doc_ids)
         if self.norm is not None:
             x = self.norm(x)
-        if self.lm_head is not None:
+        if self.lm_head is not None and head:
             x = self.lm_head(x)
         return x
 

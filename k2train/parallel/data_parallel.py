@@ -1,16 +1,18 @@
 """Data-parallel gradient reduction and the global gradient norm, for every layout of ParallelDims.
 
 The loss of one step is the mean over the dp x ep data streams and over each stream's micro-batches
-of the micro-batch mean loss. The backward passes leave in each ``.grad`` the SUM over this rank's
-micro-batches; the true gradient of a parameter is ``1 / (dp*ep*micro-batches)`` times the SUM of
-those over the ranks that hold a replica of it and saw different tokens:
-- dense parameters: replicated over dp x ep -> sum over ``dp_ep``. Tensor-parallel DTensor
+of the micro-batch mean loss (under context parallelism each cp rank's loss is its part of that
+mean). The backward passes leave in each ``.grad`` the SUM over this rank's micro-batches; the true
+gradient of a parameter is ``1 / (dp*ep*micro-batches)`` times the SUM of those over the ranks that
+hold a replica of it and saw different tokens:
+- dense parameters: replicated over dp x ep x cp -> sum over ``dp_ep_cp``. Tensor-parallel DTensor
   parameters first get their tp reduction from DTensor (Partial -> the param's placements); plain
-  replicated ones inside the attention see the full sequence and already agree over tp;
-- the router weight under sequence parallelism sees only its S/tp tokens -> sum over ``dp_ep_tp``;
-- routed experts: held by one ep rank, replicated over dp (and tp under sequence parallelism,
-  where tp ranks route different tokens) -> sum over ``dp`` (``dp_tp``). Their local gradient
-  already sums the tokens that all ep ranks sent them, hence the same 1/(dp*ep) factor.
+  replicated ones inside the attention see the full sequence of their cp part and agree over tp;
+- the router weight sees only its rank's tokens (S/(cp*tp)) -> sum over every rank of the stage,
+  ``dp_ep_cp_tp``;
+- routed experts: held by one ep rank, replicated over dp, cp and tp (whose ranks route different
+  tokens) -> sum over ``dp_cp_tp``. Their local gradient already sums the tokens that all ep ranks
+  sent them, hence the same 1/(dp*ep) factor.
 The pipeline axis holds different layers and takes no part.
 
 :func:`reduce_gradients_` sums; :func:`clip_grad_norm_` applies the ``1 / (dp*ep*micro-batches)``
@@ -39,12 +41,7 @@ def _is_router_weight(name: str) -> bool:
 
 def grad_reduction_meshes(dims: ParallelDims) -> dict[str, object]:
     """Which 1-D mesh each kind of parameter is summed over (see the module docstring)."""
-    sp_local = dims.tp > 1
-    return {
-        "dense": dims.dense_dp_mesh,
-        "router": dims.token_mesh if sp_local else dims.dense_dp_mesh,
-        "expert": dims.expert_dp_mesh if sp_local else dims.dp_mesh,
-    }
+    return {"dense": dims.dense_dp_mesh, "router": dims.token_mesh, "expert": dims.expert_dp_mesh}
 
 
 def param_kind(name: str) -> str:
@@ -130,8 +127,8 @@ def clip_grad_norm_(
 def replica_groups(dims: ParallelDims) -> Callable[[str], object]:
     """``fqn -> process group`` of the ranks holding replicas of a parameter, for ZeRO-1
     (``k2train.optim.build_optimizer(..., replica_group=replica_groups(dims))`` shards each
-    parameter's optimizer state over its group): dense params over ``dp_ep``; routed experts over
-    their replicas (``dp``, or ``dp_tp`` with tp > 1)."""
+    parameter's optimizer state over its group): dense params over ``dp_ep_cp``; routed experts
+    over their replicas (``dp_cp_tp``)."""
     meshes = grad_reduction_meshes(dims)
     dense, expert = meshes["dense"].get_group(), meshes["expert"].get_group()
     return lambda name: expert if is_expert_param(name) else dense

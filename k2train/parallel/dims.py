@@ -1,16 +1,16 @@
 """The parallel degrees and the named DeviceMesh: the one object that knows the layout.
 
-Mesh axes, outermost first: ``("pp", "dp", "ep", "tp")``. Adjacent ranks differ in ``tp`` (the
-most communication-hungry axis stays inside a node), then ``ep``, then ``dp``; pipeline stages are
-the outermost blocks.
+Mesh axes, outermost first: ``("pp", "dp", "ep", "cp", "tp")``. Adjacent ranks differ in ``tp``
+(the most communication-hungry axis stays inside a node), then ``cp`` (Ulysses' all-to-alls), then
+``ep``, then ``dp``; pipeline stages are the outermost blocks.
 
 Who holds what (see docs/parallelism.md):
 - every (dp, ep) coordinate reads different data, so the loader's data-parallel size is dp x ep;
-- dense parameters are replicated over dp x ep (and sharded or replicated over tp by the TP plan),
-  so their gradients are averaged over the flattened ``dp_ep`` axis;
-- routed experts are sharded over ep (E/ep consecutive experts per rank) and replicated over dp and
-  tp, so their gradients are averaged over ``dp`` (and ``tp``, whose ranks route different tokens
-  under sequence parallelism);
+  the cp and tp ranks of a coordinate share its stream (cp ranks take a part of each sequence);
+- dense parameters are replicated over dp x ep x cp (and sharded or replicated over tp by the TP
+  plan), so their gradients are summed over the flattened ``dp_ep_cp`` axis;
+- routed experts are sharded over ep (E/ep consecutive experts per rank) and replicated over dp,
+  cp and tp (whose ranks route different tokens), so their gradients are summed over ``dp_cp_tp``;
 - the pipeline axis holds different layers and never reduces gradients.
 """
 
@@ -22,7 +22,7 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from ..config import ModelConfig, ParallelConfig, TrainerConfig
 
-MESH_AXES = ("pp", "dp", "ep", "tp")
+MESH_AXES = ("pp", "dp", "ep", "cp", "tp")
 
 
 def _fail(msg: str) -> None:
@@ -39,6 +39,7 @@ class ParallelDims:
     ep: int
     tp: int
     world_size: int
+    cp: int = 1
     vpp: int = 1
     pp_schedule: str = "1F1B"
     mesh: Optional["torch.distributed.device_mesh.DeviceMesh"] = field(default=None, repr=False)
@@ -46,14 +47,15 @@ class ParallelDims:
 
     @classmethod
     def from_config(cls, cfg: ParallelConfig, world_size: int) -> "ParallelDims":
-        """Resolve ``dp=-1`` to whatever the world size leaves after pp x ep x tp."""
+        """Resolve ``dp=-1`` to whatever the world size leaves after pp x ep x cp x tp."""
         cfg.validate()
         other = cfg.pp * cfg.ep * cfg.tp * cfg.cp
         dp = cfg.dp
         if dp == -1:
             if world_size % other:
                 _fail(
-                    f"world size {world_size} is not divisible by pp*ep*tp = {cfg.pp}*{cfg.ep}*{cfg.tp} = {other}; "
+                    f"world size {world_size} is not divisible by pp*ep*cp*tp = {cfg.pp}*{cfg.ep}*{cfg.cp}*{cfg.tp} = "
+                    f"{other}; "
                     f"launch a multiple of {other} processes or change the degrees"
                 )
             dp = world_size // other
@@ -62,6 +64,7 @@ class ParallelDims:
             dp=dp,
             ep=cfg.ep,
             tp=cfg.tp,
+            cp=cfg.cp,
             world_size=world_size,
             vpp=cfg.vpp,
             pp_schedule=cfg.pp_schedule,
@@ -79,14 +82,21 @@ class ParallelDims:
         """Fail early, with the numbers and a fix, on a layout that cannot run this model (every
         cross-field check of the layout lives here; ``ParallelConfig.validate`` checks the section
         alone)."""
-        product = self.pp * self.dp * self.ep * self.tp
+        product = self.pp * self.dp * self.ep * self.cp * self.tp
         if product != self.world_size:
             _fail(
-                f"world size {self.world_size} != pp*dp*ep*tp = {self.pp}*{self.dp}*{self.ep}*{self.tp} = {product}; "
-                f"set parallel.dp=-1 to infer dp, or launch {product} processes"
+                f"world size {self.world_size} != pp*dp*ep*cp*tp = {self.pp}*{self.dp}*{self.ep}*{self.cp}*{self.tp} = "
+                f"{product}; set parallel.dp=-1 to infer dp, or launch {product} processes"
+            )
+        heads_split = self.tp * self.cp
+        if heads_split > 1 and model.num_attention_heads % heads_split:
+            _fail(
+                f"model.num_attention_heads={model.num_attention_heads} is not divisible by tp x cp = {self.tp} x "
+                f"{self.cp}: each tp rank holds heads/tp heads and Ulysses splits them again over cp; change "
+                "parallel.tp or parallel.cp"
             )
         if self.tp > 1:
-            for name in ("num_attention_heads", "vocab_size", "intermediate_size"):
+            for name in ("vocab_size", "intermediate_size"):
                 v = getattr(model, name)
                 if v % self.tp:
                     _fail(f"model.{name}={v} is not divisible by tensor parallel degree {self.tp}: change parallel.tp")
@@ -110,10 +120,12 @@ class ParallelDims:
                 f"pipeline stages (at least one layer each): lower parallel.pp or parallel.vpp"
             )
         if trainer is not None:
-            if self.tp > 1 and trainer.seq_len % self.tp:
+            shards = self.tp * self.cp
+            if shards > 1 and trainer.seq_len % shards:
                 _fail(
-                    f"trainer.seq_len={trainer.seq_len} is not divisible by tensor parallel degree {self.tp} "
-                    f"(tensor parallelism shards the sequence between blocks): make trainer.seq_len a multiple of {self.tp}"
+                    f"trainer.seq_len={trainer.seq_len} is not divisible by tp x cp = {self.tp} x {self.cp} (context "
+                    f"parallelism cuts each sequence over cp, tensor parallelism each cut over tp): make "
+                    f"trainer.seq_len a multiple of {shards}"
                 )
             n_micro = self.num_microbatches(trainer)
             if self.pp > 1 and n_micro < self.pp:
@@ -134,17 +146,15 @@ class ParallelDims:
     # ------------------------------------------------------------------------------------------
 
     def build_mesh(self, device_type: str) -> "torch.distributed.device_mesh.DeviceMesh":
-        """The 4-D mesh (size-1 axes included, so every name always exists) and its flattened
-        ``dp_ep`` (dense data parallel), ``dp_tp`` (expert replicas) and ``dp_ep_tp`` (all ranks
-        that see different tokens) axes. Stored on ``self.mesh`` and returned."""
-        mesh = init_device_mesh(
-            device_type, (self.pp, self.dp, self.ep, self.tp), mesh_dim_names=MESH_AXES
-        )
+        """The 5-D mesh (size-1 axes included, so every name always exists) and its flattened axes:
+        ``dp_ep`` (data streams), ``dp_ep_cp`` (replicas of dense parameters), ``dp_cp_tp`` (replicas
+        of an expert shard), ``dp_ep_cp_tp`` (every rank of a stage: all saw different tokens) and
+        ``cp_tp`` (the ranks holding parts of one sequence). Stored on ``self.mesh`` and returned."""
+        mesh = init_device_mesh(device_type, (self.pp, self.dp, self.ep, self.cp, self.tp), mesh_dim_names=MESH_AXES)
         # Keep the flattened meshes ourselves: slicing them back out of the root mesh is deprecated.
         self._flat = {
-            "dp_ep": mesh["dp", "ep"]._flatten("dp_ep"),
-            "dp_tp": mesh["dp", "tp"]._flatten("dp_tp"),
-            "dp_ep_tp": mesh["dp", "ep", "tp"]._flatten("dp_ep_tp"),
+            name: mesh[tuple(name.split("_"))]._flatten(name)
+            for name in ("dp_ep", "dp_ep_cp", "dp_cp_tp", "dp_ep_cp_tp", "cp_tp")
         }
         self.mesh = mesh
         return mesh
@@ -160,7 +170,7 @@ class ParallelDims:
 
     @property
     def dp_mesh(self):
-        """Pure data-parallel replicas (the axis over which expert gradients are averaged)."""
+        """Pure data-parallel replicas."""
         return self._require_mesh()["dp"]
 
     @property
@@ -168,26 +178,45 @@ class ParallelDims:
         return self._require_mesh()["ep"]
 
     @property
+    def cp_mesh(self):
+        return self._require_mesh()["cp"]
+
+    @property
     def tp_mesh(self):
         return self._require_mesh()["tp"]
 
     @property
-    def dense_dp_mesh(self):
-        """1-D flattened (dp, ep): the replicas of every dense parameter; the loader's DP group."""
+    def stream_mesh(self):
+        """1-D flattened (dp, ep): the data streams (the loader's ranks)."""
         self._require_mesh()
         return self._flat["dp_ep"]
 
     @property
-    def expert_dp_mesh(self):
-        """1-D flattened (dp, tp): the replicas of one routed expert shard."""
+    def dense_dp_mesh(self):
+        """1-D flattened (dp, ep, cp): the replicas of every dense parameter (their gradients are
+        summed here), the loss's reduction and QK-Clip's MAX."""
         self._require_mesh()
-        return self._flat["dp_tp"]
+        return self._flat["dp_ep_cp"]
+
+    @property
+    def expert_dp_mesh(self):
+        """1-D flattened (dp, cp, tp): the replicas of one routed expert shard."""
+        self._require_mesh()
+        return self._flat["dp_cp_tp"]
 
     @property
     def token_mesh(self):
-        """1-D flattened (dp, ep, tp): every rank of one pipeline stage; expert-load sums run here."""
+        """1-D flattened (dp, ep, cp, tp): every rank of one pipeline stage; expert-load sums and
+        the router's gradient run here."""
         self._require_mesh()
-        return self._flat["dp_ep_tp"]
+        return self._flat["dp_ep_cp_tp"]
+
+    @property
+    def sequence_mesh(self):
+        """1-D flattened (cp, tp): the ranks holding the parts of one sequence (the MoE's
+        sequence-wise aux loss counts over them)."""
+        self._require_mesh()
+        return self._flat["cp_tp"]
 
     # ------------------------------------------------------------------------------------------
     # the loader's view
@@ -195,13 +224,18 @@ class ParallelDims:
 
     @property
     def dp_size(self) -> int:
-        """Number of different data streams: dp x ep (tp and pp ranks share their stream)."""
+        """Number of different data streams: dp x ep (cp, tp and pp ranks share their stream)."""
         return self.dp * self.ep
 
     @property
     def dp_rank(self) -> int:
         """This rank's data stream, the flattened (dp, ep) coordinate: ``dp_coord * ep + ep_coord``."""
-        return self.dense_dp_mesh.get_local_rank() if self.distributed else 0
+        return self.stream_mesh.get_local_rank() if self.distributed else 0
+
+    @property
+    def cp_rank(self) -> int:
+        """This rank's part of each sequence (the cp coordinate)."""
+        return self.cp_mesh.get_local_rank() if self.distributed else 0
 
     @property
     def distributed(self) -> bool:

@@ -19,6 +19,7 @@ activations; the current trainer with ``trainer.dtype=bfloat16``), ``bf16`` (K2/
 weights, fp32 gradients, fp32 masters inside the ZeRO-1-sharded optimizer state).
 """
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -250,8 +251,8 @@ def estimate_memory(
         dp = p.dp if p.dp > 0 else 1
         if p.dp == -1:
             notes.append("parallel.dp=-1: assuming dp=1 (ZeRO-1 shards shrink as dp grows)")
-    tp, ep, pp, vpp = p.tp, p.ep, p.pp, p.vpp
-    world = pp * dp * ep * tp
+    tp, ep, pp, vpp, cp = p.tp, p.ep, p.pp, p.vpp, p.cp
+    world = pp * dp * ep * cp * tp
     dp_size = dp * ep
     seqs_per_micro = trainer_cfg.micro_batch_size
     if trainer_cfg.global_batch_size % (seqs_per_micro * dp_size):
@@ -265,9 +266,9 @@ def estimate_memory(
             f"only {m} micro-batches per step for pp={pp}: the schedule needs at least {pp} (raise trainer.global_batch_size)"
         )
     S = trainer_cfg.seq_len
-    tokens_mb = seqs_per_micro * S
-    zero_dense = dp * ep if optim_cfg.zero1 else 1
-    zero_expert = dp * tp if optim_cfg.zero1 else 1
+    tokens_mb = seqs_per_micro * S // cp  # this rank's tokens of a micro-batch (cp: a part of each sequence)
+    zero_dense = dp * ep * cp if optim_cfg.zero1 else 1
+    zero_expert = dp * cp * tp if optim_cfg.zero1 else 1
 
     split, stage_params = _stage_params(model_cfg, pp * vpp, S, optim_cfg.name == "adamw")
     ranks = []
@@ -299,8 +300,12 @@ def estimate_memory(
         if offload_activations:
             inflight = min(inflight, 2 / vpp)
         transient = 0.0
-        if pp * vpp - 1 in stage_ids:
-            transient += head_activation_bytes(model_cfg, a, tp) * tokens_mb
+        if pp * vpp - 1 in stage_ids:  # the logits: of one loss chunk with trainer.loss_chunk_tokens
+            chunk = min(trainer_cfg.loss_chunk_tokens or tokens_mb, tokens_mb)
+            transient += head_activation_bytes(model_cfg, a, tp) * chunk
+        if cp > 1:  # Ulysses: one layer's q, k, v and output before their all-to-alls
+            H = model_cfg.num_attention_heads // tp
+            transient += a * tokens_mb * H * (2 * model_cfg.qk_head_dim + 2 * model_cfg.v_head_dim)
         if p.recompute == "full" and layers:  # one layer's full activations while recomputing
             transient += layer_activation_bytes(model_cfg, True, S, "none", a, tp) * tokens_mb
         if ep > 1:  # dispatch + combine buffers of one MoE layer (balanced load)
@@ -344,6 +349,29 @@ def _gb(x: float) -> str:
     return f"{x / GiB:8.2f}"
 
 
+def _context_parallel_options(model_cfg, p, trainer_cfg, optim_cfg, precision, gpu_memory_gib) -> list[str]:
+    """The context-parallel degrees this layout can take (heads and sequence divisible by tp x cp),
+    each with its peak and the GPUs one model replica then needs; the smallest that fits is marked."""
+    lines = ["", f"  context parallelism at seq_len {trainer_cfg.seq_len:,d} (the rest of the layout as configured):"]
+    best = None
+    cp = 1
+    while cp * p.tp <= model_cfg.num_attention_heads:
+        shards = cp * p.tp
+        if model_cfg.num_attention_heads % shards == 0 and trainer_cfg.seq_len % shards == 0:
+            q = estimate_memory(model_cfg, dataclasses.replace(p, cp=cp), trainer_cfg, optim_cfg, precision)
+            fits = q.peak.total / GiB <= gpu_memory_gib
+            mark = ""
+            if fits and best is None:
+                best, mark = cp, "  <- smallest that fits"
+            replica = p.pp * p.ep * cp * p.tp
+            lines.append(f"    cp={cp:>3}: peak {q.peak.total / GiB:8.2f} GiB ({'fits' if fits else 'does NOT fit'}), "
+                         f"{replica:,d} GPUs per model replica, {trainer_cfg.seq_len // cp:,d} tokens per rank{mark}")
+        cp *= 2
+    if best is None:
+        lines.append("    no context-parallel degree fits: add pipeline stages, recompute or a shorter sequence")
+    return lines
+
+
 def format_memory_report(
     model_cfg: ModelConfig,
     parallel_cfg: ParallelConfig,
@@ -358,7 +386,7 @@ def format_memory_report(
     plan = estimate_memory(model_cfg, p, trainer_cfg, optim_cfg, precision)
     gpu_memory_gib = p.gpu_memory_gb * 1e9 / GiB if p.gpu_memory_gb > 0 else None
     lines = [
-        f"memory per GPU: pp={p.pp} vpp={p.vpp} ({p.pp_schedule}) ep={p.ep} tp={p.tp} dp={plan.dp} "
+        f"memory per GPU: pp={p.pp} vpp={p.vpp} ({p.pp_schedule}) ep={p.ep} cp={p.cp} tp={p.tp} dp={plan.dp} "
         f"-> {plan.world_size} GPUs; precision {plan.precision}, recompute {plan.recompute}, ZeRO-1 {optim_cfg.zero1}",
         f"  micro-batch {trainer_cfg.micro_batch_size} x {trainer_cfg.seq_len}, {plan.num_microbatches} micro-batches per step "
         f"per data stream, {plan.tokens_per_step:,d} tokens per step, pipeline bubble {100 * plan.bubble_fraction:.2f}%",
@@ -391,8 +419,10 @@ def format_memory_report(
                 f"    {label:<50} peak {q.peak.total / GiB:7.2f} GiB (pp rank {q.peak.pp_rank}): {verdict}, "
                 f"{'headroom' if margin >= 0 else 'over by'} {abs(margin):.2f} GiB"
             )
+    if gpu_memory_gib is not None:
+        lines += _context_parallel_options(model_cfg, p, trainer_cfg, optim_cfg, precision, gpu_memory_gib)
     if p.dp == -1:
-        unit = p.pp * p.ep * p.tp
+        unit = p.pp * p.ep * p.cp * p.tp
         seqs = trainer_cfg.global_batch_size
         lines += ["", f"  GPUs for a global batch of {seqs:,d} x {trainer_cfg.seq_len} ({plan.tokens_per_step:,d} tokens):"]
         dp = 1

@@ -4,13 +4,16 @@
                               and the schedule that runs them
     then, on each part:
       tensor parallelism      DTensor plan, sequence-parallel between blocks   (apply_tp)
+      context parallelism     Ulysses all-to-alls around the attention core    (apply_cp)
+      sequence aux loss       the MoE's balance loss over whole sequences      (install_sequence_aux_loss)
       expert parallelism      this rank's experts + the token all-to-all       (apply_ep)
       activation recompute    none / selective / full per block               (apply_recompute)
       torch.compile           per block                                        (apply_compile)
 
 Why this order: the pipeline split decides which layers this rank holds; TP changes parameter
-types (DTensor) and EP their shapes, which recompute and compile must see as final; compile goes
-last so that it traces the parallel code. The parts stay on the meta device: the caller
+types (DTensor) and the heads each rank holds, which Ulysses splits again over cp; EP changes the
+experts' shapes, which recompute and compile must see as final; compile goes last so that it
+traces the parallel code. The parts stay on the meta device: the caller
 materializes them (``to_empty`` + ``init_weights``) and builds the optimizer on the result. The
 trainer, the tests and the scripts all go through :func:`parallelize`.
 """
@@ -23,6 +26,7 @@ from torch import nn
 
 from ..config import ParallelConfig
 from .compile import apply_compile
+from .context_parallel import apply_cp, install_sequence_aux_loss
 from .dims import ParallelDims
 from .expert_parallel import apply_ep
 from .pipeline import Pipeline, build_pipeline
@@ -50,11 +54,13 @@ def parallelize(
     num_microbatches: int,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     device: torch.device,
+    head_in_loss: bool = False,
 ) -> ParallelModel:
     """Apply the layout of ``dims`` (mesh built when there is more than one process) to ``model``
-    (a :class:`~k2train.model.K2Model`, on the meta device). ``loss_fn(logits, labels)`` is the
-    pipeline's last-stage loss; ``seq_len``, ``micro_batch_size`` and ``num_microbatches`` size the
-    pipeline's buffers and schedule."""
+    (a :class:`~k2train.model.K2Model`, on the meta device). ``loss_fn(output, labels)`` is the
+    pipeline's last-stage loss (``head_in_loss``: the last stage outputs hidden states and the loss
+    runs the LM head, as the chunked loss does); ``seq_len``, ``micro_batch_size`` and
+    ``num_microbatches`` size the pipeline's buffers and schedule."""
     pipeline = None
     parts = [model]
     if dims.pp > 1:
@@ -67,11 +73,16 @@ def parallelize(
             seq_len=seq_len,
             loss_fn=loss_fn,
             device=device,
+            head_in_loss=head_in_loss,
         )
         parts = pipeline.model_parts
     for part in parts:
         if dims.tp > 1:
             apply_tp(part, dims.tp_mesh)
+        if dims.cp > 1:
+            apply_cp(part, dims.cp_mesh)
+        if dims.tp * dims.cp > 1:
+            install_sequence_aux_loss(part, dims.sequence_mesh.get_group())
         if dims.ep > 1:
             apply_ep(part, dims.ep_mesh)
         if cfg.recompute != "none":

@@ -159,17 +159,18 @@ class PipelineStageModule(nn.Module):
     micro-batches of the current step, for metrics; :func:`pipeline_step` resets it.
     """
 
-    def __init__(self, part: nn.Module, is_first: bool):
+    def __init__(self, part: nn.Module, is_first: bool, head: bool = True):
         super().__init__()
         self.part = part
         self.is_first = is_first
+        self.head = head
         self.aux_loss_sum = 0.0
 
     def forward(self, x, position_ids=None, doc_ids=None):
         if self.is_first:
-            out = self.part(x, position_ids=position_ids, doc_ids=doc_ids)
+            out = self.part(x, position_ids=position_ids, doc_ids=doc_ids, head=self.head)
         else:
-            out = self.part(None, position_ids=position_ids, doc_ids=doc_ids, hidden=x)
+            out = self.part(None, position_ids=position_ids, doc_ids=doc_ids, hidden=x, head=self.head)
         if any(True for _ in self.part.moe_layers()):
             aux = self.part.aux_loss
             self.aux_loss_sum = self.aux_loss_sum + aux.detach()
@@ -211,6 +212,7 @@ def build_pipeline(
     loss_fn: LossFn,
     device: Optional[torch.device] = None,
     layer_split: Optional[list[list[int]]] = None,
+    head_in_loss: bool = False,
 ) -> Pipeline:
     """Split ``model`` (a K2Model, ideally on the meta device) into this pp rank's stages and build
     the schedule (``parallel_cfg.pp_schedule``: 1F1B, GPipe, or Interleaved1F1B with ``vpp``).
@@ -219,7 +221,8 @@ def build_pipeline(
     tokens); the MoE aux losses are added through the stage outputs (module docstring). The
     schedule leaves the SUM over micro-batches in the gradients, as the one-process loop does
     (:func:`k2train.parallel.clip_grad_norm_` applies the mean's factor).
-    ``layer_split`` overrides the FLOP-balanced placement (:func:`split_layers`).
+    ``layer_split`` overrides the FLOP-balanced placement (:func:`split_layers`). ``head_in_loss``:
+    the last stage returns the final hidden states and ``loss_fn`` runs the LM head (chunked loss).
     The stage modules hold the parts by reference: apply TP/EP and materialize the parts after this
     call, before the first step. The layout must have passed ``ParallelDims.validate``.
     """
@@ -243,19 +246,22 @@ def build_pipeline(
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     dtype = next(model.parameters()).dtype
     # Static shapes (no shape-inference pass). requires_grad tells the stage which tensors have
-    # gradients to exchange in the backward. Under tensor (+ sequence) parallelism the hidden
-    # states between stages are each tp rank's sequence shard [B, S/tp, D].
-    hidden = torch.empty(micro_batch_size, seq_len // parallel_cfg.tp, model.cfg.hidden_size, dtype=dtype, device="meta",
+    # gradients to exchange in the backward. Under context parallelism each rank holds S/cp tokens
+    # of a sequence; under tensor (+ sequence) parallelism the hidden states between stages are
+    # each tp rank's sequence shard of those [B, S/cp/tp, D].
+    local = seq_len // parallel_cfg.cp
+    hidden = torch.empty(micro_batch_size, local // parallel_cfg.tp, model.cfg.hidden_size, dtype=dtype, device="meta",
                          requires_grad=True)
-    tokens = torch.empty(micro_batch_size, seq_len, dtype=torch.long, device="meta")
-    logits = torch.empty(micro_batch_size, seq_len, model.cfg.vocab_size, dtype=dtype, device="meta", requires_grad=True)
+    tokens = torch.empty(micro_batch_size, local, dtype=torch.long, device="meta")
+    out_dim = model.cfg.hidden_size if head_in_loss else model.cfg.vocab_size
+    logits = torch.empty(micro_batch_size, local, out_dim, dtype=dtype, device="meta", requires_grad=True)
 
     stage_ids = stage_ids_for_rank(pp_rank, pp, vpp)
     parts, modules, stages = [], [], []
     for s in stage_ids:
         is_first, is_last = s == 0, s == num_stages - 1
         part = build_stage_part(model, layer_split[s], is_first, is_last)
-        module = PipelineStageModule(part, is_first)
+        module = PipelineStageModule(part, is_first, head=not head_in_loss)
         stage = PipelineStage(
             module,
             stage_index=s,

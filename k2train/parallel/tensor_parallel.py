@@ -11,8 +11,8 @@ Per block:
   rank's own heads;
 - dense FFN and shared expert: all-gather, column-wise gate/up, row-wise down, reduce-scatter;
 - routed experts are not tensor-split (as in K2): the MoE takes the local S/tp tokens, so each tp
-  rank routes its own tokens (see :mod:`expert_parallel`), and the router's sequence-wise aux loss
-  is corrected here to use the load of the whole sequence.
+  rank routes its own tokens (see :mod:`expert_parallel`); the router's sequence-wise aux loss is
+  made to count whole sequences by ``context_parallel.install_sequence_aux_loss`` (over tp x cp).
 Embedding: vocab-parallel (row-wise on the vocabulary) with a reduce-scatter to the sequence shard.
 Head: column-wise on the vocabulary with DTensor logits for ``loss_parallel`` cross entropy.
 
@@ -36,8 +36,6 @@ from torch.distributed.tensor.parallel import (
 )
 
 from k2train.model.moe import MoE
-
-from .expert_parallel import moe_modules
 
 
 def _full_position_ids(tp: int):
@@ -114,8 +112,6 @@ def apply_tp(model: nn.Module, tp_mesh) -> None:
         attn.max_logit = torch.full((attn.num_heads,), float("-inf"), device=attn.max_logit.device)
         attn.kv_a_proj_with_mqa.register_forward_hook(_rope_key_grad_hook(attn.qk_rope_head_dim, tp_mesh.get_group()))
     model.register_forward_pre_hook(_full_position_ids(tp), with_kwargs=True)
-    for moe in moe_modules(model):
-        _install_sequence_aux_loss(moe, tp_mesh.get_group())
 
 
 class _SumRopeKeyGrad(torch.autograd.Function):
@@ -142,43 +138,6 @@ def _rope_key_grad_hook(dr: int, group):
         return _SumRopeKeyGrad.apply(output, dr, group)
 
     return hook
-
-
-def _install_sequence_aux_loss(moe: MoE, tp_group) -> None:
-    """Recompute ``moe.aux_loss`` (:func:`k2train.model.moe.sequence_aux_loss`) over whole sequences
-    spread over the tp ranks.
-
-    aux = alpha * mean_b sum_e f_be P_be with f from the token counts of the whole sequence
-    (all-reduced, no gradient) and P_be = (1/S) sum_t p_bte, which is a sum over the ranks' token
-    shards. Each rank differentiates only its own shard's share, and the value is replaced by the
-    all-reduced total so every rank reports the same number.
-    """
-    captured = {}
-
-    def grab_router(_mod, _inputs, outputs):
-        captured["scores_TE"], captured["topk_idx_TK"] = outputs[0], outputs[1]
-
-    def fix_aux(mod: MoE, inputs, _output):
-        scores_TE, topk_idx_TK = captured.pop("scores_TE"), captured.pop("topk_idx_TK")
-        if not (mod.training and mod.aux_loss_alpha > 0):
-            return
-        B, S_local, _ = inputs[0].shape
-        tp = dist.get_world_size(tp_group)
-        E, K = scores_TE.shape[-1], topk_idx_TK.shape[-1]
-        S = S_local * tp
-        counts_BE = torch.zeros(B, E, device=scores_TE.device).scatter_add_(
-            1, topk_idx_TK.view(B, -1), torch.ones(B, S_local * K, device=scores_TE.device)
-        )
-        dist.all_reduce(counts_BE, group=tp_group)
-        f_BE = counts_BE * (E / (K * S))
-        p_sum_BE = (scores_TE / scores_TE.sum(dim=-1, keepdim=True)).view(B, S_local, E).sum(dim=1)
-        part = mod.aux_loss_alpha * (f_BE * p_sum_BE / S).sum(dim=-1).mean()
-        total = part.detach().clone()
-        dist.all_reduce(total, group=tp_group)
-        mod.aux_loss = part + (total - part.detach())
-
-    moe.gate.register_forward_hook(grab_router)
-    moe.register_forward_hook(fix_aux)
 
 
 def loss_context(tp_mesh):
