@@ -62,3 +62,14 @@ def test_sequence_parallel_needs_divisible_seq_len(tiny):
 def test_mesh_needed_before_groups():
     with pytest.raises(RuntimeError, match="build_mesh"):
         dims(1).ep_mesh
+
+
+def test_gradient_buckets_bound_the_transient_copy():
+    import torch
+
+    from k2train.parallel.data_parallel import buckets_of
+
+    grads = [torch.zeros(n) for n in (10, 20, 300, 5, 5)] + [torch.zeros(4, dtype=torch.float64)]
+    buckets = buckets_of(grads, limit=4 * 40)  # 40 fp32 elements
+    assert [[g.numel() for g in b] for b in buckets] == [[10, 20], [300], [5, 5], [4]]
+    assert [g for b in buckets for g in b] == grads  # order kept, nothing dropped

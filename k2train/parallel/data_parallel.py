@@ -48,13 +48,32 @@ def param_kind(name: str) -> str:
     return "expert" if is_expert_param(name) else "router" if _is_router_weight(name) else "dense"
 
 
+# Gradients are all-reduced in flat buckets of at most this many bytes (a larger tensor is its own
+# bucket): one collective per bucket, and no more transient memory than one bucket.
+BUCKET_BYTES = 256 * 2**20
+
+
+def buckets_of(grads: list[torch.Tensor], limit: int = BUCKET_BYTES) -> list[list[torch.Tensor]]:
+    """Consecutive runs of ``grads`` of at most ``limit`` bytes each (same dtype and device)."""
+    out: list[list[torch.Tensor]] = []
+    size = 0
+    for g in grads:
+        nbytes = g.numel() * g.element_size()
+        if not out or size + nbytes > limit or out[-1][0].dtype != g.dtype or out[-1][0].device != g.device:
+            out.append([])
+            size = 0
+        out[-1].append(g)
+        size += nbytes
+    return out
+
+
 @torch.no_grad()
 def reduce_gradients_(model_parts: Iterable[nn.Module], dims: ParallelDims) -> None:
     """Sum gradients in place over the ranks holding replicas of each parameter, after the last
     backward of a step (no scaling: :func:`clip_grad_norm_` applies the mean's factor). One
-    all-reduce per kind of parameter (flat buckets). Parameters without a gradient take part with
-    zeros so that every rank issues the same collectives. DTensor gradients are laid out like their
-    parameters first (tp reduction), also in one process."""
+    all-reduce per bucket of :data:`BUCKET_BYTES` per kind of parameter. Parameters without a
+    gradient take part with zeros so that every rank issues the same collectives. DTensor gradients
+    are laid out like their parameters first (tp reduction), also in one process."""
     meshes = grad_reduction_meshes(dims) if dims.world_size > 1 else {}
     buckets: dict[str, list[torch.Tensor]] = defaultdict(list)
     for part in model_parts:
@@ -74,10 +93,14 @@ def reduce_gradients_(model_parts: Iterable[nn.Module], dims: ParallelDims) -> N
         mesh = meshes.get(kind)
         if mesh is None or mesh.size() == 1:
             continue
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, group=mesh.get_group())
-        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
-            g.copy_(part.view_as(g))
+        for bucket in buckets_of(grads):
+            if len(bucket) == 1:  # reduce a lone (large) gradient where it is
+                dist.all_reduce(bucket[0], group=mesh.get_group())
+                continue
+            flat = torch.cat([g.reshape(-1) for g in bucket])
+            dist.all_reduce(flat, group=mesh.get_group())
+            for g, part in zip(bucket, flat.split([g.numel() for g in bucket])):
+                g.copy_(part.view_as(g))
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ micro-batches early in the pipeline):
   in flight under the schedule (1F1B: ``pp - rank``; interleaved: torch's warm-up count + 1 chunks;
   GPipe: all);
 - transient buffers: the head's logits and log-softmax (last stage), EP all-to-all buffers,
-  pipeline send/receive buffers, the flat gradient bucket of the DP all-reduce.
+  pipeline send/receive buffers, one gradient bucket of the DP all-reduce.
 
 Precision modes: ``fp32`` (everything fp32), ``autocast`` (fp32 weights/grads/states, bf16
 activations; the current trainer with ``trainer.dtype=bfloat16``), ``bf16`` (K2/Megatron: bf16
@@ -28,6 +28,7 @@ import torch
 from ..config import ModelConfig, OptimConfig, ParallelConfig, TrainerConfig
 from ..model import K2Model
 from ..optim.grouping import is_muon_param
+from .data_parallel import BUCKET_BYTES
 from .expert_parallel import is_expert_param
 from .pipeline import build_stage_part, layer_costs, split_layers
 
@@ -276,7 +277,7 @@ def estimate_memory(
         stage_ids = [r + v * pp for v in range(vpp)]
         n_local = 0.0
         opt_bytes = master_bytes = 0.0
-        largest_bucket = {"dense": 0.0, "expert": 0.0}
+        largest_grad = 0.0
         for s in stage_ids:
             for n, expert, tp_sharded, muon in stage_params[s]:
                 if expert:
@@ -288,7 +289,7 @@ def estimate_memory(
                 states = 1 if muon else 2
                 opt_bytes += 4 * states * n / shard
                 master_bytes += mb * n / shard
-                largest_bucket["expert" if expert else "dense"] += gb * n
+                largest_grad = max(largest_grad, gb * n)
         layers = [i for s in stage_ids for i in split[s]]
         act_mb = sum(
             layer_activation_bytes(
@@ -314,8 +315,8 @@ def estimate_memory(
             transient += 2 * len(stage_ids) * a * tokens_mb * model_cfg.hidden_size
         if precision == "autocast":  # the bf16 weight copies autocast makes, saved by the matmuls
             transient += 2 * n_local
-        if dp_size > 1:  # reduce_gradients_ concatenates one kind of gradient into a flat bucket
-            transient += max(largest_bucket.values())
+        if dp_size * cp > 1:  # reduce_gradients_ concatenates gradients into flat buckets
+            transient += min(BUCKET_BYTES, largest_grad)
         ranks.append(
             RankMemory(
                 pp_rank=r,
