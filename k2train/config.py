@@ -276,6 +276,13 @@ class ParallelConfig:
     # RoPE and the MLA up-projections recomputed, matmul/attention outputs kept); full (each block
     # keeps only its input).
     recompute: Literal["none", "selective", "full"] = "none"
+    # K2's FP8 storage: the routed experts keep their input and SwiGLU inputs for the backward as
+    # FP8 E4M3 in 1 x 128 tiles with fp32 scales (compute stays bf16). Needs recompute=none.
+    fp8_moe_inputs: bool = False
+    # What the blocks keep for the backward lives in pinned CPU memory, copied on a side CUDA stream
+    # and back ahead of its backward: the GPU holds about one block's worth per micro-batch in
+    # flight. Nothing to do on a CPU device. Needs recompute=none.
+    offload_activations: bool = False
     # Memory of one GPU the layout is meant for, in GB (1e9 bytes; an H800 has 80): the planner
     # (python -m k2train.plan) says whether the layout fits. 0: no verdict.
     gpu_memory_gb: float = 0.0
@@ -409,6 +416,17 @@ class JobConfig:
                 "torch's tracing (AttributeError: 'Tensor' object has no attribute '_local_tensor', torch 2.13); "
                 "use trainer.compile=false with tensor parallelism"
             )
+        p = self.parallel
+        for name in ("fp8_moe_inputs", "offload_activations"):
+            if getattr(p, name) and p.recompute != "none":
+                _fail(
+                    f"parallel.{name}=true with parallel.recompute={p.recompute}: it acts on what autograd keeps for "
+                    "the backward, and a recomputed block keeps its activations in the checkpoint instead; use "
+                    "parallel.recompute=none with it"
+                )
+        if p.offload_activations and t.compile:
+            _fail("parallel.offload_activations=true with trainer.compile=true: the offload hooks run in Python around "
+                  "each block and cannot be compiled into it; use trainer.compile=false")
         if t.loss_chunk_tokens and self.parallel.tp > 1:
             _fail(
                 f"trainer.loss_chunk_tokens={t.loss_chunk_tokens} with parallel.tp={self.parallel.tp}: the vocabulary-"

@@ -24,7 +24,8 @@ from typing import NamedTuple
 
 import torch
 
-from .swiglu import swiglu
+from .fp8 import dequantize_tiles, quantize_tiles
+from .swiglu import swiglu, swiglu_torch
 
 from ._triton import interpreted as _interpreted, tl, triton
 
@@ -205,6 +206,68 @@ def grouped_linear(x_ND: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Tensor
     # a host sync per call: this is the fallback for machines without grouped_mm, not a fast path
     bounds = [0] + offs_E.tolist()
     return torch.cat([x_ND[bounds[e]:bounds[e + 1]] @ w_EOI[e].T for e in range(w_EOI.shape[0])])
+
+
+def grouped_weight_grad(x_NI: torch.Tensor, dy_NO: torch.Tensor, offs_E: torch.Tensor, num_experts: int,
+                        use_grouped_mm: bool) -> torch.Tensor:
+    """Per expert e, dy_e^T x_e over its rows (offs[e-1]:offs[e]): the weight gradient [E, O, I] of
+    :func:`grouped_linear`."""
+    if use_grouped_mm:
+        return torch._grouped_mm(dy_NO.t(), x_NI, offs=offs_E)
+    bounds = [0] + offs_E.tolist()
+    return torch.stack([dy_NO[bounds[e]:bounds[e + 1]].t() @ x_NI[bounds[e]:bounds[e + 1]] for e in range(num_experts)])
+
+
+def _swiglu_grads(gate: torch.Tensor, up: torch.Tensor, dh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """d/dgate and d/dup of silu(gate) * up, in fp32, cast back."""
+    g, u, d = gate.float(), up.float(), dh.float()
+    sig = torch.sigmoid(g)
+    silu = g * sig
+    return (d * u * sig * (1 + g * (1 - sig))).to(gate.dtype), (d * silu).to(up.dtype)
+
+
+class _ExpertMLPSavedFp8(torch.autograd.Function):
+    """The routed experts' SwiGLU MLP on expert-ordered rows, keeping for the backward only the
+    expert input and the SwiGLU inputs (gate, up), as FP8 in 1 x 128 tiles (kernels.fp8), and the
+    weights themselves (not their compute-dtype copies). The backward dequantizes them and
+    recomputes the SwiGLU. Compute stays in the input's dtype; only what is stored is FP8."""
+
+    @staticmethod
+    def forward(ctx, x_ND, w_gate_EID, w_up_EID, w_down_EDI, offs_E, use_grouped_mm, fp8):
+        dt = x_ND.dtype
+        wg, wu, wd = (w.to(dt) for w in (w_gate_EID, w_up_EID, w_down_EDI))
+        gate = grouped_linear(x_ND, wg, offs_E, use_grouped_mm)
+        up = grouped_linear(x_ND, wu, offs_E, use_grouped_mm)
+        y = grouped_linear(swiglu(gate, up), wd, offs_E, use_grouped_mm)
+        stored = [t for x in (x_ND, gate, up) for t in (quantize_tiles(x) if fp8 else (x, x.new_empty(0)))]
+        ctx.save_for_backward(*stored, w_gate_EID, w_up_EID, w_down_EDI, offs_E)
+        ctx.dt, ctx.use_grouped_mm, ctx.fp8 = dt, use_grouped_mm, fp8
+        return y
+
+    @staticmethod
+    def backward(ctx, dy_ND):
+        qx, sx, qg, sg, qu, su, w_gate, w_up, w_down, offs_E = ctx.saved_tensors
+        dt, ugm = ctx.dt, ctx.use_grouped_mm
+        x, gate, up = ((dequantize_tiles(q, s, dt) if ctx.fp8 else q) for q, s in ((qx, sx), (qg, sg), (qu, su)))
+        wg, wu, wd = (w.to(dt) for w in (w_gate, w_up, w_down))
+        dy_ND = dy_ND.contiguous()
+        E = wg.shape[0]
+        h = swiglu_torch(gate, up)
+        dw_down = grouped_weight_grad(h, dy_ND, offs_E, E, ugm)
+        dh = grouped_linear(dy_ND, wd.transpose(1, 2), offs_E, ugm)
+        dgate, dup = _swiglu_grads(gate, up, dh)
+        dw_gate = grouped_weight_grad(x, dgate, offs_E, E, ugm)
+        dw_up = grouped_weight_grad(x, dup, offs_E, E, ugm)
+        dx = grouped_linear(dgate, wg.transpose(1, 2), offs_E, ugm) + grouped_linear(dup, wu.transpose(1, 2), offs_E, ugm)
+        return (dx, dw_gate.to(w_gate.dtype), dw_up.to(w_up.dtype), dw_down.to(w_down.dtype), None, None, None)
+
+
+def expert_mlp_saved(x_ND: torch.Tensor, w_gate_EID: torch.Tensor, w_up_EID: torch.Tensor, w_down_EDI: torch.Tensor,
+                     offs_E: torch.Tensor, use_grouped_mm: bool, fp8: bool = True) -> torch.Tensor:
+    """down_e(silu(gate_e(x)) * up_e(x)) on expert-ordered rows [N, D] (rows offs[e-1]:offs[e] of
+    expert e), differentiable in x and the three weights, keeping only x, gate and up for the
+    backward: as FP8 tiles with ``fp8`` (``parallel.fp8_moe_inputs``), else as they are."""
+    return _ExpertMLPSavedFp8.apply(x_ND, w_gate_EID, w_up_EID, w_down_EDI, offs_E, use_grouped_mm, fp8)
 
 
 def moe_experts_forward(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_w_TK: torch.Tensor,

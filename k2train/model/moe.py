@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from ..kernels.moe import build_routing, combine, moe_experts_forward, permute
+from ..kernels.moe import build_routing, combine, expert_mlp_saved, moe_experts_forward, permute
 from ..kernels.swiglu import swiglu
 
 
@@ -90,6 +90,18 @@ def experts_grouped_mm(x_TD, topk_idx_TK, topk_w_TK, w_gate_EID, w_up_EID, w_dow
     return combine(y_ND, topk_w_TK, routing, impl="torch")
 
 
+def experts_fp8_saved(x_TD, topk_idx_TK, topk_w_TK, w_gate_EID, w_up_EID, w_down_EDI, impl: str) -> torch.Tensor:
+    """The routed experts keeping for the backward only their input and the SwiGLU inputs, as FP8
+    tiles (``parallel.fp8_moe_inputs``; k2train.kernels.moe.expert_mlp_saved); permute and combine
+    on the Triton kernels for ``impl="triton"``."""
+    dt = compute_dtype(x_TD)
+    routing = build_routing(topk_idx_TK, w_gate_EID.shape[0])
+    order_impl = "auto" if impl == "triton" else "torch"
+    x_ND = permute(x_TD.to(dt), routing, order_impl)
+    y_ND = expert_mlp_saved(x_ND, w_gate_EID, w_up_EID, w_down_EDI, routing.offs_E, grouped_mm_supported(x_ND))
+    return combine(y_ND, topk_w_TK, routing, order_impl)
+
+
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype matmuls run in: autocast's (which does not cover torch._grouped_mm), else x's."""
     if torch.is_autocast_enabled(x.device.type):
@@ -114,12 +126,17 @@ class GroupedExperts(nn.Module):
     def __init__(self, num_experts: int, dim: int, hidden_dim: int, impl: str = "grouped_mm"):
         super().__init__()
         self.impl = impl
+        # Set from outside (k2train.parallel.activation_memory.apply_fp8_storage): keep the
+        # experts' input and SwiGLU inputs for the backward as FP8 tiles.
+        self.fp8_saved = False
         self.w_gate = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
         self.w_up = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
         self.w_down = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
 
     def forward(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_w_TK: torch.Tensor) -> torch.Tensor:
         args = (x_TD, topk_idx_TK, topk_w_TK, self.w_gate, self.w_up, self.w_down)
+        if self.fp8_saved and torch.is_grad_enabled():
+            return experts_fp8_saved(*args, impl=self.impl)
         if self.impl == "triton":
             return moe_experts_forward(*args, use_grouped_mm=grouped_mm_supported(x_TD))
         if self.impl == "grouped_mm" and grouped_mm_supported(x_TD):

@@ -23,7 +23,8 @@ import torch.distributed as dist
 from torch import nn
 
 from k2train.kernels.moe import build_routing, combine, permute
-from k2train.model.moe import GroupedExperts, MoE, experts_grouped_mm, experts_reference, grouped_mm_supported
+from k2train.model.moe import (GroupedExperts, MoE, experts_fp8_saved, experts_grouped_mm, experts_reference,
+                               grouped_mm_supported)
 
 
 class _AllToAll(torch.autograd.Function):
@@ -60,6 +61,7 @@ class ExpertParallelExperts(nn.Module):
         assert self.num_experts % self.ep_size == 0, "ParallelDims.validate checks the experts"
         self.num_local_experts = self.num_experts // self.ep_size
         self.impl = experts.impl
+        self.fp8_saved = experts.fp8_saved
         lo = self.ep_rank * self.num_local_experts
         hi = lo + self.num_local_experts
         # Global id of local expert 0: K2Model.init_weights draws each expert from its global id.
@@ -78,6 +80,8 @@ class ExpertParallelExperts(nn.Module):
         """The El local experts on received rows, unweighted (gate weight 1.0 is exact)."""
         ones = torch.ones(x_MD.shape[0], 1, dtype=torch.float32, device=x_MD.device)
         args = (x_MD, local_id_M[:, None], ones, self.w_gate, self.w_up, self.w_down)
+        if self.fp8_saved and torch.is_grad_enabled():
+            return experts_fp8_saved(*args, impl=self.impl)
         if x_MD.shape[0] > 0 and self.impl != "loop" and grouped_mm_supported(x_MD):
             return experts_grouped_mm(*args)
         return experts_reference(*args)

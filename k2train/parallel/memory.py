@@ -59,6 +59,7 @@ class RankMemory:
     in_flight: float  # micro-batches whose activations are alive at the peak
     activations: float
     transient: float  # head logits / log-softmax, all-to-all, p2p and gradient buckets
+    host: float = 0.0  # pinned CPU memory holding the offloaded activations (offload_activations)
 
     @property
     def total(self) -> float:
@@ -107,8 +108,9 @@ def layer_activation_bytes(
 
     ``a``: activation bytes (2 bf16, 4 fp32). Eager attention also saves the fp32 softmax
     probabilities (H x S per token); the fused kernels (sdpa/triton) save q, k, v, out and the
-    log-sum-exp instead. ``fp8_moe_inputs``: K2's FP8 (e4m3, 1x128 tiles) storage of the routed
-    experts' input and the SwiGLU inputs (a planning option: k2train does not implement it yet).
+    log-sum-exp instead. ``fp8_moe_inputs``: the routed experts keep only their input and the SwiGLU
+    inputs, as FP8 (e4m3, 1x128 tiles + fp32 scales; k2train.kernels.moe.expert_mlp_saved), and the
+    combine keeps the expert outputs.
     ``residual_bytes``: bytes of the residual stream (the block input), default ``a``; under
     autocast it stays fp32 (4) since the embedding and the residual adds run outside autocast.
     Recompute modes are k2train/parallel/recompute.py's (tests/test_recompute.py measures them).
@@ -144,9 +146,12 @@ def layer_activation_bytes(
         + (probs if eager else 4 * H)
     )
     if moe:
+        # permuted input, gate, up | down output (kept by the combine), silu, h; with FP8 storage
+        # only the first three (as FP8) and the down output
+        experts = e * (K * D + 2 * K * I) + (a * K * D if fp8_moe_inputs else a * (K * D + 2 * K * I))
         mlp = (
             4 * E + router_copy  # sigmoid scores (fp32)
-            + e * (K * D + 2 * K * I) + a * (K * D + 2 * K * I)  # permuted input, gate, up | down output, silu, h
+            + experts
             + a * 4 * Is  # shared expert
             + 16 * K  # expert indices (int64), gate weights
         )
@@ -230,17 +235,15 @@ def estimate_memory(
     optim_cfg: OptimConfig,
     precision: Optional[str] = None,
     dp: Optional[int] = None,
-    fp8_moe_inputs: bool = False,
-    offload_activations: bool = False,
 ) -> MemoryPlan:
     """Per-rank memory of one training step. ``precision``: see the module docstring (default:
     ``fp32`` for trainer.dtype=float32, ``bf16`` for bfloat16). ``dp``: the data-parallel degree
     when ``parallel.dp`` is -1 (default 1, the smallest run; ZeRO-1 shards shrink with more).
 
-    K2's two other activation savings, as planning options (not implemented in k2train yet):
-    ``fp8_moe_inputs`` (see :func:`layer_activation_bytes`) and ``offload_activations``: the
-    in-flight activations live in CPU memory, the GPU keeps two chunks (the one being computed and
-    the one being copied)."""
+    ``parallel.fp8_moe_inputs`` changes what the MoE layers keep (:func:`layer_activation_bytes`);
+    ``parallel.offload_activations`` moves what every block keeps to CPU memory, and the GPU holds
+    two blocks' worth: the one computing and the one being copied (out in the forward, back in the
+    backward)."""
     precision = precision or ("bf16" if trainer_cfg.dtype == "bfloat16" else "fp32")
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r} must be one of {sorted(PRECISIONS)}")
@@ -293,13 +296,16 @@ def estimate_memory(
         layers = [i for s in stage_ids for i in split[s]]
         act_mb = sum(
             layer_activation_bytes(
-                model_cfg, i >= model_cfg.first_k_dense_replace, S, p.recompute, a, tp, fp8_moe_inputs, residual
+                model_cfg, i >= model_cfg.first_k_dense_replace, S, p.recompute, a, tp, p.fp8_moe_inputs, residual
             )
             for i in layers
         ) * tokens_mb
         inflight = in_flight_microbatches(p.pp_schedule, pp, vpp, r, m)
-        if offload_activations:
-            inflight = min(inflight, 2 / vpp)
+        host = 0.0
+        if p.offload_activations and layers:  # two blocks' worth on the GPU, the rest on the host
+            host = act_mb * inflight
+            inflight = min(inflight, 2 / len(layers))
+            host -= act_mb * inflight
         transient = 0.0
         if pp * vpp - 1 in stage_ids:  # the logits: of one loss chunk with trainer.loss_chunk_tokens
             chunk = min(trainer_cfg.loss_chunk_tokens or tokens_mb, tokens_mb)
@@ -331,6 +337,7 @@ def estimate_memory(
                 in_flight=inflight,
                 activations=act_mb * inflight,
                 transient=transient,
+                host=host,
             )
         )
     return MemoryPlan(
@@ -406,21 +413,19 @@ def format_memory_report(
         )
     peak = plan.peak
     lines.append(f"  peak: pp rank {peak.pp_rank}, {peak.total / GiB:.2f} GiB")
-    if gpu_memory_gib is not None:
-        lines.append(f"  on {gpu_memory_gib:.1f} GiB GPUs ({gpu_memory_gib * GiB / 1e9:.0f} GB):")
-        variants = [("as configured", {}), ("+ FP8 storage of MoE/SwiGLU inputs (K2)", dict(fp8_moe_inputs=True))]
-        variants.append(
-            ("+ FP8 + CPU offload of in-flight activations (K2)", dict(fp8_moe_inputs=True, offload_activations=True))
+    if p.offload_activations:
+        host = max(plan.ranks, key=lambda r: r.host)
+        lines.append(
+            f"  offloaded activations in pinned host memory: up to {host.host / GiB:.2f} GiB per GPU (pp rank "
+            f"{host.pp_rank}), {8 * host.host / GiB:.0f} GiB on a node of 8 such GPUs"
         )
-        for label, kw in variants:
-            q = plan if not kw else estimate_memory(model_cfg, p, trainer_cfg, optim_cfg, precision, **kw)
-            margin = gpu_memory_gib - q.peak.total / GiB
-            verdict = "fits" if margin >= 0 else "does NOT fit"
-            lines.append(
-                f"    {label:<50} peak {q.peak.total / GiB:7.2f} GiB (pp rank {q.peak.pp_rank}): {verdict}, "
-                f"{'headroom' if margin >= 0 else 'over by'} {abs(margin):.2f} GiB"
-            )
     if gpu_memory_gib is not None:
+        margin = gpu_memory_gib - peak.total / GiB
+        lines.append(
+            f"  on {gpu_memory_gib:.1f} GiB GPUs ({gpu_memory_gib * GiB / 1e9:.0f} GB), as configured (recompute "
+            f"{p.recompute}, FP8 MoE inputs {p.fp8_moe_inputs}, offload {p.offload_activations}): "
+            f"{'fits' if margin >= 0 else 'does NOT fit'}, {'headroom' if margin >= 0 else 'over by'} {abs(margin):.2f} GiB"
+        )
         lines += _context_parallel_options(model_cfg, p, trainer_cfg, optim_cfg, precision, gpu_memory_gib)
     if p.dp == -1:
         unit = p.pp * p.ep * p.cp * p.tp
@@ -435,13 +440,9 @@ def format_memory_report(
             if m < p.pp or (p.pp_schedule == "Interleaved1F1B" and m % p.pp):
                 break
             q = estimate_memory(model_cfg, p, trainer_cfg, optim_cfg, precision, dp=dp)
-            k2 = estimate_memory(
-                model_cfg, p, trainer_cfg, optim_cfg, precision, dp=dp, fp8_moe_inputs=True, offload_activations=True
-            )
             lines.append(
                 f"    dp={dp:>4}: {unit * dp:>6,d} GPUs, {m:>5} micro-batches/step, bubble "
-                f"{100 * q.bubble_fraction:5.2f}%, peak {q.peak.total / GiB:7.2f} GiB, with K2's FP8 + offload "
-                f"{k2.peak.total / GiB:7.2f} GiB"
+                f"{100 * q.bubble_fraction:5.2f}%, peak {q.peak.total / GiB:7.2f} GiB"
             )
             dp *= 2
     lines += [f"  note: {n}" for n in plan.notes]

@@ -8,6 +8,7 @@
       sequence aux loss       the MoE's balance loss over whole sequences      (install_sequence_aux_loss)
       expert parallelism      this rank's experts + the token all-to-all       (apply_ep)
       activation recompute    none / selective / full per block               (apply_recompute)
+      FP8 storage, offload    of what the blocks keep for the backward        (apply_fp8_storage, apply_offload)
       torch.compile           per block                                        (apply_compile)
 
 Why this order: the pipeline split decides which layers this rank holds; TP changes parameter
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 from ..config import ParallelConfig
+from .activation_memory import ActivationOffload, apply_fp8_storage, apply_offload
 from .compile import apply_compile
 from .context_parallel import apply_cp, install_sequence_aux_loss
 from .dims import ParallelDims
@@ -76,6 +78,7 @@ def parallelize(
             head_in_loss=head_in_loss,
         )
         parts = pipeline.model_parts
+    offload = ActivationOffload() if cfg.offload_activations else None  # one side stream for all parts
     for part in parts:
         if dims.tp > 1:
             apply_tp(part, dims.tp_mesh)
@@ -87,6 +90,10 @@ def parallelize(
             apply_ep(part, dims.ep_mesh)
         if cfg.recompute != "none":
             apply_recompute(part, cfg.recompute)
+        if cfg.fp8_moe_inputs:
+            apply_fp8_storage(part)
+        if offload is not None:
+            apply_offload(part, offload)
         if compile:
             apply_compile(part)
     return ParallelModel(parts, pipeline)
