@@ -34,8 +34,9 @@ if triton is not None:
         mask = cols < D
         x = tl.load(X + row * s_x + cols, mask=mask, other=0.0).to(tl.float32)
         amax = tl.max(tl.abs(x), axis=0)
-        scale = tl.where(amax > 0, amax / 448.0, 1.0)
-        tl.store(Q + row * s_q + cols, (x / scale).to(Q.dtype.element_ty), mask=mask)
+        # IEEE-rounded divisions (Triton's `/` is the approximate one): the same bits as torch
+        scale = tl.where(amax > 0, tl.div_rn(amax, 448.0), 1.0)
+        tl.store(Q + row * s_q + cols, tl.div_rn(x, scale).to(Q.dtype.element_ty), mask=mask)
         tl.store(S + row * NT + tile, scale)
 
     @triton.jit

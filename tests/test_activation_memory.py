@@ -167,7 +167,7 @@ def test_gpu_fp8_kernels_and_offload():
         model = K2Model(cfg).cuda()
         model.init_weights(seed=0)
         if offload:
-            apply_offload(model)
+            offloader = apply_offload(model)
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         with torch.autocast("cuda", torch.bfloat16):
@@ -180,3 +180,5 @@ def test_gpu_fp8_kernels_and_offload():
     (l0, g0, h0), (l1, g1, h1) = results
     assert l0 == l1 and all(torch.equal(g1[n], g) for n, g in g0.items())
     assert h1 < 0.5 * h0, (h0, h1)
+    # activations crossed, the weights' bf16 copies did not (one layer's worth would be >= 1 GiB)
+    assert 0 < offloader.bytes_offloaded < h0

@@ -18,7 +18,7 @@ Both act on what autograd saves, so they need ``parallel.recompute=none``: a rec
 keeps its activations in the checkpoint's own storage (the config check says so).
 """
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Iterator, Optional
 
 import torch
@@ -36,78 +36,134 @@ def apply_fp8_storage(model: nn.Module) -> None:
             m.fp8_saved = True
 
 
-class _OnHost:
-    """A saved tensor's copy in pinned CPU memory, and its way back to the GPU."""
+class _HostStorage:
+    """One GPU storage's bytes in pinned CPU memory (several saved tensors may view it), and its
+    way back: copied to the GPU once, handed to each view, dropped after the last one."""
 
-    __slots__ = ("host", "device", "copied", "gpu", "ready")
+    __slots__ = ("host", "device", "copied", "gpu", "ready", "views")
 
     def __init__(self, host: torch.Tensor, device: torch.device, copied: torch.cuda.Event):
         self.host, self.device, self.copied = host, device, copied
         self.gpu: Optional[torch.Tensor] = None
         self.ready: Optional[torch.cuda.Event] = None
+        self.views = 0  # saved tensors not yet unpacked
+
+
+class _OnHost:
+    """A saved tensor: its storage on the host and where in it the tensor lies."""
+
+    __slots__ = ("storage", "dtype", "offset", "size", "stride")
+
+    def __init__(self, storage: _HostStorage, t: torch.Tensor, offset: int):
+        self.storage, self.dtype, self.offset, self.size, self.stride = storage, t.dtype, offset, t.shape, t.stride()
+
+
+# autograd nodes a parameter passes through to become a saved compute-dtype copy or view of itself
+_CAST_OR_VIEW = {"ToCopyBackward0", "ViewBackward0", "UnsafeViewBackward0", "TBackward0", "TransposeBackward0",
+                 "PermuteBackward0", "AliasBackward0", "ExpandBackward0", "ReshapeAliasBackward0"}
+
+
+def _from_parameter(t: torch.Tensor) -> bool:
+    """``t`` is a parameter's cast or view (autocast's bf16 weight copies): the weights stay on
+    the GPU anyway, and their copies are the same for every block and micro-batch."""
+    fn = t.grad_fn
+    for _ in range(4):
+        if fn is None:
+            return False
+        if type(fn).__name__ == "AccumulateGrad":
+            return True
+        if type(fn).__name__ not in _CAST_OR_VIEW:
+            return False
+        nxt = [f for f, _ in fn.next_functions if f is not None]
+        if len(nxt) != 1:
+            return False
+        fn = nxt[0]
+    return False
 
 
 class ActivationOffload:
     """Saved-tensor hooks that move each block's activations to the CPU and back (see the module
     docstring). ``min_bytes``: smaller tensors stay on the GPU (their copies cost more than they
-    free)."""
+    free). A storage saved several times in a block (one input read by several matmuls, views of
+    one tensor) crosses once. ``bytes_offloaded``: the total copied out, for benchmarks."""
 
     def __init__(self, min_bytes: int = 1 << 20):
         self.min_bytes = min_bytes
         self.stream: Optional[torch.cuda.Stream] = None
-        self._current: Optional[list] = None  # handles of the block running its forward
+        self._current: Optional[list] = None  # host storages of the block running its forward
+        self._by_ptr: dict[int, tuple] = {}  # the same, by GPU address (this block only)
+        self.bytes_offloaded = 0
 
     # -- the hooks -----------------------------------------------------------------------------
 
     def pack(self, t: torch.Tensor):
         if (not t.is_cuda or t.numel() * t.element_size() < self.min_bytes or self._current is None
-                or isinstance(t, nn.Parameter) or (t._base is not None and isinstance(t._base, nn.Parameter))):
+                or isinstance(t, nn.Parameter) or (t._base is not None and isinstance(t._base, nn.Parameter))
+                or _from_parameter(t)):
             return t
-        if self.stream is None:
-            self.stream = torch.cuda.Stream(t.device)
-        compute = torch.cuda.current_stream(t.device)
-        self.stream.wait_stream(compute)  # the tensor is complete before it is copied
-        with torch.cuda.stream(self.stream):
-            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            host.copy_(t, non_blocking=True)
-            copied = torch.cuda.Event()
-            copied.record(self.stream)
-        t.record_stream(self.stream)  # its memory is not reused before the copy has read it
-        handle = _OnHost(host, t.device, copied)
-        self._current.append(handle)
-        return handle
+        storage = t.untyped_storage()
+        whole = storage.nbytes() <= 2 * t.numel() * t.element_size()  # else copy the view alone
+        key = storage.data_ptr()
+        entry = self._by_ptr[key][0] if whole and key in self._by_ptr else None
+        if entry is None:
+            if self.stream is None:
+                self.stream = torch.cuda.Stream(t.device)
+            self.stream.wait_stream(torch.cuda.current_stream(t.device))  # t is complete before it is read
+            src = torch.empty(0, dtype=torch.uint8, device=t.device).set_(storage) if whole else t.contiguous()
+            with torch.cuda.stream(self.stream):
+                host = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
+                host.copy_(src, non_blocking=True)
+                copied = torch.cuda.Event()
+                copied.record(self.stream)
+            src.record_stream(self.stream)  # its memory is not reused before the copy has read it
+            entry = _HostStorage(host, t.device, copied)
+            self._current.append(entry)
+            self.bytes_offloaded += host.numel() * host.element_size()
+            if whole:  # the storage itself is held to the block's end: its address is not reused before
+                self._by_ptr[key] = (entry, storage)
+        entry.views += 1
+        if whole:
+            return _OnHost(entry, t, t.storage_offset())
+        return _OnHost(entry, entry.host, 0)
 
     def unpack(self, saved):
         if not isinstance(saved, _OnHost):
             return saved
-        if saved.gpu is None:
-            self._fetch([saved])
-        torch.cuda.current_stream(saved.device).wait_event(saved.ready)
-        gpu, saved.gpu = saved.gpu, None  # each saved tensor is unpacked once
-        return gpu
+        entry = saved.storage
+        if entry.gpu is None:
+            self._fetch([entry])
+        torch.cuda.current_stream(entry.device).wait_event(entry.ready)
+        gpu = entry.gpu
+        entry.views -= 1
+        if entry.views == 0:
+            entry.gpu = None  # the tensors handed out keep the storage alive as long as autograd needs
+        if gpu.dtype == saved.dtype and gpu.shape == saved.size and gpu.stride() == saved.stride:
+            return gpu
+        return torch.empty(0, dtype=saved.dtype, device=entry.device).set_(
+            gpu.untyped_storage(), saved.offset, saved.size, saved.stride)
 
-    def _fetch(self, handles: list) -> None:
-        """Copy ``handles`` back to the GPU on the side stream (after their own copies out)."""
+    def _fetch(self, entries: list) -> None:
+        """Copy ``entries`` back to the GPU on the side stream (after their own copies out)."""
         with torch.cuda.stream(self.stream):
-            for h in handles:
-                if h.gpu is not None:
+            for e in entries:
+                if e.gpu is not None or e.views == 0:
                     continue
-                self.stream.wait_event(h.copied)
-                h.gpu = h.host.to(h.device, non_blocking=True)
-                h.ready = torch.cuda.Event()
-                h.ready.record(self.stream)
+                self.stream.wait_event(e.copied)
+                e.gpu = e.host.to(e.device, non_blocking=True)
+                e.ready = torch.cuda.Event()
+                e.ready.record(self.stream)
 
     # -- per block -----------------------------------------------------------------------------
 
     @contextmanager
     def block(self, handles: list) -> Iterator[None]:
         """Offload what is saved inside (a block's forward) into ``handles``."""
-        previous, self._current = self._current, handles
+        previous, self._current, by_ptr, self._by_ptr = self._current, handles, self._by_ptr, {}
         try:
             with torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack):
                 yield
         finally:
-            self._current = previous
+            self._current, self._by_ptr = previous, by_ptr
 
     def prefetch(self, handles: list) -> None:
         if handles and self.stream is not None:
@@ -118,15 +174,18 @@ class _OffloadedBlock:
     """Mixin placed in front of a block's class by :func:`apply_offload`: its forward runs inside
     the offload hooks; when the backward reaches its output, this block's tensors and the previous
     block's (whose backward comes next) start coming back. The handles travel on the tensors
-    between blocks, so several micro-batches in flight (pipeline schedules) keep theirs apart."""
+    between blocks, so several micro-batches in flight (pipeline schedules) keep theirs apart.
+    ``offload_saves=False`` (the last block before the loss, whose backward follows its forward at
+    once): its tensors stay, and its backward still fetches the block before it."""
 
     offload: ActivationOffload
+    offload_saves: bool = True
 
     def forward(self, x, *args, **kwargs):
         if not torch.is_grad_enabled() or not x.is_cuda:
             return super().forward(x, *args, **kwargs)
         handles: list = []
-        with self.offload.block(handles):
+        with self.offload.block(handles) if self.offload_saves else nullcontext():
             out = super().forward(x, *args, **kwargs)
         previous = getattr(x, "_offloaded", None)
 
@@ -147,12 +206,16 @@ _CLASSES: dict[type, type] = {}
 
 def apply_offload(model: nn.Module, offload: Optional[ActivationOffload] = None) -> ActivationOffload:
     """Offload the activations of every block in ``model.layers`` (a whole model or a pipeline
-    stage's part). Returns the offloader (one side stream per process)."""
+    stage's part), except the last one of the part that ends in the LM head (its backward comes
+    right after its forward: a round trip over PCIe would buy nothing). Returns the offloader (one
+    side stream per process)."""
     offload = offload or ActivationOffload()
-    for block in model.layers.values():
+    blocks = list(model.layers.values())
+    for i, block in enumerate(blocks):
         base = block.__class__
         if base not in _CLASSES:
             _CLASSES[base] = type(f"Offloaded{base.__name__}", (_OffloadedBlock, base), {})
         block.__class__ = _CLASSES[base]
         block.offload = offload
+        block.offload_saves = not (i == len(blocks) - 1 and getattr(model, "lm_head", None) is not None)
     return offload
