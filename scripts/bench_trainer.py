@@ -163,9 +163,11 @@ def main() -> None:
     ap.add_argument("suite", choices=sorted(SUITES))
     ap.add_argument("--only", default="", help="run the cases whose name contains one of these texts, '|'-separated")
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--set", nargs="*", default=[], help="overrides appended to every case")
     ap.add_argument("--smoke", action="store_true", help="k2_tiny on the CPU (checks that every case runs)")
     args = ap.parse_args()
     cases = [(n, o) for n, o in SUITES[args.suite]() if any(part in n for part in args.only.split("|"))]
+    cases = [(n, [*o, *args.set]) for n, o in cases]
     if args.smoke:
         cases = [(n, [*(x for x in o if not x.startswith("model")), *SMOKE]) for n, o in cases]
     out = Path(os.environ.get("OUT", tempfile.gettempdir())) / f"bench_trainer_{args.suite}.jsonl"

@@ -132,11 +132,13 @@ class ActivationOffload:
         entry = saved.storage
         if entry.gpu is None:
             self._fetch([entry])
-        torch.cuda.current_stream(entry.device).wait_event(entry.ready)
+        compute = torch.cuda.current_stream(entry.device)
+        compute.wait_event(entry.ready)
         gpu = entry.gpu
+        gpu.record_stream(compute)  # allocated on the side stream, used and freed on this one
         entry.views -= 1
-        if entry.views == 0:
-            entry.gpu = None  # the tensors handed out keep the storage alive as long as autograd needs
+        if entry.views == 0:  # the tensors handed out keep the GPU copy alive as long as autograd needs;
+            entry.gpu = entry.host = None  # the pinned buffer goes back to torch's host cache
         if gpu.dtype == saved.dtype and gpu.shape == saved.size and gpu.stride() == saved.stride:
             return gpu
         return torch.empty(0, dtype=saved.dtype, device=entry.device).set_(
