@@ -36,3 +36,19 @@ def test_kernel_switch_matches_torch(switch):
 def test_fused_kernels_refused_with_tensor_parallelism():
     with pytest.raises(ValueError, match="use model.norm_impl=torch"):
         load_config(["model.norm_impl=triton", "parallel=tp2"]).validate()
+
+
+def test_router_scores_stay_fp32_under_autocast():
+    """The routing decision is made in fp32 also under bf16 autocast (which would otherwise run the
+    router's matmul in bf16 and flip near-tied top-k choices)."""
+    from k2train.model.moe import Router
+
+    cfg = load_config(["model=k2_tiny"]).model
+    router = Router(cfg)
+    torch.nn.init.normal_(router.weight, std=0.02)
+    x = torch.randn(256, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+    ref_scores, ref_idx, ref_w = router(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scores, idx, w = router(x)
+    assert scores.dtype == torch.float32 and w.dtype == torch.float32
+    assert torch.equal(scores, ref_scores) and torch.equal(idx, ref_idx) and torch.equal(w, ref_w)

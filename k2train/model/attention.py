@@ -128,6 +128,8 @@ class MLA(nn.Module):
         kv = self.kv_b_proj(self.kv_a_layernorm(kv_latent))
         kv = kv.view(B, S, -1, dn + dv).transpose(1, 2)
         k_nope, v = kv.split([dn, dv], dim=-1)
+        # the attention keeps v for its backward: a view would keep kv_b's whole output (k_nope too)
+        v = v.contiguous()
         H = q.shape[1]
 
         q_rope = apply_rope(q_rope, cos, sin)

@@ -47,7 +47,9 @@ class Router(nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns scores [T, E] (fp32), chosen experts [T, K] and their gate weights [T, K] (fp32)."""
-        scores_TE = F.linear(x_TD.float(), self.weight.float()).sigmoid()
+        # fp32 scores, also under autocast (which would run this matmul in bf16)
+        with torch.autocast(x_TD.device.type, enabled=False):
+            scores_TE = F.linear(x_TD.float(), self.weight.float()).sigmoid()
         with torch.no_grad():
             topk_idx_TK = torch.topk(scores_TE + self.e_score_correction_bias, self.top_k, dim=-1, sorted=False)[1]
         topk_w_TK = scores_TE.gather(1, topk_idx_TK)

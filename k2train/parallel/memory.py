@@ -88,9 +88,14 @@ class MemoryPlan:
 # ---------------------------------------------------------------------------------------------
 
 
-def norm_bytes(dim: int, a: int) -> float:
-    """RMSNorm (fp32 inside): the fp32 input (a copy when a=2), the normalized value cast back
-    (saved by the weight multiply) and the output (saved by the next matmul)."""
+def norm_bytes(dim: int, a: int, input_bytes: Optional[int] = None, consumers: int = 1) -> float:
+    """RMSNorm (fp32 inside): the fp32 input (a copy when the input is bf16), the normalized value
+    in the input's dtype (saved by the weight multiply) and the output (saved by the next matmul).
+    Under autocast with an fp32 input (the residual stream: ``input_bytes=4``, ``a=2``) the
+    normalized value and the output are fp32 and each of the output's ``consumers`` (matmuls) keeps
+    its own bf16 copy of it (measured on the K2-width proxy on an H200: scripts/saved_tensors.py)."""
+    if input_bytes == 4 and a == 2:
+        return 4 * dim + 4 * dim + consumers * a * dim
     return 4 * dim + 2 * a * dim
 
 
@@ -125,7 +130,12 @@ def layer_activation_bytes(
     # bytes of the expert input and of the SwiGLU inputs (gate, up outputs) per element
     e = 1 + 4 / 128 if fp8_moe_inputs else a
     probs = 4 * H * seq_len if eager else 0
-    router_copy = 4 * D if a != 4 else 0  # x.float() for the fp32 router
+    # the fp32 router keeps its fp32 input: a copy of a bf16 input, or under autocast the norm's
+    # fp32 output, which the other consumers keep only as bf16 copies
+    router_copy = 4 * D if a != 4 else 0
+    fused_swiglu = 3 if cfg.moe_impl == "triton" else 4  # gate, up, h (+ silu(gate) unfused)
+    ffn_saved = 3 if cfg.mlp_impl == "triton" else 4  # the same for the dense/shared SwiGLU FFN
+    residual = residual_bytes or a
     if recompute == "full":
         return (residual_bytes or a) * D  # the block input; the layer is recomputed in its backward
     if recompute == "selective":
@@ -143,21 +153,23 @@ def layer_activation_bytes(
         + 2 * a * H * (dn + dr)  # q and k after cat (rope saves only its cos/sin: buffer rows)
         + a * H * dv  # v, made contiguous for the attention (the kv_b output itself is not kept)
         + a * H * dv  # attention output, reshaped for o_proj
-        + (probs if eager else 4 * H)
+        + (probs if eager else a * H * dv + 4 * H)  # fused kernels keep their own output and the lse
     )
     if moe:
         # permuted input, gate, up | down output (kept by the combine), silu, h; with FP8 storage
         # only the first three (as FP8) and the down output
-        experts = e * (K * D + 2 * K * I) + (a * K * D if fp8_moe_inputs else a * (K * D + 2 * K * I))
+        experts = e * (K * D + 2 * K * I) + (a * K * D if fp8_moe_inputs else a * (K * D + (fused_swiglu - 2) * K * I))
         mlp = (
             4 * E + router_copy  # sigmoid scores (fp32)
             + experts
-            + a * 4 * Is  # shared expert
+            + a * ffn_saved * Is  # shared expert
             + 16 * K  # expert indices (int64), gate weights
         )
+        mlp_norm = norm_bytes(D, a, residual, consumers=2 if Is else 0)  # shared gate_proj, up_proj
     else:
-        mlp = a * 4 * F
-    return 2 * norm_bytes(D, a) + attn + mlp
+        mlp = a * ffn_saved * F
+        mlp_norm = norm_bytes(D, a, residual, consumers=2)  # gate_proj, up_proj
+    return norm_bytes(D, a, residual, consumers=2) + attn + mlp_norm + mlp  # q_a_proj, kv_a_proj read the first
 
 
 def head_activation_bytes(cfg: ModelConfig, a: int, tp: int = 1) -> float:
