@@ -100,7 +100,35 @@ def random_tokens(vocab: int, micro: int, seq: int):
     return factory
 
 
-def run_case(name: str, overrides: list[str], steps: int, work: Path) -> dict:
+def peak_composition(trace: list[dict], top: int = 12) -> list[tuple[float, str]]:
+    """From a CUDA allocator trace (``torch.cuda.memory._snapshot()["device_traces"][i]``): what
+    was allocated during the trace and alive at its highest point, in GiB by allocating source line
+    (the innermost frame in k2train, kernels or optim, else the innermost one)."""
+    cur = best = best_at = 0
+    for i, e in enumerate(trace):
+        if e["action"] == "alloc":
+            cur += e["size"]
+            if cur > best:
+                best, best_at = cur, i
+        elif e["action"] == "free_requested":
+            cur -= e["size"]
+    live: dict[int, dict] = {}
+    for e in trace[: best_at + 1]:
+        if e["action"] == "alloc":
+            live[e["addr"]] = e
+        elif e["action"] == "free_requested":
+            live.pop(e["addr"], None)
+    groups: dict[str, float] = {}
+    for e in live.values():
+        frames = e.get("frames") or [{"filename": "?", "line": 0, "name": "?"}]
+        ours = [f for f in frames if any(d in f["filename"] for d in ("/k2train/", "/kernels/", "/optim/"))]
+        f = (ours or frames)[0]
+        key = f"{os.path.basename(f['filename'])}:{f['line']} {f['name']}"
+        groups[key] = groups.get(key, 0.0) + e["size"] / GiB
+    return sorted(((v, k) for k, v in groups.items()), reverse=True)[:top]
+
+
+def run_case(name: str, overrides: list[str], steps: int, work: Path, peak: bool = False) -> dict:
     cfg = load_config([*overrides, "trainer.checkpoint.enable=false", "logging.wandb=false", "logging.console=false",
                        "logging.progress_bar=false", f"trainer.steps={steps}", f"trainer.output_dir={work}"])
     t = cfg.trainer
@@ -116,10 +144,12 @@ def run_case(name: str, overrides: list[str], steps: int, work: Path) -> dict:
     times = []
     try:
         with Trainer(cfg, run_dir=work / "run", data=random_tokens(cfg.model.vocab_size, t.micro_batch_size, t.seq_len)) as tr:
-            for _ in range(steps):
+            for i in range(steps):
                 batches = tr.next_batches()
                 if cuda:
                     torch.cuda.synchronize()
+                    if peak and i == steps - 1:  # the last step's allocations, with Python stacks
+                        torch.cuda.memory._record_memory_history(max_entries=500_000, stacks="python")
                 t0 = time.perf_counter()
                 stats = tr.train_step(batches)  # reads the loss back: the step has finished
                 times.append(time.perf_counter() - t0)
@@ -129,6 +159,10 @@ def run_case(name: str, overrides: list[str], steps: int, work: Path) -> dict:
                 row["offloaded_gib_per_step"] = offload.bytes_offloaded / GiB / steps
             if cuda:
                 torch.cuda.synchronize()
+                if peak:
+                    traces = torch.cuda.memory._snapshot()["device_traces"]
+                    torch.cuda.memory._record_memory_history(enabled=None)
+                    row["peak_composition"] = peak_composition(traces[torch.cuda.current_device()])
                 row["static_gib"] = torch.cuda.memory_allocated() / GiB
                 row["peak_gib"] = torch.cuda.max_memory_allocated() / GiB
     except torch.OutOfMemoryError as e:
@@ -164,6 +198,8 @@ def main() -> None:
     ap.add_argument("--only", default="", help="run the cases whose name contains one of these texts, '|'-separated")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--set", nargs="*", default=[], help="overrides appended to every case")
+    ap.add_argument("--peak", action="store_true",
+                    help="record the last step's allocations and print what is alive at its peak, by source line")
     ap.add_argument("--smoke", action="store_true", help="k2_tiny on the CPU (checks that every case runs)")
     args = ap.parse_args()
     cases = [(n, o) for n, o in SUITES[args.suite]() if any(part in n for part in args.only.split("|"))]
@@ -182,12 +218,14 @@ def main() -> None:
             group, model = name.rsplit(" ", 1)[0], name.split(" ")[0]
             if args.suite == "long_context" and name.endswith(" full") and model in failed:
                 continue  # a shorter sequence of this model did not fit
-            row = run_case(name, overrides, args.steps, Path(tmp))
+            row = run_case(name, overrides, args.steps, Path(tmp), peak=args.peak)
             if "step_ms" in row:
                 bases.setdefault(group, row)
             elif name.endswith(" full"):
                 failed.add(model)
             print(show(row, bases.get(group)), flush=True)
+            for gib, where in row.get("peak_composition", []):
+                print(f"      {gib:7.2f} GiB  {where}")
             log.write(json.dumps(row) + "\n")
             log.flush()
     print(f"rows: {out}", file=sys.stderr)
