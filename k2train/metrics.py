@@ -111,22 +111,51 @@ LAYER_SUMMARIES = {
 }
 
 
-def layer_metrics(stage_metrics: dict[str, Any], group=None) -> dict[str, Any]:
-    """Per-layer metrics of every pipeline stage, and their summaries, on every rank of ``group``.
+class StepReadout:
+    """The step's numbers, computed on the device, read back to the host in one transfer: the
+    scalars (loss, aux loss, grad norm: the same on every rank) and, per layer, the max logit,
+    the heads above QK-Clip's tau, the expert load (max / mean) and the experts that got no token.
 
-    Each pp rank measures only its own layers (max logit, clipped heads, expert load, dead experts);
-    the logging rank holds the last stage. With a pp ``group`` (None: one stage) the per-layer
-    entries are gathered in one ``all_gather_object`` and the summaries (``max_logit``,
-    ``clipped_heads``, ``expert_load_max_over_mean``) recomputed over all layers.
+    Each pipeline stage measures only its own layers; with a pp ``group`` the stages' vectors are
+    all-gathered (one collective of fixed size per step; the stages' layer ids are exchanged once,
+    here) so that every rank, the logging one included, reports every layer.
     """
-    per_layer = {k: v for k, v in stage_metrics.items() if "/layer_" in k}
-    if group is not None:
-        gathered: list = [None] * dist.get_world_size(group)
-        dist.all_gather_object(gathered, per_layer, group=group)
-        per_layer = {k: v for part in gathered for k, v in part.items()}
-    out = {**stage_metrics, **per_layer}
-    for name, combine in LAYER_SUMMARIES.items():
-        values = [v for k, v in per_layer.items() if k.startswith(f"{name}/layer_")]
-        if values:
-            out[name] = combine(values)
-    return out
+
+    def __init__(self, attn_layers: list[int], moe_layers: list[int], group=None):
+        self.group = group
+        stage = (list(attn_layers), list(moe_layers))
+        if group is not None:
+            stages: list = [None] * dist.get_world_size(group)
+            dist.all_gather_object(stages, stage, group=group)
+        else:
+            stages = [stage]
+        self.stages = [(list(a), list(m)) for a, m in stages]
+        self.width = max(2 * len(a) + 2 * len(m) for a, m in self.stages)
+
+    def read(self, scalars: torch.Tensor, clip_2L: Optional[torch.Tensor],
+             load_2L: Optional[torch.Tensor]) -> tuple[list[float], dict[str, Any]]:
+        """``scalars`` [n]; ``clip_2L`` (:func:`k2train.optim.qk_clip.qk_clip_summary`) and
+        ``load_2L`` (max/mean load, dead experts) for this stage's layers, or None where it has
+        none. Returns the scalars and the per-layer metrics with their summaries (LAYER_SUMMARIES).
+        This is a host sync."""
+        mine = [t.reshape(-1).float() for t in (clip_2L, load_2L) if t is not None]
+        vec = torch.cat([scalars.float().reshape(-1), *mine])
+        vec = torch.cat([vec, vec.new_zeros(len(scalars) + self.width - len(vec))])
+        if self.group is not None:
+            parts = [torch.empty_like(vec) for _ in self.stages]
+            dist.all_gather(parts, vec, group=self.group)
+            vec = torch.stack(parts)
+        rows = vec.reshape(len(self.stages), -1).tolist()  # host sync
+        out: dict[str, Any] = {}
+        for (attn, moe), row in zip(self.stages, rows):
+            values = iter(row[len(scalars):])
+            for name, layers in (("max_logit", attn), ("clipped_heads", attn),
+                                 ("expert_load_max_over_mean", moe), ("dead_experts", moe)):
+                for i in layers:
+                    v = next(values)
+                    out[f"{name}/layer_{i}"] = int(v) if name in ("clipped_heads", "dead_experts") else v
+        for name, combine in LAYER_SUMMARIES.items():
+            values = [v for k, v in out.items() if k.startswith(f"{name}/layer_")]
+            if values:
+                out[name] = combine(values)
+        return rows[0][: len(scalars)], out

@@ -9,7 +9,7 @@ the scripts drive it (or :meth:`Trainer.run`), never a copy of it. Leaving the `
 the end of the run or by an exception, drains the checkpoint writer, stops the data thread, closes
 the logs and, if the trainer started it, the process group.
 
-Host syncs per step are marked ``# host sync``.
+One host sync per step (``# host sync``): the non-finite check and every metric, in one transfer.
 """
 
 import json
@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointManager, load_model_weights
@@ -36,9 +37,10 @@ from .faults import LossSpikeDetector, NonFiniteGuard, PreemptionHandler, discar
 from .flops import flops_per_token, peak_tflops
 from .loss import NextTokenLoss
 from .kernels import is_deterministic as kernels_deterministic, set_deterministic as set_kernels_deterministic
-from .metrics import MetricLogger, format_step, layer_metrics
+from .metrics import MetricLogger, StepReadout, format_step
 from .model import K2Model, update_router_bias_
-from .optim import apply_qk_clip, attention_modules, build_lr_scheduler, build_optimizer, describe_param_groups
+from .optim import attention_modules, build_lr_scheduler, build_optimizer, describe_param_groups
+from .optim.qk_clip import layer_max_logits, qk_clip_layers_, qk_clip_summary
 from .parallel import (ParallelDims, backend_for, clip_grad_norm_, loss_context, reduce_gradients_,
                        replica_groups, sum_expert_load_)
 from .parallel.context_parallel import shard_sequence
@@ -163,6 +165,7 @@ class Trainer:
         self.attention = attention_modules(self.parts)
         self.moes = [m for part in self.parts for m in part.moe_layers()]
         self.moe_layer_ids = [int(i) for part in self.parts for i, blk in part.layers.items() if blk.mlp in self.moes]
+        self.readout = StepReadout(list(self.attention), self.moe_layer_ids, dims.group("pp_mesh"))
 
         # 4. data: this rank's stream (dp x ep coordinates read different data)
         self.data = (data or self._default_data)(dims.dp_rank, dims.dp_size)
@@ -246,17 +249,29 @@ class Trainer:
         non-finite loss or norm, the optimizer, QK-Clip, the router-bias update, the LR schedule
         and the step's metrics."""
         t, dims = self.cfg.trainer, self.dims
+        tau = self.cfg.optim.qk_clip_tau if self.cfg.optim.qk_clip else None
         self.progress["step"] += 1
         step = self.progress["step"]
         self.optimizer.zero_grad(set_to_none=True)
-        ce, aux = self._forward_backward(batches)
+        with record_function("k2train.forward_backward"):
+            ce, aux = self._forward_backward(batches)
 
-        # gradients: sums over micro-batches and replicas -> the mean's gradient, clipped
-        reduce_gradients_(self.parts, dims)
-        grad_norm = clip_grad_norm_(self.parts, t.grad_clip if t.grad_clip > 0 else float("inf"), dims,
-                                    scale=1.0 / (self.num_microbatches * dims.dp_size))
-        # host sync: the skip decision needs the loss and the norm (the same on every rank)
-        loss, aux_loss, gnorm = torch.stack([ce + aux, aux, grad_norm.float()]).tolist()
+        with record_function("k2train.reduce_and_clip"):
+            # gradients: sums over micro-batches and replicas -> the mean's gradient, clipped
+            reduce_gradients_(self.parts, dims)
+            grad_norm = clip_grad_norm_(self.parts, t.grad_clip if t.grad_clip > 0 else float("inf"), dims,
+                                        scale=1.0 / (self.num_microbatches * dims.dp_size))
+            # what the step measured, still on the device: max logits (MAX over the ranks that saw
+            # other tokens), the expert loads (summed over them)
+            logits_LH = layer_max_logits(self.attention, dims.group("dense_dp_mesh")) if self.attention else None
+            for part in self.parts:
+                sum_expert_load_(part, dims.group("token_mesh"))
+            loads = _expert_load_summary([moe.tokens_per_expert for moe in self.moes])
+        with record_function("k2train.read_metrics"):
+            # host sync, the step's only one: the skip decision needs the loss and the norm (the same
+            # on every rank); every metric comes back in the same transfer
+            clip = qk_clip_summary(logits_LH, tau, dims.group("tp_mesh")) if logits_LH is not None else None
+            (loss, aux_loss, gnorm), layers = self.readout.read(torch.stack([ce + aux, aux, grad_norm.float()]), clip, loads)
         lr = self.optimizer.param_groups[0]["lr"]
         if not self.guard.check(loss, gnorm, step):
             discard_step_(self.optimizer, self.moes)
@@ -265,20 +280,18 @@ class Trainer:
             self.scheduler.step()
             return StepStats(step, loss, aux_loss, gnorm, lr, skipped=True)
 
-        # update: optimizer, QK-Clip, aux-loss-free router bias, LR
-        self.optimizer.step()
-        clip = apply_qk_clip(
-            self.attention, self.cfg.optim.qk_clip_tau if self.cfg.optim.qk_clip else None,
-            group=dims.group("dense_dp_mesh"), optimizer=self.optimizer, tp_group=dims.group("tp_mesh"),
-        )
-        for part in self.parts:
-            sum_expert_load_(part, dims.group("token_mesh"))
-        loads = [moe.tokens_per_expert.clone() for moe in self.moes]
-        for moe in self.moes:
-            update_router_bias_(moe, self.cfg.model.bias_update_rate)
+        # update: optimizer, QK-Clip, aux-loss-free router bias, LR (nothing here waits for the GPU)
+        with record_function("k2train.optimizer"):
+            self.optimizer.step()
+        with record_function("k2train.qk_clip_and_router_bias"):
+            if tau is not None and logits_LH is not None:
+                qk_clip_layers_(self.attention, logits_LH, tau, self.optimizer)
+            for m in self.attention.values():
+                m.reset_max_logit()
+            for moe in self.moes:
+                update_router_bias_(moe, self.cfg.model.bias_update_rate)
         self.scheduler.step()
 
-        layers = layer_metrics({**clip, **_expert_load_stats(self.moe_layer_ids, loads)}, dims.group("pp_mesh"))
         self.progress["tokens_seen"] += self.tokens_per_step
         self.progress["clipped_heads_total"] += layers.get("clipped_heads", 0)
         return StepStats(step, loss, aux_loss, gnorm, lr, layers=layers)
@@ -442,17 +455,13 @@ def deterministic_mode(device: torch.device) -> Iterator[None]:
         set_kernels_deterministic(before[3])
 
 
-def _expert_load_stats(layer_ids: list[int], loads: list[torch.Tensor]) -> dict[str, float]:
-    """Per MoE layer: max / mean routed tokens per expert, and experts that got none (one host sync)."""
+def _expert_load_summary(loads: list[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Per MoE layer, on the device: max / mean routed tokens per expert, and experts that got none
+    (``[2, L]``; None without MoE layers)."""
     if not loads:
-        return {}
+        return None
     load_LE = torch.stack(loads)
-    ratio, dead = torch.stack([load_LE.amax(1) / load_LE.mean(1).clamp_min(1e-9), (load_LE == 0).sum(1)]).tolist()
-    out: dict[str, float] = {}
-    for layer, r, d in zip(layer_ids, ratio, dead):
-        out[f"expert_load_max_over_mean/layer_{layer}"] = r
-        out[f"dead_experts/layer_{layer}"] = int(d)
-    return out
+    return torch.stack([load_LE.amax(1) / load_LE.mean(1).clamp_min(1e-9), (load_LE == 0).sum(1).to(load_LE.dtype)])
 
 
 def _destroy_process_group(exc_type, exc, tb) -> None:

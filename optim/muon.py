@@ -17,6 +17,8 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import Tensor
 
+from k2train.kernels.adamw import adamw_fused_, fused_adamw_available
+from k2train.kernels.adamw import adamw_reference_ as adamw_update_
 from k2train.kernels.muon_fused import apply_update_, fused_muon_available, momentum_to_ns_input_
 
 from .newton_schulz import NS_COEFFICIENTS, ns_input_target_norm, pow2_scale, zeropower_via_newtonschulz
@@ -61,30 +63,6 @@ def apply_muon_update_(param: Tensor, ortho: Tensor, lr: float, weight_decay: fl
     """``W <- W (1 - lr wd) - lr lr_scale O`` (decoupled weight decay, torch.optim.Muon's op order)."""
     param.mul_(1 - lr * weight_decay)
     param.add_(ortho, alpha=-(lr * lr_scale))
-
-
-def adamw_update_(
-    param: Tensor,
-    grad: Tensor,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
-    step: int,
-    lr: float,
-    betas: tuple[float, float],
-    eps: float,
-    weight_decay: float,
-) -> None:
-    """One AdamW step for a tensor whose moments are already at step ``step - 1``.
-
-    Same op order as torch.optim.AdamW's single-tensor path, hence bit-identical to it on CPU.
-    """
-    beta1, beta2 = betas
-    param.mul_(1 - lr * weight_decay)
-    exp_avg.lerp_(grad, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    step_size = lr / (1 - beta1**step)
-    denom = (exp_avg_sq.sqrt() / (1 - beta2**step) ** 0.5).add_(eps)
-    param.addcdiv_(exp_avg, denom, value=-step_size)
 
 
 def ns_input_cast(x: Tensor, dtype: torch.dtype) -> Tensor:
@@ -179,7 +157,8 @@ class MuonClip(torch.optim.Optimizer):
     ``ns_fn`` replaces the Newton-Schulz function (e.g. the Triton kernel); it must accept
     ``(G, steps=, coefficients=, dtype=)`` for 3-D batches.
 
-    ``fused``: the Muon elementwise passes as Triton kernels (k2train.kernels.muon_fused). None
+    ``fused``: the Muon elementwise passes (k2train.kernels.muon_fused) and the AdamW step
+    (k2train.kernels.adamw) as Triton kernels. None
     (default): on CUDA when NS runs in half precision and every Muon param is a plain contiguous
     tensor; True: also on CPU under TRITON_INTERPRET=1 (tests); False: never. The unfused path is
     the one that is bit-identical to torch.optim.Muon.
@@ -376,16 +355,20 @@ class MuonClip(torch.optim.Optimizer):
                 state["exp_avg"] = torch.zeros_like(w)
                 state["exp_avg_sq"] = torch.zeros_like(w)
             state["step"] += 1
-            adamw_update_(
-                local(w),
-                local(like_param(p.grad, p)).to(w.dtype),
-                local(state["exp_avg"]),
-                local(state["exp_avg_sq"]),
-                int(state["step"].item()),
-                group["lr"],
-                group["betas"],
-                group["eps"],
-                group["weight_decay"],
-            )
+            args = (int(state["step"].item()), group["lr"], group["betas"], group["eps"], group["weight_decay"])
+            if self._use_fused_adamw(p, w):  # one pass, the bf16 param written from the master in it
+                adamw_fused_(w, p.grad, state["exp_avg"], state["exp_avg_sq"], *args, param=p if w is not p else None)
+                continue
+            adamw_update_(local(w), local(like_param(p.grad, p)).to(w.dtype), local(state["exp_avg"]),
+                          local(state["exp_avg_sq"]), *args)
             if w is not p:
                 local(p).copy_(local(w))
+
+    def _use_fused_adamw(self, p: Tensor, w: Tensor) -> bool:
+        """The one-pass AdamW kernel (k2train.kernels.adamw) serves plain contiguous tensors with an
+        fp32 target, on CUDA (``fused`` None or True) and on CPU under the interpreter (``fused=True``)."""
+        if self.fused is False or is_dtensor(p) or w.dtype != torch.float32 or not fused_adamw_available(p):
+            return False
+        if not (p.is_contiguous() and p.grad.is_contiguous() and w.is_contiguous()) or p.grad.shape != p.shape:
+            return False
+        return p.device.type == "cuda" or bool(self.fused)

@@ -126,49 +126,76 @@ def apply_qk_clip(
 
     Returns ``{"max_logit": max over layers, "clipped_heads": heads clipped this step,
     "max_logit/layer_<i>": ..., "clipped_heads/layer_<i>": ...}``. Building it is the only host
-    sync (one ``.tolist()``).
+    sync (one ``.tolist()``). The trainer calls the three parts (:func:`layer_max_logits`,
+    :func:`qk_clip_layers_`, :func:`qk_clip_summary`) itself, to read the summary together with the
+    step's other numbers, before the optimizer, in its one host sync.
     """
     attn = _as_mapping(attn_modules)
     if not attn:
         return {}
-    layers = list(attn.keys())
-    # One [L, H] tensor (heads may differ per layer only in pathological configs: pad with -inf).
+    logits_LH = layer_max_logits(attn, group)
+    if tau is not None:
+        qk_clip_layers_(attn, logits_LH, tau, optimizer)
+    if reset:
+        for m in attn.values():
+            m.reset_max_logit()
+    max_L, clipped = qk_clip_summary(logits_LH, tau, tp_group).tolist()
+    return qk_clip_metrics(list(attn), max_L, clipped)
+
+
+@torch.no_grad()
+def layer_max_logits(attn_modules: Union[Mapping[int, MLA], Sequence[MLA]], group=None) -> Tensor:
+    """The step's max logit per layer and local head, ``[L, H]`` (fp32; a layer with fewer heads is
+    padded with -inf), reduced with MAX over ``group`` in one collective (see :func:`apply_qk_clip`)."""
+    attn = _as_mapping(attn_modules)
     H = max(m.max_logit.numel() for m in attn.values())
     device = next(iter(attn.values())).max_logit.device
-    logits_LH = torch.full((len(layers), H), float("-inf"), device=device)
+    logits_LH = torch.full((len(attn), H), float("-inf"), device=device)
     for row, m in enumerate(attn.values()):
         logits_LH[row, : m.max_logit.numel()] = m.max_logit
     if group is not None:
         dist.all_reduce(logits_LH, op=dist.ReduceOp.MAX, group=group)
+    return logits_LH
 
-    clipped_L = torch.zeros(len(layers), dtype=torch.int64, device=device)
-    if tau is not None:
-        masters = (lambda p: optimizer.master_weight(p)) if hasattr(optimizer, "master_weight") else (lambda p: None)
-        for row, m in enumerate(attn.values()):
-            s_H = logits_LH[row, : m.max_logit.numel()]
-            dims = (m.max_logit.numel(), m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim)
-            mask = qk_clip_(local(m.q_b_proj.weight.detach()), local(m.kv_b_proj.weight.detach()), s_H, tau, *dims)
-            # Masters get the fp32 gamma; under ZeRO-1 q_b and kv_b may live on different ranks.
-            gamma_H = head_clip_scale(s_H, tau)
-            mq, mkv = masters(m.q_b_proj.weight), masters(m.kv_b_proj.weight)
-            if mq is not None:
-                scale_q_b_rows_(local(mq), gamma_H.to(mq.device), m.qk_nope_head_dim, m.qk_rope_head_dim)
-            if mkv is not None:
-                scale_kv_b_rows_(local(mkv), gamma_H.to(mkv.device), m.qk_nope_head_dim, m.v_head_dim)
-            clipped_L[row] = mask.sum()
-    if reset:
-        for m in attn.values():
-            m.reset_max_logit()
 
+@torch.no_grad()
+def qk_clip_layers_(attn_modules: Union[Mapping[int, MLA], Sequence[MLA]], logits_LH: Tensor, tau: float,
+                    optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+    """Clip every layer's heads whose max logit in ``logits_LH`` (:func:`layer_max_logits`) exceeds
+    ``tau``, weights and fp32 masters (see :func:`apply_qk_clip`). No host sync."""
+    masters = (lambda p: optimizer.master_weight(p)) if hasattr(optimizer, "master_weight") else (lambda p: None)
+    for row, m in enumerate(_as_mapping(attn_modules).values()):
+        s_H = logits_LH[row, : m.max_logit.numel()]
+        dims = (m.max_logit.numel(), m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim)
+        qk_clip_(local(m.q_b_proj.weight.detach()), local(m.kv_b_proj.weight.detach()), s_H, tau, *dims)
+        # Masters get the fp32 gamma; under ZeRO-1 q_b and kv_b may live on different ranks.
+        gamma_H = head_clip_scale(s_H, tau)
+        mq, mkv = masters(m.q_b_proj.weight), masters(m.kv_b_proj.weight)
+        if mq is not None:
+            scale_q_b_rows_(local(mq), gamma_H.to(mq.device), m.qk_nope_head_dim, m.qk_rope_head_dim)
+        if mkv is not None:
+            scale_kv_b_rows_(local(mkv), gamma_H.to(mkv.device), m.qk_nope_head_dim, m.v_head_dim)
+
+
+@torch.no_grad()
+def qk_clip_summary(logits_LH: Tensor, tau: Optional[float], tp_group=None) -> Tensor:
+    """``[2, L]`` on the device: each layer's max logit and its number of heads above ``tau`` (the
+    heads :func:`qk_clip_layers_` clips; 0 with ``tau`` None), over all heads of the layer (combined
+    over ``tp_group``, whose ranks hold different heads)."""
+    clipped_L = (logits_LH > tau).sum(dim=1) if tau is not None else torch.zeros(len(logits_LH), device=logits_LH.device)
     summary_2L = torch.stack([logits_LH.amax(dim=1), clipped_L.to(logits_LH.dtype)])
     if tp_group is not None:
         parts = [torch.empty_like(summary_2L) for _ in range(dist.get_world_size(tp_group))]
         dist.all_gather(parts, summary_2L, group=tp_group)
         all_T2L = torch.stack(parts)
         summary_2L = torch.stack([all_T2L[:, 0].amax(dim=0), all_T2L[:, 1].sum(dim=0)])
-    max_L, clipped = summary_2L.tolist()
-    metrics: dict[str, float] = {"max_logit": max(max_L), "clipped_heads": int(sum(clipped))}
-    for i, mx, c in zip(layers, max_L, clipped):
+    return summary_2L
+
+
+def qk_clip_metrics(layers: list[int], max_L: list[float], clipped_L: list[float]) -> dict[str, float]:
+    """The metrics of :func:`apply_qk_clip` from a read-back :func:`qk_clip_summary`."""
+    metrics: dict[str, float] = {"max_logit": max(max_L), "clipped_heads": int(sum(clipped_L))}
+    for i, mx, c in zip(layers, max_L, clipped_L):
         metrics[f"max_logit/layer_{i}"] = mx
         metrics[f"clipped_heads/layer_{i}"] = int(c)
     return metrics

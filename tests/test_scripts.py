@@ -42,3 +42,16 @@ def test_symmetric_product_rule():
     assert _sym_product("auto", 7168, 8192) is gemmt_persistent  # o_proj
     small = _sym_product("auto", 576, 7168)  # launch-bound: one cuBLAS product
     assert isinstance(small, functools.partial) and small.keywords == {"blocks": 1}
+
+
+def test_bench_e2e_cpu_smoke(tmp_path):
+    # the trainer's step through the benchmark's loop: one row per case, the optimizer-side column
+    import os
+
+    env = {**os.environ, "OUT": str(tmp_path)}
+    out = subprocess.run([sys.executable, "scripts/bench_e2e.py", "--smoke", "--optim", "adamw", "--micro", "1", "2",
+                          "--steps", "3"], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line.split() for line in out.stdout.splitlines() if line.startswith("adamw m=")]
+    assert [r[1] for r in rows] == ["m=1", "m=2"] and all(float(r[2]) > 0 for r in rows)
+    assert (tmp_path / "bench_e2e.jsonl").read_text().count("\n") == 2

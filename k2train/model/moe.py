@@ -183,7 +183,9 @@ class MoE(nn.Module):
         x_TD = x_BSD.reshape(-1, D)
         scores_TE, topk_idx_TK, topk_w_TK = self.gate(x_TD)
         with torch.no_grad():
-            self.tokens_per_expert += torch.bincount(topk_idx_TK.reshape(-1), minlength=self.num_experts).float()
+            # scatter_add_, not bincount: CUDA's bincount reads the max id back to the host (a sync)
+            idx_N = topk_idx_TK.reshape(-1)
+            self.tokens_per_expert.scatter_add_(0, idx_N, torch.ones_like(idx_N, dtype=self.tokens_per_expert.dtype))
         if self.training and self.aux_loss_alpha > 0:
             self.aux_loss = sequence_aux_loss(
                 scores_TE.view(B, S, -1), topk_idx_TK.view(B, S, -1), self.aux_loss_alpha
@@ -205,6 +207,6 @@ def update_router_bias_(moe: MoE, rate: float, tokens_per_expert: torch.Tensor |
     expert parallelism the caller passes the count summed over ranks so that every rank agrees.
     """
     load = moe.tokens_per_expert if tokens_per_expert is None else tokens_per_expert
-    if rate > 0 and load.sum() > 0:
+    if rate > 0:  # a layer that routed nothing has load.mean() - load == 0: no change (and no sync to ask)
         moe.gate.e_score_correction_bias += rate * torch.sign(load.mean() - load)
     moe.tokens_per_expert.zero_()

@@ -1,0 +1,212 @@
+"""End-to-end training speed on the K2-width proxy, beside TorchTitan's own trainer on the same GPU.
+
+The proxy (5.4B parameters: K2's width, 4 layers = 1 dense + 3 MoE, 16 experts, seq 4096, micro-batch
+1, bf16, the Triton kernels) trains through :class:`k2train.trainer.Trainer`, the step users run, for
+each optimizer and micro-batch count asked; steady-state median of the steps after the first two.
+Per case: step time, tokens/s per GPU, MFU (Megatron's FLOP count: causal attention at half; and
+TorchTitan's, which has no causal discount, to compare with its log), peak allocated memory, and
+the step's time beyond its micro-batches (the optimizer side).
+
+    python scripts/bench_e2e.py                                   # AdamW and MuonClip x 1 and 8 micro-batches
+    python scripts/bench_e2e.py --optim adamw --micro 1 --profile # + a profiler trace of two steps:
+                                                                  #   host syncs per step, time per phase
+    python scripts/bench_e2e.py --titan $OUT/titan                # + TorchTitan's figures from run_titan.sh's
+                                                                  #   logs there (m=8 in titan/m8), and the ratios
+    python scripts/bench_e2e.py --smoke                           # k2_tiny on the CPU: the code path
+
+TorchTitan's kit (its README says how; `bash run_titan.sh` with `TITAN_EXTRA_ARGS="--training.global_batch_size 8"`
+for 8 micro-batches) writes ``titan_eager.log`` / ``titan_compile.log``; ``--titan DIR`` reads
+``DIR/titan_{eager,compile}.log`` (1 micro-batch) and ``DIR/m8/titan_{eager,compile}.log`` (8).
+Rows go to ``$OUT/bench_e2e.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench_trainer import FAST, PROXY, SEQ4K, SMOKE, random_tokens  # same directory
+from k2train.config import load_config
+from k2train.flops import flops_per_token, peak_tflops
+from k2train.trainer import Trainer
+
+GiB = 2**30
+SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+TITAN_STEP = re.compile(r"step:\s*(\d+)\s.*memory:\s*([-\d.]+)GiB.*tps:\s*([\d,]+)")
+
+
+def profile_steps(trainer: Trainer, steps: int, out: Path, name: str, top: int = 8) -> dict:
+    """``steps`` steps under torch.profiler: host syncs per step inside ``train_step``, and per phase
+    of the step (the trainer's ``record_function`` ranges) the GPU time of the kernels launched in
+    it, with its longest kernels."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            batches = trainer.next_batches()
+            with record_function("bench.train_step"):
+                trainer.train_step(batches)
+            torch.cuda.synchronize()
+    trace = Path(os.environ.get("K2_TRACE_DIR", out)) / f"trace_{re.sub(r'[^A-Za-z0-9]+', '_', name)}.json"
+    prof.export_chrome_trace(str(trace))
+    events = json.loads(trace.read_text())["traceEvents"]
+    ranges = sorted(((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events
+                     if e.get("cat") == "user_annotation" and e["name"].startswith(("k2train.", "bench."))),
+                    key=lambda r: (r[0], -r[1]))
+
+    def phase_of(ts: float) -> str:
+        inner = [r for r in ranges if r[0] <= ts <= r[1]]
+        return min(inner, key=lambda r: r[1] - r[0])[2] if inner else "(outside the step)"
+
+    launched = {e["args"]["correlation"]: e["ts"] for e in events
+                if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+    phases: dict[str, float] = {}
+    kernels: dict[tuple[str, str], float] = {}
+    for e in events:
+        if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and e.get("args", {}).get("correlation") in launched:
+            phase = phase_of(launched[e["args"]["correlation"]])
+            phases[phase] = phases.get(phase, 0.0) + e["dur"] / 1e3 / steps
+            key = (phase, e["name"][:70])
+            kernels[key] = kernels.get(key, 0.0) + e["dur"] / 1e3 / steps
+    syncs = [e for e in events if e.get("cat") == "cuda_runtime" and e["name"] in SYNC_EVENTS
+             and phase_of(e["ts"]) != "(outside the step)"]
+    where: dict[str, int] = {}
+    for e in syncs:
+        where[phase_of(e["ts"])] = where.get(phase_of(e["ts"]), 0) + 1
+    longest = {p: sorted(((ms, k) for (ph, k), ms in kernels.items() if ph == p), reverse=True)[:top] for p in phases}
+    return {"syncs_per_step": len(syncs) / steps, "syncs_where": where, "phase_gpu_ms": phases,
+            "phase_kernels": longest, "trace": str(trace)}
+
+
+def run_case(optim: str, micro: int, steps: int, extra: list[str], smoke: bool, profile: bool, out: Path) -> dict:
+    name = f"{optim} m={micro}"
+    overrides = [*PROXY, *FAST, *SEQ4K, f"optim={optim}", f"trainer.global_batch_size={micro}", "parallel.recompute=none"]
+    if smoke:
+        overrides = [*(o for o in overrides if not o.startswith("model")), *SMOKE]
+    overrides += extra
+    row: dict = {"case": name, "overrides": overrides}
+    cuda = torch.cuda.is_available()
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config([*overrides, "trainer.checkpoint.enable=false", "logging.wandb=false", "logging.console=false",
+                           "logging.progress_bar=false", f"trainer.steps={steps + (2 if profile else 0)}",
+                           f"trainer.output_dir={tmp}"])
+        t = cfg.trainer
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        try:
+            data = random_tokens(cfg.model.vocab_size, t.micro_batch_size, t.seq_len)
+            with Trainer(cfg, run_dir=Path(tmp) / "run", data=data) as tr:
+                for _ in range(steps):
+                    batches = tr.next_batches()
+                    if cuda:
+                        torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    stats = tr.train_step(batches)
+                    if cuda:
+                        torch.cuda.synchronize()
+                    times.append(time.perf_counter() - t0)
+                row["loss"] = stats.loss
+                if cuda:
+                    row["peak_gib"] = torch.cuda.max_memory_allocated() / GiB
+                    if profile:
+                        row.update(profile_steps(tr, 2, out, name))
+        except torch.OutOfMemoryError as e:
+            row["error"] = "out of memory: " + str(e).split("\n")[0][:160]
+            return row
+    tokens = t.global_batch_size * t.seq_len
+    ms = 1e3 * statistics.median(times[2:] or times)
+    row.update(step_ms=ms, tokens_per_s=tokens / ms * 1e3, tokens_per_step=tokens,
+               flops_megatron=flops_per_token(cfg.model, t.seq_len, "megatron"),
+               flops_titan=flops_per_token(cfg.model, t.seq_len, "torchtitan"))
+    peak = peak_tflops(torch.device("cuda")) if cuda else None
+    if peak:
+        row["mfu"] = row["tokens_per_s"] * row["flops_megatron"] / (peak * 1e12)
+        row["mfu_titan_count"] = row["tokens_per_s"] * row["flops_titan"] / (peak * 1e12)
+    return row
+
+
+def titan_rows(folder: Path, skip: int = 5) -> dict[str, dict]:
+    """TorchTitan's steady-state median tokens/s and max memory (reserved) per log: ``folder`` holds
+    the 1-micro-batch runs, ``folder/m8`` the 8-micro-batch ones; keys ``eager``, ``compile_m8``..."""
+    rows = {}
+    for log in sorted([*folder.glob("titan_*.log"), *folder.glob("m8/titan_*.log")]):
+        name = log.stem.removeprefix("titan_") + ("_m8" if log.parent.name == "m8" else "")
+        if name.startswith("preflight"):
+            continue
+        text = log.read_text(errors="replace")
+        steps = [(int(m[1]), float(m[2]), float(m[3].replace(",", ""))) for m in TITAN_STEP.finditer(text)]
+        steady = [s for s in steps if s[0] > skip]
+        if steady:
+            rows[name] = {"tokens_per_s": statistics.median(s[2] for s in steady), "memory_gib": max(s[1] for s in steps),
+                          "steps": len(steady)}
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--optim", nargs="+", default=["adamw", "muonclip"])
+    ap.add_argument("--micro", nargs="+", type=int, default=[1, 8], help="micro-batches per optimizer step")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--set", nargs="*", default=[], help="overrides appended to every case")
+    ap.add_argument("--profile", action="store_true",
+                    help="profile two more steps per case (syncs, phases; Chrome trace into $K2_TRACE_DIR, default $OUT)")
+    ap.add_argument("--titan", type=Path, help="folder with run_titan.sh's logs (titan_eager.log, titan_compile_m8.log, ...)")
+    ap.add_argument("--smoke", action="store_true", help="k2_tiny on the CPU (the code path, not the numbers)")
+    args = ap.parse_args()
+    out = Path(os.environ.get("OUT", tempfile.gettempdir()))
+    if torch.cuda.is_available():
+        print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
+    titan = titan_rows(args.titan) if args.titan else {}
+    for name, r in titan.items():
+        print(f"TorchTitan {name:14s} {r['tokens_per_s']:9,.0f} tokens/s  {r['memory_gib']:6.1f} GiB reserved  "
+              f"({r['steps']} steps)")
+    print(f"{'case':14s} {'step ms':>8s} {'tokens/s':>9s} {'MFU':>6s} {'peak GiB':>8s} {'beyond mb ms':>12s}  vs TorchTitan")
+    rows = []
+    with open(out / "bench_e2e.jsonl", "a") as log:
+        for optim in args.optim:
+            for micro in args.micro:
+                row = run_case(optim, micro, args.steps, args.set, args.smoke, args.profile, out)
+                rows.append(row)
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+                if "error" in row:
+                    print(f"{row['case']:14s} {row['error']}")
+                    continue
+                # step(m) = beyond + m x per-micro-batch: from this optimizer's m=1 row and this one
+                ones = next((r for r in rows if r["case"] == f"{optim} m=1" and "step_ms" in r), None)
+                beyond = ""
+                if ones is not None and micro > 1:
+                    per_mb = (row["step_ms"] - ones["step_ms"]) / (micro - 1)
+                    beyond = f"{ones['step_ms'] - per_mb:12.1f}"
+                ratios = []
+                for kind in ("eager", "compile"):
+                    ref = titan.get(kind if micro == 1 else f"{kind}_m{micro}")
+                    if ref and optim == "adamw":
+                        ratios.append(f"{row['tokens_per_s'] / ref['tokens_per_s']:.2f}x {kind}")
+                mfu = f"{row['mfu']:6.1%}" if "mfu" in row else f"{'':6s}"
+                peak = f"{row['peak_gib']:8.2f}" if "peak_gib" in row else f"{'':8s}"
+                print(f"{row['case']:14s} {row['step_ms']:8.1f} {row['tokens_per_s']:9,.0f} {mfu} {peak} {beyond:>12s}  "
+                      f"{', '.join(ratios)}", flush=True)
+                if "syncs_per_step" in row:
+                    print(f"      host syncs per step: {row['syncs_per_step']:.1f} {row['syncs_where']}")
+                    for phase, ms in row["phase_gpu_ms"].items():
+                        print(f"      {phase:40s} {ms:8.1f} ms GPU")
+                        if phase != "k2train.forward_backward":
+                            for kms, kernel in row["phase_kernels"][phase]:
+                                print(f"          {kms:8.2f} ms  {kernel}")
+    print(f"rows: {out / 'bench_e2e.jsonl'}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
