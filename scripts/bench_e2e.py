@@ -68,7 +68,7 @@ def profile_steps(trainer: Trainer, steps: int, out: Path, name: str, top: int =
         return min(inner, key=lambda r: r[1] - r[0])[2] if inner else "(outside the step)"
 
     launched = {e["args"]["correlation"]: e["ts"] for e in events
-                if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
     phases: dict[str, float] = {}
     kernels: dict[tuple[str, str], float] = {}
     for e in events:
@@ -90,6 +90,8 @@ def profile_steps(trainer: Trainer, steps: int, out: Path, name: str, top: int =
 def run_case(optim: str, micro: int, steps: int, extra: list[str], smoke: bool, profile: bool, out: Path) -> dict:
     name = f"{optim} m={micro}"
     overrides = [*PROXY, *FAST, *SEQ4K, f"optim={optim}", f"trainer.global_batch_size={micro}", "parallel.recompute=none"]
+    if optim == "muonclip":  # the fastest Newton-Schulz (docs/muonclip.md): Gram iteration, fp16, Triton
+        overrides += ["optim.ns_method=gram", "optim.ns_dtype=float16"]
     if smoke:
         overrides = [*(o for o in overrides if not o.startswith("model")), *SMOKE]
     overrides += extra

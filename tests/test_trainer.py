@@ -125,3 +125,31 @@ if __name__ == "__main__":
     GOLDEN.parent.mkdir(exist_ok=True)
     GOLDEN.write_text(json.dumps({"platform": _platform(), "steps": GOLDEN_STEPS, "losses": losses}, indent=1) + "\n")
     print(f"wrote {GOLDEN}: {losses}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("optim", ["adamw", "muonclip"])
+def test_one_host_sync_per_step_on_the_gpu(tmp_path, optim):
+    """A step of the Triton-kernel model on the GPU waits for the device once (the read-back of the
+    loss, the norm and every metric): CUDA's sync debug mode warns at each synchronizing call."""
+    import warnings
+
+    overrides = ["model=k2_tiny", "trainer.seq_len=256", "trainer.micro_batch_size=2", "trainer.global_batch_size=4",
+                 "trainer.dtype=bfloat16", "trainer.device=cuda", "trainer.steps=3", f"optim={optim}",
+                 "trainer.checkpoint.enable=false", "logging.wandb=false", "logging.progress_bar=false",
+                 "logging.console=false", "model.attn_impl=triton", "model.moe_impl=triton", "model.norm_impl=triton",
+                 "model.mlp_impl=triton", "optim.ns_impl=triton", f"trainer.output_dir={tmp_path}"]
+    with Trainer(load_config(overrides), run_dir=tmp_path / "logs") as t:
+        t.train_step(t.next_batches())  # first step: kernels compile and autotune (their own syncs)
+        batches = [{k: v.cuda() for k, v in b.items()} for b in t.next_batches()]
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                t.train_step(batches)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "called a synchronizing CUDA operation" in str(w.message)]
+    assert len(syncs) == 1, syncs
