@@ -23,6 +23,7 @@ Rows go to ``$OUT/bench_e2e.jsonl``.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import re
@@ -126,6 +127,10 @@ def run_case(optim: str, micro: int, steps: int, extra: list[str], smoke: bool, 
         except torch.OutOfMemoryError as e:
             row["error"] = "out of memory: " + str(e).split("\n")[0][:160]
             return row
+        finally:  # nothing of this case may count in the next one's peak
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
     tokens = t.global_batch_size * t.seq_len
     ms = 1e3 * statistics.median(times[2:] or times)
     row.update(step_ms=ms, tokens_per_s=tokens / ms * 1e3, tokens_per_step=tokens,
