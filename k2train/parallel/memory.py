@@ -60,10 +60,18 @@ class RankMemory:
     activations: float
     transient: float  # head logits / log-softmax, all-to-all, p2p and gradient buckets
     host: float = 0.0  # pinned CPU memory holding the offloaded activations (offload_activations)
+    # Gradients alive at the activation peak: all of them once an earlier micro-batch's backward
+    # has run on this rank (gradient accumulation, pipeline steady state); with one micro-batch per
+    # step only the LM head's, the backward's first (the rest are allocated as activations free).
+    grads_at_activation_peak: Optional[float] = None
 
     @property
     def total(self) -> float:
-        return self.params + self.grads + self.master + self.optimizer + self.activations + self.transient
+        """The larger of the two phases: the activation peak (end of the forward) and the end of the
+        backward (every gradient, activations gone)."""
+        static = self.params + self.master + self.optimizer
+        grads = self.grads if self.grads_at_activation_peak is None else self.grads_at_activation_peak
+        return max(static + grads + self.activations + self.transient, static + self.grads)
 
 
 @dataclass
@@ -313,6 +321,7 @@ def estimate_memory(
             for i in layers
         ) * tokens_mb
         inflight = in_flight_microbatches(p.pp_schedule, pp, vpp, r, m)
+        backward_before_peak = m > inflight  # an earlier micro-batch's backward made the gradients
         host = 0.0
         if p.offload_activations and layers:  # two blocks' worth on the GPU, the rest on the host
             host = act_mb * inflight
@@ -335,6 +344,10 @@ def estimate_memory(
             transient += 2 * n_local
         if dp_size * cp > 1:  # reduce_gradients_ concatenates gradients into flat buckets
             transient += min(BUCKET_BYTES, largest_grad)
+        grads_at_peak = None
+        if not backward_before_peak:
+            head = pp * vpp - 1 in stage_ids
+            grads_at_peak = gb * model_cfg.vocab_size * model_cfg.hidden_size / tp if head else 0.0
         ranks.append(
             RankMemory(
                 pp_rank=r,
@@ -350,6 +363,7 @@ def estimate_memory(
                 activations=act_mb * inflight,
                 transient=transient,
                 host=host,
+                grads_at_activation_peak=grads_at_peak,
             )
         )
     return MemoryPlan(
@@ -425,6 +439,10 @@ def format_memory_report(
         )
     peak = plan.peak
     lines.append(f"  peak: pp rank {peak.pp_rank}, {peak.total / GiB:.2f} GiB")
+    if peak.grads_at_activation_peak is not None:
+        lines.append("  (one micro-batch in flight per step: the gradients are allocated during the backward as the "
+                     "activations free, so the peak counts the larger of the forward's end, with only the LM head's "
+                     "gradient, and the backward's end, with every gradient)")
     if p.offload_activations:
         host = max(plan.ranks, key=lambda r: r.host)
         lines.append(
