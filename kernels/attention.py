@@ -25,6 +25,7 @@ imported; slow, for tests). Otherwise CPU inputs fall back to `mla_attention_ref
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 
@@ -79,7 +80,8 @@ def mla_attention(q, k, v, softmax_scale, causal=True, doc_ids=None):
         raise ValueError(f"mla_attention needs Dqk > 16 and Dv >= 16, got {q.shape[-1]} and {v.shape[-1]}")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    return _MLAAttention.apply(q, k, v, float(softmax_scale), bool(causal), doc_ids)
+    out, _, max_logit_H = _mla_attention_fwd(q, k, v, doc_ids, float(softmax_scale), bool(causal))
+    return out, max_logit_H
 
 
 def _split_dims(dqk: int, dv: int) -> tuple[int, int, int]:
@@ -89,69 +91,108 @@ def _split_dims(dqk: int, dv: int) -> tuple[int, int, int]:
     return d1, d2, max(16, triton.next_power_of_2(dv))
 
 
-class _MLAAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, softmax_scale, causal, doc_ids):
-        B, H, S, dqk = q.shape
-        dv = v.shape[-1]
-        d1, d2, bdv = _split_dims(dqk, dv)
-        out = torch.empty(B, H, S, dv, dtype=q.dtype, device=q.device)
-        lse = torch.empty(B * H, S, dtype=torch.float32, device=q.device)
-        # Per (b*h, query block) maxima; sized for the smallest BLOCK_M any config uses.
-        max_blk = torch.full((B * H, triton.cdiv(S, _MIN_BLOCK)), float("-inf"), device=q.device)
-        doc = doc_ids if doc_ids is not None else lse  # dummy pointer when unused
-        sdoc = (doc_ids.stride(0), doc_ids.stride(1)) if doc_ids is not None else (0, 0)
-        common = dict(
-            DQK=dqk, DV=dv, D1=d1, D2=d2, BDV=bdv, CAUSAL=causal, HAS_DOC=doc_ids is not None,
-            EVEN_S=S % _MAX_BLOCK == 0, UPCAST=_INTERPRET, IEEE=q.dtype == torch.float32,
-        )
-        grid = lambda meta: (triton.cdiv(S, meta["BLOCK_M"]), B * H)  # noqa: E731
-        kernel, cfg = _launcher("fwd", common["IEEE"])
-        kernel[grid](
-            q, k, v, out, lse, max_blk, doc, softmax_scale,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *sdoc,
-            H, S, max_blk.shape[1], **common, **cfg,
-        )
-        max_logit_H = max_blk.view(B, H, -1).amax(dim=(0, 2))
-        ctx.save_for_backward(q, k, v, out, lse, doc_ids)
-        ctx.softmax_scale, ctx.causal, ctx.common = softmax_scale, causal, common
-        ctx.mark_non_differentiable(max_logit_H)
-        return out, max_logit_H
+def _common(q, v, causal: bool, has_doc: bool) -> dict:
+    """The constexpr arguments every kernel shares."""
+    S, dqk, dv = q.shape[2], q.shape[3], v.shape[3]
+    d1, d2, bdv = _split_dims(dqk, dv)
+    return dict(DQK=dqk, DV=dv, D1=d1, D2=d2, BDV=bdv, CAUSAL=causal, HAS_DOC=has_doc,
+                EVEN_S=S % _MAX_BLOCK == 0, UPCAST=_INTERPRET, IEEE=q.dtype == torch.float32)
 
-    @staticmethod
-    def backward(ctx, dout, _dmax):
-        q, k, v, out, lse, doc_ids = ctx.saved_tensors
-        B, H, S, _ = q.shape
-        common = ctx.common
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        delta = torch.empty_like(lse)
-        doc = doc_ids if doc_ids is not None else lse
-        sdoc = (doc_ids.stride(0), doc_ids.stride(1)) if doc_ids is not None else (0, 0)
-        _bwd_delta_kernel[(triton.cdiv(S, 64), B * H)](
-            out, dout, delta, *out.stride(), *dout.stride(), H, S,
-            DV=common["DV"], BDV=common["BDV"], BLOCK_M=64, UPCAST=_INTERPRET,
-        )
-        strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
-        atomic = ATOMIC_DQ and not is_deterministic()  # atomics sum dq in a varying order
-        dqacc = torch.zeros(1, device=q.device)  # unused; the tuner zeroes it, so not lse
-        if atomic:  # fp32 dq accumulator, padded to D1 + D2 columns
-            dqacc = torch.zeros(B * H, S, common["D1"] + common["D2"], device=q.device)
-        grid_kv = lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * H)  # noqa: E731
-        kernel, cfg = _launcher("dkdv", common["IEEE"])
-        kernel[grid_kv](
-            q, k, v, dout, lse, delta, dk, dv, doc, dqacc, ctx.softmax_scale,
-            *strides, *dk.stride(), *dv.stride(), *sdoc, H, S, ATOMIC_DQ=atomic, **common, **cfg,
-        )
-        if atomic:
-            dq.copy_(dqacc.view(B, H, S, -1)[..., : q.shape[-1]])
-            return dq, dk, dv, None, None, None
-        grid_q = lambda meta: (triton.cdiv(S, meta["BLOCK_M"]), B * H)  # noqa: E731
-        kernel, cfg = _launcher("dq", common["IEEE"])
-        kernel[grid_q](
-            q, k, v, dout, lse, delta, dq, doc, ctx.softmax_scale,
-            *strides, *dq.stride(), *sdoc, H, S, **common, **cfg,
-        )
-        return dq, dk, dv, None, None, None
+
+# The kernels run as torch.library custom ops so that torch.compile keeps each launch as one opaque
+# node (dynamo cannot trace a Triton launch inside an autograd.Function). The forward returns the
+# LSE too, as an output, for the backward to save: (out [B, H, S, Dv] contiguous, lse fp32
+# [B*H, S], max_logit_H fp32 [H]).
+@torch.library.custom_op("k2kernels::mla_attention_fwd", mutates_args=())
+def _mla_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: Optional[torch.Tensor],
+                       softmax_scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, H, S, _ = q.shape
+    common = _common(q, v, causal, doc_ids is not None)
+    out = torch.empty(B, H, S, common["DV"], dtype=q.dtype, device=q.device)
+    lse = torch.empty(B * H, S, dtype=torch.float32, device=q.device)
+    # Per (b*h, query block) maxima; sized for the smallest BLOCK_M any config uses.
+    max_blk = torch.full((B * H, triton.cdiv(S, _MIN_BLOCK)), float("-inf"), device=q.device)
+    doc = doc_ids if doc_ids is not None else lse  # dummy pointer when unused
+    sdoc = (doc_ids.stride(0), doc_ids.stride(1)) if doc_ids is not None else (0, 0)
+    grid = lambda meta: (triton.cdiv(S, meta["BLOCK_M"]), B * H)  # noqa: E731
+    kernel, cfg = _launcher("fwd", common["IEEE"])
+    kernel[grid](
+        q, k, v, out, lse, max_blk, doc, softmax_scale,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *sdoc,
+        H, S, max_blk.shape[1], **common, **cfg,
+    )
+    return out, lse, max_blk.view(B, H, -1).amax(dim=(0, 2))
+
+
+@torch.library.custom_op("k2kernels::mla_attention_bwd", mutates_args=())
+def _mla_attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                       lse: torch.Tensor, doc_ids: Optional[torch.Tensor], softmax_scale: float,
+                       causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv), each with the strides of its input. Deterministic mode is read here, when
+    the backward runs, so a compiled graph follows the switch too."""
+    B, H, S, _ = q.shape
+    common = _common(q, v, causal, doc_ids is not None)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    delta = torch.empty_like(lse)
+    doc = doc_ids if doc_ids is not None else lse
+    sdoc = (doc_ids.stride(0), doc_ids.stride(1)) if doc_ids is not None else (0, 0)
+    _bwd_delta_kernel[(triton.cdiv(S, 64), B * H)](
+        out, dout, delta, *out.stride(), *dout.stride(), H, S,
+        DV=common["DV"], BDV=common["BDV"], BLOCK_M=64, UPCAST=_INTERPRET,
+    )
+    strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
+    atomic = ATOMIC_DQ and not is_deterministic()  # atomics sum dq in a varying order
+    dqacc = torch.zeros(1, device=q.device)  # unused; the tuner zeroes it, so not lse
+    if atomic:  # fp32 dq accumulator, padded to D1 + D2 columns
+        dqacc = torch.zeros(B * H, S, common["D1"] + common["D2"], device=q.device)
+    grid_kv = lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * H)  # noqa: E731
+    kernel, cfg = _launcher("dkdv", common["IEEE"])
+    kernel[grid_kv](
+        q, k, v, dout, lse, delta, dk, dv, doc, dqacc, softmax_scale,
+        *strides, *dk.stride(), *dv.stride(), *sdoc, H, S, ATOMIC_DQ=atomic, **common, **cfg,
+    )
+    if atomic:
+        dq.copy_(dqacc.view(B, H, S, -1)[..., : q.shape[-1]])
+        return dq, dk, dv
+    grid_q = lambda meta: (triton.cdiv(S, meta["BLOCK_M"]), B * H)  # noqa: E731
+    kernel, cfg = _launcher("dq", common["IEEE"])
+    kernel[grid_q](
+        q, k, v, dout, lse, delta, dq, doc, softmax_scale,
+        *strides, *dq.stride(), *sdoc, H, S, **common, **cfg,
+    )
+    return dq, dk, dv
+
+
+@_mla_attention_fwd.register_fake
+def _mla_attention_fwd_fake(q, k, v, doc_ids, softmax_scale, causal):
+    B, H, S, _ = q.shape
+    return (q.new_empty(B, H, S, v.shape[-1]), q.new_empty(B * H, S, dtype=torch.float32),
+            q.new_empty(H, dtype=torch.float32))
+
+
+@_mla_attention_bwd.register_fake
+def _mla_attention_bwd_fake(dout, q, k, v, out, lse, doc_ids, softmax_scale, causal):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _save_for_attention_bwd(ctx, inputs, output):
+    q, k, v, doc_ids, softmax_scale, causal = inputs
+    out, lse, max_logit_H = output
+    ctx.save_for_backward(q, k, v, out, lse, doc_ids)
+    ctx.softmax_scale, ctx.causal = softmax_scale, causal
+    ctx.mark_non_differentiable(lse, max_logit_H)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for lse and max_logit_H
+
+
+def _attention_backward(ctx, dout, _dlse, _dmax):
+    q, k, v, out, lse, doc_ids = ctx.saved_tensors
+    if dout is None:
+        return None, None, None, None, None, None
+    dq, dk, dv = _mla_attention_bwd(dout, q, k, v, out, lse, doc_ids, ctx.softmax_scale, ctx.causal)
+    return dq, dk, dv, None, None, None
+
+
+_mla_attention_fwd.register_autograd(_attention_backward, setup_context=_save_for_attention_bwd)
 
 
 # Block sizes: all configs use blocks in [_MIN_BLOCK, _MAX_BLOCK] that divide _MAX_BLOCK, so

@@ -20,11 +20,11 @@ run as a per-expert loop.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
-from .fp8 import dequantize_tiles, quantize_tiles
+from .fp8 import E4M3, TILE, dequantize_tiles, quantize_tiles
 from .swiglu import swiglu, swiglu_torch
 
 from ._triton import interpreted as _interpreted, tl, triton
@@ -121,10 +121,12 @@ def _block(D: int, kernel) -> tuple[int, int]:
     return block, max(1, min(8, block // 256))
 
 
-def _gather_sum(y_ND, pos_TK, w_TK, out_dtype):
+def _gather_sum(y_ND, pos_TK, w_TK):
+    """out[t] = sum_k w[t, k] * y[pos[t, k]] (unit weights without w) in y's dtype, [T, D]."""
+    y_ND = y_ND.contiguous()
     T, K = pos_TK.shape
     D = y_ND.shape[1]
-    out = torch.empty(T, D, device=y_ND.device, dtype=out_dtype)
+    out = torch.empty(T, D, device=y_ND.device, dtype=y_ND.dtype)
     block, warps = _block(D, _gather_sum_kernel)
     if T > 0:
         _gather_sum_kernel[(T, triton.cdiv(D, block))](
@@ -133,47 +135,92 @@ def _gather_sum(y_ND, pos_TK, w_TK, out_dtype):
     return out
 
 
-class _Permute(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x_TD, pos_TK):
-        x_TD = x_TD.contiguous()
-        T, D = x_TD.shape
-        K = pos_TK.shape[1]
-        x_ND = torch.empty(T * K, D, device=x_TD.device, dtype=x_TD.dtype)
-        block, warps = _block(D, _scatter_rows_kernel)
-        if T > 0:
-            _scatter_rows_kernel[(T, triton.cdiv(D, block))](
-                x_TD, pos_TK, x_ND, D, x_TD.stride(0), x_ND.stride(0), K=K, BLOCK=block, num_warps=warps)
-        ctx.save_for_backward(pos_TK)
-        return x_ND
-
-    @staticmethod
-    def backward(ctx, dx_ND):
-        (pos_TK,) = ctx.saved_tensors
-        return _gather_sum(dx_ND.contiguous(), pos_TK, None, dx_ND.dtype), None
+# The kernels run as torch.library custom ops so that torch.compile keeps each launch as one opaque
+# node (dynamo cannot trace a Triton launch inside an autograd.Function). All index maps are
+# [T, K] and every output has a shape known from the inputs' shapes, so nothing here syncs with
+# the host or gives a compiled graph a data-dependent shape.
+@torch.library.custom_op("k2kernels::moe_permute", mutates_args=())
+def _permute_op(x_TD: torch.Tensor, pos_TK: torch.Tensor) -> torch.Tensor:
+    x_TD = x_TD.contiguous()
+    T, D = x_TD.shape
+    K = pos_TK.shape[1]
+    x_ND = torch.empty(T * K, D, device=x_TD.device, dtype=x_TD.dtype)
+    block, warps = _block(D, _scatter_rows_kernel)
+    if T > 0:
+        _scatter_rows_kernel[(T, triton.cdiv(D, block))](
+            x_TD, pos_TK, x_ND, D, x_TD.stride(0), x_ND.stride(0), K=K, BLOCK=block, num_warps=warps)
+    return x_ND
 
 
-class _Combine(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y_ND, w_TK, pos_TK):
-        y_ND, w_TK = y_ND.contiguous(), w_TK.contiguous()
-        ctx.save_for_backward(y_ND, w_TK, pos_TK)
-        return _gather_sum(y_ND, pos_TK, w_TK, y_ND.dtype)
+@torch.library.custom_op("k2kernels::moe_permute_bwd", mutates_args=())
+def _permute_bwd_op(dx_ND: torch.Tensor, pos_TK: torch.Tensor) -> torch.Tensor:
+    """dx_TD: each token's K row gradients summed (a gather, no atomics)."""
+    return _gather_sum(dx_ND, pos_TK, None)
 
-    @staticmethod
-    def backward(ctx, dout_TD):
-        y_ND, w_TK, pos_TK = ctx.saved_tensors
-        dout_TD = dout_TD.contiguous()
-        T, K = pos_TK.shape
-        D = y_ND.shape[1]
-        dy_ND = torch.empty_like(y_ND)
-        dw_TK = torch.empty(T, K, device=y_ND.device, dtype=torch.float32)
-        block, warps = _block(D, _combine_bwd_kernel)
-        if T > 0:
-            _combine_bwd_kernel[(T,)](dout_TD, y_ND, pos_TK, w_TK, dy_ND, dw_TK, D,
-                                      dout_TD.stride(0), y_ND.stride(0), dy_ND.stride(0),
-                                      K=K, BLOCK=block, num_warps=warps)
-        return dy_ND, dw_TK.to(w_TK.dtype), None
+
+@torch.library.custom_op("k2kernels::moe_combine", mutates_args=())
+def _combine_op(y_ND: torch.Tensor, w_TK: torch.Tensor, pos_TK: torch.Tensor) -> torch.Tensor:
+    return _gather_sum(y_ND, pos_TK, w_TK.contiguous())
+
+
+@torch.library.custom_op("k2kernels::moe_combine_bwd", mutates_args=())
+def _combine_bwd_op(dout_TD: torch.Tensor, y_ND: torch.Tensor, w_TK: torch.Tensor,
+                    pos_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dy_ND, dw_TK): dy[pos[t,k]] = w[t,k] * dout[t], dw[t,k] = <dout[t], y[pos[t,k]]>."""
+    dout_TD, y_ND, w_TK = dout_TD.contiguous(), y_ND.contiguous(), w_TK.contiguous()
+    T, K = pos_TK.shape
+    N, D = y_ND.shape
+    dy_ND = torch.empty(N, D, device=y_ND.device, dtype=y_ND.dtype)
+    dw_TK = torch.empty(T, K, device=y_ND.device, dtype=torch.float32)
+    block, warps = _block(D, _combine_bwd_kernel)
+    if T > 0:
+        _combine_bwd_kernel[(T,)](dout_TD, y_ND, pos_TK, w_TK, dy_ND, dw_TK, D,
+                                  dout_TD.stride(0), y_ND.stride(0), dy_ND.stride(0),
+                                  K=K, BLOCK=block, num_warps=warps)
+    return dy_ND, dw_TK.to(w_TK.dtype)
+
+
+@_permute_op.register_fake
+def _permute_fake(x_TD, pos_TK):
+    return x_TD.new_empty(pos_TK.shape[0] * pos_TK.shape[1], x_TD.shape[1])
+
+
+@_permute_bwd_op.register_fake
+def _permute_bwd_fake(dx_ND, pos_TK):
+    return dx_ND.new_empty(pos_TK.shape[0], dx_ND.shape[1])
+
+
+@_combine_op.register_fake
+def _combine_fake(y_ND, w_TK, pos_TK):
+    return y_ND.new_empty(pos_TK.shape[0], y_ND.shape[1])
+
+
+@_combine_bwd_op.register_fake
+def _combine_bwd_fake(dout_TD, y_ND, w_TK, pos_TK):
+    return y_ND.new_empty(y_ND.shape), w_TK.new_empty(pos_TK.shape)
+
+
+def _save_pos(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+
+
+def _permute_backward(ctx, dx_ND):
+    (pos_TK,) = ctx.saved_tensors
+    return _permute_bwd_op(dx_ND, pos_TK), None
+
+
+def _save_combine_inputs(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _combine_backward(ctx, dout_TD):
+    y_ND, w_TK, pos_TK = ctx.saved_tensors
+    dy_ND, dw_TK = _combine_bwd_op(dout_TD, y_ND, w_TK, pos_TK)
+    return dy_ND, dw_TK, None
+
+
+_permute_op.register_autograd(_permute_backward, setup_context=_save_pos)
+_combine_op.register_autograd(_combine_backward, setup_context=_save_combine_inputs)
 
 
 def permute(x_TD: torch.Tensor, routing: Routing, impl: str = "auto") -> torch.Tensor:
@@ -182,7 +229,7 @@ def permute(x_TD: torch.Tensor, routing: Routing, impl: str = "auto") -> torch.T
     gathers each of the K copies once (a permutation), so its backward has no colliding writes
     and sums a token's K gradients in slot order."""
     if impl == "auto" and _triton_ok(x_TD):
-        return _Permute.apply(x_TD, routing.pos_TK)
+        return _permute_op(x_TD, routing.pos_TK)
     K = routing.pos_TK.shape[1]
     return x_TD.repeat_interleave(K, dim=0)[routing.order_N]
 
@@ -191,7 +238,7 @@ def combine(y_ND: torch.Tensor, topk_w_TK: torch.Tensor, routing: Routing, impl:
     """out[t] = sum_k w[t, k] * y[pos[t, k]] in y's dtype (fp32 sum); differentiable in y and w.
     Deterministic, as :func:`permute` (``impl`` likewise)."""
     if impl == "auto" and _triton_ok(y_ND):
-        return _Combine.apply(y_ND, topk_w_TK, routing.pos_TK)
+        return _combine_op(y_ND, topk_w_TK, routing.pos_TK)
     T, K = routing.pos_TK.shape
     y_TKD = y_ND[routing.pos_TK.reshape(-1).long()].view(T, K, -1)
     return (y_TKD.float() * topk_w_TK.float().unsqueeze(-1)).sum(1).to(y_ND.dtype)
@@ -203,9 +250,7 @@ def grouped_linear(x_ND: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Tensor
     otherwise a per-expert loop)."""
     if use_grouped_mm:
         return torch._grouped_mm(x_ND, w_EOI.transpose(1, 2), offs=offs_E)
-    # a host sync per call: this is the fallback for machines without grouped_mm, not a fast path
-    bounds = [0] + offs_E.tolist()
-    return torch.cat([x_ND[bounds[e]:bounds[e + 1]] @ w_EOI[e].T for e in range(w_EOI.shape[0])])
+    return _grouped_linear_loop(x_ND, w_EOI, offs_E)
 
 
 def grouped_weight_grad(x_NI: torch.Tensor, dy_NO: torch.Tensor, offs_E: torch.Tensor, num_experts: int,
@@ -214,8 +259,48 @@ def grouped_weight_grad(x_NI: torch.Tensor, dy_NO: torch.Tensor, offs_E: torch.T
     :func:`grouped_linear`."""
     if use_grouped_mm:
         return torch._grouped_mm(dy_NO.t(), x_NI, offs=offs_E)
+    return _grouped_weight_grad_loop(x_NI, dy_NO, offs_E, num_experts)
+
+
+# The per-expert loops are the fallback for machines without grouped_mm, not a fast path: each call
+# reads the offsets back to the host (a sync). As custom ops they keep that sync and the
+# data-dependent slice sizes out of a compiled graph, which then sees one node of known shape
+# instead of breaking at the ``tolist``.
+@torch.library.custom_op("k2kernels::grouped_linear_loop", mutates_args=())
+def _grouped_linear_loop(x_NI: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    bounds = [0] + offs_E.tolist()
+    return torch.cat([x_NI[bounds[e]:bounds[e + 1]] @ w_EOI[e].T for e in range(w_EOI.shape[0])])
+
+
+@torch.library.custom_op("k2kernels::grouped_weight_grad_loop", mutates_args=())
+def _grouped_weight_grad_loop(x_NI: torch.Tensor, dy_NO: torch.Tensor, offs_E: torch.Tensor,
+                              num_experts: int) -> torch.Tensor:
     bounds = [0] + offs_E.tolist()
     return torch.stack([dy_NO[bounds[e]:bounds[e + 1]].t() @ x_NI[bounds[e]:bounds[e + 1]] for e in range(num_experts)])
+
+
+@_grouped_linear_loop.register_fake
+def _grouped_linear_loop_fake(x_NI, w_EOI, offs_E):
+    return x_NI.new_empty(x_NI.shape[0], w_EOI.shape[1])
+
+
+@_grouped_weight_grad_loop.register_fake
+def _grouped_weight_grad_loop_fake(x_NI, dy_NO, offs_E, num_experts):
+    return x_NI.new_empty(num_experts, dy_NO.shape[1], x_NI.shape[1])
+
+
+def _save_loop_inputs(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _grouped_linear_loop_backward(ctx, dy_NO):
+    x_NI, w_EOI, offs_E = ctx.saved_tensors
+    dx = _grouped_linear_loop(dy_NO, w_EOI.transpose(1, 2), offs_E) if ctx.needs_input_grad[0] else None
+    dw = _grouped_weight_grad_loop(x_NI, dy_NO, offs_E, w_EOI.shape[0]) if ctx.needs_input_grad[1] else None
+    return dx, dw, None
+
+
+_grouped_linear_loop.register_autograd(_grouped_linear_loop_backward, setup_context=_save_loop_inputs)
 
 
 def _swiglu_grads(gate: torch.Tensor, up: torch.Tensor, dh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -226,40 +311,96 @@ def _swiglu_grads(gate: torch.Tensor, up: torch.Tensor, dh: torch.Tensor) -> tup
     return (d * u * sig * (1 + g * (1 - sig))).to(gate.dtype), (d * silu).to(up.dtype)
 
 
-class _ExpertMLPSavedFp8(torch.autograd.Function):
-    """The routed experts' SwiGLU MLP on expert-ordered rows, keeping for the backward only the
-    expert input and the SwiGLU inputs (gate, up), as FP8 in 1 x 128 tiles (kernels.fp8), and the
-    weights themselves (not their compute-dtype copies). The backward dequantizes them and
-    recomputes the SwiGLU. Compute stays in the input's dtype; only what is stored is FP8."""
+# The routed experts' SwiGLU MLP on expert-ordered rows, keeping for the backward only the expert
+# input and the SwiGLU inputs (gate, up), as FP8 in 1 x 128 tiles (kernels.fp8), and the weights
+# themselves (not their compute-dtype copies). The backward dequantizes them and recomputes the
+# SwiGLU. Compute stays in the input's dtype; only what is stored is FP8.
+#
+# Custom ops, forward and backward each opaque to torch.compile: what the backward keeps is then
+# exactly this, not what the compiler's partitioner would choose. An op returns no alias of its
+# inputs, so the forward returns what is kept as extra outputs (y, qx, sx, qg, sg, qu, su): the FP8
+# tiles and their scales with ``fp8``; without, gate and up as they are, empty placeholders for the
+# scales and for x, which the autograd keeps as the input itself.
+@torch.library.custom_op("k2kernels::expert_mlp_saved_fwd", mutates_args=())
+def _expert_mlp_fwd(x_ND: torch.Tensor, w_gate_EID: torch.Tensor, w_up_EID: torch.Tensor, w_down_EDI: torch.Tensor,
+                    offs_E: torch.Tensor, use_grouped_mm: bool,
+                    fp8: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                        torch.Tensor]:
+    dt = x_ND.dtype
+    wg, wu, wd = (w.to(dt) for w in (w_gate_EID, w_up_EID, w_down_EDI))
+    gate = grouped_linear(x_ND, wg, offs_E, use_grouped_mm)
+    up = grouped_linear(x_ND, wu, offs_E, use_grouped_mm)
+    # contiguous, as the fake says: torch._grouped_mm pads its output rows to 16 bytes
+    y = grouped_linear(swiglu(gate, up), wd, offs_E, use_grouped_mm).contiguous()
+    if fp8:
+        return (y, *quantize_tiles(x_ND), *quantize_tiles(gate), *quantize_tiles(up))
+    empty = x_ND.new_empty(0)
+    return y, empty, empty.clone(), gate.contiguous(), empty.clone(), up.contiguous(), empty.clone()
 
-    @staticmethod
-    def forward(ctx, x_ND, w_gate_EID, w_up_EID, w_down_EDI, offs_E, use_grouped_mm, fp8):
-        dt = x_ND.dtype
-        wg, wu, wd = (w.to(dt) for w in (w_gate_EID, w_up_EID, w_down_EDI))
-        gate = grouped_linear(x_ND, wg, offs_E, use_grouped_mm)
-        up = grouped_linear(x_ND, wu, offs_E, use_grouped_mm)
-        y = grouped_linear(swiglu(gate, up), wd, offs_E, use_grouped_mm)
-        stored = [t for x in (x_ND, gate, up) for t in (quantize_tiles(x) if fp8 else (x, x.new_empty(0)))]
-        ctx.save_for_backward(*stored, w_gate_EID, w_up_EID, w_down_EDI, offs_E)
-        ctx.dt, ctx.use_grouped_mm, ctx.fp8 = dt, use_grouped_mm, fp8
-        return y
 
-    @staticmethod
-    def backward(ctx, dy_ND):
-        qx, sx, qg, sg, qu, su, w_gate, w_up, w_down, offs_E = ctx.saved_tensors
-        dt, ugm = ctx.dt, ctx.use_grouped_mm
-        x, gate, up = ((dequantize_tiles(q, s, dt) if ctx.fp8 else q) for q, s in ((qx, sx), (qg, sg), (qu, su)))
-        wg, wu, wd = (w.to(dt) for w in (w_gate, w_up, w_down))
-        dy_ND = dy_ND.contiguous()
-        E = wg.shape[0]
-        h = swiglu_torch(gate, up)
-        dw_down = grouped_weight_grad(h, dy_ND, offs_E, E, ugm)
-        dh = grouped_linear(dy_ND, wd.transpose(1, 2), offs_E, ugm)
-        dgate, dup = _swiglu_grads(gate, up, dh)
-        dw_gate = grouped_weight_grad(x, dgate, offs_E, E, ugm)
-        dw_up = grouped_weight_grad(x, dup, offs_E, E, ugm)
-        dx = grouped_linear(dgate, wg.transpose(1, 2), offs_E, ugm) + grouped_linear(dup, wu.transpose(1, 2), offs_E, ugm)
-        return (dx, dw_gate.to(w_gate.dtype), dw_up.to(w_up.dtype), dw_down.to(w_down.dtype), None, None, None)
+@torch.library.custom_op("k2kernels::expert_mlp_saved_bwd", mutates_args=())
+def _expert_mlp_bwd(dy_ND: torch.Tensor, x: torch.Tensor, x_scale: Optional[torch.Tensor], gate: torch.Tensor,
+                    gate_scale: Optional[torch.Tensor], up: torch.Tensor, up_scale: Optional[torch.Tensor],
+                    w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, offs_E: torch.Tensor,
+                    use_grouped_mm: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dw_gate, dw_up, dw_down); x, gate and up are FP8 tiles where their scales are given."""
+    dt, ugm = dy_ND.dtype, use_grouped_mm
+    x, gate, up = (q if s is None else dequantize_tiles(q, s, dt) for q, s in ((x, x_scale), (gate, gate_scale), (up, up_scale)))
+    wg, wu, wd = (w.to(dt) for w in (w_gate, w_up, w_down))
+    dy_ND = dy_ND.contiguous()
+    E = wg.shape[0]
+    h = swiglu_torch(gate, up)
+    dw_down = grouped_weight_grad(h, dy_ND, offs_E, E, ugm)
+    dh = grouped_linear(dy_ND, wd.transpose(1, 2), offs_E, ugm)
+    dgate, dup = _swiglu_grads(gate, up, dh)
+    dw_gate = grouped_weight_grad(x, dgate, offs_E, E, ugm)
+    dw_up = grouped_weight_grad(x, dup, offs_E, E, ugm)
+    dx = grouped_linear(dgate, wg.transpose(1, 2), offs_E, ugm) + grouped_linear(dup, wu.transpose(1, 2), offs_E, ugm)
+    return tuple(t.contiguous() for t in (dx, dw_gate.to(w_gate.dtype), dw_up.to(w_up.dtype), dw_down.to(w_down.dtype)))
+
+
+@_expert_mlp_fwd.register_fake
+def _expert_mlp_fwd_fake(x_ND, w_gate_EID, w_up_EID, w_down_EDI, offs_E, use_grouped_mm, fp8):
+    N, D = x_ND.shape
+    I = w_gate_EID.shape[1]
+    y = x_ND.new_empty(N, D)
+    if not fp8:
+        return y, x_ND.new_empty(0), x_ND.new_empty(0), x_ND.new_empty(N, I), x_ND.new_empty(0), x_ND.new_empty(N, I), \
+            x_ND.new_empty(0)
+    kept = []
+    for width in (D, I, I):
+        kept += [x_ND.new_empty(N, width, dtype=E4M3), x_ND.new_empty(N, -(-width // TILE), dtype=torch.float32)]
+    return (y, *kept)
+
+
+@_expert_mlp_bwd.register_fake
+def _expert_mlp_bwd_fake(dy_ND, x, x_scale, gate, gate_scale, up, up_scale, w_gate, w_up, w_down, offs_E,
+                         use_grouped_mm):
+    return (dy_ND.new_empty(dy_ND.shape[0], w_gate.shape[2]), w_gate.new_empty(w_gate.shape),
+            w_up.new_empty(w_up.shape), w_down.new_empty(w_down.shape))
+
+
+def _save_expert_mlp(ctx, inputs, output):
+    x_ND, w_gate, w_up, w_down, offs_E, use_grouped_mm, fp8 = inputs
+    _, qx, sx, qg, sg, qu, su = output
+    if not fp8:
+        qx = x_ND
+    ctx.save_for_backward(qx, sx, qg, sg, qu, su, w_gate, w_up, w_down, offs_E)
+    ctx.use_grouped_mm, ctx.fp8 = use_grouped_mm, fp8
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for what is kept
+
+
+def _expert_mlp_backward(ctx, dy_ND, *_kept):
+    qx, sx, qg, sg, qu, su, w_gate, w_up, w_down, offs_E = ctx.saved_tensors
+    if not ctx.fp8:
+        sx = sg = su = None
+    dx, dw_gate, dw_up, dw_down = _expert_mlp_bwd(dy_ND, qx, sx, qg, sg, qu, su, w_gate, w_up, w_down, offs_E,
+                                                  ctx.use_grouped_mm)
+    return dx, dw_gate, dw_up, dw_down, None, None, None
+
+
+_expert_mlp_fwd.register_autograd(_expert_mlp_backward, setup_context=_save_expert_mlp)
 
 
 def expert_mlp_saved(x_ND: torch.Tensor, w_gate_EID: torch.Tensor, w_up_EID: torch.Tensor, w_down_EDI: torch.Tensor,
@@ -267,7 +408,7 @@ def expert_mlp_saved(x_ND: torch.Tensor, w_gate_EID: torch.Tensor, w_up_EID: tor
     """down_e(silu(gate_e(x)) * up_e(x)) on expert-ordered rows [N, D] (rows offs[e-1]:offs[e] of
     expert e), differentiable in x and the three weights, keeping only x, gate and up for the
     backward: as FP8 tiles with ``fp8`` (``parallel.fp8_moe_inputs``), else as they are."""
-    return _ExpertMLPSavedFp8.apply(x_ND, w_gate_EID, w_up_EID, w_down_EDI, offs_E, use_grouped_mm, fp8)
+    return _expert_mlp_fwd(x_ND, w_gate_EID, w_up_EID, w_down_EDI, offs_E, use_grouped_mm, fp8)[0]
 
 
 def moe_experts_forward(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_w_TK: torch.Tensor,

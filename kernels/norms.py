@@ -14,6 +14,8 @@ the same math runs in plain torch (`rmsnorm_residual_torch`).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from ._triton import interpreted as _interpreted, launch_tuned, tl, triton
@@ -97,42 +99,95 @@ def _bwd_launch(dy, ds, s, w, rstd, dx, T, D):
     return dw_part[: triton.cdiv(T, rows)].sum(0)
 
 
-class _RMSNormResidual(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, residual, weight, eps):
-        D = x.shape[-1]
-        x2 = _rows(x, D)
-        has_res = residual is not None
-        r2 = _rows(residual, D) if has_res else x2
-        T = x2.shape[0]
-        y = torch.empty_like(x2)
-        s = torch.empty_like(x2) if has_res else x2
-        rstd = torch.empty(T, device=x.device, dtype=torch.float32)
-        interpret = _interpreted(_rmsnorm_fwd_kernel)
-        BLOCK_D = triton.next_power_of_2(D)
-        _rmsnorm_fwd_kernel[(T,)](
-            x2, r2, weight, y, s, rstd, D, x2.stride(0), r2.stride(0), y.stride(0), s.stride(0), eps,
-            HAS_RES=has_res, BLOCK_D=BLOCK_D,
-            num_warps=1 if interpret else min(16, max(4, BLOCK_D // 512)))
-        ctx.save_for_backward(s, weight, rstd)
-        ctx.has_res = has_res
-        ctx.shape = x.shape
-        if has_res:
-            return y.view(x.shape), s.view(x.shape)
-        return y.view(x.shape)
+def _fwd_launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
+    """(y, s, rstd) as [T, D], [T, D], [T]; s is x's rows when there is no residual."""
+    D = x.shape[-1]
+    x2 = _rows(x, D)
+    has_res = residual is not None
+    r2 = _rows(residual, D) if has_res else x2
+    T = x2.shape[0]
+    y = torch.empty(T, D, device=x.device, dtype=x.dtype)
+    s = torch.empty(T, D, device=x.device, dtype=x.dtype) if has_res else x2
+    rstd = torch.empty(T, device=x.device, dtype=torch.float32)
+    interpret = _interpreted(_rmsnorm_fwd_kernel)
+    BLOCK_D = triton.next_power_of_2(D)
+    _rmsnorm_fwd_kernel[(T,)](
+        x2, r2, weight, y, s, rstd, D, x2.stride(0), r2.stride(0), y.stride(0), s.stride(0), eps,
+        HAS_RES=has_res, BLOCK_D=BLOCK_D,
+        num_warps=1 if interpret else min(16, max(4, BLOCK_D // 512)))
+    return y, s, rstd
 
-    @staticmethod
-    def backward(ctx, dy, ds=None):
-        s, weight, rstd = ctx.saved_tensors
-        T, D = s.shape
-        dy2 = _rows(dy, D)
-        ds2 = _rows(ds, D) if ds is not None else None
-        dx = torch.empty_like(s)
-        dw = _bwd_launch(dy2, ds2, s, weight, rstd, dx, T, D).to(weight.dtype)
-        dx = dx.view(ctx.shape)
-        if ctx.has_res:
-            return dx, dx, dw, None
-        return dx, None, dw, None
+
+# The kernels run as torch.library custom ops so that torch.compile keeps each launch as one opaque
+# node (dynamo cannot trace a Triton launch inside an autograd.Function). Ops return fresh tensors
+# only: without a residual, s is x itself, so that variant returns (y, rstd) and its autograd saves
+# the input x. rstd has x's leading shape, y and s are contiguous in x's shape.
+@torch.library.custom_op("k2kernels::rmsnorm_residual_fwd", mutates_args=())
+def _rmsnorm_residual_fwd(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                          eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, s, rstd = _fwd_launch(x, residual, weight, eps)
+    return y.view(x.shape), s.view(x.shape), rstd.view(x.shape[:-1])
+
+
+@torch.library.custom_op("k2kernels::rmsnorm_fwd", mutates_args=())
+def _rmsnorm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    y, _, rstd = _fwd_launch(x, None, weight, eps)
+    return y.view(x.shape), rstd.view(x.shape[:-1])
+
+
+@torch.library.custom_op("k2kernels::rmsnorm_bwd", mutates_args=())
+def _rmsnorm_bwd(dy: torch.Tensor, ds: Optional[torch.Tensor], s: torch.Tensor, weight: torch.Tensor,
+                 rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, dweight); dx = dresidual = ds + dnorm(dy), in s's shape and dtype."""
+    D = s.shape[-1]
+    s2 = _rows(s, D)
+    T = s2.shape[0]
+    dx = torch.empty(T, D, device=s.device, dtype=s.dtype)
+    dw = _bwd_launch(_rows(dy, D), _rows(ds, D) if ds is not None else None, s2, weight, rstd.reshape(T), dx, T, D)
+    return dx.view(s.shape), dw.to(weight.dtype)
+
+
+@_rmsnorm_residual_fwd.register_fake
+def _rmsnorm_residual_fwd_fake(x, residual, weight, eps):
+    return x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
+@_rmsnorm_fwd.register_fake
+def _rmsnorm_fwd_fake(x, weight, eps):
+    return x.new_empty(x.shape), x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
+@_rmsnorm_bwd.register_fake
+def _rmsnorm_bwd_fake(dy, ds, s, weight, rstd):
+    return s.new_empty(s.shape), weight.new_empty(weight.shape)
+
+
+def _save_residual(ctx, inputs, output):
+    _, s, rstd = output
+    ctx.save_for_backward(s, inputs[2], rstd)
+    ctx.mark_non_differentiable(rstd)
+    ctx.set_materialize_grads(False)  # an unused s gets no zero-filled gradient
+
+
+def _backward_residual(ctx, dy, ds, _drstd):
+    s, weight, rstd = ctx.saved_tensors
+    dx, dw = _rmsnorm_bwd(dy if dy is not None else torch.zeros_like(s), ds, s, weight, rstd)
+    return dx, dx, dw, None
+
+
+def _save_plain(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0], inputs[1], output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward_plain(ctx, dy, _drstd):
+    x, weight, rstd = ctx.saved_tensors
+    dx, dw = _rmsnorm_bwd(dy, None, x, weight, rstd)
+    return dx, dw, None
+
+
+_rmsnorm_residual_fwd.register_autograd(_backward_residual, setup_context=_save_residual)
+_rmsnorm_fwd.register_autograd(_backward_plain, setup_context=_save_plain)
 
 
 def triton_norms_available(t: torch.Tensor) -> bool:
@@ -157,7 +212,8 @@ def rmsnorm_residual(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tens
                          f"weight {tuple(weight.shape)} must be [..., D], [..., D], [D]")
     if not triton_norms_available(x):
         return rmsnorm_residual_torch(x, residual, weight, eps)
-    return _RMSNormResidual.apply(x, residual, weight, eps)
+    y, s, _ = _rmsnorm_residual_fwd(x, residual, weight, float(eps))
+    return y, s
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -166,4 +222,4 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.T
         raise ValueError(f"rmsnorm: weight {tuple(weight.shape)} must match x's last dim {x.shape[-1]}")
     if not triton_norms_available(x):
         return rmsnorm_residual_torch(x, None, weight, eps)
-    return _RMSNormResidual.apply(x, None, weight, eps)
+    return _rmsnorm_fwd(x, weight, float(eps))[0]

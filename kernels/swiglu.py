@@ -63,33 +63,54 @@ def _launch_cfg(C: int, kernel) -> tuple[int, int]:
     return block, max(1, min(8, block // 256))
 
 
-class _SwiGLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, gate, up):
-        g2, u2 = _as_rows(gate), _as_rows(up)
-        R, C = g2.shape
-        h = torch.empty(R, C, device=gate.device, dtype=gate.dtype)
-        block, warps = _launch_cfg(C, _swiglu_fwd_kernel)
-        if R > 0:
-            _swiglu_fwd_kernel[(R, triton.cdiv(C, block))](
-                g2, u2, h, C, g2.stride(0), u2.stride(0), h.stride(0), BLOCK=block, num_warps=warps)
-        ctx.save_for_backward(g2, u2)
-        ctx.shape = gate.shape
-        return h.view(gate.shape)
+# The kernels run as torch.library custom ops so that torch.compile keeps each launch as one opaque
+# node (dynamo cannot trace a Triton launch inside an autograd.Function). Outputs are contiguous
+# in gate's shape; the autograd saves gate and up as they came.
+@torch.library.custom_op("k2kernels::swiglu_fwd", mutates_args=())
+def _swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    g2, u2 = _as_rows(gate), _as_rows(up)
+    R, C = g2.shape
+    h = torch.empty(R, C, device=gate.device, dtype=gate.dtype)
+    block, warps = _launch_cfg(C, _swiglu_fwd_kernel)
+    if R > 0:
+        _swiglu_fwd_kernel[(R, triton.cdiv(C, block))](
+            g2, u2, h, C, g2.stride(0), u2.stride(0), h.stride(0), BLOCK=block, num_warps=warps)
+    return h.view(gate.shape)
 
-    @staticmethod
-    def backward(ctx, dh):
-        g2, u2 = ctx.saved_tensors
-        R, C = g2.shape
-        dh2 = _as_rows(dh)
-        dg = torch.empty(R, C, device=g2.device, dtype=g2.dtype)
-        du = torch.empty_like(dg)
-        block, warps = _launch_cfg(C, _swiglu_bwd_kernel)
-        if R > 0:
-            _swiglu_bwd_kernel[(R, triton.cdiv(C, block))](
-                g2, u2, dh2, dg, du, C, g2.stride(0), u2.stride(0), dh2.stride(0), dg.stride(0), du.stride(0),
-                BLOCK=block, num_warps=warps)
-        return dg.view(ctx.shape), du.view(ctx.shape)
+
+@torch.library.custom_op("k2kernels::swiglu_bwd", mutates_args=())
+def _swiglu_bwd(gate: torch.Tensor, up: torch.Tensor, dh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    g2, u2, dh2 = _as_rows(gate), _as_rows(up), _as_rows(dh)
+    R, C = g2.shape
+    dg = torch.empty(R, C, device=gate.device, dtype=gate.dtype)
+    du = torch.empty_like(dg)
+    block, warps = _launch_cfg(C, _swiglu_bwd_kernel)
+    if R > 0:
+        _swiglu_bwd_kernel[(R, triton.cdiv(C, block))](
+            g2, u2, dh2, dg, du, C, g2.stride(0), u2.stride(0), dh2.stride(0), dg.stride(0), du.stride(0),
+            BLOCK=block, num_warps=warps)
+    return dg.view(gate.shape), du.view(gate.shape)
+
+
+@_swiglu_fwd.register_fake
+def _swiglu_fwd_fake(gate, up):
+    return gate.new_empty(gate.shape)
+
+
+@_swiglu_bwd.register_fake
+def _swiglu_bwd_fake(gate, up, dh):
+    return gate.new_empty(gate.shape), gate.new_empty(gate.shape)
+
+
+def _save_inputs(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, dh):
+    return _swiglu_bwd(*ctx.saved_tensors, dh)
+
+
+_swiglu_fwd.register_autograd(_backward, setup_context=_save_inputs)
 
 
 def triton_swiglu_available(t: torch.Tensor) -> bool:
@@ -110,4 +131,4 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
                          "must have the same shape and dtype")
     if not triton_swiglu_available(gate):
         return swiglu_torch(gate, up)
-    return _SwiGLU.apply(gate, up)
+    return _swiglu_fwd(gate, up)

@@ -2,15 +2,22 @@
 
 Per block rather than the whole model (as TorchTitan does): every block of a kind has the same
 code, so one compiled graph serves them all (dynamo guards on the module's attributes, not its
-identity), compile time does not grow with depth, and the pieces that cannot be traced (the MoE's
-data-dependent token counts, collectives outside the functional API) break the graph only
-inside their own block. ``Module.compile`` keeps the block object, its class, its parameter names
-and its state-dict keys.
+identity), compile time does not grow with depth, and the pieces that cannot be traced break the
+graph only inside their own block. ``Module.compile`` keeps the block object, its class, its
+parameter names and its state-dict keys.
+
+The Triton kernels (``model.*_impl=triton``) are ``torch.library`` custom ops, one opaque node each
+(k2train/kernels), and the Triton experts route without a host sync: with every switch on Triton a
+block compiles as one graph, no break (tests/test_compile_kernels.py). What still breaks the graph:
+the per-expert reference loop (``torch.where`` sizes its rows from the data; the experts take it for
+``model.moe_impl=loop``, and for ``grouped_mm`` where ``torch._grouped_mm`` cannot run, e.g. fp32
+on CPU once compiled), expert parallelism's all-to-all (its split sizes are read on the host) and
+collectives outside the functional API.
 
 With ``parallel.recompute=full`` the block's own forward is compiled and the checkpoint stays
-around it in eager mode: the MoE's token counts are data-dependent graph breaks, and only the
-eager checkpoint can undo a recompute's second count (k2train/parallel/recompute.py). Selective
-recompute with compile is refused by the config check (its op policy runs on eager ops).
+around it in eager mode: only the eager checkpoint can undo a recompute's second count of the
+routed tokens (k2train/parallel/recompute.py). Selective recompute with compile is refused by the
+config check (its op policy runs on eager ops).
 """
 
 from torch import nn
