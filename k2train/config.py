@@ -277,7 +277,8 @@ class ParallelConfig:
     # keeps only its input).
     recompute: Literal["none", "selective", "full"] = "none"
     # K2's FP8 storage: the routed experts keep their input and SwiGLU inputs for the backward as
-    # FP8 E4M3 in 1 x 128 tiles with fp32 scales (compute stays bf16). Needs recompute=none.
+    # FP8 E4M3 in 1 x 128 tiles with fp32 scales (compute stays bf16). With selective recompute
+    # (K2's recipe) what stays is FP8; with full recompute the block being recomputed keeps FP8.
     fp8_moe_inputs: bool = False
     # What the blocks keep for the backward lives in pinned CPU memory, copied on a side CUDA stream
     # and back ahead of its backward: the GPU holds about one block's worth per micro-batch in
@@ -417,13 +418,12 @@ class JobConfig:
                 "use trainer.compile=false with tensor parallelism"
             )
         p = self.parallel
-        for name in ("fp8_moe_inputs", "offload_activations"):
-            if getattr(p, name) and p.recompute != "none":
-                _fail(
-                    f"parallel.{name}=true with parallel.recompute={p.recompute}: it acts on what autograd keeps for "
-                    "the backward, and a recomputed block keeps its activations in the checkpoint instead; use "
-                    "parallel.recompute=none with it"
-                )
+        if p.offload_activations and p.recompute != "none":
+            _fail(
+                f"parallel.offload_activations=true with parallel.recompute={p.recompute}: it acts on what autograd "
+                "keeps for the backward, and a recomputed block keeps its activations in the checkpoint instead; use "
+                "parallel.recompute=none with it"
+            )
         if p.offload_activations and t.compile:
             _fail("parallel.offload_activations=true with trainer.compile=true: the offload hooks run in Python around "
                   "each block and cannot be compiled into it; use trainer.compile=false")

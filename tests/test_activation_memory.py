@@ -108,6 +108,25 @@ def test_fp8_storage_in_the_model(one_thread):
     assert all(not torch.equal(got[n], ref[n]) for n in experts)  # the switch acts
 
 
+@pytest.mark.parametrize("mode", ["selective", "full"])
+def test_fp8_storage_under_recompute_gives_the_same_gradients(one_thread, mode):
+    """FP8 storage inside recomputed blocks: the recompute quantizes the same values again, so the
+    loss and every gradient equal those of FP8 storage without recompute (fp32, 1e-6)."""
+    from k2train.parallel.recompute import apply_recompute
+
+    cfg = _tiny()
+    tokens = torch.randint(0, cfg.vocab_size, (2, 65), generator=torch.Generator().manual_seed(5))
+    model = K2Model(cfg)
+    model.init_weights(seed=0)
+    apply_fp8_storage(model)
+    ref_loss, ref = _loss_and_grads(model, tokens)
+    apply_recompute(model, mode)
+    loss, got = _loss_and_grads(model, tokens)
+    assert loss == pytest.approx(ref_loss, rel=1e-6)
+    for n, g in ref.items():
+        assert torch.allclose(got[n], g, rtol=1e-6, atol=1e-7), n
+
+
 def test_offload_on_cpu_passes_everything_through(one_thread):
     cfg = _tiny()
     tokens = torch.randint(0, cfg.vocab_size, (2, 65), generator=torch.Generator().manual_seed(4))
@@ -130,7 +149,8 @@ def test_trainer_runs_with_both_and_the_checks_say_why_not_with_recompute(tmp_pa
                run_dir=tmp_path / "b")
     assert plain[0]["loss"] == pytest.approx(both[0]["loss"], rel=1e-6)  # step 1: same forward
     with pytest.raises(ValueError, match="use parallel.recompute=none with it"):
-        load_config(["parallel.fp8_moe_inputs=true", "parallel.recompute=selective"]).validate()
+        load_config(["parallel.offload_activations=true", "parallel.recompute=selective"]).validate()
+    load_config(["parallel.fp8_moe_inputs=true", "parallel.recompute=selective"]).validate()  # FP8 composes
 
 
 def test_k2_pretrain_plan_fits_h800s_at_dp1_with_the_real_switches():
@@ -182,3 +202,29 @@ def test_gpu_fp8_kernels_and_offload():
     assert h1 < 0.5 * h0, (h0, h1)
     # activations crossed, the weights' bf16 copies did not (one layer's worth would be >= 1 GiB)
     assert 0 < offloader.bytes_offloaded < h0
+
+
+def test_selective_recompute_keeps_the_fp8_tiles_not_the_bf16_expert_activations(one_thread, monkeypatch):
+    """K2's recipe (selective recompute + FP8 storage): the policy sees the routed experts' MLP as one
+    op and keeps its outputs (the FP8 tiles among them); no GEMM inside it is cached or recomputed."""
+    from k2train.parallel import recompute
+
+    decisions = []
+
+    def recording(ctx, op, *args, **kwargs):
+        decision = policy(ctx, op, *args, **kwargs)
+        decisions.append((str(op.overloadpacket), decision.name))
+        return decision
+
+    policy = recompute._policy
+    monkeypatch.setattr(recompute, "_policy", recording)
+    cfg = _tiny()
+    tokens = torch.randint(0, cfg.vocab_size, (2, 65), generator=torch.Generator().manual_seed(6))
+    model = K2Model(cfg)
+    model.init_weights(seed=0)
+    apply_fp8_storage(model)
+    recompute.apply_recompute(model, "selective")
+    _loss_and_grads(model, tokens)
+    kept = {op for op, d in decisions if d == "MUST_SAVE"}
+    assert "k2kernels.expert_mlp_saved_fwd" in kept
+    assert "k2kernels.grouped_linear_loop" not in {op for op, _ in decisions}  # inside the FP8 op: unseen

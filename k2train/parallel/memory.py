@@ -150,7 +150,10 @@ def layer_activation_bytes(
         # K2 (k2train/parallel/recompute.py): norms, SwiGLU, RoPE, the MLA up-projections (q_b,
         # kv_b and what follows up to attention) and casts are recomputed; their inputs stay.
         attn = a * (qr + kr + dr + H * dv) + 4 * H + probs
-        mlp = e * (K * D + 2 * K * I) + a * 2 * Is + 4 * E + router_copy if moe else a * 2 * F
+        # routed experts: the grouped GEMMs' outputs (gate, up, down); with FP8 storage the expert
+        # MLP is one kept op: its FP8 input, gate and up, and its bf16 output
+        experts = e * (K * D + 2 * K * I) + (a * K * D if fp8_moe_inputs else 0)
+        mlp = experts + a * 2 * Is + 4 * E + router_copy if moe else a * 2 * F
         return 2 * a * D + attn + mlp
     if recompute != "none":
         raise ValueError(f"parallel.recompute={recompute!r} must be none, selective or full")

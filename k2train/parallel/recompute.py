@@ -7,8 +7,10 @@
   keeps the outputs of its matmuls (the low-rank down-projections, ``o_proj``, the routed experts'
   grouped GEMMs, the router and the dense/shared FFN projections), of the fused attention, and of
   the collectives; RMSNorms, SwiGLU, RoPE, the MLA up-projections (``q_b_proj``, ``kv_b_proj``),
-  casts and element-wise ops are recomputed from them in the backward. Attention kernels that run
-  outside the dispatcher (``model.attn_impl=triton``) are recomputed too.
+  casts and element-wise ops are recomputed from them in the backward. Our Triton kernels are
+  custom ops (``k2kernels::*``) that the policy sees whole: the MLA attention is kept like the
+  fused SDPA kernels, and with ``parallel.fp8_moe_inputs`` the routed experts' MLP is one op whose
+  kept outputs are the FP8 tiles (its GEMMs inside are neither cached in bf16 nor recomputed).
 
 How: each block's class is swapped for a subclass whose ``forward`` runs the original one under
 non-reentrant :func:`torch.utils.checkpoint.checkpoint` (the same trick ``fully_shard`` uses, so
@@ -32,6 +34,8 @@ from torch.utils.checkpoint import (
     checkpoint,
     create_selective_checkpoint_contexts,
 )
+
+from ..kernels import attention, moe  # noqa: F401  (they register the k2kernels ops the policy names)
 
 MODES = ("none", "selective", "full")
 # Linear layers whose matmuls selective recompute runs again (K2: the MLA up-projections).
@@ -57,6 +61,7 @@ _SAVED = _ops(
     "aten._flash_attention_forward", "aten._efficient_attention_forward",
     "_c10d_functional.all_to_all_single", "_c10d_functional.all_gather_into_tensor",
     "_c10d_functional.reduce_scatter_tensor", "_c10d_functional.all_reduce",
+    "k2kernels.mla_attention_fwd", "k2kernels.expert_mlp_saved_fwd", "k2kernels.grouped_linear_loop",
 )  # fmt: skip
 
 _region = threading.local()
