@@ -47,6 +47,7 @@ def _memory_cases() -> list[tuple[str, list[str]]]:
         "selective": ["parallel.recompute=selective"],
         "full": ["parallel.recompute=full"],
         "fp8": ["parallel.recompute=none", "parallel.fp8_moe_inputs=true"],
+        "fp8+selective": ["parallel.recompute=selective", "parallel.fp8_moe_inputs=true"],
         "offload": ["parallel.recompute=none", "parallel.offload_activations=true"],
         "fp8+offload": ["parallel.recompute=none", "parallel.fp8_moe_inputs=true", "parallel.offload_activations=true"],
     }
