@@ -133,11 +133,11 @@ class StepReadout:
         self.width = max(2 * len(a) + 2 * len(m) for a, m in self.stages)
 
     def read(self, scalars: torch.Tensor, clip_2L: Optional[torch.Tensor],
-             load_2L: Optional[torch.Tensor]) -> tuple[list[float], dict[str, Any]]:
+             load_2L: Optional[torch.Tensor]) -> tuple[list[list[float]], dict[str, Any]]:
         """``scalars`` [n]; ``clip_2L`` (:func:`k2train.optim.qk_clip.qk_clip_summary`) and
         ``load_2L`` (max/mean load, dead experts) for this stage's layers, or None where it has
-        none. Returns the scalars and the per-layer metrics with their summaries (LAYER_SUMMARIES).
-        This is a host sync."""
+        none. Returns every stage's scalars (one list per stage) and the per-layer metrics with
+        their summaries (LAYER_SUMMARIES). This is a host sync."""
         mine = [t.reshape(-1).float() for t in (clip_2L, load_2L) if t is not None]
         vec = torch.cat([scalars.float().reshape(-1), *mine])
         vec = torch.cat([vec, vec.new_zeros(len(scalars) + self.width - len(vec))])
@@ -158,4 +158,4 @@ class StepReadout:
             values = [v for k, v in out.items() if k.startswith(f"{name}/layer_")]
             if values:
                 out[name] = combine(values)
-        return rows[0][: len(scalars)], out
+        return [row[: len(scalars)] for row in rows], out

@@ -89,6 +89,7 @@ class StepStats:
     lr: float
     skipped: bool = False
     layers: dict[str, Any] = field(default_factory=dict)
+    stop: bool = False  # a preemption signal reached some rank: every rank sees it at the same step
 
 
 class Trainer:
@@ -165,6 +166,7 @@ class Trainer:
         self.attention = attention_modules(self.parts)
         self.moes = [m for part in self.parts for m in part.moe_layers()]
         self.moe_layer_ids = [int(i) for part in self.parts for i, blk in part.layers.items() if blk.mlp in self.moes]
+        self.preemption: Optional[PreemptionHandler] = None  # installed by run()
         self.readout = StepReadout(list(self.attention), self.moe_layer_ids, dims.group("pp_mesh"))
 
         # 4. data: this rank's stream (dp x ep coordinates read different data)
@@ -273,18 +275,27 @@ class Trainer:
             for part in self.parts:
                 sum_expert_load_(part, dims.group("token_mesh"))
             loads = _expert_load_summary([moe.tokens_per_expert for moe in self.moes])
+            # a preemption signal on any rank of this stage (the readout adds the other stages)
+            # (torch.full, not torch.tensor: a blocking host-to-device copy would wait for the GPU)
+            stop = torch.full((), float(self.preemption is not None and self.preemption.requested is not None),
+                              device=self.device)
+            if dims.group("token_mesh") is not None:
+                dist.all_reduce(stop, op=dist.ReduceOp.MAX, group=dims.group("token_mesh"))
         with record_function("k2train.read_metrics"):
             # host sync, the step's only one: the skip decision needs the loss and the norm (the same
             # on every rank); every metric comes back in the same transfer
             clip = qk_clip_summary(logits_LH, tau, dims.group("tp_mesh")) if logits_LH is not None else None
-            (loss, aux_loss, gnorm), layers = self.readout.read(torch.stack([ce + aux, aux, grad_norm.float()]), clip, loads)
+            scalars = torch.stack([ce + aux, aux, grad_norm.float(), stop])
+            stages, layers = self.readout.read(scalars, clip, loads)
+            loss, aux_loss, gnorm = stages[0][:3]  # the same on every stage
+            stop_now = any(row[3] > 0 for row in stages)
         lr = self.optimizer.param_groups[0]["lr"]
         if not self.guard.check(loss, gnorm, step):
             discard_step_(self.optimizer, self.moes)
             for m in self.attention.values():
                 m.reset_max_logit()
             self.scheduler.step()
-            return StepStats(step, loss, aux_loss, gnorm, lr, skipped=True)
+            return StepStats(step, loss, aux_loss, gnorm, lr, skipped=True, stop=stop_now)
 
         # update: optimizer, QK-Clip, aux-loss-free router bias, LR (nothing here waits for the GPU)
         with record_function("k2train.optimizer"):
@@ -300,7 +311,7 @@ class Trainer:
 
         self.progress["tokens_seen"] += self.tokens_per_step
         self.progress["clipped_heads_total"] += layers.get("clipped_heads", 0)
-        return StepStats(step, loss, aux_loss, gnorm, lr, layers=layers)
+        return StepStats(step, loss, aux_loss, gnorm, lr, layers=layers, stop=stop_now)
 
     def _forward_backward(self, batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross entropy and aux loss, each the mean over this step's micro-batches and data
@@ -357,7 +368,8 @@ class Trainer:
         bar = None
         if self.is_logging_rank and self.cfg.logging.progress_bar and sys.stderr.isatty():
             bar = tqdm(total=t.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
-        preempt = PreemptionHandler()
+        self.preemption = PreemptionHandler()  # its flag travels in the step's one read-back (StepStats.stop)
+        ckpt = t.checkpoint
         try:
             while self.step < t.steps:
                 t0 = time.perf_counter()
@@ -365,6 +377,8 @@ class Trainer:
                 if stats.skipped:
                     self.logger.console(
                         f"step {stats.step}: non-finite loss={stats.loss} or grad norm={stats.grad_norm}; step skipped")
+                    if stats.stop:
+                        return self._preempted(stats.step, history)
                     continue
                 metrics = self._metrics(stats, time.perf_counter() - t0)
                 history.append(metrics)
@@ -375,20 +389,23 @@ class Trainer:
                 if stats.step % t.log_interval == 0 or stats.step == t.steps:
                     line = format_step(stats.step, t.steps, metrics)
                     bar.write(line) if bar is not None else self.logger.console(line)
-                ckpt = t.checkpoint
                 if ckpt.enable and ckpt.interval and stats.step % ckpt.interval == 0 and stats.step < t.steps:
                     self.checkpointer.save(stats.step, self.checkpoint_state())
-                if preempt.should_stop(self.dims.group("token_mesh"), self.device):
-                    self.logger.console(f"preemption signal: checkpointing at step {stats.step} and exiting")
-                    if ckpt.enable:
-                        self.checkpointer.save(stats.step, self.checkpoint_state(), blocking=True)
-                    return history
+                if stats.stop:
+                    return self._preempted(stats.step, history)
         finally:
-            preempt.uninstall()
+            self.preemption.uninstall()
+            self.preemption = None
             if bar is not None:
                 bar.close()
         if t.checkpoint.enable and history:
             self._final_save()
+        return history
+
+    def _preempted(self, step: int, history: list[dict]) -> list[dict]:
+        self.logger.console(f"preemption signal: checkpointing at step {step} and exiting")
+        if self.cfg.trainer.checkpoint.enable:
+            self.checkpointer.save(step, self.checkpoint_state(), blocking=True)
         return history
 
     def _final_save(self) -> None:
