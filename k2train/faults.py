@@ -16,7 +16,9 @@ collective timeouts. Small objects the loop calls directly (no callbacks)::
 The checks run before ``optimizer.step()``, so a NaN or Inf never reaches the weights or the
 optimizer state. Every rank must take the same branch: the loss and grad norm the guard sees must
 be the globally reduced ones (``clip_grad_norm_`` over DTensors already is), and
-:meth:`PreemptionHandler.should_stop` all-reduces the flag.
+:meth:`PreemptionHandler.should_stop` all-reduces the flag. (The trainer does that reduction
+inside its step, so that the flag comes back with the loss in the step's one host sync, and reads
+``requested`` directly: k2train/trainer.py.)
 """
 
 import datetime
