@@ -60,3 +60,14 @@ def test_layout_matches_single_process(layout_optim):
     # ZeRO-1 must really shard (some param group has more than one replica in every layout here).
     assert par["optimizer"] == ("DistributedMuonClip" if optim.zero1 else "MuonClip"), par["optimizer"]
     assert_parity(par, h.run_reference())
+
+
+K2_MEMORY = dict(fp8_moe_inputs=True, recompute="selective")  # K2's recipe on the GPU (offload is a CPU no-op)
+
+
+@pytest.mark.parametrize("layout", [dict(ep=2), pytest.param(dict(pp=2), marks=slow)], ids=["ep2", "pp2"])
+def test_fp8_storage_with_selective_recompute_matches_single_process(layout):
+    # FP8 tiles are per token row, so every layout quantizes the same values: the same bounds as
+    # the bf16-storage layouts, against one process with the same switches
+    par = h.run_parallel({**layout, **K2_MEMORY})
+    assert_parity(par, h.run_reference_job(h.job(K2_MEMORY)))
