@@ -330,15 +330,20 @@ def estimate_memory(
             host = act_mb * inflight
             inflight = min(inflight, 2 / len(layers))
             host -= act_mb * inflight
-        transient = 0.0
+        # The loss and a recomputed layer's backward come one after the other: the larger counts.
+        head = recomputing = 0.0
         if pp * vpp - 1 in stage_ids:  # the logits: of one loss chunk with trainer.loss_chunk_tokens
             chunk = min(trainer_cfg.loss_chunk_tokens or tokens_mb, tokens_mb)
-            transient += head_activation_bytes(model_cfg, a, tp) * chunk
+            head = head_activation_bytes(model_cfg, a, tp) * chunk
+        if p.recompute == "full" and layers:
+            # one layer's full activations, recomputed, and its backward's largest temporaries: the
+            # routed experts' SwiGLU backward holds d(h), d(gate) and d(up) at once
+            swiglu_bwd = 3 * a * model_cfg.num_experts_per_tok * model_cfg.moe_intermediate_size
+            recomputing = (layer_activation_bytes(model_cfg, True, S, "none", a, tp) + swiglu_bwd) * tokens_mb
+        transient = max(head, recomputing)
         if cp > 1:  # Ulysses: one layer's q, k, v and output before their all-to-alls
             H = model_cfg.num_attention_heads // tp
             transient += a * tokens_mb * H * (2 * model_cfg.qk_head_dim + 2 * model_cfg.v_head_dim)
-        if p.recompute == "full" and layers:  # one layer's full activations while recomputing
-            transient += layer_activation_bytes(model_cfg, True, S, "none", a, tp) * tokens_mb
         if ep > 1:  # dispatch + combine buffers of one MoE layer (balanced load)
             transient += 2 * a * tokens_mb * model_cfg.num_experts_per_tok * model_cfg.hidden_size
         if pp > 1:  # activation and gradient send/recv buffers of each local stage
