@@ -324,7 +324,7 @@ class Trainer:
         if dims.cp > 1:  # this rank's part of every sequence (global positions, whole document ids)
             batches = [shard_sequence(b, dims.cp, dims.cp_rank) for b in batches]
         if self.pipeline is not None:
-            cat = {k: torch.cat([b[k] for b in batches]).to(device) for k in batches[0]}
+            cat = {k: torch.cat([b[k] for b in batches]).to(device, non_blocking=True) for k in batches[0]}
             with loss_context(tp_mesh), autocast:
                 res = pipeline_step(self.pipeline, cat["tokens"], cat["labels"], cat.get("position_ids"), cat.get("doc_ids"))
             stats = torch.stack([res.ce, res.aux])
