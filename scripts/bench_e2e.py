@@ -185,7 +185,7 @@ def main() -> None:
                     help="profile two more steps per case (syncs, phases; Chrome trace into $K2_TRACE_DIR, default $OUT)")
     ap.add_argument("--titan", type=Path, help="folder with run_titan.sh's logs (titan_eager.log, m8/titan_eager.log, ...)")
     ap.add_argument("--run-titan", type=Path, metavar="KIT",
-                    help="run TorchTitan's kit (a copy of shared/anchors/titan, set up) first, into $OUT/titan")
+                    help="run TorchTitan's kit (set up: wheels, corpus, tokenizer) first, into $OUT/titan")
     ap.add_argument("--smoke", action="store_true", help="k2_tiny on the CPU (the code path, not the numbers)")
     args = ap.parse_args()
     out = Path(os.environ.get("OUT", tempfile.gettempdir()))
