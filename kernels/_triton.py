@@ -26,6 +26,12 @@ def interpreted(kernel) -> bool:
     return type(kernel).__name__ == "InterpretedFunction"
 
 
+def runs_on(t, kernel) -> bool:
+    """Whether ``kernel`` runs on ``t``'s device: CUDA, or the CPU when the kernel was built by the
+    interpreter. Callers test ``triton is not None`` first (without triton the kernel is undefined)."""
+    return t.is_cuda or (t.device.type == "cpu" and interpreted(kernel))
+
+
 def set_deterministic(flag: bool) -> None:
     """Switch deterministic mode on or off for every kernel (see the module docstring)."""
     _DETERMINISTIC[0] = bool(flag)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import interpreted as _interpreted, tl, triton
+from ._triton import interpreted as _interpreted, runs_on, tl, triton
 
 if triton is not None:
 
@@ -42,14 +42,13 @@ if triton is not None:
 
 def fused_adamw_available(t: torch.Tensor) -> bool:
     """Whether :func:`adamw_fused_` can run on ``t`` (CUDA, or CPU under TRITON_INTERPRET=1)."""
-    if triton is None:
-        return False
-    return t.is_cuda or (t.device.type == "cpu" and _interpreted(_adamw_kernel))
+    return triton is not None and runs_on(t, _adamw_kernel)
 
 
 def adamw_reference_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
                      step: int, lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> None:
-    """torch.optim.AdamW's single-tensor step (moments at ``step - 1`` on entry), in torch ops."""
+    """torch.optim.AdamW's single-tensor step (moments at ``step - 1`` on entry), in torch ops, in
+    its op order: bit-identical to it on CPU."""
     beta1, beta2 = betas
     param.mul_(1 - lr * weight_decay)
     exp_avg.lerp_(grad, 1 - beta1)

@@ -27,7 +27,7 @@ import torch
 from .fp8 import E4M3, TILE, dequantize_tiles, quantize_tiles
 from .swiglu import swiglu, swiglu_torch
 
-from ._triton import interpreted as _interpreted, tl, triton
+from ._triton import interpreted as _interpreted, runs_on, tl, triton
 
 
 if triton is not None:
@@ -109,9 +109,7 @@ def build_routing(topk_idx_TK: torch.Tensor, num_experts: int) -> Routing:
 
 
 def _triton_ok(t: torch.Tensor) -> bool:
-    if triton is None:
-        return False
-    return t.is_cuda or (t.device.type == "cpu" and _interpreted(_gather_sum_kernel))
+    return triton is not None and runs_on(t, _gather_sum_kernel)
 
 
 def _block(D: int, kernel) -> tuple[int, int]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import interpreted as _interpreted, tl, triton
+from ._triton import interpreted as _interpreted, runs_on, tl, triton
 from .newton_schulz import ns_input_target_norm, pow2_scale
 
 if triton is not None:
@@ -88,9 +88,7 @@ if triton is not None:
 
 def fused_muon_available(t: torch.Tensor) -> bool:
     """Whether the fused kernels can run on ``t`` (CUDA, or CPU under TRITON_INTERPRET=1)."""
-    if triton is None:
-        return False
-    return t.is_cuda or (t.device.type == "cpu" and _interpreted(_momentum_kernel))
+    return triton is not None and runs_on(t, _momentum_kernel)
 
 
 def _tiles(interp: bool) -> tuple[int, int]:

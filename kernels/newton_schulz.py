@@ -27,7 +27,7 @@ import math
 import torch
 from torch import Tensor
 
-from ._triton import interpreted as _interpreted, launch_tuned, tl, triton
+from ._triton import interpreted as _interpreted, launch_tuned, runs_on, tl, triton
 
 # Muon's quintic Newton-Schulz coefficients (a, b, c) and the Gram schedule's default restart.
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -461,9 +461,7 @@ def _sym_product(sym_impl: str, M: int, K: int):
 
 def triton_ns_available(t: torch.Tensor) -> bool:
     """True when the Triton path can run on t's device (CUDA, or CPU under TRITON_INTERPRET=1)."""
-    if triton is None:
-        return False
-    return t.is_cuda or (t.device.type == "cpu" and _interpreted(_gemmt_kernel))
+    return triton is not None and runs_on(t, _gemmt_kernel)
 
 
 def zeropower_ns_batched(G_NMK: torch.Tensor, steps: int = 5,

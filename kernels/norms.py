@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from ._triton import interpreted as _interpreted, launch_tuned, tl, triton
+from ._triton import interpreted as _interpreted, launch_tuned, runs_on, tl, triton
 
 
 if triton is not None:
@@ -191,9 +191,7 @@ _rmsnorm_fwd.register_autograd(_backward_plain, setup_context=_save_plain)
 
 
 def triton_norms_available(t: torch.Tensor) -> bool:
-    if triton is None:
-        return False
-    return t.is_cuda or (t.device.type == "cpu" and _interpreted(_rmsnorm_fwd_kernel))
+    return triton is not None and runs_on(t, _rmsnorm_fwd_kernel)
 
 
 def rmsnorm_residual_torch(x, residual, weight, eps: float = 1e-6):

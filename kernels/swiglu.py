@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._triton import interpreted as _interpreted, tl, triton
+from ._triton import interpreted as _interpreted, runs_on, tl, triton
 
 
 if triton is not None:
@@ -114,9 +114,7 @@ _swiglu_fwd.register_autograd(_backward, setup_context=_save_inputs)
 
 
 def triton_swiglu_available(t: torch.Tensor) -> bool:
-    if triton is None:
-        return False
-    return t.is_cuda or (t.device.type == "cpu" and _interpreted(_swiglu_fwd_kernel))
+    return triton is not None and runs_on(t, _swiglu_fwd_kernel)
 
 
 def swiglu_torch(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
