@@ -25,7 +25,6 @@ Rows go to ``$OUT/bench_e2e.jsonl``.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import re
@@ -33,12 +32,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-from bench_trainer import FAST, PROXY, SEQ4K, SMOKE, random_tokens  # same directory
+import bench_trainer  # same directory
+from bench_trainer import FAST, PROXY, SEQ4K, SMOKE
 from k2train.config import load_config
 from k2train.flops import flops_per_token, peak_tflops
 from k2train.trainer import Trainer
@@ -99,47 +98,15 @@ def run_case(optim: str, micro: int, steps: int, extra: list[str], smoke: bool, 
     if smoke:
         overrides = [*(o for o in overrides if not o.startswith("model")), *SMOKE]
     overrides += extra
-    row: dict = {"case": name, "overrides": overrides}
-    cuda = torch.cuda.is_available()
+    after = (lambda tr: profile_steps(tr, 2, out, name)) if profile else None
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config([*overrides, "trainer.checkpoint.enable=false", "logging.wandb=false", "logging.console=false",
-                           "logging.progress_bar=false", f"trainer.steps={steps + (2 if profile else 0)}",
-                           f"trainer.output_dir={tmp}"])
-        t = cfg.trainer
-        if cuda:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        times = []
-        try:
-            data = random_tokens(cfg.model.vocab_size, t.micro_batch_size, t.seq_len)
-            with Trainer(cfg, run_dir=Path(tmp) / "run", data=data) as tr:
-                for _ in range(steps):
-                    batches = tr.next_batches()
-                    if cuda:
-                        torch.cuda.synchronize()
-                    t0 = time.perf_counter()
-                    stats = tr.train_step(batches)
-                    if cuda:
-                        torch.cuda.synchronize()
-                    times.append(time.perf_counter() - t0)
-                row["loss"] = stats.loss
-                if cuda:
-                    row["peak_gib"] = torch.cuda.max_memory_allocated() / GiB
-                    if profile:
-                        row.update(profile_steps(tr, 2, out, name))
-        except torch.OutOfMemoryError as e:
-            row["error"] = "out of memory: " + str(e).split("\n")[0][:160]
-            return row
-        finally:  # nothing of this case may count in the next one's peak
-            gc.collect()
-            if cuda:
-                torch.cuda.empty_cache()
-    tokens = t.global_batch_size * t.seq_len
-    ms = 1e3 * statistics.median(times[2:] or times)
-    row.update(step_ms=ms, tokens_per_s=tokens / ms * 1e3, tokens_per_step=tokens,
-               flops_megatron=flops_per_token(cfg.model, t.seq_len, "megatron"),
-               flops_titan=flops_per_token(cfg.model, t.seq_len, "torchtitan"))
-    peak = peak_tflops(torch.device("cuda")) if cuda else None
+        row = bench_trainer.run_case(name, overrides, steps, Path(tmp), warmup=2, after=after, spare_steps=2)
+    if "step_ms" not in row:
+        return row
+    model = load_config(overrides).model
+    row.update(flops_megatron=flops_per_token(model, row["seq_len"], "megatron"),
+               flops_titan=flops_per_token(model, row["seq_len"], "torchtitan"))
+    peak = peak_tflops(torch.device("cuda")) if torch.cuda.is_available() else None
     if peak:
         row["mfu"] = row["tokens_per_s"] * row["flops_megatron"] / (peak * 1e12)
         row["mfu_titan_count"] = row["tokens_per_s"] * row["flops_titan"] / (peak * 1e12)

@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 
@@ -129,9 +130,13 @@ def peak_composition(trace: list[dict], top: int = 12) -> list[tuple[float, str]
     return sorted(((v, k) for k, v in groups.items()), reverse=True)[:top]
 
 
-def run_case(name: str, overrides: list[str], steps: int, work: Path, peak: bool = False) -> dict:
+def run_case(name: str, overrides: list[str], steps: int, work: Path, peak: bool = False, warmup: int = 1,
+             after: Optional[Callable[[Trainer], dict]] = None, spare_steps: int = 0) -> dict:
+    """``steps`` timed train steps of one configuration (median of those after ``warmup``), its peak
+    against the planner; ``after(trainer)`` adds to the row on the GPU once they are done (and may
+    run up to ``spare_steps`` more steps)."""
     cfg = load_config([*overrides, "trainer.checkpoint.enable=false", "logging.wandb=false", "logging.console=false",
-                       "logging.progress_bar=false", f"trainer.steps={steps}", f"trainer.output_dir={work}"])
+                       "logging.progress_bar=false", f"trainer.steps={steps + spare_steps}", f"trainer.output_dir={work}"])
     t = cfg.trainer
     plan = estimate_memory(cfg.model, cfg.parallel, t, cfg.optim, precision="autocast" if t.dtype == "bfloat16" else None)
     rank = plan.peak
@@ -152,7 +157,9 @@ def run_case(name: str, overrides: list[str], steps: int, work: Path, peak: bool
                     if peak and i == steps - 1:  # the last step's allocations, with Python stacks
                         torch.cuda.memory._record_memory_history(max_entries=500_000, stacks="python")
                 t0 = time.perf_counter()
-                stats = tr.train_step(batches)  # reads the loss back: the step has finished
+                stats = tr.train_step(batches)
+                if cuda:  # the step reads its metrics back before the optimizer: wait for the rest
+                    torch.cuda.synchronize()
                 times.append(time.perf_counter() - t0)
             row["loss"] = stats.loss
             offload = next((b.offload for p in tr.parts for b in p.layers.values() if hasattr(b, "offload")), None)
@@ -166,6 +173,8 @@ def run_case(name: str, overrides: list[str], steps: int, work: Path, peak: bool
                     row["peak_composition"] = peak_composition(traces[torch.cuda.current_device()])
                 row["static_gib"] = torch.cuda.memory_allocated() / GiB
                 row["peak_gib"] = torch.cuda.max_memory_allocated() / GiB
+                if after is not None:
+                    row.update(after(tr))
     except torch.OutOfMemoryError as e:
         row["error"] = "out of memory: " + str(e).split("\n")[0][:160]
     finally:
@@ -173,7 +182,7 @@ def run_case(name: str, overrides: list[str], steps: int, work: Path, peak: bool
         if cuda:
             torch.cuda.empty_cache()
     if len(times) == steps:
-        ms = 1e3 * statistics.median(times[1:] or times)
+        ms = 1e3 * statistics.median(times[warmup:] or times)
         row.update(step_ms=ms, tokens_per_s=row["tokens_per_step"] / ms * 1e3)
     return row
 
