@@ -199,12 +199,6 @@ class Trainer:
         self._stack.callback(self.logger.close)
         if resumed is not None:
             self.logger.console(f"resumed from {self.checkpointer.folder} at step {resumed}")
-        m = cfg.model
-        if t.compile and self.device.type == "cuda" and "triton" in (m.attn_impl, m.moe_impl, m.norm_impl, m.mlp_impl):
-            self.logger.console(
-                "warning: trainer.compile=true with Triton kernels on the GPU is proven on CPU only; its GPU parity test "
-                "(pytest -m gpu tests/test_compile_kernels.py) has not passed yet: compare the first steps' losses "
-                "with trainer.compile=false before a long run")
         self.tokens_per_step = t.global_batch_size * t.seq_len
         self.flops_per_token = flops_per_token(cfg.model, t.seq_len, "megatron")
         self.peak_tflops = peak_tflops(self.device)

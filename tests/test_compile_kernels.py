@@ -241,9 +241,11 @@ def _model_loss_and_grads(model, tokens, doc_ids, autocast):
 
 
 def _check_model_compiled(backend, device, tol, num_layers=4, S=33, autocast=False, fp8=False):
-    """k2_tiny with every kernel switch on, eager, then per block compiled by apply_compile:
-    logits, loss, QK-Clip's per-head max logits and every parameter's gradient within ``tol``
-    (relative, in norm), and no graph break anywhere."""
+    """k2_tiny with every kernel switch on, eager, then per block compiled by apply_compile, and no
+    graph break anywhere. fp32: logits, loss, QK-Clip's per-head max logits and every parameter's
+    gradient within ``tol`` of eager (relative, in norm). Under bf16 autocast, eager and compiled
+    are both measured against the model's fp32 run: compiled may be at most 1.5x as far from it as
+    eager is, plus ``tol``."""
     torch.manual_seed(6)
     cfg = _tiny_all_triton(num_hidden_layers=num_layers)
     model = K2Model(cfg).to(device)
@@ -253,16 +255,25 @@ def _check_model_compiled(backend, device, tol, num_layers=4, S=33, autocast=Fal
     tokens = torch.randint(0, cfg.vocab_size, (2, S), device=device)
     doc_ids = _doc_ids(2, S - 1).to(device)
     ref = _model_loss_and_grads(model, tokens, doc_ids, autocast)
+    truth = _model_loss_and_grads(model, tokens, doc_ids, False) if autocast else None
     apply_compile(model, backend=backend)
     counters.clear()
-    logits, loss, max_logits, grads = _model_loss_and_grads(model, tokens, doc_ids, autocast)
+    got = _model_loss_and_grads(model, tokens, doc_ids, autocast)
     # apply_compile does not ask for fullgraph; dynamo counts every break it takes
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert counters["stats"]["unique_graphs"] >= 2  # the dense block and the MoE blocks did compile
-    errors = {"logits": _rel(logits, ref[0]), "loss": abs(loss.item() - ref[1].item()) / abs(ref[1].item()),
-              "max_logits": _rel(max_logits, ref[2]), **{name: _rel(grads[name], g) for name, g in ref[3].items()}}
-    worst = sorted(errors.items(), key=lambda kv: -kv[1])[:8]  # all of them on one failure, to read at once
-    assert all(e <= tol for e in errors.values()), f"relative errors above {tol}: {worst}"
+
+    def errors(a, b):
+        return {"logits": _rel(a[0], b[0]), "loss": abs(a[1].item() - b[1].item()) / abs(b[1].item()),
+                "max_logits": _rel(a[2], b[2]), **{name: _rel(a[3][name], g) for name, g in b[3].items()}}
+
+    if truth is None:
+        excess = errors(got, ref)
+    else:
+        eager, compiled = errors(ref, truth), errors(got, truth)
+        excess = {k: compiled[k] - 1.5 * eager[k] for k in eager}
+    worst = sorted(excess.items(), key=lambda kv: -kv[1])[:8]  # all of them on one failure, to read at once
+    assert all(e <= tol for e in excess.values()), f"errors above {tol} (beyond 1.5x eager's under autocast): {worst}"
 
 
 def test_model_compiled_per_block_matches_eager():
@@ -281,6 +292,9 @@ def test_model_compiled_with_inductor_matches_eager():
 def test_gpu_model_compiled_with_inductor_matches_eager(fp8):
     """As the trainer runs it: fp32 weights under bf16 autocast, the Triton kernels on bf16 (norms on
     the fp32 residual stream), torch._grouped_mm experts, inductor per block. Eager and compiled
-    round differently (inductor fuses pointwise chains in fp32 and rounds once), so within 2e-2
-    relative: a few bf16 roundings (2^-8 each) that accumulate over four blocks and the backward."""
-    _check_model_compiled("inductor", "cuda", 2e-2, S=257, autocast=True, fp8=fp8)
+    round differently (inductor fuses pointwise chains in fp32 and rounds once), and where a
+    rounding flips a token's top-k expert the MoE gradients change by whole tokens: on the H200,
+    eager bf16 is itself 5-11% from the fp32 run on the routers' and experts' gradients, compiled
+    4-11%, and the two 4-9% apart. So both are measured against the fp32 run: compiled within 1.5x
+    eager's distance + 0.005."""
+    _check_model_compiled("inductor", "cuda", 5e-3, S=257, autocast=True, fp8=fp8)
