@@ -25,7 +25,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .fp8 import E4M3, TILE, dequantize_tiles, quantize_tiles
-from .swiglu import swiglu, swiglu_torch
+from .swiglu import swiglu, swiglu_bwd_from_tiles, swiglu_grads
 
 from ._triton import interpreted as _interpreted, runs_on, tl, triton
 
@@ -301,14 +301,6 @@ def _grouped_linear_loop_backward(ctx, dy_NO):
 _grouped_linear_loop.register_autograd(_grouped_linear_loop_backward, setup_context=_save_loop_inputs)
 
 
-def _swiglu_grads(gate: torch.Tensor, up: torch.Tensor, dh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """d/dgate and d/dup of silu(gate) * up, in fp32, cast back."""
-    g, u, d = gate.float(), up.float(), dh.float()
-    sig = torch.sigmoid(g)
-    silu = g * sig
-    return (d * u * sig * (1 + g * (1 - sig))).to(gate.dtype), (d * silu).to(up.dtype)
-
-
 # The routed experts' SwiGLU MLP on expert-ordered rows, keeping for the backward only the expert
 # input and the SwiGLU inputs (gate, up), as FP8 in 1 x 128 tiles (kernels.fp8), and the weights
 # themselves (not their compute-dtype copies). The backward dequantizes them and recomputes the
@@ -343,14 +335,18 @@ def _expert_mlp_bwd(dy_ND: torch.Tensor, x: torch.Tensor, x_scale: Optional[torc
                     use_grouped_mm: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dw_gate, dw_up, dw_down); x, gate and up are FP8 tiles where their scales are given."""
     dt, ugm = dy_ND.dtype, use_grouped_mm
-    x, gate, up = (q if s is None else dequantize_tiles(q, s, dt) for q, s in ((x, x_scale), (gate, gate_scale), (up, up_scale)))
     wg, wu, wd = (w.to(dt) for w in (w_gate, w_up, w_down))
     dy_ND = dy_ND.contiguous()
     E = wg.shape[0]
-    h = swiglu_torch(gate, up)
-    dw_down = grouped_weight_grad(h, dy_ND, offs_E, E, ugm)
     dh = grouped_linear(dy_ND, wd.transpose(1, 2), offs_E, ugm)
-    dgate, dup = _swiglu_grads(gate, up, dh)
+    if gate_scale is not None:  # FP8 tiles: dequantize, SwiGLU and its gradients in one pass
+        h, dgate, dup = swiglu_bwd_from_tiles(gate, gate_scale, up, up_scale, dh)
+    else:
+        h = swiglu(gate, up)
+        dgate, dup = swiglu_grads(gate, up, dh)
+    dw_down = grouped_weight_grad(h, dy_ND, offs_E, E, ugm)
+    if x_scale is not None:
+        x = dequantize_tiles(x, x_scale, dt)
     dw_gate = grouped_weight_grad(x, dgate, offs_E, E, ugm)
     dw_up = grouped_weight_grad(x, dup, offs_E, E, ugm)
     dx = grouped_linear(dgate, wg.transpose(1, 2), offs_E, ugm) + grouped_linear(dup, wu.transpose(1, 2), offs_E, ugm)
@@ -425,9 +421,9 @@ def moe_experts_forward(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_w_TK
     if topk_idx_TK.shape != topk_w_TK.shape or topk_idx_TK.shape[0] != x_TD.shape[0]:
         raise ValueError(f"moe_experts_forward: topk_idx {tuple(topk_idx_TK.shape)} and topk_w "
                          f"{tuple(topk_w_TK.shape)} must both be [T={x_TD.shape[0]}, K]")
-    if x_TD.is_cuda and torch.is_autocast_enabled("cuda"):
+    if torch.is_autocast_enabled(x_TD.device.type):
         # autocast does not cover torch._grouped_mm: cast as it would for F.linear
-        dt = torch.get_autocast_dtype("cuda")
+        dt = torch.get_autocast_dtype(x_TD.device.type)
         x_TD, w_gate_EID, w_up_EID, w_down_EDI = (t.to(dt) for t in (x_TD, w_gate_EID, w_up_EID, w_down_EDI))
     with torch.no_grad():
         routing = build_routing(topk_idx_TK, E)

@@ -7,6 +7,11 @@ saving h (the activation memory of the unfused version is three tensors, here tw
 
 Without Triton, or for CPU tensors when Triton is not in interpreter mode (TRITON_INTERPRET=1),
 the same math runs in plain torch (`swiglu_torch`).
+
+`swiglu_bwd_from_tiles` serves the routed experts' backward under FP8 storage (kernels.moe,
+``expert_mlp_saved``): from gate and up kept as FP8 tiles (kernels.fp8) and dh it makes h (for the
+down projection's weight gradient), d gate and d up in one pass, where the unfused path
+dequantizes both, recomputes h and runs the gradient formula as a dozen elementwise ops.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ._triton import interpreted as _interpreted, runs_on, tl, triton
+from .fp8 import TILE, dequantize_tiles
 
 
 if triton is not None:
@@ -41,6 +47,26 @@ if triton is not None:
         # d silu/dg = sig * (1 + g * (1 - sig))
         dg = dh * u * sig * (1.0 + g * (1.0 - sig))
         tl.store(DG + row * s_dg + cols, dg.to(DG.dtype.element_ty), mask=mask)
+        tl.store(DU + row * s_du + cols, (dh * silu).to(DU.dtype.element_ty), mask=mask)
+
+
+    @triton.jit
+    def _swiglu_bwd_tiles_kernel(QG, SG, QU, SU, DH, H, DG, DU, C, NT, s_q, s_dh, s_h, s_dg, s_du,
+                                 TILE_: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < C
+        tiles = row * NT + cols // TILE_
+        # dequantized and rounded to the compute dtype, as dequantize_tiles gives them
+        g = tl.load(QG + row * s_q + cols, mask=mask, other=0.0).to(tl.float32) * tl.load(SG + tiles, mask=mask, other=1.0)
+        u = tl.load(QU + row * s_q + cols, mask=mask, other=0.0).to(tl.float32) * tl.load(SU + tiles, mask=mask, other=1.0)
+        g = g.to(H.dtype.element_ty).to(tl.float32)
+        u = u.to(H.dtype.element_ty).to(tl.float32)
+        dh = tl.load(DH + row * s_dh + cols, mask=mask, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(g)
+        silu = g * sig
+        tl.store(H + row * s_h + cols, (silu * u).to(H.dtype.element_ty), mask=mask)
+        tl.store(DG + row * s_dg + cols, (dh * u * sig * (1.0 + g * (1.0 - sig))).to(DG.dtype.element_ty), mask=mask)
         tl.store(DU + row * s_du + cols, (dh * silu).to(DU.dtype.element_ty), mask=mask)
 
 
@@ -130,3 +156,41 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if not triton_swiglu_available(gate):
         return swiglu_torch(gate, up)
     return _swiglu_fwd(gate, up)
+
+
+def swiglu_grads_torch(gate: torch.Tensor, up: torch.Tensor, dh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference: d/dgate and d/dup of silu(gate) * up, in fp32, rounded once to gate's dtype."""
+    g, u, d = gate.float(), up.float(), dh.float()
+    sig = torch.sigmoid(g)
+    silu = g * sig
+    return (d * u * sig * (1 + g * (1 - sig))).to(gate.dtype), (d * silu).to(up.dtype)
+
+
+def swiglu_grads(gate: torch.Tensor, up: torch.Tensor, dh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """d/dgate and d/dup of silu(gate) * up (no autograd: for backward functions of our own), fused
+    where Triton runs."""
+    if not triton_swiglu_available(gate):
+        return swiglu_grads_torch(gate, up, dh)
+    return _swiglu_bwd(gate, up, dh)
+
+
+def swiglu_bwd_from_tiles(q_gate: torch.Tensor, s_gate: torch.Tensor, q_up: torch.Tensor, s_up: torch.Tensor,
+                          dh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(h, d gate, d up)`` in dh's dtype from gate and up as FP8 tiles (``kernels.fp8.quantize_tiles``:
+    ``q [N, C]`` E4M3, ``s [N, ceil(C/128)]`` fp32) and ``dh [N, C]``: one pass where Triton runs,
+    else :func:`kernels.fp8.dequantize_tiles`, :func:`swiglu_torch` and :func:`swiglu_grads_torch`."""
+    if q_gate.shape != q_up.shape or dh.shape != q_gate.shape or s_gate.shape != s_up.shape:
+        raise ValueError(f"swiglu_bwd_from_tiles: gate {tuple(q_gate.shape)}, up {tuple(q_up.shape)} and dh "
+                         f"{tuple(dh.shape)} must match, and so must the scales {tuple(s_gate.shape)} / {tuple(s_up.shape)}")
+    if triton is None or not runs_on(dh, _swiglu_bwd_tiles_kernel) or dh.dim() != 2:
+        gate, up = dequantize_tiles(q_gate, s_gate, dh.dtype), dequantize_tiles(q_up, s_up, dh.dtype)
+        return (swiglu_torch(gate, up), *swiglu_grads_torch(gate, up, dh))
+    qg, qu, sg, su, dh = (t.contiguous() for t in (q_gate, q_up, s_gate, s_up, dh))
+    R, C = dh.shape
+    h, dg, du = (torch.empty_like(dh) for _ in range(3))
+    block, warps = _launch_cfg(C, _swiglu_bwd_tiles_kernel)
+    if R > 0:
+        _swiglu_bwd_tiles_kernel[(R, triton.cdiv(C, block))](
+            qg, sg, qu, su, dh, h, dg, du, C, sg.shape[1], qg.stride(0), dh.stride(0), h.stride(0), dg.stride(0),
+            du.stride(0), TILE_=TILE, BLOCK=block, num_warps=warps)
+    return h, dg, du
