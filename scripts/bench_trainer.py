@@ -102,10 +102,12 @@ def random_tokens(vocab: int, micro: int, seq: int):
     return factory
 
 
-def peak_composition(trace: list[dict], top: int = 12) -> list[tuple[float, str]]:
+def peak_composition(trace: list[dict], top: int = 12, copies: Optional[dict[int, str]] = None) -> list[tuple[float, str]]:
     """From a CUDA allocator trace (``torch.cuda.memory._snapshot()["device_traces"][i]``): what
     was allocated during the trace and alive at its highest point, in GiB by allocating source line
-    (the innermost frame in k2train, kernels or optim, else the innermost one)."""
+    (the innermost frame in k2train, kernels or optim, else the innermost one). ``copies``: block
+    sizes of the weights' bf16 copies (autocast's casts) -> a label; such blocks are grouped under
+    it instead of their line."""
     cur = best = best_at = 0
     for i, e in enumerate(trace):
         if e["action"] == "alloc":
@@ -122,6 +124,9 @@ def peak_composition(trace: list[dict], top: int = 12) -> list[tuple[float, str]
             live.pop(e["addr"], None)
     groups: dict[str, float] = {}
     for e in live.values():
+        if copies and e["size"] in copies:
+            groups[copies[e["size"]]] = groups.get(copies[e["size"]], 0.0) + e["size"] / GiB
+            continue
         frames = e.get("frames") or [{"filename": "?", "line": 0, "name": "?"}]
         ours = [f for f in frames if any(d in f["filename"] for d in ("/k2train/", "/kernels/", "/optim/"))]
         f = (ours or frames)[0]
@@ -170,13 +175,20 @@ def run_case(name: str, overrides: list[str], steps: int, work: Path, peak: bool
                 if peak:
                     traces = torch.cuda.memory._snapshot()["device_traces"]
                     torch.cuda.memory._record_memory_history(enabled=None)
-                    row["peak_composition"] = peak_composition(traces[torch.cuda.current_device()])
+                    copies = {}
+                    for part in tr.parts:
+                        for n, prm in part.named_parameters():
+                            if prm.dtype == torch.float32:  # autocast casts it: 2 bytes an element
+                                kind = "experts" if ".experts." in n else n.split(".")[0] if "layers" not in n else "block"
+                                copies[-(-2 * prm.numel() // 512) * 512] = f"bf16 copy of weights ({kind})"
+                    row["peak_composition"] = peak_composition(traces[torch.cuda.current_device()], top=16, copies=copies)
                 row["static_gib"] = torch.cuda.memory_allocated() / GiB
                 row["peak_gib"] = torch.cuda.max_memory_allocated() / GiB
                 if after is not None:
                     row.update(after(tr))
     except torch.OutOfMemoryError as e:
-        row["error"] = "out of memory: " + str(e).split("\n")[0][:160]
+        # the allocator's own account (allocated / reserved but unallocated) is the line's second half
+        row["error"] = f"out of memory in step {len(times) + 1}: " + " ".join(str(e).split("\n")[0].split()[3:])[:400]
     finally:
         gc.collect()
         if cuda:

@@ -228,9 +228,10 @@ _STAGE_CACHE: dict[str, tuple] = {}
 
 
 def _stage_params(model_cfg: ModelConfig, num_stages: int, seq_len: int, adamw_only: bool):
-    """Per stage: the layer ids and ``(numel, is_expert, tp_sharded, is_muon)`` of every parameter,
-    from the model built on the meta device and split like the pipeline does (cached: the 1T
-    model takes seconds)."""
+    """Per stage: the layer ids and ``(numel, is_expert, tp_sharded, is_muon, cast)`` of every
+    parameter, from the model built on the meta device and split like the pipeline does (cached:
+    the 1T model takes seconds). ``cast``: a matmul reads it, so autocast makes a bf16 copy (not
+    the embedding table, which a lookup reads as it is)."""
     key = repr((model_cfg, num_stages, seq_len, adamw_only))
     if key in _STAGE_CACHE:
         return _STAGE_CACHE[key]
@@ -243,7 +244,8 @@ def _stage_params(model_cfg: ModelConfig, num_stages: int, seq_len: int, adamw_o
         part = build_stage_part(model, ids, s == 0, s == num_stages - 1)
         stages.append(
             [
-                (t.numel(), is_expert_param(name), any(k in name for k in _TP_SHARDED), not adamw_only and is_muon_param(name, t))
+                (t.numel(), is_expert_param(name), any(k in name for k in _TP_SHARDED),
+                 not adamw_only and is_muon_param(name, t), "embed_tokens" not in name)
                 for name, t in part.named_parameters()
             ]
         )
@@ -301,16 +303,17 @@ def estimate_memory(
     ranks = []
     for r in range(pp):
         stage_ids = [r + v * pp for v in range(vpp)]
-        n_local = 0.0
+        n_local = n_cast = 0.0
         opt_bytes = master_bytes = 0.0
         largest_grad = 0.0
         for s in stage_ids:
-            for n, expert, tp_sharded, muon in stage_params[s]:
+            for n, expert, tp_sharded, muon, cast in stage_params[s]:
                 if expert:
                     n /= ep
                 if tp > 1 and tp_sharded:
                     n /= tp
                 n_local += n
+                n_cast += n if cast else 0.0
                 shard = zero_expert if expert else zero_dense
                 states = 1 if muon else 2
                 opt_bytes += 4 * states * n / shard
@@ -348,8 +351,8 @@ def estimate_memory(
             transient += 2 * a * tokens_mb * model_cfg.num_experts_per_tok * model_cfg.hidden_size
         if pp > 1:  # activation and gradient send/recv buffers of each local stage
             transient += 2 * len(stage_ids) * a * tokens_mb * model_cfg.hidden_size
-        if precision == "autocast":  # the bf16 weight copies autocast makes, saved by the matmuls
-            transient += 2 * n_local
+        if precision == "autocast":  # the bf16 weight copies autocast makes for the matmuls (not the embedding)
+            transient += 2 * n_cast
         if dp_size * cp > 1:  # reduce_gradients_ concatenates gradients into flat buckets
             transient += min(BUCKET_BYTES, largest_grad)
         grads_at_peak = None
