@@ -282,7 +282,8 @@ class ParallelConfig:
     fp8_moe_inputs: bool = False
     # What the blocks keep for the backward lives in pinned CPU memory, copied on a side CUDA stream
     # and back ahead of its backward: the GPU holds about one block's worth per micro-batch in
-    # flight. Nothing to do on a CPU device. Needs recompute=none.
+    # flight. Nothing to do on a CPU device. With recompute=selective the outputs it keeps are
+    # offloaded; not with recompute=full (a block keeps only its input).
     offload_activations: bool = False
     # Memory of one GPU the layout is meant for, in GB (1e9 bytes; an H800 has 80): the planner
     # (python -m k2train.plan) says whether the layout fits. 0: no verdict.
@@ -418,11 +419,11 @@ class JobConfig:
                 "use trainer.compile=false with tensor parallelism"
             )
         p = self.parallel
-        if p.offload_activations and p.recompute != "none":
+        if p.offload_activations and p.recompute == "full":
             _fail(
-                f"parallel.offload_activations=true with parallel.recompute={p.recompute}: it acts on what autograd "
-                "keeps for the backward, and a recomputed block keeps its activations in the checkpoint instead; use "
-                "parallel.recompute=none with it"
+                "parallel.offload_activations=true with parallel.recompute=full: a fully recomputed block keeps only "
+                "its input, so there is nothing to offload; use parallel.recompute=selective (its kept outputs are "
+                "offloaded) or none with it"
             )
         if p.offload_activations and t.compile:
             _fail("parallel.offload_activations=true with trainer.compile=true: the offload hooks run in Python around "

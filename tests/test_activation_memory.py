@@ -167,7 +167,7 @@ def test_offload_on_cpu_passes_everything_through(one_thread):
     assert got[0] == ref[0] and all(torch.equal(got[1][n], g) for n, g in ref[1].items())
 
 
-def test_trainer_runs_with_both_and_the_checks_say_why_not_with_recompute(tmp_path):
+def test_trainer_runs_with_both_and_the_checks_say_why_not_with_full_recompute(tmp_path):
     from k2train.train import run
 
     common = ["model=k2_tiny", "trainer.seq_len=32", "trainer.micro_batch_size=2", "trainer.global_batch_size=4",
@@ -177,9 +177,53 @@ def test_trainer_runs_with_both_and_the_checks_say_why_not_with_recompute(tmp_pa
     both = run(load_config([*common, "parallel.fp8_moe_inputs=true", "parallel.offload_activations=true"]),
                run_dir=tmp_path / "b")
     assert plain[0]["loss"] == pytest.approx(both[0]["loss"], rel=1e-6)  # step 1: same forward
-    with pytest.raises(ValueError, match="use parallel.recompute=none with it"):
-        load_config(["parallel.offload_activations=true", "parallel.recompute=selective"]).validate()
+    selective = run(load_config([*common, "parallel.recompute=selective", "parallel.offload_activations=true"]),
+                    run_dir=tmp_path / "c")
+    assert [m["loss"] for m in selective] == pytest.approx([m["loss"] for m in plain], rel=1e-6)
+    with pytest.raises(ValueError, match="use parallel.recompute=selective .* or none with it"):
+        load_config(["parallel.offload_activations=true", "parallel.recompute=full"]).validate()
+    load_config(["parallel.offload_activations=true", "parallel.recompute=selective"]).validate()
     load_config(["parallel.fp8_moe_inputs=true", "parallel.recompute=selective"]).validate()  # FP8 composes
+
+
+def test_selective_recompute_keeps_its_saved_outputs_through_the_offloader(one_thread):
+    """Offload with selective recompute: what the policy keeps goes through the offloader's pack
+    (here a stand-in that moves each tensor into a holder, as the real one moves it to the host) and
+    comes back through unpack for the recompute; the same loss and gradients, bitwise."""
+    from k2train.parallel.recompute import apply_recompute
+
+    class Holder:
+        def __init__(self, t):
+            self.t = t.clone()
+
+    class Recording:
+        def __init__(self):
+            self.packed = self.unpacked = 0
+
+        def pack(self, t):
+            self.packed += 1
+            return Holder(t)
+
+        def unpack(self, x):
+            if isinstance(x, Holder):
+                self.unpacked += 1
+                return x.t
+            return x
+
+    cfg = _tiny()
+    tokens = torch.randint(0, cfg.vocab_size, (2, 65), generator=torch.Generator().manual_seed(7))
+    model = K2Model(cfg)
+    model.init_weights(seed=0)
+    apply_recompute(model, "selective")
+    ref = _loss_and_grads(model, tokens)
+    recording = Recording()
+    for block in model.layers.values():
+        block.offload = recording
+    got = _loss_and_grads(model, tokens)
+    assert got[0] == ref[0] and all(torch.equal(got[1][n], g) for n, g in ref[1].items())
+    # the recompute stops once the backward has what it needs: a block's last kept output (its
+    # last matmul's, which no backward reads) may be packed and never asked for
+    assert 0 < recording.unpacked <= recording.packed <= recording.unpacked + cfg.num_hidden_layers
 
 
 def test_k2_pretrain_plan_fits_h800s_at_dp1_with_the_real_switches():
@@ -231,6 +275,37 @@ def test_gpu_fp8_kernels_and_offload():
     assert h1 < 0.5 * h0, (h0, h1)
     # activations crossed, the weights' bf16 copies did not (one layer's worth would be >= 1 GiB)
     assert 0 < offloader.bytes_offloaded < h0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_offload_with_selective_recompute():
+    """On CUDA, offload on top of selective recompute: the same loss and gradients as selective
+    alone (bitwise: the kept outputs cross PCIe and back unchanged) and less memory after the forward."""
+    from k2train.parallel.recompute import apply_recompute
+
+    cfg = dataclasses.replace(load_config(["model=k2_small"]).model, num_hidden_layers=4)
+    tokens = torch.randint(0, cfg.vocab_size, (1, 2049), device="cuda")
+    results = []
+    for offload in (False, True):
+        torch.manual_seed(0)
+        model = K2Model(cfg).cuda()
+        model.init_weights(seed=0)
+        apply_recompute(model, "selective")
+        if offload:
+            offloader = apply_offload(model)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        with torch.autocast("cuda", torch.bfloat16):
+            loss = F.cross_entropy(model(tokens[:, :-1]).float().flatten(0, 1), tokens[:, 1:].flatten())
+        torch.cuda.synchronize()
+        held = torch.cuda.memory_allocated() - base
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}, held))
+        del model
+    (l0, g0, h0), (l1, g1, h1) = results
+    assert l0 == l1 and all(torch.equal(g1[n], g) for n, g in g0.items())
+    assert h1 < 0.8 * h0 and offloader.bytes_offloaded > 0, (h0, h1)
 
 
 def test_selective_recompute_keeps_the_fp8_tiles_not_the_bf16_expert_activations(one_thread, monkeypatch):

@@ -14,8 +14,11 @@ activations per micro-batch in flight instead of all of them. Weights (and their
 copies) and small tensors stay on the GPU. On a CPU device there is nothing to offload: the hooks
 pass every tensor through (the same results, tested).
 
-Both act on what autograd saves, so they need ``parallel.recompute=none``: a recomputed block
-keeps its activations in the checkpoint's own storage (the config check says so).
+FP8 storage composes with every recompute mode. Offload composes with selective recompute: what
+its policy keeps for a block (k2train.parallel.recompute) goes through this offloader's
+``pack``/``unpack``, so it crosses to the host and comes back for the block's recompute, prefetched
+like the rest. With full recompute a block keeps only its input, and there is nothing to offload
+(the config check says so).
 """
 
 from contextlib import contextmanager, nullcontext

@@ -15,7 +15,10 @@
 How: each block's class is swapped for a subclass whose ``forward`` runs the original one under
 non-reentrant :func:`torch.utils.checkpoint.checkpoint` (the same trick ``fully_shard`` uses, so
 parameter names, state-dict keys and ``block.self_attn``-style access stay unchanged). Selective
-mode adds a selective-checkpoint policy (``create_selective_checkpoint_contexts``).
+mode adds a pair of dispatch modes with the policy below, as torch's selective checkpoint does
+(``create_selective_checkpoint_contexts``), but ours keep what the policy saves through the
+block's activation offloader when it has one (``parallel.offload_activations``): the kept outputs
+go to pinned host memory and come back ahead of the block's recompute.
 
 A recompute re-runs the forward, and the forward also updates module state: the MoE's routed-token
 counts (summed), the attention's max logit (a max), the MoE's ``aux_loss`` attribute. The wrapper
@@ -24,16 +27,15 @@ the statistics count every token exactly once whatever the mode (tests/test_reco
 """
 
 import threading
+from collections import deque
 from contextlib import contextmanager, nullcontext
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import (
-    CheckpointPolicy,
-    checkpoint,
-    create_selective_checkpoint_contexts,
-)
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map, tree_map_only
+from torch.utils.checkpoint import CheckpointPolicy, SelectiveCheckpointContext, checkpoint
 
 from ..kernels import attention, moe  # noqa: F401  (they register the k2kernels ops the policy names)
 
@@ -127,7 +129,8 @@ class RecomputedBlock:
 
         def contexts():
             if self.recompute_mode == "selective":
-                fwd, rec = _selective_contexts()
+                offload = getattr(self, "offload", None)  # set by activation_memory.apply_offload
+                fwd, rec = _selective_contexts(*((offload.pack, offload.unpack) if offload is not None else ()))
             else:
                 fwd, rec = nullcontext(), nullcontext()
             return _pass(self, fwd, recompute=False), _pass(self, rec, recompute=True)
@@ -141,8 +144,49 @@ class RecomputedBlock:
         self._compiled_forward = torch.compile(super().forward, backend=backend)
 
 
-def _selective_contexts():
-    return create_selective_checkpoint_contexts(_policy)
+def _same(x):
+    return x
+
+
+class _Keep(TorchDispatchMode):
+    """Selective recompute's forward: the outputs of the ops the policy saves go into ``kept``, in
+    order, each through ``pack``."""
+
+    def __init__(self, kept: deque, pack: Callable):
+        super().__init__()
+        self.kept, self.pack = kept, pack
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if _policy(SelectiveCheckpointContext(is_recompute=False), func, *args, **kwargs) == CheckpointPolicy.MUST_SAVE:
+            self.kept.append((func, tree_map_only(torch.Tensor, self.pack, out)))
+        return out
+
+
+class _Replay(TorchDispatchMode):
+    """Its recompute: those ops hand back what the forward kept (through ``unpack``), in the same
+    order; every other op runs again. The recompute stops once the backward has what it needs, so
+    a block's last kept outputs (its last matmul's, which no backward reads) may never be asked for."""
+
+    def __init__(self, kept: deque, unpack: Callable):
+        super().__init__()
+        self.kept, self.unpack = kept, unpack
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if _policy(SelectiveCheckpointContext(is_recompute=True), func, *args, **kwargs) != CheckpointPolicy.MUST_SAVE:
+            return func(*args, **kwargs)
+        if not self.kept or self.kept[0][0] != func:
+            raise RuntimeError(f"selective recompute: the recompute ran {func} where the forward kept "
+                               f"{self.kept[0][0] if self.kept else 'nothing more'}; the block's forward must run "
+                               "the same ops each time (no data- or state-dependent branches)")
+        return tree_map(self.unpack, self.kept.popleft()[1])
+
+
+def _selective_contexts(pack: Callable = _same, unpack: Callable = _same) -> tuple[TorchDispatchMode, TorchDispatchMode]:
+    kept: deque = deque()
+    return _Keep(kept, pack), _Replay(kept, unpack)
 
 
 _CLASSES: dict[type, type] = {}
