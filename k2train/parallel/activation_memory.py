@@ -9,8 +9,8 @@ bytes instead of the ``(3 D + 4 I) x 2`` (bf16) that autograd keeps for the same
 ``parallel.offload_activations`` (:class:`ActivationOffload`): what each transformer block saves
 for its backward goes to pinned CPU memory, copied on a side CUDA stream while the next blocks and
 micro-batches compute; when the backward reaches a block, the block before it (the next one the
-backward needs) is copied back on that stream ahead of time. So the GPU holds about one block's
-activations per micro-batch in flight instead of all of them. Weights (and their compute-dtype
+backward needs) is copied back ahead of time on a second side stream. So the GPU holds about one
+block's activations per micro-batch in flight instead of all of them. Weights (and their compute-dtype
 copies) and small tensors stay on the GPU. On a CPU device there is nothing to offload: the hooks
 pass every tensor through (the same results, tested).
 
@@ -92,7 +92,10 @@ class ActivationOffload:
 
     def __init__(self, min_bytes: int = 1 << 20):
         self.min_bytes = min_bytes
-        self.stream: Optional[torch.cuda.Stream] = None
+        # one side stream per direction: PCIe copies both ways at once, so in a pipeline the copies
+        # out of one micro-batch's forward and back for another's backward need not queue
+        self.out_stream: Optional[torch.cuda.Stream] = None
+        self.in_stream: Optional[torch.cuda.Stream] = None
         self._current: Optional[list] = None  # host storages of the block running its forward
         self._by_ptr: dict[int, tuple] = {}  # the same, by GPU address (this block only)
         self.bytes_offloaded = 0
@@ -109,16 +112,16 @@ class ActivationOffload:
         key = storage.data_ptr()
         entry = self._by_ptr[key][0] if whole and key in self._by_ptr else None
         if entry is None:
-            if self.stream is None:
-                self.stream = torch.cuda.Stream(t.device)
-            self.stream.wait_stream(torch.cuda.current_stream(t.device))  # t is complete before it is read
+            if self.out_stream is None:
+                self.out_stream, self.in_stream = torch.cuda.Stream(t.device), torch.cuda.Stream(t.device)
+            self.out_stream.wait_stream(torch.cuda.current_stream(t.device))  # t is complete before it is read
             src = torch.empty(0, dtype=torch.uint8, device=t.device).set_(storage) if whole else t.contiguous()
-            with torch.cuda.stream(self.stream):
+            with torch.cuda.stream(self.out_stream):
                 host = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
                 host.copy_(src, non_blocking=True)
                 copied = torch.cuda.Event()
-                copied.record(self.stream)
-            src.record_stream(self.stream)  # its memory is not reused before the copy has read it
+                copied.record(self.out_stream)
+            src.record_stream(self.out_stream)  # its memory is not reused before the copy has read it
             entry = _HostStorage(host, t.device, copied)
             self._current.append(entry)
             self.bytes_offloaded += host.numel() * host.element_size()
@@ -148,15 +151,15 @@ class ActivationOffload:
             gpu.untyped_storage(), saved.offset, saved.size, saved.stride)
 
     def _fetch(self, entries: list) -> None:
-        """Copy ``entries`` back to the GPU on the side stream (after their own copies out)."""
-        with torch.cuda.stream(self.stream):
+        """Copy ``entries`` back to the GPU on the inbound side stream (after their own copies out)."""
+        with torch.cuda.stream(self.in_stream):
             for e in entries:
                 if e.gpu is not None or e.views == 0:
                     continue
-                self.stream.wait_event(e.copied)
+                self.in_stream.wait_event(e.copied)
                 e.gpu = e.host.to(e.device, non_blocking=True)
                 e.ready = torch.cuda.Event()
-                e.ready.record(self.stream)
+                e.ready.record(self.in_stream)
 
     # -- per block -----------------------------------------------------------------------------
 
@@ -171,7 +174,7 @@ class ActivationOffload:
             self._current, self._by_ptr = previous, by_ptr
 
     def prefetch(self, handles: list) -> None:
-        if handles and self.stream is not None:
+        if handles and self.in_stream is not None:
             self._fetch(handles)
 
 
@@ -213,7 +216,7 @@ def apply_offload(model: nn.Module, offload: Optional[ActivationOffload] = None)
     """Offload the activations of every block in ``model.layers`` (a whole model or a pipeline
     stage's part), except the last one of the part that ends in the LM head (its backward comes
     right after its forward: a round trip over PCIe would buy nothing). Returns the offloader (one
-    side stream per process)."""
+    pair of side streams per process)."""
     offload = offload or ActivationOffload()
     blocks = list(model.layers.values())
     for i, block in enumerate(blocks):
