@@ -30,6 +30,7 @@ from k2train.model import K2Model  # noqa: E402
 from k2train.model.moe import experts_reference  # noqa: E402
 from k2train.parallel.activation_memory import apply_fp8_storage  # noqa: E402
 from k2train.parallel.compile import apply_compile  # noqa: E402
+from k2train.parallel.recompute import apply_recompute  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 OPS = torch.ops.k2kernels
@@ -240,7 +241,7 @@ def _model_loss_and_grads(model, tokens, doc_ids, autocast):
     return logits.detach().float(), loss.detach(), max_logits, {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def _check_model_compiled(backend, device, tol, num_layers=4, S=33, autocast=False, fp8=False):
+def _check_model_compiled(backend, device, tol, num_layers=4, S=33, autocast=False, fp8=False, recompute="none"):
     """k2_tiny with every kernel switch on, eager, then per block compiled by apply_compile, and no
     graph break anywhere. fp32: logits, loss, QK-Clip's per-head max logits and every parameter's
     gradient within ``tol`` of eager (relative, in norm). Under bf16 autocast, eager and compiled
@@ -252,6 +253,8 @@ def _check_model_compiled(backend, device, tol, num_layers=4, S=33, autocast=Fal
     model.init_weights(seed=0)
     if fp8:
         apply_fp8_storage(model)
+    if recompute != "none":  # compiled inside, the checkpoint around it stays eager (apply_compile)
+        apply_recompute(model, recompute)
     tokens = torch.randint(0, cfg.vocab_size, (2, S), device=device)
     doc_ids = _doc_ids(2, S - 1).to(device)
     ref = _model_loss_and_grads(model, tokens, doc_ids, autocast)
@@ -281,6 +284,12 @@ def test_model_compiled_per_block_matches_eager():
     _check_model_compiled("aot_eager", "cpu", 1e-5, num_layers=3, S=17)
 
 
+def test_model_compiled_inside_full_recompute_matches_eager():
+    # the blocks' own forwards compiled, the checkpoint around them eager (selective + compile is
+    # refused by the config check: its policy acts on eager ops)
+    _check_model_compiled("aot_eager", "cpu", 1e-5, num_layers=3, S=17, recompute="full")
+
+
 @pytest.mark.slow  # inductor's C++ compiles: about a minute on two cores with a cold cache
 def test_model_compiled_with_inductor_matches_eager():
     _check_model_compiled("inductor", "cpu", 1e-5, num_layers=2, S=25)
@@ -288,8 +297,9 @@ def test_model_compiled_with_inductor_matches_eager():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8_moe_inputs"])
-def test_gpu_model_compiled_with_inductor_matches_eager(fp8):
+@pytest.mark.parametrize("fp8, recompute", [(False, "none"), (True, "none"), (False, "full")],
+                         ids=["bf16", "fp8_moe_inputs", "full_recompute"])
+def test_gpu_model_compiled_with_inductor_matches_eager(fp8, recompute):
     """As the trainer runs it: fp32 weights under bf16 autocast, the Triton kernels on bf16 (norms on
     the fp32 residual stream), torch._grouped_mm experts, inductor per block. Eager and compiled
     round differently (inductor fuses pointwise chains in fp32 and rounds once), and where a
@@ -297,4 +307,4 @@ def test_gpu_model_compiled_with_inductor_matches_eager(fp8):
     eager bf16 is itself 5-11% from the fp32 run on the routers' and experts' gradients, compiled
     4-11%, and the two 4-9% apart. So both are measured against the fp32 run: compiled within 1.5x
     eager's distance + 0.005."""
-    _check_model_compiled("inductor", "cuda", 5e-3, S=257, autocast=True, fp8=fp8)
+    _check_model_compiled("inductor", "cuda", 5e-3, S=257, autocast=True, fp8=fp8, recompute=recompute)
