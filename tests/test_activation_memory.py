@@ -234,10 +234,14 @@ def test_k2_pretrain_plan_fits_h800s_at_dp1_with_the_real_switches():
     assert (p.fp8_moe_inputs, p.offload_activations, p.recompute, p.pp, p.ep, p.cp) == (True, True, "none", 16, 16, 1)
     plan = estimate_memory(cfg.model, p, cfg.trainer, cfg.optim)
     assert plan.world_size == 256 and plan.peak.total <= 80e9
-    # what leaves the GPU is on the host: the two add up to what the GPU would hold without offload
-    kept = estimate_memory(cfg.model, dataclasses.replace(p, offload_activations=False), cfg.trainer, cfg.optim)
-    for r, k in zip(plan.ranks, kept.ranks):
-        assert r.host > 0 and r.activations + r.host == pytest.approx(k.activations, rel=1e-12)
+    # what leaves the GPU is on the host: the two add up to what the GPU would hold without offload,
+    # with no recompute and with selective recompute (its kept outputs are offloaded)
+    for recompute in ("none", "selective"):
+        offloaded = estimate_memory(cfg.model, dataclasses.replace(p, recompute=recompute), cfg.trainer, cfg.optim)
+        kept = estimate_memory(cfg.model, dataclasses.replace(p, recompute=recompute, offload_activations=False),
+                               cfg.trainer, cfg.optim)
+        for r, k in zip(offloaded.ranks, kept.ranks):
+            assert r.host > 0 and r.activations + r.host == pytest.approx(k.activations, rel=1e-12)
 
 
 @pytest.mark.gpu
