@@ -285,6 +285,12 @@ class ParallelConfig:
     # flight. Nothing to do on a CPU device. With recompute=selective the outputs it keeps are
     # offloaded; not with recompute=full (a block keeps only its input).
     offload_activations: bool = False
+    # With offload_activations: how many blocks of each model part (a pipeline stage's chunk, or the
+    # whole model) offload, counted from its first, whose backward comes last (Megatron's
+    # cpu_offloading_num_layers); the rest keep their activations on the GPU. -1: every block but
+    # the last one before the loss (its backward follows its forward at once). Fewer blocks: less
+    # PCIe traffic and more GPU memory; python -m k2train.plan shows both.
+    offload_layers: int = -1
     # Memory of one GPU the layout is meant for, in GB (1e9 bytes; an H800 has 80): the planner
     # (python -m k2train.plan) says whether the layout fits. 0: no verdict.
     gpu_memory_gb: float = 0.0
@@ -302,6 +308,9 @@ class ParallelConfig:
         _positive("parallel", timeout_s=self.timeout_s)
         if self.gpu_memory_gb < 0:
             _fail(f"parallel.gpu_memory_gb={self.gpu_memory_gb} must be >= 0 (0: the planner judges no fit)")
+        if self.offload_layers == 0 or self.offload_layers < -1:
+            _fail(f"parallel.offload_layers={self.offload_layers} must be >= 1, or -1 for every block but the last "
+                  "before the loss (to offload nothing, set parallel.offload_activations=false)")
 
 
 # ---------------------------------------------------------------------------------------------

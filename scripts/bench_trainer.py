@@ -51,6 +51,7 @@ def _memory_cases() -> list[tuple[str, list[str]]]:
         "fp8+selective": ["parallel.recompute=selective", "parallel.fp8_moe_inputs=true"],
         "offload": ["parallel.recompute=none", "parallel.offload_activations=true"],
         "offload+selective": ["parallel.recompute=selective", "parallel.offload_activations=true"],
+        "offload(1)": ["parallel.recompute=none", "parallel.offload_activations=true", "parallel.offload_layers=1"],
         "fp8+offload": ["parallel.recompute=none", "parallel.fp8_moe_inputs=true", "parallel.offload_activations=true"],
     }
     cases = []

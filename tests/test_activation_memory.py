@@ -167,6 +167,37 @@ def test_offload_on_cpu_passes_everything_through(one_thread):
     assert got[0] == ref[0] and all(torch.equal(got[1][n], g) for n, g in ref[1].items())
 
 
+def test_offload_layers_picks_the_first_blocks_of_each_part_and_the_planner_follows(one_thread):
+    """parallel.offload_layers=n: the first n blocks of a part offload (never the one before the
+    loss); the planner keeps the rest on the GPU, moves what offloads to the host (the two always
+    add up to the activations without offload), and needs less GPU memory the more blocks offload."""
+    from k2train.parallel.activation_memory import offloaded_blocks
+    from k2train.parallel.memory import estimate_memory
+
+    assert [offloaded_blocks(4, True, n) for n in (-1, 1, 2, 3, 9)] == [3, 1, 2, 3, 3]
+    assert [offloaded_blocks(2, False, n) for n in (-1, 1, 5)] == [2, 1, 2]
+    cfg = _tiny()
+    model = K2Model(dataclasses.replace(cfg, num_hidden_layers=4))
+    apply_offload(model, num_layers=2)
+    assert [b.offload_saves for b in model.layers.values()] == [True, True, False, False]
+    with pytest.raises(ValueError, match="offload_layers=0 must be >= 1, or -1"):
+        load_config(["parallel.offload_activations=true", "parallel.offload_layers=0"]).validate()
+
+    base = ["model=k2_1t", "model.num_hidden_layers=6", "model.n_routed_experts=16", "trainer.seq_len=4096",
+            "trainer.micro_batch_size=1", "trainer.global_batch_size=8", "trainer.dtype=bfloat16"]
+    plans = {}
+    for extra in ([], ["parallel.offload_activations=true"],
+                  *[["parallel.offload_activations=true", f"parallel.offload_layers={n}"] for n in (1, 3, 5)]):
+        c = load_config([*base, *extra]).validate()
+        plans[tuple(extra)] = estimate_memory(c.model, c.parallel, c.trainer, c.optim, precision="autocast").peak
+    none = plans[()]
+    gpu = [plans[("parallel.offload_activations=true", f"parallel.offload_layers={n}")].activations for n in (1, 3, 5)]
+    assert none.activations > gpu[0] > gpu[1] > gpu[2]
+    assert gpu[2] == plans[("parallel.offload_activations=true",)].activations  # 5 of 6: every block but the last
+    for plan in plans.values():
+        assert plan.activations + plan.host == pytest.approx(none.activations, rel=1e-12)
+
+
 def test_trainer_runs_with_both_and_the_checks_say_why_not_with_full_recompute(tmp_path):
     from k2train.train import run
 
@@ -177,8 +208,8 @@ def test_trainer_runs_with_both_and_the_checks_say_why_not_with_full_recompute(t
     both = run(load_config([*common, "parallel.fp8_moe_inputs=true", "parallel.offload_activations=true"]),
                run_dir=tmp_path / "b")
     assert plain[0]["loss"] == pytest.approx(both[0]["loss"], rel=1e-6)  # step 1: same forward
-    selective = run(load_config([*common, "parallel.recompute=selective", "parallel.offload_activations=true"]),
-                    run_dir=tmp_path / "c")
+    selective = run(load_config([*common, "parallel.recompute=selective", "parallel.offload_activations=true",
+                                 "parallel.offload_layers=1"]), run_dir=tmp_path / "c")
     assert [m["loss"] for m in selective] == pytest.approx([m["loss"] for m in plain], rel=1e-6)
     with pytest.raises(ValueError, match="use parallel.recompute=selective .* or none with it"):
         load_config(["parallel.offload_activations=true", "parallel.recompute=full"]).validate()

@@ -212,18 +212,27 @@ class _OffloadedBlock:
 _CLASSES: dict[type, type] = {}
 
 
-def apply_offload(model: nn.Module, offload: Optional[ActivationOffload] = None) -> ActivationOffload:
-    """Offload the activations of every block in ``model.layers`` (a whole model or a pipeline
-    stage's part), except the last one of the part that ends in the LM head (its backward comes
-    right after its forward: a round trip over PCIe would buy nothing). Returns the offloader (one
-    pair of side streams per process)."""
+def offloaded_blocks(num_blocks: int, ends_in_head: bool, num_layers: int = -1) -> int:
+    """How many of a part's first blocks offload (``parallel.offload_layers``: ``num_layers``, -1
+    for all): never the last one of a part that ends in the LM head (its backward comes right after
+    its forward: a round trip over PCIe would buy nothing)."""
+    most = num_blocks - 1 if ends_in_head else num_blocks
+    return max(0, most if num_layers < 0 else min(num_layers, most))
+
+
+def apply_offload(model: nn.Module, offload: Optional[ActivationOffload] = None, num_layers: int = -1) -> ActivationOffload:
+    """Offload the activations of the first ``num_layers`` blocks in ``model.layers`` (a whole model
+    or a pipeline stage's part; -1: all of them), as :func:`offloaded_blocks` counts them; the others
+    keep theirs and still fetch the previous block's ahead of its backward. Returns the offloader
+    (one pair of side streams per process)."""
     offload = offload or ActivationOffload()
     blocks = list(model.layers.values())
+    n = offloaded_blocks(len(blocks), getattr(model, "lm_head", None) is not None, num_layers)
     for i, block in enumerate(blocks):
         base = block.__class__
         if base not in _CLASSES:
             _CLASSES[base] = type(f"Offloaded{base.__name__}", (_OffloadedBlock, base), {})
         block.__class__ = _CLASSES[base]
         block.offload = offload
-        block.offload_saves = not (i == len(blocks) - 1 and getattr(model, "lm_head", None) is not None)
+        block.offload_saves = i < n
     return offload

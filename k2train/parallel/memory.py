@@ -29,6 +29,7 @@ from ..config import ModelConfig, OptimConfig, ParallelConfig, TrainerConfig
 from ..model import K2Model
 from ..optim.grouping import is_muon_param
 from .data_parallel import BUCKET_BYTES
+from .activation_memory import offloaded_blocks
 from .expert_parallel import is_expert_param
 from .pipeline import build_stage_part, layer_costs, split_layers
 
@@ -266,9 +267,10 @@ def estimate_memory(
     when ``parallel.dp`` is -1 (default 1, the smallest run; ZeRO-1 shards shrink with more).
 
     ``parallel.fp8_moe_inputs`` changes what the MoE layers keep (:func:`layer_activation_bytes`);
-    ``parallel.offload_activations`` moves what every block keeps to CPU memory, and the GPU holds
+    ``parallel.offload_activations`` moves what the blocks keep to CPU memory, and the GPU holds
     two blocks' worth: the one computing and the one being copied (out in the forward, back in the
-    backward)."""
+    backward), plus, with ``parallel.offload_layers``, all of what the blocks past the offloaded
+    ones keep."""
     precision = precision or ("bf16" if trainer_cfg.dtype == "bfloat16" else "fp32")
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r} must be one of {sorted(PRECISIONS)}")
@@ -320,19 +322,34 @@ def estimate_memory(
                 master_bytes += mb * n / shard
                 largest_grad = max(largest_grad, gb * n)
         layers = [i for s in stage_ids for i in split[s]]
-        act_mb = sum(
-            layer_activation_bytes(
-                model_cfg, i >= model_cfg.first_k_dense_replace, S, p.recompute, a, tp, p.fp8_moe_inputs, residual
-            )
-            for i in layers
-        ) * tokens_mb
+
+        def layer_mb(i: int) -> float:  # bytes one micro-batch leaves in layer i
+            moe = i >= model_cfg.first_k_dense_replace
+            return layer_activation_bytes(model_cfg, moe, S, p.recompute, a, tp, p.fp8_moe_inputs, residual) * tokens_mb
+
+        act_mb = sum(layer_mb(i) for i in layers)
         inflight = in_flight_microbatches(p.pp_schedule, pp, vpp, r, m)
         backward_before_peak = m > inflight  # an earlier micro-batch's backward made the gradients
         host = 0.0
-        if p.offload_activations and layers:  # two blocks' worth on the GPU, the rest on the host
-            host = act_mb * inflight
-            inflight = min(inflight, 2 / len(layers))
-            host -= act_mb * inflight
+        if p.offload_activations and layers:
+            # Each part's first blocks offload (offloaded_blocks), the rest keep theirs. On the GPU:
+            # the kept blocks of every micro-batch in flight, but the block before the loss of one
+            # only (its backward follows its forward at once), and two blocks' worth of traffic (the
+            # one computing, the one crossing PCIe) less the kept blocks computing after the last
+            # offloaded one (each about one block's copy time).
+            kept_mb = off_mb = last_mb = 0.0
+            n_kept = n_off = 0
+            for s in stage_ids:
+                ids, head_part = split[s], s == pp * vpp - 1
+                n = offloaded_blocks(len(ids), head_part, p.offload_layers)
+                off_mb += sum(layer_mb(i) for i in ids[:n])
+                kept_mb += sum(layer_mb(i) for i in ids[n:len(ids) - head_part])
+                last_mb += layer_mb(ids[-1]) if head_part and n < len(ids) else 0.0
+                n_off, n_kept = n_off + n, n_kept + len(ids) - n
+            crossing = min(off_mb * inflight, off_mb / n_off * max(0, 2 - n_kept)) if n_off else 0.0
+            on_gpu = kept_mb * inflight + last_mb * min(1.0, inflight) + crossing
+            host = act_mb * inflight - on_gpu
+            inflight = on_gpu / act_mb if act_mb else 0.0
         # The loss and a recomputed layer's backward come one after the other: the larger counts.
         head = recomputing = 0.0
         if pp * vpp - 1 in stage_ids:  # the logits: of one loss chunk with trainer.loss_chunk_tokens

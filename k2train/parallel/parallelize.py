@@ -93,7 +93,7 @@ def parallelize(
         if cfg.fp8_moe_inputs:
             apply_fp8_storage(part)
         if offload is not None:
-            apply_offload(part, offload)
+            apply_offload(part, offload, cfg.offload_layers)
         if compile:
             apply_compile(part)
     return ParallelModel(parts, pipeline)
