@@ -481,7 +481,8 @@ def format_memory_report(
         margin = gpu_memory_gib - peak.total / GiB
         lines.append(
             f"  on {gpu_memory_gib:.1f} GiB GPUs ({gpu_memory_gib * GiB / 1e9:.0f} GB), as configured (recompute "
-            f"{p.recompute}, FP8 MoE inputs {p.fp8_moe_inputs}, offload {p.offload_activations}): "
+            f"{p.recompute}, FP8 MoE inputs {p.fp8_moe_inputs}, offload {p.offload_activations}"
+            f"{f' of the first {p.offload_layers} blocks per part' if p.offload_activations and p.offload_layers > 0 else ''}): "
             f"{'fits' if margin >= 0 else 'does NOT fit'}, {'headroom' if margin >= 0 else 'over by'} {abs(margin):.2f} GiB"
         )
         lines += _context_parallel_options(model_cfg, p, trainer_cfg, optim_cfg, precision, gpu_memory_gib)
