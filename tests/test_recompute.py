@@ -212,3 +212,21 @@ def test_compile_with_tensor_parallelism_is_refused():
 
     with pytest.raises(Exception, match="use trainer.compile=false with tensor parallelism"):
         load_config(["trainer.compile=true", "parallel=tp2"]).validate()
+
+
+def test_selective_recompute_refuses_a_kept_output_modified_in_place():
+    """A matmul output the policy keeps, then scaled in place by the forward: the recompute would
+    read the scaled value where the forward read the product; it stops with an error instead."""
+    from torch.utils.checkpoint import checkpoint
+
+    from k2train.parallel.recompute import _selective_contexts
+
+    def fn(x, w):
+        y = x @ w
+        y.mul_(2)
+        return (y * y).sum()
+
+    x, w = torch.randn(4, 8, requires_grad=True), torch.randn(8, 8, requires_grad=True)
+    loss = checkpoint(fn, x, w, use_reentrant=False, context_fn=_selective_contexts)
+    with pytest.raises(RuntimeError, match="modified in place afterwards"):
+        loss.backward()

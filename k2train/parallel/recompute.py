@@ -34,7 +34,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_map, tree_map_only
+from torch.utils._pytree import tree_leaves, tree_map, tree_map_only
 from torch.utils.checkpoint import CheckpointPolicy, SelectiveCheckpointContext, checkpoint
 
 from ..kernels import attention, moe  # noqa: F401  (they register the k2kernels ops the policy names)
@@ -148,9 +148,13 @@ def _same(x):
     return x
 
 
+def _versions(out) -> list:
+    return [t._version if isinstance(t, torch.Tensor) else None for t in tree_leaves(out)]
+
+
 class _Keep(TorchDispatchMode):
     """Selective recompute's forward: the outputs of the ops the policy saves go into ``kept``, in
-    order, each through ``pack``."""
+    order, each through ``pack``, with their version counters."""
 
     def __init__(self, kept: deque, pack: Callable):
         super().__init__()
@@ -160,7 +164,7 @@ class _Keep(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         if _policy(SelectiveCheckpointContext(is_recompute=False), func, *args, **kwargs) == CheckpointPolicy.MUST_SAVE:
-            self.kept.append((func, tree_map_only(torch.Tensor, self.pack, out)))
+            self.kept.append((func, tree_map_only(torch.Tensor, self.pack, out), _versions(out)))
         return out
 
 
@@ -181,7 +185,14 @@ class _Replay(TorchDispatchMode):
             raise RuntimeError(f"selective recompute: the recompute ran {func} where the forward kept "
                                f"{self.kept[0][0] if self.kept else 'nothing more'}; the block's forward must run "
                                "the same ops each time (no data- or state-dependent branches)")
-        return tree_map(self.unpack, self.kept.popleft()[1])
+        _, kept, versions = self.kept.popleft()
+        # what stayed on the device is the forward's tensor itself: an in-place op after it was kept
+        # would hand the recompute another value (what went to the host was copied when kept)
+        if any(isinstance(t, torch.Tensor) and t._version != v for t, v in zip(tree_leaves(kept), versions)):
+            raise RuntimeError(f"selective recompute: the output of {func} that the forward kept was modified in "
+                               "place afterwards; the recompute would read the modified value (make that op "
+                               "out of place)")
+        return tree_map(self.unpack, kept)
 
 
 def _selective_contexts(pack: Callable = _same, unpack: Callable = _same) -> tuple[TorchDispatchMode, TorchDispatchMode]:
