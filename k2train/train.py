@@ -8,6 +8,7 @@ Hydra composes conf/ into a typed, validated :class:`~k2train.config.JobConfig`;
 nothing sees Hydra: :class:`~k2train.trainer.Trainer` builds the run and trains it.
 """
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -59,6 +60,15 @@ def main() -> None:
 
     with user_errors(errors=(HydraException, OmegaConfBaseException), prefix="config error"):
         _main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Launched by torchrun and done: checkpoints drained, logs and the process group closed.
+        # The interpreter's own teardown then rarely aborts a rank in gloo's C++ threads
+        # ("terminate called without an active exception", SIGABRT after the last checkpoint),
+        # which torchrun and Slurm report as a failed job: leave without it.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":
