@@ -181,7 +181,7 @@ def run_case(name: str, overrides: list[str], steps: int, work: Path, peak: bool
                     for part in tr.parts:
                         for n, prm in part.named_parameters():
                             if prm.dtype == torch.float32:  # autocast casts it: 2 bytes an element
-                                kind = "experts" if ".experts." in n else n.split(".")[0] if "layers" not in n else "block"
+                                kind = "experts" if ".experts." in n else "block" if n.startswith("layers.") else n.split(".")[0]
                                 copies[-(-2 * prm.numel() // 512) * 512] = f"bf16 copy of weights ({kind})"
                     row["peak_composition"] = peak_composition(traces[torch.cuda.current_device()], top=16, copies=copies)
                 row["static_gib"] = torch.cuda.memory_allocated() / GiB

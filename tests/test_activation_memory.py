@@ -275,6 +275,34 @@ def test_k2_pretrain_plan_fits_h800s_at_dp1_with_the_real_switches():
             assert r.host > 0 and r.activations + r.host == pytest.approx(k.activations, rel=1e-12)
 
 
+def _gpu_runs_without_and_with_offload(recompute: str):
+    """k2_small (4 layers) on CUDA under bf16 autocast, once without offload and once with it, in
+    ``recompute`` mode: each run's loss, gradients and the memory held after the forward; and the
+    offloader of the second."""
+    from k2train.parallel.recompute import apply_recompute
+
+    cfg = dataclasses.replace(load_config(["model=k2_small"]).model, num_hidden_layers=4)
+    tokens = torch.randint(0, cfg.vocab_size, (1, 2049), device="cuda")
+    results = []
+    for offload in (False, True):
+        torch.manual_seed(0)
+        model = K2Model(cfg).cuda()
+        model.init_weights(seed=0)
+        apply_recompute(model, recompute)
+        if offload:
+            offloader = apply_offload(model)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        with torch.autocast("cuda", torch.bfloat16):
+            loss = F.cross_entropy(model(tokens[:, :-1]).float().flatten(0, 1), tokens[:, 1:].flatten())
+        torch.cuda.synchronize()
+        held = torch.cuda.memory_allocated() - base
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}, held))
+        del model
+    return results[0], results[1], offloader
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_fp8_kernels_and_offload():
@@ -287,25 +315,7 @@ def test_gpu_fp8_kernels_and_offload():
     assert torch.equal(s.cpu(), s_cpu) and torch.equal(q.cpu().view(torch.uint8), q_cpu.view(torch.uint8))
     assert torch.equal(dequantize_tiles(q, s, torch.float32).cpu(), dequantize_tiles(q_cpu, s_cpu, torch.float32))
     assert torch.isnan(torch.tensor([470.0, 1e4], device="cuda").to(E4M3).float()).all()
-    cfg = dataclasses.replace(load_config(["model=k2_small"]).model, num_hidden_layers=4)
-    tokens = torch.randint(0, cfg.vocab_size, (1, 2049), device="cuda")
-    results = []
-    for offload in (False, True):
-        torch.manual_seed(0)
-        model = K2Model(cfg).cuda()
-        model.init_weights(seed=0)
-        if offload:
-            offloader = apply_offload(model)
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        with torch.autocast("cuda", torch.bfloat16):
-            loss = F.cross_entropy(model(tokens[:, :-1]).float().flatten(0, 1), tokens[:, 1:].flatten())
-        torch.cuda.synchronize()
-        held = torch.cuda.memory_allocated() - base
-        loss.backward()
-        results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}, held))
-        del model
-    (l0, g0, h0), (l1, g1, h1) = results
+    (l0, g0, h0), (l1, g1, h1), offloader = _gpu_runs_without_and_with_offload("none")
     assert l0 == l1 and all(torch.equal(g1[n], g) for n, g in g0.items())
     assert h1 < 0.5 * h0, (h0, h1)
     # activations crossed, the weights' bf16 copies did not (one layer's worth would be >= 1 GiB)
@@ -317,28 +327,7 @@ def test_gpu_fp8_kernels_and_offload():
 def test_gpu_offload_with_selective_recompute():
     """On CUDA, offload on top of selective recompute: the same loss and gradients as selective
     alone (bitwise: the kept outputs cross PCIe and back unchanged) and less memory after the forward."""
-    from k2train.parallel.recompute import apply_recompute
-
-    cfg = dataclasses.replace(load_config(["model=k2_small"]).model, num_hidden_layers=4)
-    tokens = torch.randint(0, cfg.vocab_size, (1, 2049), device="cuda")
-    results = []
-    for offload in (False, True):
-        torch.manual_seed(0)
-        model = K2Model(cfg).cuda()
-        model.init_weights(seed=0)
-        apply_recompute(model, "selective")
-        if offload:
-            offloader = apply_offload(model)
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        with torch.autocast("cuda", torch.bfloat16):
-            loss = F.cross_entropy(model(tokens[:, :-1]).float().flatten(0, 1), tokens[:, 1:].flatten())
-        torch.cuda.synchronize()
-        held = torch.cuda.memory_allocated() - base
-        loss.backward()
-        results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}, held))
-        del model
-    (l0, g0, h0), (l1, g1, h1) = results
+    (l0, g0, h0), (l1, g1, h1), offloader = _gpu_runs_without_and_with_offload("selective")
     assert l0 == l1 and all(torch.equal(g1[n], g) for n, g in g0.items())
     assert h1 < 0.8 * h0 and offloader.bytes_offloaded > 0, (h0, h1)
 

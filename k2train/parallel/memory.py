@@ -344,7 +344,7 @@ def estimate_memory(
                 n = offloaded_blocks(len(ids), head_part, p.offload_layers)
                 off_mb += sum(layer_mb(i) for i in ids[:n])
                 kept_mb += sum(layer_mb(i) for i in ids[n:len(ids) - head_part])
-                last_mb += layer_mb(ids[-1]) if head_part and n < len(ids) else 0.0
+                last_mb += layer_mb(ids[-1]) if head_part and ids else 0.0
                 n_off, n_kept = n_off + n, n_kept + len(ids) - n
             crossing = min(off_mb * inflight, off_mb / n_off * max(0, 2 - n_kept)) if n_off else 0.0
             on_gpu = kept_mb * inflight + last_mb * min(1.0, inflight) + crossing
