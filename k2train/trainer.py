@@ -397,9 +397,11 @@ class Trainer:
         return history
 
     def _preempted(self, step: int, history: list[dict]) -> list[dict]:
-        self.logger.console(f"preemption signal: checkpointing at step {step} and exiting")
         if self.cfg.trainer.checkpoint.enable:
+            self.logger.console(f"preemption signal: checkpointing at step {step} and exiting")
             self.checkpointer.save(step, self.checkpoint_state(), blocking=True)
+        else:
+            self.logger.console(f"preemption signal: exiting at step {step} (trainer.checkpoint.enable=false: no checkpoint)")
         return history
 
     def _final_save(self) -> None:

@@ -53,6 +53,8 @@ def _memory_cases() -> list[tuple[str, list[str]]]:
         "offload+selective": ["parallel.recompute=selective", "parallel.offload_activations=true"],
         "offload(1)": ["parallel.recompute=none", "parallel.offload_activations=true", "parallel.offload_layers=1"],
         "fp8+offload": ["parallel.recompute=none", "parallel.fp8_moe_inputs=true", "parallel.offload_activations=true"],
+        "fp8+offload+selective": ["parallel.recompute=selective", "parallel.fp8_moe_inputs=true",  # K2's recipe
+                                  "parallel.offload_activations=true"],
     }
     cases = []
     for optim in ("muonclip", "adamw"):

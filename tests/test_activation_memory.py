@@ -262,7 +262,7 @@ def test_k2_pretrain_plan_fits_h800s_at_dp1_with_the_real_switches():
 
     cfg = load_config(["experiment=k2_pretrain"]).validate()
     p = cfg.parallel
-    assert (p.fp8_moe_inputs, p.offload_activations, p.recompute, p.pp, p.ep, p.cp) == (True, True, "none", 16, 16, 1)
+    assert (p.fp8_moe_inputs, p.offload_activations, p.recompute, p.pp, p.ep, p.cp) == (True, True, "selective", 16, 16, 1)
     plan = estimate_memory(cfg.model, p, cfg.trainer, cfg.optim)
     assert plan.world_size == 256 and plan.peak.total <= 80e9
     # what leaves the GPU is on the host: the two add up to what the GPU would hold without offload,

@@ -55,3 +55,18 @@ def test_bench_e2e_cpu_smoke(tmp_path):
     rows = [line.split() for line in out.stdout.splitlines() if line.startswith("adamw m=")]
     assert [r[1] for r in rows] == ["m=1", "m=2"] and all(float(r[2]) > 0 for r in rows)
     assert (tmp_path / "bench_e2e.jsonl").read_text().count("\n") == 2
+
+
+def test_fp8_loss_curve_compares_paired_steps_where_both_runs_got_to():
+    # a run cut short (preemption, timeout) is compared over the steps both reached, step by step
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fp8_loss_curve", ROOT / "scripts/fp8_loss_curve.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    ref = [10.0 - 0.01 * i for i in range(300)]
+    fp8 = [x * (1.002 if i % 2 else 0.998) * 1.001 for i, x in enumerate(ref[:235])]
+    cmp = mod.compare(ref, fp8)
+    assert cmp["steps"] == 235 and cmp["skip"] == mod.SKIP and cmp["tail_steps"] == mod.TAIL
+    assert abs(cmp["mean"] - 0.001) < 2e-4 and 0 < cmp["sem"] < 2e-4
+    assert abs(cmp["tail"] - 0.001) < 2e-4  # the last 20 paired steps, not the reference's own last 20
