@@ -44,6 +44,7 @@ from .optim.qk_clip import layer_max_logits, qk_clip_layers_, qk_clip_summary
 from .parallel import (ParallelDims, backend_for, clip_grad_norm_, loss_context, reduce_gradients_,
                        replica_groups, sum_expert_load_)
 from .parallel.context_parallel import shard_sequence
+from .parallel.memory import estimate_memory, host_memory_check, read_meminfo
 from .parallel.parallelize import parallelize
 from .parallel.pipeline import pipeline_step
 from .runtime import default_wandb_run_id, logging_rank
@@ -136,6 +137,7 @@ class Trainer:
             dims.build_mesh(self.device.type)
         self.is_logging_rank = dims.rank == logging_rank(world, dims.pp)
         self.num_microbatches = dims.num_microbatches(t)
+        host_warning = self._check_host_memory()  # offload's pinned memory: refused here, not mid-step
         torch.manual_seed(t.seed)
         random.seed(t.seed)  # checkpoints carry every generator's state: the same seed, the same bytes
         np.random.seed(t.seed)
@@ -199,9 +201,21 @@ class Trainer:
         self._stack.callback(self.logger.close)
         if resumed is not None:
             self.logger.console(f"resumed from {self.checkpointer.folder} at step {resumed}")
+        if host_warning:
+            self.logger.console(f"warning: {host_warning}")
         self.tokens_per_step = t.global_batch_size * t.seq_len
         self.flops_per_token = flops_per_token(cfg.model, t.seq_len, "megatron")
         self.peak_tflops = peak_tflops(self.device)
+
+    def _check_host_memory(self) -> Optional[str]:
+        """With offload on a GPU: the planner's pinned host memory for this node's GPUs against the
+        node's (ValueError past its total, a warning past what is available now)."""
+        cfg = self.cfg
+        if not cfg.parallel.offload_activations or self.device.type != "cuda" or (meminfo := read_meminfo()) is None:
+            return None
+        precision = "autocast" if cfg.trainer.dtype == "bfloat16" else None
+        plan = estimate_memory(cfg.model, cfg.parallel, cfg.trainer, cfg.optim, precision, dp=self.dims.dp)
+        return host_memory_check(plan, int(os.environ.get("LOCAL_WORLD_SIZE", "1")), *meminfo)
 
     def _default_data(self, dp_rank: int, dp_size: int):
         t = self.cfg.trainer

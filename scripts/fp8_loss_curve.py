@@ -119,7 +119,8 @@ def main() -> None:
     cut = "" if len({len(v) for v in runs.values()}) == 1 else f" (runs of {', '.join(str(len(v)) for v in runs.values())} steps)"
     verdict = "within" if abs(cmp["mean"]) + 2 * cmp["sem"] <= 0.0025 else "NOT within"
     print(f"FP8 storage against bf16, {cmp['steps']} paired steps{cut}: {cmp['mean']:+.3%} ± {cmp['sem']:.3%} "
-          f"mean loss after step {cmp['skip']} ({verdict} 0.25% at two standard errors); last {cmp['tail_steps']} steps {cmp['tail']:+.3%}")
+          f"mean loss after step {cmp['skip']} ({verdict} 0.25% at two standard errors); "
+          f"last {cmp['tail_steps']} steps {cmp['tail']:+.3%}")
     if len(others) > 1:
         floor = compare(ref, others[1])
         print(f"noise floor, bf16 from init seed 1 against bf16, {floor['steps']} paired steps: {floor['mean']:+.3%} ± "

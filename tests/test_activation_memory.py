@@ -275,6 +275,23 @@ def test_k2_pretrain_plan_fits_h800s_at_dp1_with_the_real_switches():
             assert r.host > 0 and r.activations + r.host == pytest.approx(k.activations, rel=1e-12)
 
 
+def test_offload_host_memory_is_checked_against_the_node():
+    # K2's recipe parks ~90 GiB per GPU in pinned (unswappable) host memory: 722 GiB on an 8-GPU node
+    from k2train.parallel.memory import GiB, estimate_memory, host_memory_check, read_meminfo
+
+    cfg = load_config(["experiment=k2_pretrain"]).validate()
+    plan = estimate_memory(cfg.model, cfg.parallel, cfg.trainer, cfg.optim)
+    per_gpu = max(r.host for r in plan.ranks)
+    assert 85 * GiB < per_gpu < 95 * GiB
+    assert host_memory_check(plan, 8, 2048 * GiB, 1900 * GiB) is None
+    warning = host_memory_check(plan, 8, 1024 * GiB, 600 * GiB)
+    assert "722 GiB for the 8 GPU(s)" in warning and "600 GiB of 1024 are available" in warning
+    with pytest.raises(ValueError, match=r"more than the node has \(512 GiB\).*parallel.offload_layers"):
+        host_memory_check(plan, 8, 512 * GiB, 500 * GiB)
+    total, available = read_meminfo()  # Linux: this machine's own numbers
+    assert 0 < available <= total
+
+
 def _gpu_runs_without_and_with_offload(recompute: str):
     """k2_small (4 layers) on CUDA under bf16 autocast, once without offload and once with it, in
     ``recompute`` mode: each run's loss, gradients and the memory held after the forward; and the

@@ -21,6 +21,7 @@ weights, fp32 gradients, fp32 masters inside the ZeRO-1-sharded optimizer state)
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -405,6 +406,35 @@ def estimate_memory(
         bubble_fraction=bubble_fraction(pp, vpp, m),
         notes=notes,
     )
+
+
+def host_memory_check(plan: MemoryPlan, gpus_per_node: int, mem_total: float, mem_available: float) -> Optional[str]:
+    """Offloaded activations wait in pinned host memory, which cannot be swapped: a node's GPUs
+    together, each at the plan's largest per-GPU amount, against the node's memory (bytes, as
+    ``/proc/meminfo`` gives them). Raises ValueError when they exceed the node's total (the run
+    would die mid-step, not at start); returns a warning when they exceed what is available now;
+    else None."""
+    per_gpu = max(r.host for r in plan.ranks)
+    need = per_gpu * gpus_per_node
+    if need <= mem_available:
+        return None
+    what = (f"offloaded activations need up to {per_gpu / GiB:.1f} GiB of pinned host memory per GPU, "
+            f"{need / GiB:.0f} GiB for the {gpus_per_node} GPU(s) of this node")
+    fix = ("offload fewer blocks (parallel.offload_layers=N), keep less per block (parallel.recompute=selective, "
+           "parallel.fp8_moe_inputs=true), or spread the model over more ranks (pp, ep, cp); "
+           "python -m k2train.plan shows the host term for each")
+    if need > mem_total:
+        raise ValueError(f"{what}, more than the node has ({mem_total / GiB:.0f} GiB): {fix}")
+    return f"{what}; {mem_available / GiB:.0f} GiB of {mem_total / GiB:.0f} are available now: {fix}"
+
+
+def read_meminfo() -> Optional[tuple[float, float]]:
+    """(MemTotal, MemAvailable) in bytes from ``/proc/meminfo``; None where there is none (not Linux)."""
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
+        return tuple(float(fields[k].split()[0]) * 1024 for k in ("MemTotal", "MemAvailable"))
+    except (OSError, KeyError, ValueError, IndexError):
+        return None
 
 
 def _gb(x: float) -> str:
