@@ -333,24 +333,31 @@ def _expert_mlp_bwd(dy_ND: torch.Tensor, x: torch.Tensor, x_scale: Optional[torc
                     gate_scale: Optional[torch.Tensor], up: torch.Tensor, up_scale: Optional[torch.Tensor],
                     w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, offs_E: torch.Tensor,
                     use_grouped_mm: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dw_gate, dw_up, dw_down); x, gate and up are FP8 tiles where their scales are given."""
+    """(dx, dw_gate, dw_up, dw_down); x, gate and up are FP8 tiles where their scales are given.
+
+    Under autocast the weights are fp32 and the compute bf16: each weight's bf16 copy lives only
+    around its own GEMM and each weight gradient leaves in the weight's dtype as soon as it is made,
+    so one copy and one bf16 gradient exist at a time (not three of each beside the fp32 ones)."""
     dt, ugm = dy_ND.dtype, use_grouped_mm
-    wg, wu, wd = (w.to(dt) for w in (w_gate, w_up, w_down))
     dy_ND = dy_ND.contiguous()
-    E = wg.shape[0]
-    dh = grouped_linear(dy_ND, wd.transpose(1, 2), offs_E, ugm)
+    E = w_gate.shape[0]
+    dh = grouped_linear(dy_ND, w_down.to(dt).transpose(1, 2), offs_E, ugm)
     if gate_scale is not None:  # FP8 tiles: dequantize, SwiGLU and its gradients in one pass
         h, dgate, dup = swiglu_bwd_from_tiles(gate, gate_scale, up, up_scale, dh)
     else:
         h = swiglu(gate, up)
         dgate, dup = swiglu_grads(gate, up, dh)
-    dw_down = grouped_weight_grad(h, dy_ND, offs_E, E, ugm)
+    del dh
+    dw_down = grouped_weight_grad(h, dy_ND, offs_E, E, ugm).to(w_down.dtype)
+    del h
     if x_scale is not None:
         x = dequantize_tiles(x, x_scale, dt)
-    dw_gate = grouped_weight_grad(x, dgate, offs_E, E, ugm)
-    dw_up = grouped_weight_grad(x, dup, offs_E, E, ugm)
-    dx = grouped_linear(dgate, wg.transpose(1, 2), offs_E, ugm) + grouped_linear(dup, wu.transpose(1, 2), offs_E, ugm)
-    return tuple(t.contiguous() for t in (dx, dw_gate.to(w_gate.dtype), dw_up.to(w_up.dtype), dw_down.to(w_down.dtype)))
+    dw_gate = grouped_weight_grad(x, dgate, offs_E, E, ugm).to(w_gate.dtype)
+    dw_up = grouped_weight_grad(x, dup, offs_E, E, ugm).to(w_up.dtype)
+    del x
+    dx = grouped_linear(dgate, w_gate.to(dt).transpose(1, 2), offs_E, ugm)
+    dx = dx + grouped_linear(dup, w_up.to(dt).transpose(1, 2), offs_E, ugm)
+    return tuple(t.contiguous() for t in (dx, dw_gate, dw_up, dw_down))
 
 
 @_expert_mlp_fwd.register_fake
