@@ -8,7 +8,7 @@ the mean of the last ``TAIL`` steps. After a few hundred steps the two trajector
 20-step tail alone swings by several tenths of a percent; the paired mean over the run is the
 measure that resolves 0.25%.
 
-    python scripts/fp8_loss_curve.py                   # GPU: k2_small, 300 steps of 4 x 4096 (~6 min on an H200)
+    python scripts/fp8_loss_curve.py                   # GPU: k2_small, 300 steps of 4 x 4096 (~4 min per run on an H200)
     python scripts/fp8_loss_curve.py --noise           # and a third run: bf16 storage from another init
                                                        #   seed, the same measure: the floor of run-to-run noise
     python scripts/fp8_loss_curve.py --smoke           # CPU: k2_tiny, a few steps (the code path)
