@@ -340,14 +340,18 @@ class Trainer:
             model = self.parts[0]
             stats = torch.zeros(2, device=device)
             head = not t.loss_chunk_tokens
-            for batch in batches:
-                b = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                with loss_context(tp_mesh), autocast:
-                    out = model(b["tokens"], position_ids=b.get("position_ids"), doc_ids=b.get("doc_ids"), head=head)
-                    ce = self.loss(out, b["labels"])
-                    aux = model.aux_loss
-                    (ce + aux).backward()
-                stats += torch.stack([ce.detach(), aux.detach()]).float()
+            # one autocast region for the step, as the pipeline's: autocast's cache then holds each
+            # weight's bf16 copy from the first micro-batch to the last (the weights do not change
+            # in between), which casts every weight once a step instead of once per micro-batch
+            with autocast:
+                for batch in batches:
+                    b = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                    with loss_context(tp_mesh):
+                        out = model(b["tokens"], position_ids=b.get("position_ids"), doc_ids=b.get("doc_ids"), head=head)
+                        ce = self.loss(out, b["labels"])
+                        aux = model.aux_loss
+                        (ce + aux).backward()
+                    stats += torch.stack([ce.detach(), aux.detach()]).float()
             stats /= self.num_microbatches
         # each cp rank's cross entropy is its part of the mean (they add up over cp), its aux loss
         # the whole sequence's (the same on every cp rank)

@@ -86,6 +86,31 @@ def test_log_files_get_plain_lines_not_progress_bar_redraws(tmp_path):
                                                                                                      "step      4/4"]
 
 
+def test_bf16_steps_cast_each_dense_weight_once_per_step(tmp_path):
+    # one autocast region for all micro-batches: autocast's cache makes each weight's bf16 copy
+    # once a step (the routed experts cast their stacked weights themselves, once per micro-batch)
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    cfg = _small(tmp_path, "trainer.micro_batch_size=1", "trainer.dtype=bfloat16", "trainer.checkpoint.enable=false")
+    with Trainer(cfg, run_dir=tmp_path / "run") as trainer:
+        names = {id(p): n for part in trainer.parts for n, p in part.named_parameters()}
+        casts: dict[str, int] = {}
+
+        class CountCasts(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func.overloadpacket is torch.ops.aten._to_copy and id(args[0]) in names:
+                    casts[names[id(args[0])]] = casts.get(names[id(args[0])], 0) + 1
+                return func(*args, **(kwargs or {}))
+
+        assert trainer.num_microbatches == 4
+        batches = trainer.next_batches()
+        with CountCasts():
+            trainer.train_step(batches)
+    dense = {n: c for n, c in casts.items() if ".experts." not in n}
+    assert len(dense) > 10 and set(dense.values()) == {1}, dense
+    assert {c for n, c in casts.items() if ".experts." in n} == {4}
+
+
 def _golden_losses(out: Path) -> list[float]:
     """The default run's first GOLDEN_STEPS losses (its config, its schedule over 200 steps)."""
     cfg = load_config([f"trainer.output_dir={out}", "trainer.checkpoint.enable=false", *QUIET])
