@@ -221,14 +221,17 @@ def show(row: dict, base: dict | None) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("suite", choices=sorted(SUITES))
-    ap.add_argument("--only", default="", help="run the cases whose name contains one of these texts, '|'-separated")
+    ap.add_argument("--only", default="", help="run the cases whose name contains one of these texts, '|'-separated "
+                    "(a text ending in '$': the case of exactly that name)")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--set", nargs="*", default=[], help="overrides appended to every case")
     ap.add_argument("--peak", action="store_true",
                     help="record the last step's allocations and print what is alive at its peak, by source line")
     ap.add_argument("--smoke", action="store_true", help="k2_tiny on the CPU (checks that every case runs)")
     args = ap.parse_args()
-    cases = [(n, o) for n, o in SUITES[args.suite]() if any(part in n for part in args.only.split("|"))]
+    parts = args.only.split("|")
+    cases = [(n, o) for n, o in SUITES[args.suite]()
+             if any(n == part[:-1] if part.endswith("$") else part in n for part in parts)]
     cases = [(n, [*o, *args.set]) for n, o in cases]
     if args.smoke:
         cases = [(n, [*(x for x in o if not x.startswith("model")), *SMOKE]) for n, o in cases]

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The H200 measurements still owed (docs/performance.md, "Still to measure"), in four parts that
 # each fit one ~9-minute GPU call; run from the repo root, logs into $OUT.
-#   bash scripts/gpu_owed.sh 1   # activation-memory modes vs the planner, MuonClip at 1 micro-batch; saved tensors per block
+#   bash scripts/gpu_owed.sh 1   # FP8 storage's peak (--peak); the modes vs the planner, MuonClip at 1 micro-batch; saved tensors
 #   bash scripts/gpu_owed.sh 2   # the same, AdamW at 8 micro-batches
 #   bash scripts/gpu_owed.sh 3   # FP8 storage loss curve with its noise floor (3 runs of 200 steps)
 #   bash scripts/gpu_owed.sh 4   # AdamW at 1 micro-batch; compiled m=1 then m=8 in one process with expandable segments
@@ -12,8 +12,10 @@ export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . > "$OUT/install.log" 2>&1 || cat "$OUT/install.log"
 case "${1:-1}" in
 1)
+    echo "== FP8 storage after the backward that frees as it goes: its peak, and what is alive at it (--peak)"
+    timeout 120 python3 scripts/bench_trainer.py memory --only "muonclip m=8 fp8$" --steps 2 --peak 2>&1 | tee "$OUT/fp8_peak.txt"
     echo "== activation-memory modes on the proxy vs the planner: MuonClip at one micro-batch"
-    timeout 460 python3 scripts/bench_trainer.py memory --only "muonclip m=1" --steps 3 2>&1 | tee "$OUT/memory_muonclip_m1.txt"
+    timeout 400 python3 scripts/bench_trainer.py memory --only "muonclip m=1" --steps 3 2>&1 | tee "$OUT/memory_muonclip_m1.txt"
     echo "== saved tensors per block vs the planner"
     timeout 100 python3 scripts/saved_tensors.py 2>&1 | tail -20 | tee "$OUT/saved_tensors.txt"
     ;;
