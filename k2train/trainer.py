@@ -215,7 +215,9 @@ class Trainer:
             return None
         precision = "autocast" if cfg.trainer.dtype == "bfloat16" else None
         plan = estimate_memory(cfg.model, cfg.parallel, cfg.trainer, cfg.optim, precision, dp=self.dims.dp)
-        return host_memory_check(plan, int(os.environ.get("LOCAL_WORLD_SIZE", "1")), *meminfo)
+        # the node's GPUs in this run: torchrun says; a launcher that does not, at most every GPU here
+        local = int(os.environ.get("LOCAL_WORLD_SIZE") or min(torch.cuda.device_count(), self.dims.world_size))
+        return host_memory_check(plan, max(1, local), *meminfo)
 
     def _default_data(self, dp_rank: int, dp_size: int):
         t = self.cfg.trainer
