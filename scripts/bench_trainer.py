@@ -157,6 +157,7 @@ def run_case(name: str, overrides: list[str], steps: int, work: Path, peak: bool
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     times = []
+    tr = batches = None
     try:
         with Trainer(cfg, run_dir=work / "run", data=random_tokens(cfg.model.vocab_size, t.micro_batch_size, t.seq_len)) as tr:
             for i in range(steps):
@@ -194,6 +195,9 @@ def run_case(name: str, overrides: list[str], steps: int, work: Path, peak: bool
         # the allocator's own account (allocated / reserved but unallocated) is the line's second half
         row["error"] = f"out of memory in step {len(times) + 1}: " + " ".join(str(e).split("\n")[0].split()[3:])[:400]
     finally:
+        # the trainer (weights, gradients, optimizer state) and its last batches go before the cache
+        # is emptied: the next case starts on an allocator that holds nothing of this one
+        tr = batches = None  # noqa: F841
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
