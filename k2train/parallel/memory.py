@@ -306,7 +306,7 @@ def estimate_memory(
     ranks = []
     for r in range(pp):
         stage_ids = [r + v * pp for v in range(vpp)]
-        n_local = n_cast = 0.0
+        n_local = n_cast = n_cast_expert = expert_stack = 0.0
         opt_bytes = master_bytes = 0.0
         largest_grad = 0.0
         for s in stage_ids:
@@ -317,6 +317,9 @@ def estimate_memory(
                     n /= tp
                 n_local += n
                 n_cast += n if cast else 0.0
+                if expert:
+                    n_cast_expert += n
+                    expert_stack = max(expert_stack, n)
                 shard = zero_expert if expert else zero_dense
                 states = 1 if muon else 2
                 opt_bytes += 4 * states * n / shard
@@ -370,7 +373,13 @@ def estimate_memory(
         if pp > 1:  # activation and gradient send/recv buffers of each local stage
             transient += 2 * len(stage_ids) * a * tokens_mb * model_cfg.hidden_size
         if precision == "autocast":  # the bf16 weight copies autocast makes for the matmuls (not the embedding)
-            transient += 2 * n_cast
+            # The routed experts cast their stacks themselves. Autograd keeps those copies for the
+            # backward only when nothing recomputes them and they are not FP8-stored (which recasts
+            # in the backward); otherwise one layer's three stacks exist at a time.
+            if p.recompute == "none" and not p.fp8_moe_inputs:
+                transient += 2 * n_cast
+            else:
+                transient += 2 * (n_cast - n_cast_expert + min(n_cast_expert, 3 * expert_stack))
         if dp_size * cp > 1:  # reduce_gradients_ concatenates gradients into flat buckets
             transient += min(BUCKET_BYTES, largest_grad)
         grads_at_peak = None
