@@ -44,7 +44,7 @@ from .optim.qk_clip import layer_max_logits, qk_clip_layers_, qk_clip_summary
 from .parallel import (ParallelDims, backend_for, clip_grad_norm_, loss_context, reduce_gradients_,
                        replica_groups, sum_expert_load_)
 from .parallel.context_parallel import shard_sequence
-from .parallel.memory import estimate_memory, host_memory_check, read_meminfo
+from .parallel.memory import estimate_memory, host_memory_check, read_meminfo, trainer_precision
 from .parallel.parallelize import parallelize
 from .parallel.pipeline import pipeline_step
 from .runtime import default_wandb_run_id, logging_rank
@@ -213,8 +213,8 @@ class Trainer:
         cfg = self.cfg
         if not cfg.parallel.offload_activations or self.device.type != "cuda" or (meminfo := read_meminfo()) is None:
             return None
-        precision = "autocast" if cfg.trainer.dtype == "bfloat16" else None
-        plan = estimate_memory(cfg.model, cfg.parallel, cfg.trainer, cfg.optim, precision, dp=self.dims.dp)
+        plan = estimate_memory(cfg.model, cfg.parallel, cfg.trainer, cfg.optim, trainer_precision(cfg.trainer),
+                               dp=self.dims.dp)
         # the node's GPUs in this run: torchrun says; a launcher that does not, at most every GPU here
         local = int(os.environ.get("LOCAL_WORLD_SIZE") or min(torch.cuda.device_count(), self.dims.world_size))
         return host_memory_check(plan, max(1, local), *meminfo)

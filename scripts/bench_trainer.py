@@ -32,7 +32,7 @@ from typing import Callable, Optional
 import torch
 
 from k2train.config import load_config
-from k2train.parallel.memory import estimate_memory
+from k2train.parallel.memory import estimate_memory, trainer_precision
 from k2train.trainer import Trainer
 
 GiB = 2**30
@@ -147,7 +147,7 @@ def run_case(name: str, overrides: list[str], steps: int, work: Path, peak: bool
     cfg = load_config([*overrides, "trainer.checkpoint.enable=false", "logging.wandb=false", "logging.console=false",
                        "logging.progress_bar=false", f"trainer.steps={steps + spare_steps}", f"trainer.output_dir={work}"])
     t = cfg.trainer
-    plan = estimate_memory(cfg.model, cfg.parallel, t, cfg.optim, precision="autocast" if t.dtype == "bfloat16" else None)
+    plan = estimate_memory(cfg.model, cfg.parallel, t, cfg.optim, trainer_precision(t))
     rank = plan.peak
     row = {"case": name, "overrides": overrides, "seq_len": t.seq_len, "tokens_per_step": t.global_batch_size * t.seq_len,
            "plan_gib": rank.total / GiB, "plan_static_gib": (rank.params + rank.grads + rank.master + rank.optimizer) / GiB,
@@ -157,7 +157,6 @@ def run_case(name: str, overrides: list[str], steps: int, work: Path, peak: bool
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     times = []
-    tr = batches = None
     try:
         with Trainer(cfg, run_dir=work / "run", data=random_tokens(cfg.model.vocab_size, t.micro_batch_size, t.seq_len)) as tr:
             for i in range(steps):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -44,7 +45,8 @@ def train(overrides: list[str], steps: int, work: Path) -> list[float]:
         return [m["loss"] for m in trainer.run()]
 
 
-def plot(runs: dict[str, list[float]], out: Path) -> None:
+def plot(runs: dict[str, list[float]], cmp: dict, out: Path) -> None:
+    """Every run's loss; below, FP8 against bf16 storage step by step and its 20-step mean."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -55,13 +57,12 @@ def plot(runs: dict[str, list[float]], out: Path) -> None:
         ax.plot(range(1, len(losses) + 1), losses, label=label, linewidth=1)
     ax.set_ylabel("loss (cross entropy + aux)")
     ax.set_yscale("log")
-    cmp = compare(*list(runs.values())[:2])
     ax.set_title(f"k2_small: FP8 storage {cmp['mean']:+.3%} ± {cmp['sem']:.3%} loss over {cmp['steps']} paired steps")
     ax.legend()
     ref, fp8 = (v[:cmp["steps"]] for v in list(runs.values())[:2])
     rel = [100 * (b / a - 1) for a, b in zip(ref, fp8)]
     window = 20
-    rolling = [sum(rel[max(0, i - window + 1):i + 1]) / len(rel[max(0, i - window + 1):i + 1]) for i in range(len(rel))]
+    rolling = [statistics.fmean(rel[max(0, i - window + 1):i + 1]) for i in range(len(rel))]
     bx.plot(range(1, len(rel) + 1), rel, linewidth=0.5, color="0.6", label="per step")
     bx.plot(range(1, len(rel) + 1), rolling, linewidth=1.2, label=f"mean of {window}")
     for bar in (-0.25, 0.25):
@@ -126,7 +127,7 @@ def main() -> None:
         print(f"noise floor, bf16 from init seed 1 against bf16, {floor['steps']} paired steps: {floor['mean']:+.3%} ± "
               f"{floor['sem']:.3%} mean, last {floor['tail_steps']} steps {floor['tail']:+.3%}")
     try:
-        plot(runs, args.out or out_dir / "fp8_storage_loss.png")
+        plot(runs, cmp, args.out or out_dir / "fp8_storage_loss.png")
     except ImportError:
         print("matplotlib missing: no plot (python scripts/fp8_loss_curve.py --plot-from fp8_loss.json)")
 

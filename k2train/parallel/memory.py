@@ -255,6 +255,12 @@ def _stage_params(model_cfg: ModelConfig, num_stages: int, seq_len: int, adamw_o
     return split, stages
 
 
+def trainer_precision(trainer_cfg: TrainerConfig) -> str:
+    """The precision the trainer runs: fp32, or bf16 autocast over fp32 weights for
+    trainer.dtype=bfloat16 (the planner's own default for bfloat16 is K2's ``bf16``)."""
+    return "autocast" if trainer_cfg.dtype == "bfloat16" else "fp32"
+
+
 def estimate_memory(
     model_cfg: ModelConfig,
     parallel_cfg: ParallelConfig,
