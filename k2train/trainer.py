@@ -344,14 +344,18 @@ class Trainer:
             head = not t.loss_chunk_tokens
             # one autocast region for the step, as the pipeline's: autocast's cache then holds each
             # weight's bf16 copy from the first micro-batch to the last (the weights do not change
-            # in between), which casts every weight once a step instead of once per micro-batch
+            # in between), which casts every weight once a step instead of once per micro-batch.
+            # No forward follows the last backward: the cache goes before it, so each copy goes
+            # when its layer's backward is done instead of staying to the end of the step.
             with autocast:
-                for batch in batches:
+                for i, batch in enumerate(batches):
                     b = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                     with loss_context(tp_mesh):
                         out = model(b["tokens"], position_ids=b.get("position_ids"), doc_ids=b.get("doc_ids"), head=head)
                         ce = self.loss(out, b["labels"])
                         aux = model.aux_loss
+                        if i == len(batches) - 1:
+                            torch.clear_autocast_cache()
                         (ce + aux).backward()
                     stats += torch.stack([ce.detach(), aux.detach()]).float()
             stats /= self.num_microbatches

@@ -90,7 +90,8 @@ def profile_steps(trainer: Trainer, steps: int, out: Path, name: str, top: int =
             "phase_kernels": longest, "trace": str(trace)}
 
 
-def run_case(optim: str, micro: int, steps: int, extra: list[str], smoke: bool, profile: bool, out: Path) -> dict:
+def run_case(optim: str, micro: int, steps: int, extra: list[str], smoke: bool, profile: bool, out: Path,
+             top: int = 8) -> dict:
     name = f"{optim} m={micro}"
     overrides = [*PROXY, *FAST, *SEQ4K, f"optim={optim}", f"trainer.global_batch_size={micro}", "parallel.recompute=none"]
     if optim == "muonclip":  # the fastest Newton-Schulz (docs/muonclip.md): Gram iteration, fp16, Triton
@@ -98,7 +99,7 @@ def run_case(optim: str, micro: int, steps: int, extra: list[str], smoke: bool, 
     if smoke:
         overrides = [*(o for o in overrides if not o.startswith("model")), *SMOKE]
     overrides += extra
-    after = (lambda tr: profile_steps(tr, 2, out, name)) if profile else None
+    after = (lambda tr: profile_steps(tr, 2, out, name, top)) if profile else None
     with tempfile.TemporaryDirectory() as tmp:
         row = bench_trainer.run_case(name, overrides, steps, Path(tmp), warmup=2, after=after, spare_steps=2)
     if "step_ms" not in row:
@@ -150,6 +151,7 @@ def main() -> None:
     ap.add_argument("--set", nargs="*", default=[], help="overrides appended to every case")
     ap.add_argument("--profile", action="store_true",
                     help="profile two more steps per case (syncs, phases; Chrome trace into $K2_TRACE_DIR, default $OUT)")
+    ap.add_argument("--top", type=int, default=8, help="with --profile: the longest kernels listed per phase")
     ap.add_argument("--titan", type=Path, help="folder with run_titan.sh's logs (titan_eager.log, m8/titan_eager.log, ...)")
     ap.add_argument("--run-titan", type=Path, metavar="KIT",
                     help="run TorchTitan's kit (set up: wheels, corpus, tokenizer) first, into $OUT/titan")
@@ -169,7 +171,7 @@ def main() -> None:
     with open(out / "bench_e2e.jsonl", "a") as log:
         for optim in args.optim:
             for micro in args.micro:
-                row = run_case(optim, micro, args.steps, args.set, args.smoke, args.profile, out)
+                row = run_case(optim, micro, args.steps, args.set, args.smoke, args.profile, out, args.top)
                 rows.append(row)
                 log.write(json.dumps(row) + "\n")
                 log.flush()
@@ -195,9 +197,8 @@ def main() -> None:
                     print(f"      host syncs per step: {row['syncs_per_step']:.1f} {row['syncs_where']}")
                     for phase, ms in row["phase_gpu_ms"].items():
                         print(f"      {phase:40s} {ms:8.1f} ms GPU")
-                        if phase != "k2train.forward_backward":
-                            for kms, kernel in row["phase_kernels"][phase]:
-                                print(f"          {kms:8.2f} ms  {kernel}")
+                        for kms, kernel in row["phase_kernels"][phase]:
+                            print(f"          {kms:8.2f} ms  {kernel}")
     print(f"rows: {out / 'bench_e2e.jsonl'}", file=sys.stderr)
 
 

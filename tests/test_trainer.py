@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+import weakref
 from pathlib import Path
 
 import pytest
@@ -96,12 +97,25 @@ def test_bf16_steps_cast_each_dense_weight_once_per_step(tmp_path):
         names = {id(p): n for part in trainer.parts for n, p in part.named_parameters()}
         casts: dict[str, int] = {}
 
+        copies: list[weakref.ref] = []  # the dense weights' bf16 copies
+
         class CountCasts(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
                 if func.overloadpacket is torch.ops.aten._to_copy and id(args[0]) in names:
                     casts[names[id(args[0])]] = casts.get(names[id(args[0])], 0) + 1
-                return func(*args, **(kwargs or {}))
+                    if ".experts." not in names[id(args[0])]:
+                        copies.append(weakref.ref(out))
+                return out
 
+        # when the embedding's output gets its gradient every other layer's backward is done: the
+        # copies live on (the cache) for the backwards that another forward follows, not the last
+        alive: list[int] = []
+
+        def count_alive(mod, args, out):
+            out.register_hook(lambda grad: alive.append(sum(c() is not None for c in copies)))
+
+        trainer.parts[0].embed_tokens.register_forward_hook(count_alive)
         assert trainer.num_microbatches == 4
         batches = trainer.next_batches()
         with CountCasts():
@@ -109,6 +123,7 @@ def test_bf16_steps_cast_each_dense_weight_once_per_step(tmp_path):
     dense = {n: c for n, c in casts.items() if ".experts." not in n}
     assert len(dense) > 10 and set(dense.values()) == {1}, dense
     assert {c for n, c in casts.items() if ".experts." in n} == {4}
+    assert alive[:3] == [len(dense)] * 3 and alive[3] == 0, alive
 
 
 def _golden_losses(out: Path) -> list[float]:

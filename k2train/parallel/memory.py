@@ -66,6 +66,10 @@ class RankMemory:
     # has run on this rank (gradient accumulation, pipeline steady state); with one micro-batch per
     # step only the LM head's, the backward's first (the rest are allocated as activations free).
     grads_at_activation_peak: Optional[float] = None
+    # What else is alive when the backward ends: under autocast with a pipeline, the dense weights'
+    # bf16 copies (autocast's cache holds them to the end of the step; the one-process loop drops
+    # it before the last backward).
+    transient_at_backward_end: float = 0.0
 
     @property
     def total(self) -> float:
@@ -73,7 +77,8 @@ class RankMemory:
         backward (every gradient, activations gone)."""
         static = self.params + self.master + self.optimizer
         grads = self.grads if self.grads_at_activation_peak is None else self.grads_at_activation_peak
-        return max(static + grads + self.activations + self.transient, static + self.grads)
+        return max(static + grads + self.activations + self.transient,
+                   static + self.grads + self.transient_at_backward_end)
 
 
 @dataclass
@@ -378,6 +383,7 @@ def estimate_memory(
             transient += 2 * a * tokens_mb * model_cfg.num_experts_per_tok * model_cfg.hidden_size
         if pp > 1:  # activation and gradient send/recv buffers of each local stage
             transient += 2 * len(stage_ids) * a * tokens_mb * model_cfg.hidden_size
+        backward_end = 0.0
         if precision == "autocast":  # the bf16 weight copies autocast makes for the matmuls (not the embedding)
             # The routed experts cast their stacks themselves. Autograd keeps those copies for the
             # backward only when nothing recomputes them and they are not FP8-stored (which recasts
@@ -386,6 +392,8 @@ def estimate_memory(
                 transient += 2 * n_cast
             else:
                 transient += 2 * (n_cast - n_cast_expert + min(n_cast_expert, 3 * expert_stack))
+            if pp > 1:
+                backward_end = 2 * (n_cast - n_cast_expert)
         if dp_size * cp > 1:  # reduce_gradients_ concatenates gradients into flat buckets
             transient += min(BUCKET_BYTES, largest_grad)
         grads_at_peak = None
@@ -408,6 +416,7 @@ def estimate_memory(
                 transient=transient,
                 host=host,
                 grads_at_activation_peak=grads_at_peak,
+                transient_at_backward_end=backward_end,
             )
         )
     return MemoryPlan(
