@@ -22,7 +22,7 @@ case "${1:-1}" in
     ;;
 2)
     echo "== MuonClip at one micro-batch peaks at 77.5 GiB in every mode (AdamW: 82 at 80.5 static): what is alive at its peak"
-    timeout 60 python3 scripts/bench_trainer.py memory --only "muonclip m=1 selective$" --steps 2 --peak 2>&1 | tee "$OUT/muon_m1_peak.txt"
+    timeout 200 python3 scripts/bench_trainer.py memory --only "muonclip m=1 selective$" --steps 2 --peak 2>&1 | tee "$OUT/muon_m1_peak.txt"
     echo "== where an AdamW step's GPU time goes, 8 micro-batches: eager, then compiled (own processes)"
     timeout 150 python3 scripts/bench_e2e.py --optim adamw --micro 8 --steps 6 --profile --top 30 2>&1 | tee "$OUT/e2e_eager_m8.txt"
     timeout 300 python3 scripts/bench_e2e.py --optim adamw --micro 8 --steps 6 --profile --top 30 --set trainer.compile=true \
@@ -40,6 +40,11 @@ case "${1:-1}" in
     echo "== compiled AdamW, m=1 then m=8 in one process (out of memory at m=8 twice): is it fragmentation?"
     PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout 190 python3 scripts/bench_e2e.py --optim adamw --micro 1 8 \
         --steps 6 --set trainer.compile=true 2>&1 | tee "$OUT/e2e_compile_expandable.txt"
+    ;;
+5)
+    echo "== MuonClip at one micro-batch: what is alive at its peak (the optimizer step?), then every mode vs the planner"
+    timeout 200 python3 scripts/bench_trainer.py memory --only "muonclip m=1 selective$" --steps 2 --peak 2>&1 | tee "$OUT/muon_m1_peak.txt"
+    timeout 150 python3 scripts/bench_trainer.py memory --only "muonclip m=1" --steps 3 2>&1 | tee "$OUT/memory_muonclip_m1.txt"
     ;;
 *)
     echo "usage: bash scripts/gpu_owed.sh 1|2|3|4" >&2
