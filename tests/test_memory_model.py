@@ -21,6 +21,7 @@ from k2train.parallel.memory import (
     head_activation_bytes,
     in_flight_microbatches,
     layer_activation_bytes,
+    newton_schulz_workspace,
 )
 
 TOL = 0.10
@@ -129,6 +130,25 @@ def test_weights_grads_states_match_tensors():
     (rank,) = plan.ranks
     assert rank.params == params and rank.grads == grads and rank.master == 0
     assert rank.optimizer == states, f"optimizer states {rank.optimizer} vs {states}"
+
+
+def test_optimizer_step_workspace():
+    # MuonClip's largest Newton-Schulz batch, chunked as the optimizer chunks (about 2^29 elements,
+    # whole params): the proxy's shared + routed expert matrices of one layer, 51 of 2048 x 7168
+    # (measured on the H200: 1.39 GiB per copy of the batch)
+    shapes = [torch.Size(s) for s in [(2048, 7168), (2048, 7168), (7168, 2048), (16, 2048, 7168), (16, 2048, 7168),
+                                      (16, 7168, 2048)] * 2]
+    bf16 = OptimConfig(name="muonclip", ns_dtype="bfloat16")
+    assert newton_schulz_workspace(shapes, bf16) == 2 * 51 * (3 * 2048 * 7168 + 2 * 2048 * 2048)
+    assert newton_schulz_workspace(shapes, OptimConfig(name="muonclip", ns_dtype="float32")) == 2 * newton_schulz_workspace(
+        shapes, bf16)
+    # the planner's third moment: only MuonClip has one, and it is what the peak is when it is largest
+    trainer = TrainerConfig(seq_len=16, micro_batch_size=2, global_batch_size=2)
+    muon = estimate_memory(tiny(), ParallelConfig(dp=1), trainer, OptimConfig(name="muonclip")).ranks[0]
+    adamw = estimate_memory(tiny(), ParallelConfig(dp=1), trainer, OptimConfig(name="adamw")).ranks[0]
+    assert muon.optimizer_transient > 0 and adamw.optimizer_transient == 0
+    assert muon.phases["the optimizer step"] - muon.phases["the end of the backward"] == muon.optimizer_transient
+    assert muon.total == max(muon.phases.values())
 
 
 def test_schedule_formulas():
