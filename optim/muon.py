@@ -318,6 +318,9 @@ class MuonClip(torch.optim.Optimizer):
                 o = (r if p.shape[-2] <= p.shape[-1] else r.mT).reshape(p.shape)
                 scale = muon_lr_scale(p.shape, group["rms_match"])
                 apply_update_(w, o, group["lr"], group["weight_decay"], scale, param=p if w is not p else None)
+            # let this batch and its result go before the next batch is allocated: kept to the end
+            # of the next Newton-Schulz call, the result was a fourth batch-sized buffer at the peak
+            del batch, result, r, o
 
     def _muon_group(self, group: dict, params: list[Tensor]) -> None:
         # Elementwise math on local shards; batched_newton_schulz gathers tp-sharded matrices whole.

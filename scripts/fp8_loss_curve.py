@@ -111,10 +111,10 @@ def main() -> None:
             todo = [("bf16 storage", []), ("FP8 MoE inputs", ["parallel.fp8_moe_inputs=true"])]
             if args.noise:
                 todo.append(("bf16 storage, init seed 1", ["trainer.seed=1"]))
+            out_dir.mkdir(parents=True, exist_ok=True)
             for label, extra in todo:
                 runs[label] = train([*base, *extra], steps, Path(tmp) / label.split()[0])
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "fp8_loss.json").write_text(json.dumps(runs))
+                (out_dir / "fp8_loss.json").write_text(json.dumps(runs))  # after each run: a cut call keeps the others
     ref, *others = runs.values()
     cmp = compare(ref, others[0])
     cut = "" if len({len(v) for v in runs.values()}) == 1 else f" (runs of {', '.join(str(len(v)) for v in runs.values())} steps)"
