@@ -94,6 +94,8 @@ NOTES: dict[str, str] = {
     "trainer.micro_batch_size": "Samples per forward/backward on one data-parallel rank.",
     "trainer.grad_clip": "Global gradient-norm clip (0 disables).",
     "trainer.dtype": "`bfloat16`: autocast compute with fp32 weights and optimizer state.",
+    "trainer.param_dtype": "`bfloat16` (with `trainer.dtype=bfloat16`): bf16 weights, no per-matmul casts; fp32 "
+    "gradients and fp32 master weights in the optimizer (K2's and Megatron's bf16).",
     "trainer.device": "`auto`: CUDA when visible, else CPU.",
     "trainer.seed": "Seed of initialization and dropout-free randomness (layout-invariant init).",
     "trainer.log_interval": "Print a console line every N steps (JSONL and wandb get every step).",

@@ -345,6 +345,10 @@ class TrainerConfig:
     global_batch_size: int = 8
     grad_clip: float = 1.0
     dtype: Literal["float32", "bfloat16"] = "float32"
+    # How weights are stored with dtype=bfloat16: float32 (autocast casts them for each matmul) or
+    # bfloat16 (no casts; fp32 gradients, accumulated over the micro-batches, and fp32 master
+    # weights in the optimizer, as Megatron's bf16 and Kimi K2 train).
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
     log_interval: int = 10
@@ -378,6 +382,8 @@ class TrainerConfig:
         )
         if self.grad_clip < 0:
             _fail(f"trainer.grad_clip={self.grad_clip} must be >= 0 (0 disables clipping)")
+        if self.param_dtype == "bfloat16" and self.dtype != "bfloat16":
+            _fail("trainer.param_dtype=bfloat16 stores the weights for bf16 compute: set trainer.dtype=bfloat16 too")
         if self.loss_chunk_tokens < 0:
             _fail(f"trainer.loss_chunk_tokens={self.loss_chunk_tokens} must be >= 0 (0: the loss in one piece)")
         if self.checkpoint.interval < 0 or self.checkpoint.keep_last < 1 or self.checkpoint.keep_every < 0:
@@ -420,6 +426,12 @@ class JobConfig:
                 f"model.norm_impl={m.norm_impl} / model.mlp_impl={m.mlp_impl}: the fused norm and SwiGLU kernels "
                 f"take plain tensors, not the DTensors of tensor parallelism (parallel.tp={self.parallel.tp}); "
                 "use model.norm_impl=torch model.mlp_impl=torch"
+            )
+        if t.param_dtype == "bfloat16" and self.parallel.tp > 1:
+            _fail(
+                f"trainer.param_dtype=bfloat16 with parallel.tp={self.parallel.tp}: the tensor-parallel (DTensor) "
+                "weights keep computing in fp32 after the cast to bf16 (a matmul then mixes bf16 and fp32); "
+                "use trainer.param_dtype=float32 with tensor parallelism"
             )
         if t.compile and self.parallel.tp > 1:
             _fail(

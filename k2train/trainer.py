@@ -47,6 +47,7 @@ from .parallel.context_parallel import shard_sequence
 from .parallel.memory import estimate_memory, host_memory_check, read_meminfo, trainer_precision
 from .parallel.parallelize import parallelize
 from .parallel.pipeline import pipeline_step
+from .parallel.precision import bf16_params_
 from .runtime import default_wandb_run_id, logging_rank
 
 Batch = dict[str, torch.Tensor]
@@ -151,7 +152,7 @@ class Trainer:
         placed = parallelize(
             model, dims, cfg.parallel, compile=t.compile, seq_len=t.seq_len, micro_batch_size=t.micro_batch_size,
             num_microbatches=self.num_microbatches, loss_fn=self.loss, device=self.device,
-            head_in_loss=bool(t.loss_chunk_tokens),
+            head_in_loss=bool(t.loss_chunk_tokens), hidden_dtype=torch.bfloat16 if t.param_dtype == "bfloat16" else None,
         )
         self.parts, self.pipeline = placed.parts, placed.pipeline
         self.loss.head = next((p.lm_head for p in self.parts if p.lm_head is not None), None)
@@ -161,6 +162,8 @@ class Trainer:
             part.train()
         if t.checkpoint.load_path:  # initial weights; a resume below overrides them
             load_model_weights(t.checkpoint.load_path, self.parts)
+        if t.param_dtype == "bfloat16":  # before the optimizer, which makes its fp32 masters from them
+            bf16_params_(self.parts)
 
         # 3. optimizer and LR schedule; the modules QK-Clip and the router-bias update act on
         self.optimizer = build_optimizer(self.parts, cfg.optim, replica_group=replica_groups(dims) if dims.distributed else None)

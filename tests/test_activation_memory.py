@@ -258,12 +258,13 @@ def test_selective_recompute_keeps_its_saved_outputs_through_the_offloader(one_t
 
 
 def test_k2_pretrain_plan_fits_h800s_at_dp1_with_the_real_switches():
-    from k2train.parallel.memory import estimate_memory
+    from k2train.parallel.memory import estimate_memory, trainer_precision
 
     cfg = load_config(["experiment=k2_pretrain"]).validate()
     p = cfg.parallel
     assert (p.fp8_moe_inputs, p.offload_activations, p.recompute, p.pp, p.ep, p.cp) == (True, True, "selective", 16, 16, 1)
-    plan = estimate_memory(cfg.model, p, cfg.trainer, cfg.optim)
+    plan = estimate_memory(cfg.model, p, cfg.trainer, cfg.optim, precision=trainer_precision(cfg.trainer))
+    assert plan.precision == "bf16"  # what the trainer runs: bf16 weights, fp32 gradients and masters
     assert plan.world_size == 256 and plan.peak.total <= 80e9
     # what leaves the GPU is on the host: the two add up to what the GPU would hold without offload,
     # with no recompute and with selective recompute (its kept outputs are offloaded)

@@ -288,9 +288,12 @@ def newton_schulz_workspace(shapes: list[torch.Size], optim_cfg: OptimConfig) ->
 
 
 def trainer_precision(trainer_cfg: TrainerConfig) -> str:
-    """The precision the trainer runs: fp32, or bf16 autocast over fp32 weights for
-    trainer.dtype=bfloat16 (the planner's own default for bfloat16 is K2's ``bf16``)."""
-    return "autocast" if trainer_cfg.dtype == "bfloat16" else "fp32"
+    """The precision the trainer runs: fp32; bf16 autocast over fp32 weights for
+    trainer.dtype=bfloat16; K2's ``bf16`` (bf16 weights, fp32 gradients and masters) with
+    trainer.param_dtype=bfloat16 too (the planner's own default for bfloat16)."""
+    if trainer_cfg.dtype != "bfloat16":
+        return "fp32"
+    return "bf16" if trainer_cfg.param_dtype == "bfloat16" else "autocast"
 
 
 def estimate_memory(

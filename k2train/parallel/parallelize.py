@@ -57,12 +57,15 @@ def parallelize(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     device: torch.device,
     head_in_loss: bool = False,
+    hidden_dtype: Optional[torch.dtype] = None,
 ) -> ParallelModel:
     """Apply the layout of ``dims`` (mesh built when there is more than one process) to ``model``
     (a :class:`~k2train.model.K2Model`, on the meta device). ``loss_fn(output, labels)`` is the
     pipeline's last-stage loss (``head_in_loss``: the last stage outputs hidden states and the loss
     runs the LM head, as the chunked loss does); ``seq_len``, ``micro_batch_size`` and
-    ``num_microbatches`` size the pipeline's buffers and schedule."""
+    ``num_microbatches`` size the pipeline's buffers and schedule; ``hidden_dtype`` is the dtype of
+    the hidden states between stages (default: the model's, fp32 under autocast; bf16 weights make
+    a bf16 residual stream)."""
     pipeline = None
     parts = [model]
     if dims.pp > 1:
@@ -76,6 +79,7 @@ def parallelize(
             loss_fn=loss_fn,
             device=device,
             head_in_loss=head_in_loss,
+            hidden_dtype=hidden_dtype,
         )
         parts = pipeline.model_parts
     offload = ActivationOffload() if cfg.offload_activations else None  # one side stream for all parts

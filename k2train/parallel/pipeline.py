@@ -213,6 +213,7 @@ def build_pipeline(
     device: Optional[torch.device] = None,
     layer_split: Optional[list[list[int]]] = None,
     head_in_loss: bool = False,
+    hidden_dtype: Optional[torch.dtype] = None,
 ) -> Pipeline:
     """Split ``model`` (a K2Model, ideally on the meta device) into this pp rank's stages and build
     the schedule (``parallel_cfg.pp_schedule``: 1F1B, GPipe, or Interleaved1F1B with ``vpp``).
@@ -223,6 +224,7 @@ def build_pipeline(
     (:func:`k2train.parallel.clip_grad_norm_` applies the mean's factor).
     ``layer_split`` overrides the FLOP-balanced placement (:func:`split_layers`). ``head_in_loss``:
     the last stage returns the final hidden states and ``loss_fn`` runs the LM head (chunked loss).
+    ``hidden_dtype``: of the hidden states the stages exchange (default: the model's parameters').
     The stage modules hold the parts by reference: apply TP/EP and materialize the parts after this
     call, before the first step. The layout must have passed ``ParallelDims.validate``.
     """
@@ -244,7 +246,7 @@ def build_pipeline(
     pp_rank = pp_mesh.get_local_rank()
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    dtype = next(model.parameters()).dtype
+    dtype = hidden_dtype or next(model.parameters()).dtype  # of the hidden states between stages
     # Static shapes (no shape-inference pass). requires_grad tells the stage which tensors have
     # gradients to exchange in the backward. Under context parallelism each rank holds S/cp tokens
     # of a sequence; under tensor (+ sequence) parallelism the hidden states between stages are

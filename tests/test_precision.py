@@ -1,0 +1,96 @@
+"""trainer.param_dtype=bfloat16: bf16 weights, fp32 gradients accumulated over micro-batches, fp32
+masters in the optimizer (k2train.parallel.precision)."""
+
+import pytest
+import torch
+from torch import nn
+
+from k2train.config import load_config
+from k2train.parallel.memory import trainer_precision
+from k2train.parallel.precision import bf16_params_
+from k2train.trainer import Trainer
+
+QUIET = ["logging.wandb=false", "logging.progress_bar=false", "trainer.checkpoint.enable=false"]
+
+
+def test_gradients_accumulate_in_fp32():
+    # three micro-batches: the fp32 .grad is the fp32 sum of the three bf16 gradients, bit for bit,
+    # accumulated in place (the tensor the first micro-batch made)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.SiLU(), nn.Linear(32, 8))
+    assert bf16_params_([model]) == 4
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    xs = [torch.randn(5, 16, dtype=torch.bfloat16) for _ in range(3)]
+    expected = [torch.zeros(p.shape) for p in model.parameters()]
+    for x in xs:  # the reference: each micro-batch's bf16 gradient alone, summed in fp32
+        grads = torch.autograd.grad(model(x).square().sum(), list(model.parameters()))
+        for e, g in zip(expected, grads):
+            assert g.dtype == torch.bfloat16
+            e += g.float()
+    first = None
+    for x in xs:
+        model(x).square().sum().backward()
+        ptrs = [p.grad.data_ptr() for p in model.parameters()]
+        first = first or ptrs
+        assert ptrs == first
+    for p, e in zip(model.parameters(), expected):
+        assert p.grad.dtype == torch.float32 and torch.equal(p.grad, e)
+
+
+def _cfg(tmp_path, *extra):
+    # the first overrides are the defaults of this file's tests; a later one for the same key wins
+    given = {o.split("=")[0] for o in extra}
+    base = ["model=k2_tiny", "trainer.seq_len=64", "trainer.micro_batch_size=2", "trainer.global_batch_size=4"]
+    return load_config([*(o for o in base if o.split("=")[0] not in given), "trainer.dtype=bfloat16",
+                        f"trainer.output_dir={tmp_path}", *QUIET, *extra])
+
+
+def test_trainer_bf16_params_against_autocast(tmp_path):
+    # the same run with fp32 weights under autocast: bf16 weights round each weight once (2^-9
+    # relative), so five steps stay within 0.1% of the loss; the weights are bf16, the gradients
+    # and the optimizer's masters fp32, and the planner plans K2's bf16 precision for it
+    runs = {}
+    for pd in ("float32", "bfloat16"):
+        cfg = _cfg(tmp_path, f"trainer.param_dtype={pd}")
+        with Trainer(cfg, run_dir=tmp_path / pd) as trainer:
+            runs[pd] = [trainer.train_step(trainer.next_batches()).loss for _ in range(5)]
+            params = [p for part in trainer.parts for p in part.parameters()]
+            assert {p.dtype for p in params} == {getattr(torch, pd)}
+            if pd == "bfloat16":
+                trainer._forward_backward(trainer.next_batches())
+                assert {p.grad.dtype for p in params if p.grad is not None} == {torch.float32}
+                masters = [trainer.optimizer.master_weight(p) for p in params]
+                assert all(m is not None and m.dtype == torch.float32 for m in masters)
+                assert all(torch.equal(m.bfloat16(), p.detach()) for m, p in zip(masters, params))
+        assert trainer_precision(cfg.trainer) == {"float32": "autocast", "bfloat16": "bf16"}[pd]
+    for a, b in zip(*runs.values()):
+        assert abs(b / a - 1) < 1e-3, runs
+
+
+def test_bf16_params_need_bf16_compute():
+    with pytest.raises(ValueError, match="trainer.dtype=bfloat16"):
+        load_config(["trainer.param_dtype=bfloat16"]).validate()
+
+
+def test_bf16_params_refuse_tensor_parallelism():
+    with pytest.raises(ValueError, match="trainer.param_dtype=float32 with tensor parallelism"):
+        load_config(["trainer.dtype=bfloat16", "trainer.param_dtype=bfloat16", "parallel.tp=2",
+                     "model.norm_impl=torch", "model.mlp_impl=torch"]).validate()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bf16_params_on_the_gpu(tmp_path):
+    # k2_small with every Triton kernel and K2's activation memory (FP8 storage, selective recompute,
+    # offload): bf16 weights against fp32 weights under autocast, five steps within 0.5% of the loss
+    # (bf16 residual stream and one rounding of each weight; the losses are ~10, then ~7)
+    base = ["model=k2_small", "trainer.seq_len=1024", "trainer.micro_batch_size=1", "trainer.global_batch_size=2",
+            "model.attn_impl=triton", "model.moe_impl=triton", "model.norm_impl=triton", "model.mlp_impl=triton",
+            "optim.ns_impl=triton", "parallel.recompute=selective", "parallel.fp8_moe_inputs=true",
+            "parallel.offload_activations=true"]
+    runs = {}
+    for pd in ("float32", "bfloat16"):
+        with Trainer(_cfg(tmp_path, *base, f"trainer.param_dtype={pd}"), run_dir=tmp_path / pd) as trainer:
+            runs[pd] = [trainer.train_step(trainer.next_batches()).loss for _ in range(5)]
+    for a, b in zip(*runs.values()):
+        assert abs(b / a - 1) < 5e-3, runs
