@@ -427,12 +427,6 @@ class JobConfig:
                 f"take plain tensors, not the DTensors of tensor parallelism (parallel.tp={self.parallel.tp}); "
                 "use model.norm_impl=torch model.mlp_impl=torch"
             )
-        if t.param_dtype == "bfloat16" and self.parallel.tp > 1:
-            _fail(
-                f"trainer.param_dtype=bfloat16 with parallel.tp={self.parallel.tp}: the tensor-parallel (DTensor) "
-                "weights keep computing in fp32 after the cast to bf16 (a matmul then mixes bf16 and fp32); "
-                "use trainer.param_dtype=float32 with tensor parallelism"
-            )
         if t.compile and self.parallel.tp > 1:
             _fail(
                 f"trainer.compile=true with parallel.tp={self.parallel.tp}: compiling the DTensor blocks fails in "

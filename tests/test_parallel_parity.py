@@ -77,8 +77,9 @@ BF16_PARAMS = h.dataclasses.replace(h.TRAINER, dtype="bfloat16", param_dtype="bf
 
 
 @pytest.mark.parametrize("layout, tol", [(dict(dp=2), (1e-6, 1e-5)), (dict(ep=2), (1e-4, 1e-2)),
+                                         (dict(tp=2), (2e-4, None)),
                                          pytest.param(dict(pp=2), (1e-6, 1e-5), marks=slow)],
-                         ids=["dp2_zero1", "ep2_zero1", "pp2_zero1"])
+                         ids=["dp2_zero1", "ep2_zero1", "tp2_zero1", "pp2_zero1"])
 def test_bf16_params_match_single_process(layout, tol):
     # bf16 weights, fp32 gradients and ZeRO-1-sharded fp32 masters, against one process with the
     # same precision. Data parallel ranks compute each micro-batch's bf16 gradients from the same
@@ -86,14 +87,19 @@ def test_bf16_params_match_single_process(layout, tol):
     # weights bit-equal, losses 8e-8); so do pipeline stages, which pass bf16 hidden states
     # (measured: bit-equal; with the stages' buffers declared fp32 it was 0.2% off at step 1).
     # Under EP other rows share an expert GEMM, which moves bf16 results by an ulp (2^-8 relative)
-    # here and there: measured up to 4e-3 on the experts' gradients.
+    # here and there: measured up to 4e-3 on the experts' gradients. Under TP each rank multiplies
+    # a slice and the row-parallel sums round in bf16: the routers' inputs move enough to flip some
+    # tokens' top-k experts, which moves those experts' gradients by whole tokens (measured 59%;
+    # 18% with fp32 weights under autocast, the same effect), so TP is held to the losses (1e-4).
     loss_tol, tensor_tol = tol
     par = h.run_parallel(layout, optim=Z1, trainer=BF16_PARAMS)
     ref = h.run_reference(trainer=BF16_PARAMS, optim=Z1)
-    assert par["optimizer"] == ("MuonClip" if "pp" in layout else "DistributedMuonClip")  # pp: no replicas
+    # ZeRO-1 shards over a parameter's replicas: pipeline stages alone hold none
+    assert par["optimizer"] == ("MuonClip" if set(layout) == {"pp"} else "DistributedMuonClip")
     for step, (a, b) in enumerate(zip(par["loss"], ref["loss"])):
         assert abs(a - b) <= loss_tol * abs(b), f"loss at step {step + 1}: {a} vs {b}"
-    for k, g in ref["grads"].items():
+    assert set(par["grads"]) == set(ref["grads"])
+    for k, g in ref["grads"].items() if tensor_tol else ():
         assert h.max_rel_diff(par["grads"][k], g) <= tensor_tol, f"step-1 grad of {k}"
-    for k, p in ref["params"].items():
+    for k, p in ref["params"].items() if tensor_tol else ():
         assert h.max_rel_diff(par["params"][k].float(), p.float()) <= tensor_tol, f"final {k}"

@@ -72,12 +72,6 @@ def test_bf16_params_need_bf16_compute():
         load_config(["trainer.param_dtype=bfloat16"]).validate()
 
 
-def test_bf16_params_refuse_tensor_parallelism():
-    with pytest.raises(ValueError, match="trainer.param_dtype=float32 with tensor parallelism"):
-        load_config(["trainer.dtype=bfloat16", "trainer.param_dtype=bfloat16", "parallel.tp=2",
-                     "model.norm_impl=torch", "model.mlp_impl=torch"]).validate()
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_bf16_params_on_the_gpu(tmp_path):

@@ -22,6 +22,7 @@ from typing import Iterable
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 
 def _fp32_grad(p: torch.Tensor) -> None:
@@ -40,14 +41,29 @@ def bf16_params_(model_parts: Iterable[nn.Module]) -> int:
         raise RuntimeError(f"trainer.param_dtype=bfloat16 needs torch >= 2.10 (Tensor.grad_dtype); this is "
                            f"{torch.__version__}: use trainer.param_dtype=float32")
     n = 0
+    replaced: dict[int, nn.Parameter] = {}  # a tensor-parallel weight shared by two modules stays shared
     for part in model_parts:
-        for p in part.parameters():
-            if not p.is_floating_point() or p.dtype == torch.bfloat16:
-                continue
-            if p.grad is not None:
-                raise ValueError("bf16_params_ runs before the first backward (a parameter already has a gradient)")
-            p.data = p.data.to(torch.bfloat16)
-            p.grad_dtype = None  # fp32 .grad on a bf16 parameter
-            p.register_post_accumulate_grad_hook(_fp32_grad)
-            n += 1
+        for module in part.modules():
+            for name, p in list(module._parameters.items()):
+                if p is None or not p.is_floating_point() or p.dtype == torch.bfloat16:
+                    continue
+                if p.grad is not None:
+                    raise ValueError("bf16_params_ runs before the first backward (a parameter already has a gradient)")
+                if isinstance(p, DTensor):
+                    # assigning .data to a DTensor changes its dtype but not its shards': a new
+                    # Parameter over bf16 shards (nothing holds the old one yet: no optimizer)
+                    if id(p) not in replaced:
+                        replaced[id(p)] = nn.Parameter(p.detach().to(torch.bfloat16), requires_grad=p.requires_grad)
+                        _fp32_grads(replaced[id(p)])
+                        n += 1
+                    module._parameters[name] = replaced[id(p)]
+                    continue
+                p.data = p.data.to(torch.bfloat16)
+                _fp32_grads(p)
+                n += 1
     return n
+
+
+def _fp32_grads(p: nn.Parameter) -> None:
+    p.grad_dtype = None  # an fp32 .grad on a bf16 parameter
+    p.register_post_accumulate_grad_hook(_fp32_grad)
