@@ -5,7 +5,8 @@
 #   bash scripts/gpu_owed.sh 2   # where an AdamW step's time goes (eager and compiled, 8 micro-batches); saved tensors
 #   bash scripts/gpu_owed.sh 3   # FP8 storage loss curve with its noise floor (3 runs of 200 steps)
 #   bash scripts/gpu_owed.sh 4   # the long-context rows vs the planner; compiled m=1 then m=8 with expandable segments
-#   bash scripts/gpu_owed.sh 6   # bf16 weights (trainer.param_dtype=bfloat16): GPU test, end to end, FP8's cost, planner
+#   bash scripts/gpu_owed.sh 6   # bf16 weights (trainer.param_dtype=bfloat16): GPU test, end to end (eager, compiled)
+#   bash scripts/gpu_owed.sh 7   # bf16 weights: FP8's cost, the planner's bf16 precision, saved tensors; MuonClip at 1
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -54,12 +55,18 @@ case "${1:-1}" in
         2>&1 | tee "$OUT/e2e_bf16_params.txt"
     timeout 200 python3 scripts/bench_e2e.py --optim adamw --micro 8 --steps 6 --profile --top 30 \
         --set trainer.param_dtype=bfloat16 trainer.compile=true 2>&1 | tee "$OUT/e2e_bf16_params_compile.txt"
-    echo "== FP8 storage's cost and the planner's bf16 precision with bf16 weights (MuonClip, 8 micro-batches), MuonClip at 1"
-    timeout 150 python3 scripts/bench_trainer.py memory --only "muonclip m=8 none$|muonclip m=8 fp8$|muonclip m=8 fp8+offload+selective$|muonclip m=1 selective$" \
+    ;;
+7)
+    echo "== FP8 storage's cost and the planner's bf16 precision with bf16 weights (MuonClip, 8 micro-batches and 1)"
+    timeout 170 python3 scripts/bench_trainer.py memory --only "muonclip m=8 none$|muonclip m=8 fp8$|muonclip m=8 fp8+offload+selective$|muonclip m=1 selective$" \
         --steps 4 --set trainer.param_dtype=bfloat16 2>&1 | tee "$OUT/memory_bf16_params.txt"
+    echo "== saved tensors per block with bf16 weights vs the planner"
+    timeout 80 python3 scripts/saved_tensors.py trainer.param_dtype=bfloat16 2>&1 | tail -20 | tee "$OUT/saved_tensors_bf16.txt"
+    echo "== MuonClip at one micro-batch after the Newton-Schulz batch's result goes early (expect ~74.1 GiB)"
+    timeout 170 python3 scripts/bench_trainer.py memory --only "muonclip m=1" --steps 3 2>&1 | tee "$OUT/memory_muonclip_m1.txt"
     ;;
 *)
-    echo "usage: bash scripts/gpu_owed.sh 1|2|3|4|5|6" >&2
+    echo "usage: bash scripts/gpu_owed.sh 1|2|3|4|5|6|7" >&2
     exit 2
     ;;
 esac

@@ -4,6 +4,7 @@ activation term at a model's real width, on the device its kernels run on.
 
     python scripts/saved_tensors.py                         # GPU: the K2-width proxy, bf16 autocast, 1 x 4096
     python scripts/saved_tensors.py parallel.fp8_moe_inputs=true
+    python scripts/saved_tensors.py trainer.param_dtype=bfloat16   # bf16 weights
     python scripts/saved_tensors.py --smoke                 # CPU: k2_tiny, fp32
 
 Every tensor autograd saves inside a block is counted once per storage (a storage saved by several
@@ -23,6 +24,7 @@ from k2train.config import load_config
 from k2train.model import K2Model
 from k2train.parallel.activation_memory import _from_parameter, apply_fp8_storage
 from k2train.parallel.memory import head_activation_bytes, layer_activation_bytes
+from k2train.parallel.precision import bf16_params_
 
 PROXY = ["model=k2_1t", "model.num_hidden_layers=2", "model.n_routed_experts=16", "model.attn_impl=triton",
          "model.moe_impl=triton", "trainer.dtype=bfloat16", "trainer.seq_len=4096", "trainer.micro_batch_size=1"]
@@ -44,6 +46,9 @@ def main() -> None:
     model.init_weights(seed=0)
     if cfg.parallel.fp8_moe_inputs:
         apply_fp8_storage(model)
+    if t.param_dtype == "bfloat16":  # bf16 weights: a bf16 residual stream, no weight copies
+        bf16_params_([model])
+    residual = 4 if a == 2 and t.param_dtype != "bfloat16" else a  # autocast keeps the residual stream fp32
     tokens = torch.randint(0, cfg.model.vocab_size, (t.micro_batch_size, t.seq_len + 1), device=device)
     ntok = t.micro_batch_size * t.seq_len
 
@@ -77,7 +82,8 @@ def main() -> None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
     del loss, logits
 
-    print(f"{cfg.model.name} width {cfg.model.hidden_size}, {ntok} tokens, {'bf16 autocast' if a == 2 else 'fp32'}, "
+    precision = ("bf16 autocast" if a == 2 else "fp32") + (", bf16 weights" if t.param_dtype == "bfloat16" else "")
+    print(f"{cfg.model.name} width {cfg.model.hidden_size}, {ntok} tokens, {precision}, "
           f"attn {cfg.model.attn_impl}, experts {cfg.model.moe_impl}, fp8 MoE inputs {cfg.parallel.fp8_moe_inputs}")
     print(f"{'block':10s} {'measured MiB':>13s} {'planner MiB':>12s} {'error':>7s} {'weights MiB':>12s}")
     for name in [*(f"layer {i}" for i in model.layers), "head"]:
@@ -87,7 +93,7 @@ def main() -> None:
         else:
             i = int(name.split()[1])
             plan = layer_activation_bytes(cfg.model, i >= cfg.model.first_k_dense_replace, t.seq_len, "none", a,
-                                          fp8_moe_inputs=cfg.parallel.fp8_moe_inputs, residual_bytes=4 if a == 2 else a) * ntok
+                                          fp8_moe_inputs=cfg.parallel.fp8_moe_inputs, residual_bytes=residual) * ntok
         w = sum(weights[name].values())
         print(f"{name:10s} {got / 2**20:13.1f} {plan / 2**20:12.1f} {plan / max(got, 1) - 1:+7.1%} {w / 2**20:12.1f}")
         for nbytes, what in sorted(seen[name].values(), reverse=True)[:14]:
