@@ -80,8 +80,9 @@ def reduce_gradients_(model_parts: Iterable[nn.Module], dims: ParallelDims) -> N
         for name, p in part.named_parameters():
             if not p.requires_grad:
                 continue
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
+            if p.grad is None:  # bf16 weights take fp32 gradients (k2train.parallel.precision)
+                fp32 = p.dtype == torch.bfloat16 and getattr(p, "grad_dtype", p.dtype) is None
+                p.grad = torch.zeros_like(p, dtype=torch.float32 if fp32 else p.dtype)
             g = p.grad
             if _is_dtensor(g):
                 if tuple(g.placements) != tuple(p.placements):

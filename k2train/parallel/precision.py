@@ -32,11 +32,17 @@ def _fp32_grad(p: torch.Tensor) -> None:
         p.grad = p.grad.float()
 
 
+def _fp32_grads(p: nn.Parameter) -> None:
+    p.grad_dtype = None  # an fp32 .grad on a bf16 parameter
+    p.register_post_accumulate_grad_hook(_fp32_grad)
+
+
 def bf16_params_(model_parts: Iterable[nn.Module]) -> int:
-    """Store every floating-point parameter of ``model_parts`` in bf16 (in place: the same Parameter
-    objects, so an optimizer or a hook that holds them stays valid) with fp32 gradients (module
-    docstring). Call after the weights are initialized or loaded, before building the optimizer
-    (its fp32 masters are made from these weights). Returns the number of parameters converted."""
+    """Store every floating-point parameter of ``model_parts`` in bf16 with fp32 gradients (module
+    docstring): plain tensors in place (the same Parameter objects), tensor-parallel DTensors as new
+    Parameters over bf16 shards. Call after the weights are initialized or loaded and before
+    anything holds the parameters (the optimizer, whose fp32 masters are made from these weights).
+    Returns the number of parameters converted."""
     if not hasattr(torch.Tensor, "grad_dtype"):
         raise RuntimeError(f"trainer.param_dtype=bfloat16 needs torch >= 2.10 (Tensor.grad_dtype); this is "
                            f"{torch.__version__}: use trainer.param_dtype=float32")
@@ -62,8 +68,3 @@ def bf16_params_(model_parts: Iterable[nn.Module]) -> int:
                 _fp32_grads(p)
                 n += 1
     return n
-
-
-def _fp32_grads(p: nn.Parameter) -> None:
-    p.grad_dtype = None  # an fp32 .grad on a bf16 parameter
-    p.register_post_accumulate_grad_hook(_fp32_grad)
