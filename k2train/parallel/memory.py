@@ -15,8 +15,8 @@ micro-batches early in the pipeline):
   pipeline send/receive buffers, one gradient bucket of the DP all-reduce.
 
 Precision modes: ``fp32`` (everything fp32), ``autocast`` (fp32 weights/grads/states, bf16
-activations; the current trainer with ``trainer.dtype=bfloat16``), ``bf16`` (K2/Megatron: bf16
-weights, fp32 gradients, fp32 masters inside the ZeRO-1-sharded optimizer state).
+activations: ``trainer.dtype=bfloat16``), ``bf16`` (K2/Megatron: bf16 weights, fp32 gradients,
+fp32 masters inside the ZeRO-1-sharded optimizer state: ``trainer.param_dtype=bfloat16`` too).
 """
 
 import dataclasses
@@ -290,7 +290,7 @@ def newton_schulz_workspace(shapes: list[torch.Size], optim_cfg: OptimConfig) ->
 def trainer_precision(trainer_cfg: TrainerConfig) -> str:
     """The precision the trainer runs: fp32; bf16 autocast over fp32 weights for
     trainer.dtype=bfloat16; K2's ``bf16`` (bf16 weights, fp32 gradients and masters) with
-    trainer.param_dtype=bfloat16 too (the planner's own default for bfloat16)."""
+    trainer.param_dtype=bfloat16 too."""
     if trainer_cfg.dtype != "bfloat16":
         return "fp32"
     return "bf16" if trainer_cfg.param_dtype == "bfloat16" else "autocast"
@@ -304,8 +304,8 @@ def estimate_memory(
     precision: Optional[str] = None,
     dp: Optional[int] = None,
 ) -> MemoryPlan:
-    """Per-rank memory of one training step. ``precision``: see the module docstring (default:
-    ``fp32`` for trainer.dtype=float32, ``bf16`` for bfloat16). ``dp``: the data-parallel degree
+    """Per-rank memory of one training step. ``precision``: see the module docstring (default: what
+    the trainer runs, :func:`trainer_precision`). ``dp``: the data-parallel degree
     when ``parallel.dp`` is -1 (default 1, the smallest run; ZeRO-1 shards shrink with more).
 
     ``parallel.fp8_moe_inputs`` changes what the MoE layers keep (:func:`layer_activation_bytes`);
@@ -313,7 +313,7 @@ def estimate_memory(
     two blocks' worth: the one computing and the one being copied (out in the forward, back in the
     backward), plus, with ``parallel.offload_layers``, all of what the blocks past the offloaded
     ones keep."""
-    precision = precision or ("bf16" if trainer_cfg.dtype == "bfloat16" else "fp32")
+    precision = precision or trainer_precision(trainer_cfg)
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r} must be one of {sorted(PRECISIONS)}")
     pb, gb, mb, a = PRECISIONS[precision]
