@@ -92,7 +92,7 @@ def profile_steps(trainer: Trainer, steps: int, out: Path, name: str, top: int =
 
 def run_case(optim: str, micro: int, steps: int, extra: list[str], smoke: bool, profile: bool, out: Path,
              top: int = 8) -> dict:
-    name = f"{optim} m={micro}"
+    name = f"{optim} m={micro}" + (" bf16 w" if "trainer.param_dtype=bfloat16" in extra else "")  # bf16 weights
     overrides = [*PROXY, *FAST, *SEQ4K, f"optim={optim}", f"trainer.global_batch_size={micro}", "parallel.recompute=none"]
     if optim == "muonclip":  # the fastest Newton-Schulz (docs/muonclip.md): Gram iteration, fp16, Triton
         overrides += ["optim.ns_method=gram", "optim.ns_dtype=float16"]
@@ -166,7 +166,7 @@ def main() -> None:
     for name, r in titan.items():
         print(f"TorchTitan {name:14s} {r['tokens_per_s']:9,.0f} tokens/s  {r['memory_gib']:6.1f} GiB reserved  "
               f"({r['steps']} steps)")
-    print(f"{'case':14s} {'step ms':>8s} {'tokens/s':>9s} {'MFU':>6s} {'peak GiB':>8s} {'beyond mb ms':>12s}  vs TorchTitan")
+    print(f"{'case':18s} {'step ms':>8s} {'tokens/s':>9s} {'MFU':>6s} {'peak GiB':>8s} {'beyond mb ms':>12s}  vs TorchTitan")
     rows = []
     with open(out / "bench_e2e.jsonl", "a") as log:
         for optim in args.optim:
@@ -176,10 +176,10 @@ def main() -> None:
                 log.write(json.dumps(row) + "\n")
                 log.flush()
                 if "error" in row:
-                    print(f"{row['case']:14s} {row['error']}")
+                    print(f"{row['case']:18s} {row['error']}")
                     continue
                 # step(m) = beyond + m x per-micro-batch: from this optimizer's m=1 row and this one
-                ones = next((r for r in rows if r["case"] == f"{optim} m=1" and "step_ms" in r), None)
+                ones = next((r for r in rows if r["case"] == row["case"].replace(f"m={micro}", "m=1") and "step_ms" in r), None)
                 beyond = ""
                 if ones is not None and micro > 1:
                     per_mb = (row["step_ms"] - ones["step_ms"]) / (micro - 1)
@@ -191,7 +191,7 @@ def main() -> None:
                         ratios.append(f"{row['tokens_per_s'] / ref['tokens_per_s']:.2f}x {kind}")
                 mfu = f"{row['mfu']:6.1%}" if "mfu" in row else f"{'':6s}"
                 peak = f"{row['peak_gib']:8.2f}" if "peak_gib" in row else f"{'':8s}"
-                print(f"{row['case']:14s} {row['step_ms']:8.1f} {row['tokens_per_s']:9,.0f} {mfu} {peak} {beyond:>12s}  "
+                print(f"{row['case']:18s} {row['step_ms']:8.1f} {row['tokens_per_s']:9,.0f} {mfu} {peak} {beyond:>12s}  "
                       f"{', '.join(ratios)}", flush=True)
                 if "syncs_per_step" in row:
                     print(f"      host syncs per step: {row['syncs_per_step']:.1f} {row['syncs_where']}")
