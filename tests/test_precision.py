@@ -88,3 +88,21 @@ def test_bf16_params_on_the_gpu(tmp_path):
             runs[pd] = [trainer.train_step(trainer.next_batches()).loss for _ in range(5)]
     for a, b in zip(*runs.values()):
         assert abs(b / a - 1) < 5e-3, runs
+
+
+def test_offload_leaves_bf16_weights_on_the_device():
+    # bf16 weights are saved for the backward as they are (no cast in between): offload must see
+    # them as weights, not activations to copy out; activations are not weights, whether made here
+    # (a grad_fn) or received (a pipeline stage's input: a leaf that requires grad)
+    from k2train.parallel.activation_memory import _from_parameter
+
+    w = nn.Parameter(torch.randn(4, 3, dtype=torch.bfloat16))
+    x = torch.randn(2, 3, dtype=torch.bfloat16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        h = x @ w.t()
+        (h.sigmoid() * h).sum()
+    assert any(t is w or t._base is w for t in saved)
+    kinds = {_from_parameter(t) for t in saved if t is w or t._base is w}
+    assert kinds == {True}
+    assert not _from_parameter(h) and not _from_parameter(x) and not _from_parameter(torch.randn(2, 3))

@@ -70,8 +70,8 @@ def _from_parameter(t: torch.Tensor) -> bool:
     """``t`` is a parameter's cast or view (autocast's bf16 weight copies): the weights stay on
     the GPU anyway, and their copies are the same for every block and micro-batch."""
     fn = t.grad_fn
-    if fn is None:  # a leaf that requires grad is a parameter (bf16 weights are saved as they are)
-        return t.requires_grad
+    if fn is None:  # bf16 weights are saved as they are; a pipeline stage's received input is a
+        return isinstance(t, nn.Parameter)  # leaf too, but an activation
     for _ in range(4):
         if fn is None:
             return False
