@@ -492,9 +492,6 @@ def zeropower_ns_batched(G_NMK: torch.Tensor, steps: int = 5,
     X = torch.div(X, norm + eps, out=torch.empty(X.shape, dtype=torch.bfloat16, device=X.device))
     if use_triton:
         gram, square = _sym_product(sym_impl, X.size(-2), X.size(-1)), _sym_product(sym_impl, X.size(-2), X.size(-2))
-    # X and its next iterate ping-pong between two buffers: a new X per iteration held three
-    # copies at once (the old one still referenced while the new one is written)
-    spare = torch.empty_like(X)
     for _ in range(steps):
         if use_triton:
             A = gram(X)
@@ -502,9 +499,7 @@ def zeropower_ns_batched(G_NMK: torch.Tensor, steps: int = 5,
         else:
             A = X @ X.mT
             B = torch.baddbmm(A, A, A, beta=b, alpha=c)
-        torch.baddbmm(X, B, X, beta=a, alpha=1.0, out=spare)
-        X, spare = spare, X
-    del spare
+        X = torch.baddbmm(X, B, X, beta=a, alpha=1.0)
     if transposed:
         X = X.mT
     return X[0] if single else X

@@ -59,17 +59,20 @@ def plot(runs: dict[str, list[float]], cmp: dict, out: Path) -> None:
     ax.set_yscale("log")
     ax.set_title(f"k2_small: FP8 storage {cmp['mean']:+.3%} ± {cmp['sem']:.3%} loss over {cmp['steps']} paired steps")
     ax.legend()
-    ref, fp8 = (v[:cmp["steps"]] for v in list(runs.values())[:2])
-    rel = [100 * (b / a - 1) for a, b in zip(ref, fp8)]
     window = 20
-    rolling = [statistics.fmean(rel[max(0, i - window + 1):i + 1]) for i in range(len(rel))]
-    bx.plot(range(1, len(rel) + 1), rel, linewidth=0.5, color="0.6", label="FP8, per step")
-    bx.plot(range(1, len(rel) + 1), rolling, linewidth=1.2, label=f"FP8, mean of {window}")
-    if len(runs) > 2:  # the noise floor: another bf16 run against the reference, the same rolling mean
-        other = list(runs.values())[2][:cmp["steps"]]
-        rel2 = [100 * (b / a - 1) for a, b in zip(ref, other)]
-        bx.plot(range(1, len(rel2) + 1), [statistics.fmean(rel2[max(0, i - window + 1):i + 1]) for i in range(len(rel2))],
-                linewidth=1.2, color="tab:green", label=f"{list(runs)[2]}, mean of {window}")
+    ref, *others = (v[:cmp["steps"]] for v in runs.values())
+
+    def against_ref(run: list[float]) -> tuple[list[float], list[float]]:  # per step (%) and its rolling mean
+        rel = [100 * (b / a - 1) for a, b in zip(ref, run)]
+        return rel, [statistics.fmean(rel[max(0, i - window + 1):i + 1]) for i in range(len(rel))]
+
+    steps = range(1, cmp["steps"] + 1)
+    rel, rolling = against_ref(others[0])
+    bx.plot(steps, rel, linewidth=0.5, color="0.6", label="FP8, per step")
+    bx.plot(steps, rolling, linewidth=1.2, label=f"FP8, mean of {window}")
+    if len(others) > 1:  # the noise floor: another bf16 run against the reference, the same rolling mean
+        bx.plot(steps, against_ref(others[1])[1], linewidth=1.2, color="tab:green",
+                label=f"{list(runs)[2]}, mean of {window}")
     for bar in (-0.25, 0.25):
         bx.axhline(bar, color="red", linewidth=0.8, linestyle="--")
     bx.set_ylim(-2, 2)

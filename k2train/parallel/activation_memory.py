@@ -67,11 +67,12 @@ _CAST_OR_VIEW = {"ToCopyBackward0", "ViewBackward0", "UnsafeViewBackward0", "TBa
 
 
 def _from_parameter(t: torch.Tensor) -> bool:
-    """``t`` is a parameter's cast or view (autocast's bf16 weight copies): the weights stay on
-    the GPU anyway, and their copies are the same for every block and micro-batch."""
+    """``t`` is a parameter (bf16 weights are saved as they are) or its cast or view (autocast's
+    bf16 weight copies): the weights stay on the GPU anyway, and their copies are the same for
+    every block and micro-batch."""
     fn = t.grad_fn
-    if fn is None:  # bf16 weights are saved as they are; a pipeline stage's received input is a
-        return isinstance(t, nn.Parameter)  # leaf too, but an activation
+    if fn is None:  # a pipeline stage's received input is a leaf too, but an activation
+        return isinstance(t, nn.Parameter)
     for _ in range(4):
         if fn is None:
             return False

@@ -275,8 +275,8 @@ def newton_schulz_workspace(shapes: list[torch.Size], optim_cfg: OptimConfig) ->
     """Bytes the optimizer step allocates beside the gradients: Muon orthogonalises its matrices one
     batch at a time (:func:`k2train.optim.muon.ns_chunks` over ``shapes``, the Muon matrices this rank
     updates), and the largest batch sets the peak: the batch itself, the iterate and its next one
-    (the standard Newton-Schulz ping-pongs between two buffers; Gram keeps about as many), plus two
-    ``M x M`` products per matrix. Measured on the H200: 6.4 GiB on the proxy, before the ping-pong."""
+    (Gram keeps about as many), plus two ``M x M`` products per matrix. Measured on the H200: 6.4
+    GiB on the proxy while the previous batch's result was still held (a fourth batch)."""
     if not shapes:
         return 0.0
     elt = 4 if optim_cfg.ns_dtype == "float32" else 2
