@@ -47,7 +47,7 @@ from .parallel.context_parallel import shard_sequence
 from .parallel.memory import estimate_memory, host_memory_check, read_meminfo, trainer_precision
 from .parallel.parallelize import parallelize
 from .parallel.pipeline import pipeline_step
-from .parallel.precision import bf16_params_
+from .parallel.precision import bf16_params_, publish_fp32_grads_
 from .runtime import default_wandb_run_id, logging_rank
 
 Batch = dict[str, torch.Tensor]
@@ -362,6 +362,8 @@ class Trainer:
                         (ce + aux).backward()
                     stats += torch.stack([ce.detach(), aux.detach()]).float()
             stats /= self.num_microbatches
+        if t.param_dtype == "bfloat16":  # the fp32 sums of the bf16 weights' gradients become .grad
+            publish_fp32_grads_(self.parts)
         # each cp rank's cross entropy is its part of the mean (they add up over cp), its aux loss
         # the whole sequence's (the same on every cp rank)
         stats[1] /= dims.cp

@@ -1,11 +1,13 @@
 """Our kernels against the anchors of docs/performance.md, side by side in one run on one GPU (< 5 min).
 
     python scripts/bench_kernels.py            # prints a table; writes $OUT/bench_kernels.json
+    python scripts/bench_kernels.py --only accumulate norms   # some sections
 
 Rows: Newton-Schulz on the K2 layer slice (vs torch.optim.Muon's NS and step, and plain batched bf16
 torch), the MoE expert path fwd+bwd (vs the torch._grouped_mm reference in k2train.model.moe and HF
 transformers' grouped_mm experts), permute/combine, RMSNorm and SwiGLU bandwidth (vs a measured
-copy). Each of ours is checked against its reference on the same random inputs before timing.
+copy), the fp32 gradient accumulator (vs torch's mixed-dtype in-place add). Each of ours is
+checked against its reference on the same random inputs before timing.
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ def bootstrap_k2train():
 
 
 bootstrap_k2train()
+from k2train.kernels.grad_accumulate import accumulate_  # noqa: E402
 from k2train.kernels.moe import build_routing, combine, moe_experts_forward, permute  # noqa: E402
 from k2train.kernels.newton_schulz import zeropower_ns_batched, zeropower_ns_reference  # noqa: E402
 from k2train.optim.newton_schulz import ns_flops  # noqa: E402
@@ -249,7 +252,31 @@ def norms(copy_gbps):
     row("SwiGLU bwd anchor: torch autograd", tt, bytes_=b)
 
 
+def accumulate(copy_gbps):
+    # a bf16 gradient into an fp32 sum, as bf16 weights do every micro-batch: 1 GiB of fp32 sum
+    n = 2**28
+    acc = torch.randn(n, device=DEV)
+    x = torch.randn(n, device=DEV).to(torch.bfloat16)
+    ref = acc.clone().add_(x)
+    print(f"accumulate bit-identical to torch: {torch.equal(accumulate_(acc.clone(), x), ref)}")
+    b = n * (4 + 4 + 2)
+    tt = bench(lambda: acc.add_(x))
+    t = bench(lambda: accumulate_(acc, x))
+    row("fp32 += bf16 [2^28] ours", t, anchor_ms=tt, bytes_=b, note=f"{b / t / 1e6 / copy_gbps:.0%} of copy")
+    row("fp32 += bf16 anchor: torch acc.add_(g)", tt, bytes_=b)
+    b = n * (4 + 2)
+    tt = bench(lambda: acc.copy_(x))
+    t = bench(lambda: accumulate_(acc, x, add=False))
+    row("fp32 <- bf16 [2^28] ours", t, anchor_ms=tt, bytes_=b, note=f"{b / t / 1e6 / copy_gbps:.0%} of copy")
+    row("fp32 <- bf16 anchor: torch acc.copy_(g)", tt, bytes_=b)
+
+
 def main():
+    import argparse
+    sections = {"accumulate": accumulate, "norms": norms, "moe": moe, "ns": newton_schulz}
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", nargs="+", choices=list(sections), default=list(sections))
+    args = ap.parse_args()
     import triton
     import transformers
     print(f"torch {torch.__version__} triton {triton.__version__} transformers {transformers.__version__} "
@@ -258,9 +285,10 @@ def main():
                            gpu=torch.cuda.get_device_name())
     torch.manual_seed(0)
     copy_gbps = ceilings()
-    for name, fn in [("norms", lambda: norms(copy_gbps)), ("moe", lambda: moe(copy_gbps)), ("ns", newton_schulz)]:
+    for name in args.only:
         try:
-            fn()
+            fn = sections[name]
+            fn() if fn is newton_schulz else fn(copy_gbps)
         except Exception as e:  # one failing section must not cost the others their numbers
             print(f"{name} FAILED: {type(e).__name__}: {str(e)[:300]}", flush=True)
             RES[f"{name}_error"] = repr(e)[:500]

@@ -5,6 +5,7 @@
 #   bash scripts/gpu_owed.sh 4   # the long-context rows vs the planner; compiled m=1 then m=8 with expandable segments
 #   bash scripts/gpu_owed.sh 6   # bf16 weights (trainer.param_dtype=bfloat16): GPU test, end to end (eager, compiled)
 #   bash scripts/gpu_owed.sh 7   # bf16 weights: FP8's cost, the planner's bf16 precision, saved tensors; MuonClip at 1
+#   bash scripts/gpu_owed.sh 8   # bf16 weights' gradients summed by the one-pass kernel: kernel, tests, end to end
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -35,8 +36,18 @@ case "${1:-}" in
     echo "== MuonClip at one micro-batch after the Newton-Schulz batch's result goes early (expect ~74.1 GiB)"
     timeout 170 python3 scripts/bench_trainer.py memory --only "muonclip m=1" --steps 3 2>&1 | tee "$OUT/memory_muonclip_m1.txt"
     ;;
+8)
+    echo "== the fp32 gradient accumulator against torch's mixed-dtype add; the GPU tests"
+    timeout 60 python3 scripts/bench_kernels.py --only accumulate 2>&1 | tee "$OUT/accumulate.txt"
+    timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_precision.py tests/test_kernel_grad_accumulate.py 2>&1 | tail -3
+    echo "== bf16 weights end to end, AdamW: eager m=1, m=8; compiled m=8 with the profile"
+    timeout 120 python3 scripts/bench_e2e.py --optim adamw --micro 1 8 --steps 6 --set trainer.param_dtype=bfloat16 \
+        2>&1 | tee "$OUT/e2e_bf16_params.txt"
+    timeout 200 python3 scripts/bench_e2e.py --optim adamw --micro 8 --steps 6 --profile --top 12 \
+        --set trainer.param_dtype=bfloat16 trainer.compile=true 2>&1 | tee "$OUT/e2e_bf16_params_compile.txt"
+    ;;
 *)
-    echo "usage: bash scripts/gpu_owed.sh 4|6|7" >&2
+    echo "usage: bash scripts/gpu_owed.sh 4|6|7|8" >&2
     exit 2
     ;;
 esac

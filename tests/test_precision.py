@@ -7,7 +7,7 @@ from torch import nn
 
 from k2train.config import load_config
 from k2train.parallel.memory import trainer_precision
-from k2train.parallel.precision import bf16_params_
+from k2train.parallel.precision import bf16_params_, publish_fp32_grads_
 from k2train.trainer import Trainer
 
 QUIET = ["logging.wandb=false", "logging.progress_bar=false", "trainer.checkpoint.enable=false"]
@@ -15,7 +15,8 @@ QUIET = ["logging.wandb=false", "logging.progress_bar=false", "trainer.checkpoin
 
 def test_gradients_accumulate_in_fp32():
     # three micro-batches: the fp32 .grad is the fp32 sum of the three bf16 gradients, bit for bit,
-    # accumulated in place (the tensor the first micro-batch made)
+    # accumulated in place (the tensor the first micro-batch made) and published as .grad after the
+    # last backward (before: .grad is None, so autograd never adds two dtypes itself)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.SiLU(), nn.Linear(32, 8))
     assert bf16_params_([model]) == 4
@@ -30,11 +31,19 @@ def test_gradients_accumulate_in_fp32():
     first = None
     for x in xs:
         model(x).square().sum().backward()
-        ptrs = [p.grad.data_ptr() for p in model.parameters()]
+        assert all(p.grad is None for p in model.parameters())
+        ptrs = [p.main_grad.data_ptr() for p in model.parameters()]
         first = first or ptrs
         assert ptrs == first
-    for p, e in zip(model.parameters(), expected):
-        assert p.grad.dtype == torch.float32 and torch.equal(p.grad, e)
+    publish_fp32_grads_([model])
+    for p, e, ptr in zip(model.parameters(), expected, first):
+        assert p.grad.dtype == torch.float32 and torch.equal(p.grad, e) and p.grad.data_ptr() == ptr
+        assert p.main_grad is None
+    model.zero_grad(set_to_none=True)  # the next step's sum starts from nothing
+    model(xs[0]).square().sum().backward()
+    publish_fp32_grads_([model])
+    grads = torch.autograd.grad(model(xs[0]).square().sum(), list(model.parameters()))
+    assert all(torch.equal(p.grad, g.float()) for p, g in zip(model.parameters(), grads))
 
 
 def _cfg(tmp_path, *extra):

@@ -6,10 +6,12 @@ autocast's cache, every step): memory traffic that grows with the parameter coun
 Stored in bf16 (as Megatron's ``--bf16`` and Kimi K2 keep them), the weights need no cast; what
 must not lose precision lives elsewhere:
 
-- **gradients** are fp32 and accumulate over the micro-batches in fp32: each parameter accepts a
-  gradient of any dtype (``Tensor.grad_dtype = None``, torch >= 2.10), and a hook turns the first
-  bf16 gradient of a step into an fp32 ``.grad``; autograd then adds each later micro-batch's bf16
-  gradient into it in place (one pass, no separate cast);
+- **gradients** are fp32 and accumulate over the micro-batches in fp32: a post-accumulate hook
+  takes each micro-batch's bf16 gradient off ``.grad`` as soon as autograd leaves it there and adds
+  it into the parameter's fp32 ``main_grad`` in one pass (k2train.kernels.grad_accumulate: autograd's
+  own mixed-dtype ``+=`` is the slow elementwise path); after the step's last backward,
+  :func:`publish_fp32_grads_` makes each ``main_grad`` the parameter's ``.grad`` (a parameter takes
+  a gradient of any dtype: ``Tensor.grad_dtype = None``, torch >= 2.10);
 - **master weights** are fp32 in the optimizer (``MuonClip`` keeps one for every low-precision
   parameter it updates, ZeRO-1-sharded with the rest of its state; QK-Clip scales both);
 - autocast stays on, so the ops it runs in fp32 (softmax, the loss, norms' statistics) still do.
@@ -24,17 +26,43 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from k2train.kernels.grad_accumulate import accumulate_
 
-def _fp32_grad(p: torch.Tensor) -> None:
-    # a post-accumulate hook: the step's first gradient arrives in bf16 and becomes fp32; the next
-    # ones are added into that fp32 tensor by autograd itself (the hook then finds fp32)
-    if p.grad is not None and p.grad.dtype != torch.float32:
-        p.grad = p.grad.float()
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _into_main_grad(p: torch.Tensor) -> None:
+    # a post-accumulate hook: autograd just left this backward's bf16 gradient on .grad (.grad was
+    # None); it goes into the fp32 sum and .grad is None again for the next micro-batch
+    g = p.grad
+    if g is None:
+        return
+    main = getattr(p, "main_grad", None)
+    if main is None:
+        p.main_grad = main = torch.empty_like(g, dtype=torch.float32)
+        accumulate_(_local(main), _local(g), add=False)
+    else:
+        accumulate_(_local(main), _local(g))
+    p.grad = None
 
 
 def _fp32_grads(p: nn.Parameter) -> None:
     p.grad_dtype = None  # an fp32 .grad on a bf16 parameter
-    p.register_post_accumulate_grad_hook(_fp32_grad)
+    p.main_grad = None
+    p.register_post_accumulate_grad_hook(_into_main_grad)
+
+
+def publish_fp32_grads_(model_parts: Iterable[nn.Module]) -> None:
+    """After the step's last backward: each bf16 parameter's fp32 gradient sum (``main_grad``)
+    becomes its ``.grad``, which the gradient reduction, clipping and the optimizer read, and the
+    next step's sums start from nothing. A no-op for parameters :func:`bf16_params_` did not convert."""
+    for part in model_parts:
+        for p in part.parameters():
+            main = getattr(p, "main_grad", None)
+            if main is not None:
+                p.grad, p.main_grad = main, None
 
 
 def bf16_params_(model_parts: Iterable[nn.Module]) -> int:
