@@ -6,6 +6,8 @@
 #   bash scripts/gpu_owed.sh 6   # bf16 weights (trainer.param_dtype=bfloat16): GPU test, end to end (eager, compiled)
 #   bash scripts/gpu_owed.sh 7   # bf16 weights: FP8's cost, the planner's bf16 precision, saved tensors; MuonClip at 1
 #   bash scripts/gpu_owed.sh 8   # bf16 weights' gradients summed by the one-pass kernel: kernel, tests, end to end
+#   bash scripts/gpu_owed.sh 9   # side by side in one session: TorchTitan compiled, then k2train compiled, bf16 weights, m=8
+#                                # (TorchTitan's kit set up in .titan/: cp -r <anchors>/titan .titan, its README's set-up)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -46,8 +48,16 @@ case "${1:-}" in
     timeout 200 python3 scripts/bench_e2e.py --optim adamw --micro 8 --steps 6 --profile --top 12 \
         --set trainer.param_dtype=bfloat16 trainer.compile=true 2>&1 | tee "$OUT/e2e_bf16_params_compile.txt"
     ;;
+9)
+    echo "== TorchTitan compiled at 8 micro-batches, then k2train compiled with bf16 weights, one after the other"
+    mkdir -p "$OUT/titan/m8"
+    OUT="$OUT/titan/m8" STEPS=12 RUNS=compile TITAN_EXTRA_ARGS="--training.global_batch_size 8" COMPILE_TIMEOUT=240 \
+        bash .titan/run_titan.sh > "$OUT/titan_run.txt" 2>&1; tail -4 "$OUT/titan_run.txt"
+    timeout 200 python3 scripts/bench_e2e.py --optim adamw --micro 8 --steps 6 --titan "$OUT/titan" \
+        --set trainer.param_dtype=bfloat16 trainer.compile=true 2>&1 | tee "$OUT/e2e_side_by_side.txt"
+    ;;
 *)
-    echo "usage: bash scripts/gpu_owed.sh 4|6|7|8" >&2
+    echo "usage: bash scripts/gpu_owed.sh 4|6|7|8|9" >&2
     exit 2
     ;;
 esac
