@@ -6,7 +6,8 @@
 Rows: Newton-Schulz on the K2 layer slice (vs torch.optim.Muon's NS and step, and plain batched bf16
 torch), the MoE expert path fwd+bwd (vs the torch._grouped_mm reference in k2train.model.moe and HF
 transformers' grouped_mm experts), permute/combine, RMSNorm and SwiGLU bandwidth (vs a measured
-copy), the fp32 gradient accumulator (vs torch's mixed-dtype in-place add). Each of ours is
+copy), the fp32 gradient accumulator (vs torch's mixed-dtype in-place add), FP8 tile
+quantize/dequantize of the experts' inputs (vs a copy of the bytes they move). Each of ours is
 checked against its reference on the same random inputs before timing.
 """
 from __future__ import annotations
@@ -45,6 +46,7 @@ def bootstrap_k2train():
 
 
 bootstrap_k2train()
+from k2train.kernels.fp8 import dequantize_tiles, quantize_tiles  # noqa: E402
 from k2train.kernels.grad_accumulate import accumulate_  # noqa: E402
 from k2train.kernels.moe import build_routing, combine, moe_experts_forward, permute  # noqa: E402
 from k2train.kernels.newton_schulz import zeropower_ns_batched, zeropower_ns_reference  # noqa: E402
@@ -271,9 +273,22 @@ def accumulate(copy_gbps):
     row("fp32 <- bf16 anchor: torch acc.copy_(g)", tt, bytes_=b)
 
 
+def fp8(copy_gbps):
+    # one MoE layer's routed-expert input at the proxy's width (4096 tokens x 8 experts, 7168)
+    x = torch.randn(32768, 7168, device=DEV, dtype=torch.bfloat16)
+    q, s = quantize_tiles(x)
+    back = dequantize_tiles(q, s, torch.bfloat16)
+    print(f"FP8 tiles round trip rel err: {rel(back, x):.1e}")
+    b = x.numel() * (2 + 1) + s.numel() * 4
+    t = bench(lambda: quantize_tiles(x))
+    row("FP8 quantize [32768, 7168] bf16 ours", t, bytes_=b, note=f"{b / t / 1e6 / copy_gbps:.0%} of copy")
+    t = bench(lambda: dequantize_tiles(q, s, torch.bfloat16))
+    row("FP8 dequantize [32768, 7168] to bf16 ours", t, bytes_=b, note=f"{b / t / 1e6 / copy_gbps:.0%} of copy")
+
+
 def main():
     import argparse
-    sections = {"accumulate": accumulate, "norms": norms, "moe": moe, "ns": newton_schulz}
+    sections = {"accumulate": accumulate, "fp8": fp8, "norms": norms, "moe": moe, "ns": newton_schulz}
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", nargs="+", choices=list(sections), default=list(sections))
     args = ap.parse_args()
