@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The H200 measurements still owed (docs/performance.md, "Still to measure"), in parts that each fit
-# one ~9-minute GPU call; run from the repo root, logs into $OUT. (Parts 1, 2, 3 and 5 ran on
-# 2026-12-04: their results are in docs/performance.md.)
+# one ~9-minute GPU call; run from the repo root, logs into $OUT. (Parts 1-3 and 5-9 ran on
+# 2026-12-04: their results are in docs/performance.md; 8 and 9 stay as the commands behind them.)
 #   bash scripts/gpu_owed.sh 4   # the long-context rows vs the planner; compiled m=1 then m=8 with expandable segments
-#   bash scripts/gpu_owed.sh 6   # bf16 weights (trainer.param_dtype=bfloat16): GPU test, end to end (eager, compiled)
-#   bash scripts/gpu_owed.sh 7   # bf16 weights: FP8's cost, the planner's bf16 precision, saved tensors; MuonClip at 1
 #   bash scripts/gpu_owed.sh 8   # bf16 weights' gradients summed by the one-pass kernel: kernel, tests, end to end
 #   bash scripts/gpu_owed.sh 9   # side by side in one session: TorchTitan compiled, then k2train compiled, bf16 weights, m=8
 #                                # (TorchTitan's kit set up in .titan/: cp -r <anchors>/titan .titan, its README's set-up)
+#   bash scripts/gpu_owed.sh 10  # the FP8 loss curve over 300 steps, bf16 weights (two runs, ~8 min)
+#   bash scripts/gpu_owed.sh 11 RUNS.json  # its noise run (bf16 from init seed 1), added to part 10's fp8_loss.json
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -20,23 +20,6 @@ case "${1:-}" in
     echo "== compiled AdamW, m=1 then m=8 in one process (out of memory at m=8 twice): is it fragmentation?"
     PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout 190 python3 scripts/bench_e2e.py --optim adamw --micro 1 8 \
         --steps 6 --set trainer.compile=true 2>&1 | tee "$OUT/e2e_compile_expandable.txt"
-    ;;
-6)
-    echo "== bf16 weights with fp32 gradients and masters: the GPU test, then AdamW end to end (eager m=1, m=8; compiled m=8)"
-    timeout 120 python3 -m pytest -q -m gpu tests/test_precision.py 2>&1 | tail -3
-    timeout 120 python3 scripts/bench_e2e.py --optim adamw --micro 1 8 --steps 6 --set trainer.param_dtype=bfloat16 \
-        2>&1 | tee "$OUT/e2e_bf16_params.txt"
-    timeout 200 python3 scripts/bench_e2e.py --optim adamw --micro 8 --steps 6 --profile --top 30 \
-        --set trainer.param_dtype=bfloat16 trainer.compile=true 2>&1 | tee "$OUT/e2e_bf16_params_compile.txt"
-    ;;
-7)
-    echo "== FP8 storage's cost and the planner's bf16 precision with bf16 weights (MuonClip, 8 micro-batches and 1)"
-    timeout 170 python3 scripts/bench_trainer.py memory --only "muonclip m=8 none$|muonclip m=8 fp8$|muonclip m=8 fp8+offload+selective$|muonclip m=1 selective$" \
-        --steps 4 --set trainer.param_dtype=bfloat16 2>&1 | tee "$OUT/memory_bf16_params.txt"
-    echo "== saved tensors per block with bf16 weights vs the planner"
-    timeout 80 python3 scripts/saved_tensors.py trainer.param_dtype=bfloat16 2>&1 | tail -20 | tee "$OUT/saved_tensors_bf16.txt"
-    echo "== MuonClip at one micro-batch after the Newton-Schulz batch's result goes early (expect ~74.1 GiB)"
-    timeout 170 python3 scripts/bench_trainer.py memory --only "muonclip m=1" --steps 3 2>&1 | tee "$OUT/memory_muonclip_m1.txt"
     ;;
 8)
     echo "== the fp32 gradient accumulator against torch's mixed-dtype add; the GPU tests"
@@ -56,8 +39,17 @@ case "${1:-}" in
     timeout 200 python3 scripts/bench_e2e.py --optim adamw --micro 8 --steps 6 --titan "$OUT/titan" \
         --set trainer.param_dtype=bfloat16 trainer.compile=true 2>&1 | tee "$OUT/e2e_side_by_side.txt"
     ;;
+10)
+    echo "== FP8 storage against bf16 storage over 300 steps of k2_small, bf16 weights"
+    timeout 570 python3 scripts/fp8_loss_curve.py --steps 300 --set trainer.param_dtype=bfloat16 2>&1 | grep -v "^step " | tee "$OUT/fp8_loss_curve.txt"
+    ;;
+11)
+    echo "== the noise floor's run, added to an earlier call's runs ($2)"
+    timeout 570 python3 scripts/fp8_loss_curve.py --steps 300 --noise --runs-from "$2" --set trainer.param_dtype=bfloat16 \
+        2>&1 | grep -v "^step " | tee "$OUT/fp8_loss_curve_noise.txt"
+    ;;
 *)
-    echo "usage: bash scripts/gpu_owed.sh 4|6|7|8|9" >&2
+    echo "usage: bash scripts/gpu_owed.sh 4|8|9|10|11" >&2
     exit 2
     ;;
 esac
