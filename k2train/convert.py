@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemReader, FileSystemWriter
 from tqdm import tqdm
 
-from .checkpoint_layout import META_FILE, MODEL_KEY, mark_complete, resolve_checkpoint, write_json
+from .checkpoint_layout import META_FILE, MODEL_KEY, OPTIM_KEY, mark_complete, resolve_checkpoint, write_json
 from .cli import user_errors
 from .config import ModelConfig, _build, load_config
 from .data_pipeline.embedded import embedded_tokenizer
@@ -175,7 +175,9 @@ def export_hf(
     """Write the model of a k2train checkpoint as an HF ``DeepseekV3ForCausalLM`` folder.
 
     ``checkpoint`` is a checkpoint folder or a run's checkpoint root (its ``latest`` is used).
-    Tensors are read from DCP one at a time and cast to ``dtype`` (the router bias stays fp32).
+    Tensors are read from DCP one at a time and cast to ``dtype`` (the router bias stays fp32). A
+    run with bf16 weights (``trainer.param_dtype=bfloat16``) saved fp32 master copies in its
+    optimizer state: a wider ``dtype`` than bf16 exports those, not the bf16 weights upcast.
     The tokenizer files go next to ``config.json``: ``tokenizer`` (a rank-file path, or "embedded"),
     else the one the checkpoint's job config trained with; none when the checkpoint records no data config.
     """
@@ -227,6 +229,9 @@ def export_hf(
             if current[0] != name:  # one tensor (for experts: one layer's stack) in memory at a time
                 shape, dt = expected[name]
                 key = f"{MODEL_KEY}.{name}"
+                master = f"{OPTIM_KEY}.state.{name}.master"  # bf16 weights' fp32 copy, when the run kept one
+                if out_dtype != torch.bfloat16 and master in stored and tuple(stored[master].size) == shape:
+                    key = master
                 current = (name, _load_dcp_tensor(ckpt, key, shape, stored[key].properties.dtype))
             src = current[1] if expert < 0 else current[1][expert]
             t = src.to(torch.float32 if _keeps_fp32(name) else out_dtype).contiguous()

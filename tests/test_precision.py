@@ -3,9 +3,12 @@ masters in the optimizer (k2train.parallel.precision)."""
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from k2train.config import load_config
+from k2train.convert import export_hf
+from k2train.hf import to_hf
 from k2train.parallel.memory import trainer_precision
 from k2train.parallel.precision import bf16_params_, publish_fp32_grads_
 from k2train.trainer import Trainer
@@ -115,3 +118,29 @@ def test_offload_leaves_bf16_weights_on_the_device():
     kinds = {_from_parameter(t) for t in saved if t is w or t._base is w}
     assert kinds == {True}
     assert not _from_parameter(h) and not _from_parameter(x) and not _from_parameter(torch.randn(2, 3))
+
+
+def test_fp32_export_of_a_bf16_weights_run_takes_the_masters(tmp_path):
+    # the checkpoint keeps bf16 weights and the optimizer's fp32 masters: an fp32 HF export writes
+    # the masters (not the bf16 weights upcast), a bf16 export the weights, bit for bit
+    cfg = _cfg(tmp_path, "trainer.param_dtype=bfloat16", "trainer.steps=3", "trainer.checkpoint.enable=true",
+               "trainer.checkpoint.export_hf=false")
+    with Trainer(cfg, run_dir=tmp_path / "run") as trainer:
+        trainer.run()
+        named = dict(trainer.parts[0].named_parameters())
+        masters = {n: trainer.optimizer.master_weight(p).clone() for n, p in named.items()}
+        weights = {n: p.detach().clone() for n, p in named.items()}
+        root = trainer.checkpointer.folder
+    exported = {}
+    for dtype in ("float32", "bfloat16"):
+        out = export_hf(root, tmp_path / f"hf_{dtype}", dtype=dtype, progress=False)
+        exported[dtype] = {}
+        for f in sorted(out.glob("*.safetensors")):
+            exported[dtype].update(load_file(f))
+    differ = 0
+    for name in masters:
+        for (hf_name, m), (_, w) in zip(to_hf(name, masters[name]), to_hf(name, weights[name])):
+            assert torch.equal(exported["float32"][hf_name], m), hf_name
+            assert torch.equal(exported["bfloat16"][hf_name], w), hf_name
+            differ += not torch.equal(m, w.float())
+    assert differ > len(masters) // 2  # the masters are not the bf16 weights: the test can tell them apart
