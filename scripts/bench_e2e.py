@@ -14,6 +14,8 @@ the step's time beyond its micro-batches (the optimizer side).
                                                                   #   logs there (m=8 in titan/m8), and the ratios
     python scripts/bench_e2e.py --run-titan .titan                # run TorchTitan's kit first (eager and compiled,
                                                                   #   1 and 8 micro-batches), then k2train beside it
+    python scripts/bench_e2e.py --run-titan .titan --titan-runs compile --optim adamw --micro 8 \
+        --set trainer.param_dtype=bfloat16 trainer.compile=true   # the headline pair: both compiled, 8 micro-batches
     python scripts/bench_e2e.py --smoke                           # k2_tiny on the CPU: the code path
 
 TorchTitan's kit (its README says how; `bash run_titan.sh` with `TITAN_EXTRA_ARGS="--training.global_batch_size 8"`
@@ -131,13 +133,17 @@ def titan_rows(folder: Path, skip: int = 5) -> dict[str, dict]:
     return rows
 
 
-def run_titan(kit: Path, out: Path, steps: tuple[int, int] = (15, 11)) -> Path:
-    """TorchTitan's own trainer on the proxy through its kit (``run_titan.sh``: eager, then
-    compiled), with 1 micro-batch per step into ``out/titan`` and 8 into ``out/titan/m8``."""
+def run_titan(kit: Path, out: Path, micro: list[int], runs: list[str], steps: tuple[int, int] = (15, 11)) -> Path:
+    """TorchTitan's own trainer on the proxy through its kit (``run_titan.sh``: ``runs`` of eager
+    and compiled), with 1 micro-batch per step into ``out/titan`` and 8 into ``out/titan/m8``, for
+    the counts in ``micro``."""
     folder = out / "titan"
-    for sub, extra, n in (("", "", steps[0]), ("m8", "--training.global_batch_size 8", steps[1])):
+    for m, sub, extra, n in ((1, "", "", steps[0]), (8, "m8", "--training.global_batch_size 8", steps[1])):
+        if m not in micro:
+            continue
         (folder / sub).mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "OUT": str((folder / sub).resolve()), "STEPS": str(n), "TITAN_EXTRA_ARGS": extra}
+        env = {**os.environ, "OUT": str((folder / sub).resolve()), "STEPS": str(n), "TITAN_EXTRA_ARGS": extra,
+               "RUNS": " ".join(runs)}
         done = subprocess.run(["bash", str(kit.resolve() / "run_titan.sh")], env=env, capture_output=True, text=True)
         print(f"TorchTitan kit ({sub or 'm1'}): exit {done.returncode}; logs in {folder / sub}", flush=True)
     return folder
@@ -155,13 +161,15 @@ def main() -> None:
     ap.add_argument("--titan", type=Path, help="folder with run_titan.sh's logs (titan_eager.log, m8/titan_eager.log, ...)")
     ap.add_argument("--run-titan", type=Path, metavar="KIT",
                     help="run TorchTitan's kit (set up: wheels, corpus, tokenizer) first, into $OUT/titan")
+    ap.add_argument("--titan-runs", nargs="+", choices=["eager", "compile"], default=["eager", "compile"],
+                    help="with --run-titan: which of TorchTitan's runs (for the micro-batch counts of --micro, 1 and 8)")
     ap.add_argument("--smoke", action="store_true", help="k2_tiny on the CPU (the code path, not the numbers)")
     args = ap.parse_args()
     out = Path(os.environ.get("OUT", tempfile.gettempdir()))
     if torch.cuda.is_available():
         print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     if args.run_titan:
-        args.titan = run_titan(args.run_titan, out)
+        args.titan = run_titan(args.run_titan, out, args.micro, args.titan_runs)
     titan = titan_rows(args.titan) if args.titan else {}
     for name, r in titan.items():
         print(f"TorchTitan {name:14s} {r['tokens_per_s']:9,.0f} tokens/s  {r['memory_gib']:6.1f} GiB reserved  "

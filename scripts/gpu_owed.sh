@@ -33,10 +33,7 @@ case "${1:-}" in
     ;;
 9)
     echo "== TorchTitan compiled at 8 micro-batches, then k2train compiled with bf16 weights, one after the other"
-    mkdir -p "$OUT/titan/m8"
-    OUT="$OUT/titan/m8" STEPS=12 RUNS=compile TITAN_EXTRA_ARGS="--training.global_batch_size 8" COMPILE_TIMEOUT=240 \
-        bash .titan/run_titan.sh > "$OUT/titan_run.txt" 2>&1; tail -4 "$OUT/titan_run.txt"
-    timeout 200 python3 scripts/bench_e2e.py --optim adamw --micro 8 --steps 6 --titan "$OUT/titan" \
+    timeout 560 python3 scripts/bench_e2e.py --run-titan .titan --titan-runs compile --optim adamw --micro 8 --steps 6 \
         --set trainer.param_dtype=bfloat16 trainer.compile=true 2>&1 | tee "$OUT/e2e_side_by_side.txt"
     ;;
 10)
