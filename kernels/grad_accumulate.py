@@ -2,9 +2,10 @@
 
 With bf16 weights and fp32 gradients, every micro-batch's bf16 weight gradient is summed into an
 fp32 tensor. torch's in-place ``acc += g`` with two dtypes takes its dynamic-casting elementwise
-path (no vector loads): measured on an H200 at about 1.6x the time of a same-dtype add, which at
-K2's width is ~5% of a step. This kernel reads the fp32 accumulator and the gradient once and
-writes the accumulator once (10 bytes per element for a bf16 gradient), at copy speed.
+path (no vector loads): on an H200, 1.5x this kernel's time (2^28 elements: 0.954 against 0.635
+ms), 55 ms of a 1.4 s step of the K2-width proxy at eight micro-batches. This kernel reads the fp32
+accumulator and the gradient once and writes the accumulator once (10 bytes per element for a
+bf16 gradient), at copy speed.
 
 The sum is fp32 ``acc + float(g)``, rounded once: bit-identical to ``acc.add_(g)``.
 """
