@@ -4,8 +4,9 @@
     python -m k2train.plan model=k2_1t parallel=k2_h800 trainer.seq_len=4096
 
 Prints exact parameter counts (total, activated per token, embedding and head, per layer) from the
-model built on the meta device, FLOPs per token in the Megatron and TorchTitan conventions, and,
-for a parallel layout, the per-rank memory breakdown of the planner.
+model built on the meta device, FLOPs per token in the Megatron and TorchTitan conventions, the
+per-rank memory breakdown of the planner for the parallel layout, and what ``trainer.steps`` cost
+in time and GPU-hours at a few model FLOP utilisations.
 """
 
 import sys
@@ -15,8 +16,12 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .cli import user_errors
 from .config import JobConfig, load_config
-from .flops import count_params, flops_per_token
-from .parallel.memory import format_memory_report
+from .flops import PEAK_BF16_TFLOPS, count_params, flops_per_token
+from .parallel.memory import estimate_memory, format_memory_report
+
+# model FLOP utilisations the compute table is printed at; measured on one H200 at K2's width:
+# 43-49% (docs/performance.md); a cluster adds communication and the pipeline bubble
+MFUS = (0.3, 0.4, 0.5)
 
 
 def _b(n: float) -> str:
@@ -59,8 +64,50 @@ def format_param_report(cfg: JobConfig) -> str:
     return "\n".join(lines)
 
 
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.2f} s" if seconds >= 1 else f"{seconds * 1e3:.2f} ms"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def format_compute_report(cfg: JobConfig) -> str:
+    """What ``trainer.steps`` cost: FLOPs per step (Megatron's count) over the layout's GPUs at a
+    Hopper GPU's dense bf16 peak, at each MFU of :data:`MFUS`: step time, tokens/s per GPU, the
+    run's wall time and GPU-hours, and GPU-hours per trillion tokens."""
+    t = cfg.trainer
+    plan = estimate_memory(cfg.model, cfg.parallel, t, cfg.optim)
+    per_token = flops_per_token(cfg.model, t.seq_len, "megatron")
+    per_step = plan.tokens_per_step * per_token
+    peak = PEAK_BF16_TFLOPS["H800"] * 1e12
+    lines = [
+        f"compute: {plan.tokens_per_step:,d} tokens per step x {per_token / 1e9:,.2f} GFLOP per token = "
+        f"{per_step:.3e} FLOP per step; {plan.world_size:,d} GPU{'s' * (plan.world_size > 1)} at {peak / 1e12:,.0f} "
+        f"TFLOP/s bf16 peak each (H100/H200/H800; scale by your GPU's peak, e.g. A100 {PEAK_BF16_TFLOPS['A100']:.0f})",
+        f"  {'MFU':>5} {'step':>10} {'tokens/s/GPU':>13} {f'{t.steps:,d} steps':>16} {'GPU-hours':>12} "
+        f"{'GPU-hours per 1T tokens':>24}",
+    ]
+    for mfu in MFUS:
+        step_s = per_step / (plan.world_size * peak * mfu)
+        run_s = step_s * t.steps
+        per_trillion = 1e12 * per_token / (peak * mfu) / 3600
+        gpu_hours = run_s * plan.world_size / 3600
+        step = f"{step_s * 1e3:.2f} ms" if step_s < 1 else f"{step_s:,.1f} s"
+        hours = f"{gpu_hours:,.0f}" if gpu_hours >= 10 else f"{gpu_hours:.3g}"
+        lines.append(f"  {mfu:>5.0%} {step:>10} {plan.tokens_per_step / step_s / plan.world_size:>13,.0f} "
+                     f"{_duration(run_s):>16} {hours:>12} {per_trillion:>24,.0f}")
+    if cfg.parallel.dp == -1:
+        lines.append("  (dp=1 as above: more data-parallel replicas divide the wall time, not the GPU-hours)")
+    return "\n".join(lines)
+
+
 def format_plan(cfg: JobConfig) -> str:
-    return format_param_report(cfg) + "\n\n" + format_memory_report(cfg.model, cfg.parallel, cfg.trainer, cfg.optim)
+    return "\n\n".join([format_param_report(cfg),
+                         format_memory_report(cfg.model, cfg.parallel, cfg.trainer, cfg.optim),
+                         format_compute_report(cfg)])
 
 
 def main(argv: list[str] | None = None) -> None:

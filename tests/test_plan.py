@@ -45,3 +45,20 @@ def test_plan_cli_prints_counts():
     assert "1,026,408,209,408" in out.stdout
     assert "Megatron convention" in out.stdout and "TorchTitan convention" in out.stdout
     assert out.stdout.count(" moe ") == 60 and out.stdout.count(" dense ") == 1
+
+
+def test_compute_report_is_flops_over_the_layouts_gpus():
+    # K2's recipe: 16,384 x 4096 tokens per step on pp16 x ep16 (256 GPUs at dp=1); at 40% of a
+    # Hopper GPU's 989 TFLOP/s a step is tokens x FLOPs / (GPUs x peak x MFU)
+    from k2train.plan import format_compute_report
+
+    cfg = load_config(["experiment=k2_pretrain"]).validate()
+    report = format_compute_report(cfg)
+    per_token = flops_per_token(cfg.model, 4096, "megatron")
+    step_s = 16_384 * 4096 * per_token / (256 * 989e12 * 0.4)
+    row = next(line for line in report.splitlines() if line.strip().startswith("40%"))
+    assert f"{step_s:,.1f} s" in row, (row, step_s)
+    gpu_hours = step_s * cfg.trainer.steps * 256 / 3600
+    assert f"{gpu_hours:,.0f}" in row
+    assert f"{1e12 * per_token / (989e12 * 0.4) / 3600:,.0f}" in row  # per trillion tokens
+    assert "256 GPUs" in report and "divide the wall time" in report
