@@ -49,10 +49,26 @@ SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynch
 TITAN_STEP = re.compile(r"step:\s*(\d+)\s.*memory:\s*([-\d.]+)GiB.*tps:\s*([\d,]+)")
 
 
+def gpu_idle(ops: list[tuple[float, float, str]]) -> tuple[float, list[tuple[float, str, str]]]:
+    """The GPU's idle time between the first and the last of one step's ``ops`` (start, end, phase
+    that launched it; any order, overlapping on several streams), and each gap as (length, phase
+    of the op that ended before it, phase of the op after it), longest first."""
+    ops = sorted(ops)
+    gaps = []
+    end, before = ops[0][1], ops[0][2]
+    for start, stop, phase in ops[1:]:
+        if start > end:
+            gaps.append((start - end, before, phase))
+        if stop > end:
+            end, before = stop, phase
+    return sum(g[0] for g in gaps), sorted(gaps, reverse=True)
+
+
 def profile_steps(trainer: Trainer, steps: int, out: Path, name: str, top: int = 8) -> dict:
-    """``steps`` steps under torch.profiler: host syncs per step inside ``train_step``, and per phase
-    of the step (the trainer's ``record_function`` ranges) the GPU time of the kernels launched in
-    it, with its longest kernels."""
+    """``steps`` steps under torch.profiler: host syncs per step inside ``train_step``, per phase of
+    the step (the trainer's ``record_function`` ranges) the GPU time of the kernels launched in it,
+    with its longest kernels, and the GPU's idle time inside the step with its longest gaps (the
+    one at the host sync is what the sync costs)."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -88,8 +104,20 @@ def profile_steps(trainer: Trainer, steps: int, out: Path, name: str, top: int =
     for e in syncs:
         where[phase_of(e["ts"])] = where.get(phase_of(e["ts"]), 0) + 1
     longest = {p: sorted(((ms, k) for (ph, k), ms in kernels.items() if ph == p), reverse=True)[:top] for p in phases}
+    idle_ms, gaps = 0.0, {}
+    for start, stop, _ in (r for r in ranges if r[2] == "bench.train_step"):
+        ops = [(e["ts"], e["ts"] + e["dur"], phase_of(launched[e["args"]["correlation"]])) for e in events
+               if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")
+               and start <= launched.get(e.get("args", {}).get("correlation"), -1) <= stop]
+        if ops:
+            idle, step_gaps = gpu_idle(ops)
+            idle_ms += idle / 1e3 / steps
+            for length, before, after in step_gaps:
+                gaps[(before, after)] = gaps.get((before, after), 0.0) + length / 1e3 / steps
     return {"syncs_per_step": len(syncs) / steps, "syncs_where": where, "phase_gpu_ms": phases,
-            "phase_kernels": longest, "trace": str(trace)}
+            "phase_kernels": longest, "gpu_idle_ms": idle_ms,
+            "gpu_gaps_ms": sorted(((ms, f"{b} -> {a}") for (b, a), ms in gaps.items()), reverse=True)[:top],
+            "trace": str(trace)}
 
 
 def run_case(optim: str, micro: int, steps: int, extra: list[str], smoke: bool, profile: bool, out: Path,
@@ -203,6 +231,9 @@ def main() -> None:
                       f"{', '.join(ratios)}", flush=True)
                 if "syncs_per_step" in row:
                     print(f"      host syncs per step: {row['syncs_per_step']:.1f} {row['syncs_where']}")
+                    print(f"      GPU idle inside the step: {row['gpu_idle_ms']:.1f} ms; longest gaps (phase before -> after):")
+                    for ms, where in row["gpu_gaps_ms"]:
+                        print(f"          {ms:8.2f} ms  {where}")
                     for phase, ms in row["phase_gpu_ms"].items():
                         print(f"      {phase:40s} {ms:8.1f} ms GPU")
                         for kms, kernel in row["phase_kernels"][phase]:

@@ -8,6 +8,7 @@
 #                                # (TorchTitan's kit set up in .titan/: cp -r <anchors>/titan .titan, its README's set-up)
 #   bash scripts/gpu_owed.sh 10  # the FP8 loss curve over 300 steps, bf16 weights (two runs, ~8 min)
 #   bash scripts/gpu_owed.sh 11 RUNS.json  # its noise run (bf16 from init seed 1), added to part 10's fp8_loss.json
+#   bash scripts/gpu_owed.sh 12  # what the step's one host sync costs: the GPU's idle gaps inside a step (profile)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -45,8 +46,13 @@ case "${1:-}" in
     timeout 570 python3 scripts/fp8_loss_curve.py --steps 300 --noise --runs-from "$2" --set trainer.param_dtype=bfloat16 \
         2>&1 | grep -v "^step " | tee "$OUT/fp8_loss_curve_noise.txt"
     ;;
+12)
+    echo "== the GPU's idle time inside a step, and the gap at the host sync (before the optimizer), bf16 weights"
+    timeout 560 python3 scripts/bench_e2e.py --optim adamw muonclip --micro 1 8 --steps 4 --profile --top 4 \
+        --set trainer.param_dtype=bfloat16 2>&1 | grep -v "^ *[0-9.]* ms  [^k(]" | tee "$OUT/e2e_idle.txt"
+    ;;
 *)
-    echo "usage: bash scripts/gpu_owed.sh 4|8|9|10|11" >&2
+    echo "usage: bash scripts/gpu_owed.sh 4|8|9|10|11|12" >&2
     exit 2
     ;;
 esac

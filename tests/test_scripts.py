@@ -70,3 +70,20 @@ def test_fp8_loss_curve_compares_paired_steps_where_both_runs_got_to():
     assert cmp["steps"] == 235 and cmp["skip"] == mod.SKIP and cmp["tail_steps"] == mod.TAIL
     assert abs(cmp["mean"] - 0.001) < 2e-4 and 0 < cmp["sem"] < 2e-4
     assert abs(cmp["tail"] - 0.001) < 2e-4  # the last 20 paired steps, not the reference's own last 20
+
+
+def test_gpu_idle_counts_gaps_between_overlapping_streams():
+    # two streams: the second op overlaps the first, so the only gaps are 12 -> 15 and 20 -> 30
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_e2e", ROOT / "scripts/bench_e2e.py")
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    ops = [(30.0, 31.0, "optimizer"), (0.0, 10.0, "fb"), (5.0, 12.0, "fb2"), (15.0, 20.0, "reduce")]
+    idle, gaps = bench.gpu_idle(ops)
+    assert idle == 13.0
+    assert gaps == [(10.0, "reduce", "optimizer"), (3.0, "fb2", "reduce")]
