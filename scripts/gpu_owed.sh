@@ -42,7 +42,7 @@ case "${1:-}" in
     timeout 570 python3 scripts/fp8_loss_curve.py --steps 300 --set trainer.param_dtype=bfloat16 2>&1 | grep -v "^step " | tee "$OUT/fp8_loss_curve.txt"
     ;;
 11)
-    echo "== the noise floor's run, added to an earlier call's runs ($2)"
+    echo "== the noise floor's run, added to an earlier call's runs (${2:?usage: bash scripts/gpu_owed.sh 11 PART10/fp8_loss.json})"
     timeout 570 python3 scripts/fp8_loss_curve.py --steps 300 --noise --runs-from "$2" --set trainer.param_dtype=bfloat16 \
         2>&1 | grep -v "^step " | tee "$OUT/fp8_loss_curve_noise.txt"
     ;;
