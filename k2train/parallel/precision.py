@@ -27,10 +27,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from k2train.kernels.grad_accumulate import accumulate_
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
+from k2train.optim.sharded import local
 
 
 def _into_main_grad(p: torch.Tensor) -> None:
@@ -39,12 +36,11 @@ def _into_main_grad(p: torch.Tensor) -> None:
     g = p.grad
     if g is None:
         return
-    main = getattr(p, "main_grad", None)
-    if main is None:
-        p.main_grad = main = torch.empty_like(g, dtype=torch.float32)
-        accumulate_(_local(main), _local(g), add=False)
+    if p.main_grad is None:  # the step's first: cast in the same one-pass kernel (torch's cast is slow too)
+        p.main_grad = torch.empty_like(g, dtype=torch.float32)
+        accumulate_(local(p.main_grad), local(g), add=False)
     else:
-        accumulate_(_local(main), _local(g))
+        accumulate_(local(p.main_grad), local(g))
     p.grad = None
 
 
