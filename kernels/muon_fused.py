@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ._triton import interpreted as _interpreted, runs_on, tl, triton
+from .adamw import skippable
 from .newton_schulz import ns_input_target_norm, pow2_scale
 
 if triton is not None:
@@ -29,11 +30,16 @@ if triton is not None:
         return m, rr, rc, (rr[:, None] < R) & (rc[None, :] < C)
 
     @triton.jit
-    def _momentum_kernel(G, Buf, SumSq, Out, Hint, R, C, mu,
-                         s_om, s_or, s_oc, NESTEROV: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    def _momentum_kernel(G, Buf, SumSq, Out, Hint, Skip, R, C, mu,
+                         s_om, s_or, s_oc, NESTEROV: tl.constexpr, SKIP: tl.constexpr, BR: tl.constexpr,
+                         BC: tl.constexpr):
         """Buf <- Buf + (1 - mu) (G - Buf); U = G + mu (Buf - G) (Nesterov) or Buf; SumSq[m] += sum U^2;
         and, when the matrix has a scale hint (Hint[m] > 0, a power of two), Out[m] = U * Hint[m] in
-        Out's dtype. Out is addressed through strides (a transposed view for a tall matrix)."""
+        Out's dtype. Out is addressed through strides (a transposed view for a tall matrix). With
+        SKIP and Skip[0] set, every program returns at once."""
+        if SKIP:
+            if tl.load(Skip) != 0:
+                return
         m, rr, rc, mask = _matrix_tile(R, C, BR, BC)
         src = m * R * C + rr[:, None] * C + rc[None, :]
         g = tl.load(G + src, mask=mask, other=0.0).to(tl.float32)
@@ -72,10 +78,14 @@ if triton is not None:
         tl.store(dst, (u * p2).to(Out.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _update_kernel(W, O, P, R, C, decay, step,
-                       s_om, s_or, s_oc, HAS_P: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    def _update_kernel(W, O, P, Skip, R, C, decay, step,
+                       s_om, s_or, s_oc, HAS_P: tl.constexpr, SKIP: tl.constexpr, BR: tl.constexpr,
+                       BC: tl.constexpr):
         """W <- W * decay - step * O (fp32 W, O read through strides); P (the low-precision param
-        whose master W is) <- W."""
+        whose master W is) <- W. With SKIP and Skip[0] set, every program returns at once."""
+        if SKIP:
+            if tl.load(Skip) != 0:
+                return
         m, rr, rc, mask = _matrix_tile(R, C, BR, BC)
         dst = m * R * C + rr[:, None] * C + rc[None, :]
         o = tl.load(O + m * s_om + rr[:, None] * s_or + rc[None, :] * s_oc, mask=mask, other=0.0).to(tl.float32)
@@ -96,7 +106,8 @@ def _tiles(interp: bool) -> tuple[int, int]:
 
 
 def momentum_to_ns_input_(grad: torch.Tensor, buf: torch.Tensor, out: torch.Tensor, momentum: float,
-                          nesterov: bool, scale_hint: torch.Tensor | None = None) -> None:
+                          nesterov: bool, scale_hint: torch.Tensor | None = None,
+                          skip: torch.Tensor | None = None) -> None:
     """Update ``buf`` (fp32, ``grad``'s shape) in place with ``grad``, and write the NS input of every
     matrix, U scaled by a power of two and cast to ``out``'s dtype, into ``out`` (same shape, any
     strides, e.g. a transposed view of the NS batch). For fp16 the result is
@@ -109,7 +120,10 @@ def momentum_to_ns_input_(grad: torch.Tensor, buf: torch.Tensor, out: torch.Tens
     predicts it with the last step's: the first kernel writes U times the hint while it updates the
     buffer, and a second kernel rewrites only the matrices whose power of two changed (or had none:
     zeros, the default), at one early exit per program for the rest: when the prediction holds, the
-    grad and the buffer are read once. Whatever the hint, ``out`` is the same."""
+    grad and the buffer are read once. Whatever the hint, ``out`` is the same.
+
+    ``skip`` (a bool scalar on the device): where set, ``buf`` keeps every bit (``out`` and the hint
+    are scratch: what they then hold is not used)."""
     if not (grad.is_contiguous() and buf.is_contiguous() and buf.dtype == torch.float32):
         raise ValueError("momentum_to_ns_input_ needs a contiguous grad and a contiguous fp32 momentum buffer")
     if grad.shape != buf.shape or out.shape != grad.shape or grad.ndim not in (2, 3):
@@ -126,8 +140,8 @@ def momentum_to_ns_input_(grad: torch.Tensor, buf: torch.Tensor, out: torch.Tens
     o3 = out if out.ndim == 3 else out.unsqueeze(0)
     BR, BC = _tiles(interp)
     grid = (triton.cdiv(R, BR), triton.cdiv(C, BC), n)
-    _momentum_kernel[grid](grad, buf, sumsq, o3, scale_hint, R, C, float(momentum), *o3.stride(),
-                           NESTEROV=nesterov, BR=BR, BC=BC)
+    _momentum_kernel[grid](grad, buf, sumsq, o3, scale_hint, skip.view(torch.uint8) if skip is not None else sumsq, R, C,
+                           float(momentum), *o3.stride(), NESTEROV=nesterov, SKIP=skip is not None, BR=BR, BC=BC)
     scale = pow2_scale(sumsq.sqrt(), ns_input_target_norm(R, C))  # what ns_input_cast computes
     _ns_input_fixup_kernel[grid](grad, buf, scale, o3, scale_hint, R, C, float(momentum), *o3.stride(),
                                  NESTEROV=nesterov, BR=BR, BC=BC)
@@ -135,9 +149,10 @@ def momentum_to_ns_input_(grad: torch.Tensor, buf: torch.Tensor, out: torch.Tens
 
 
 def apply_update_(weight: torch.Tensor, ortho: torch.Tensor, lr: float, weight_decay: float, lr_scale: float,
-                  param: torch.Tensor | None = None) -> None:
+                  param: torch.Tensor | None = None, skip: torch.Tensor | None = None) -> None:
     """``W <- W (1 - lr wd) - lr lr_scale O`` in one pass (W contiguous fp32, O any strides and
-    dtype), and ``param <- W`` in param's dtype when W is param's fp32 master copy."""
+    dtype), and ``param <- W`` in param's dtype when W is param's fp32 master copy. ``skip`` (a bool
+    scalar on the device): where set, nothing is written."""
     if not weight.is_contiguous() or weight.dtype != torch.float32 or ortho.shape != weight.shape:
         raise ValueError(f"apply_update_ needs a contiguous fp32 weight and an update of its shape, got "
                          f"{tuple(weight.shape)} {weight.dtype} and {tuple(ortho.shape)}")
@@ -151,7 +166,9 @@ def apply_update_(weight: torch.Tensor, ortho: torch.Tensor, lr: float, weight_d
     in_kernel = param is not None and not interp
     BR, BC = _tiles(interp)
     _update_kernel[(triton.cdiv(R, BR), triton.cdiv(C, BC), n)](
-        weight, o3, param if in_kernel else weight, R, C, float(1 - lr * weight_decay),
-        float(lr * lr_scale), *o3.stride(), HAS_P=in_kernel, BR=BR, BC=BC)
+        weight, o3, param if in_kernel else weight, skip.view(torch.uint8) if skip is not None else weight, R, C,
+        float(1 - lr * weight_decay), float(lr * lr_scale), *o3.stride(), HAS_P=in_kernel, SKIP=skip is not None,
+        BR=BR, BC=BC)
     if param is not None and not in_kernel:
-        param.copy_(weight)
+        with skippable(skip, param):
+            param.copy_(weight)

@@ -10,6 +10,7 @@ Shapes: a Muon parameter is one matrix ``[out, in]`` or a stack of matrices ``[E
 experts of one MoE layer); each matrix of a stack is orthogonalised and RMS-matched on its own.
 """
 
+import contextlib
 import math
 from collections import defaultdict
 from typing import Callable, Iterable, Optional
@@ -17,7 +18,7 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import Tensor
 
-from k2train.kernels.adamw import adamw_fused_, fused_adamw_available
+from k2train.kernels.adamw import adamw_corrections, adamw_fused_, fused_adamw_available, skippable
 from k2train.kernels.adamw import adamw_reference_ as adamw_update_
 from k2train.kernels.muon_fused import apply_update_, fused_muon_available, momentum_to_ns_input_
 
@@ -157,6 +158,11 @@ class MuonClip(torch.optim.Optimizer):
     ``ns_fn`` replaces the Newton-Schulz function (e.g. the Triton kernel); it must accept
     ``(G, steps=, coefficients=, dtype=)`` for 3-D batches.
 
+    :meth:`step` takes an optional ``skip``, a bool scalar on the device (the trainer's "this step's
+    loss or gradient norm is not finite"): where it is set the step changes nothing (weights, masters,
+    moments, momentum buffers and AdamW's step counts keep every bit), and it is never read on the
+    host, so deciding a step costs no sync. AdamW's step counts live on the params' device for that.
+
     ``fused``: the Muon elementwise passes (k2train.kernels.muon_fused) and the AdamW step
     (k2train.kernels.adamw) as Triton kernels. None
     (default): on CUDA when NS runs in half precision and every Muon param is a plain contiguous
@@ -259,19 +265,23 @@ class MuonClip(torch.optim.Optimizer):
     # -- step --------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, *, skip: Optional[Tensor] = None):
+        """One update of every param with a gradient; with ``skip`` (bool scalar on the params'
+        device) set, none."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if skip is not None and (skip.dtype != torch.bool or skip.numel() != 1):
+            raise ValueError(f"skip must be a bool scalar tensor, got {skip.dtype} of shape {tuple(skip.shape)}")
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None and self._owns(p)]
             if not params:
                 continue
             if group["kind"] == "muon":
-                self._muon_group(group, params)
+                self._muon_group(group, params, skip)
             else:
-                self._adamw_group(group, params)
+                self._adamw_group(group, params, skip)
         self._after_update()
         return loss
 
@@ -287,7 +297,7 @@ class MuonClip(torch.optim.Optimizer):
                 return False
         return True
 
-    def _muon_group_fused(self, group: dict, params: list[Tensor], targets: list[Tensor]) -> None:
+    def _muon_group_fused(self, group: dict, params: list[Tensor], targets: list[Tensor], skip: Optional[Tensor]) -> None:
         # Same math as the unfused path: momentum, Nesterov and the scaled half cast go straight into
         # each NS batch (one kernel pair per param), the update is one pass per param.
         for (M, K), chunk in ns_chunks([(p.shape, p.device) for p in params]):
@@ -308,7 +318,7 @@ class MuonClip(torch.optim.Optimizer):
                 if hint is None:
                     hint = self._ns_scale_hints[p] = torch.zeros(n, device=p.device, dtype=torch.float32)
                 momentum_to_ns_input_(p.grad, state["momentum_buffer"], ns_in, group["momentum"], group["nesterov"],
-                                      scale_hint=hint)
+                                      scale_hint=hint, skip=skip)
             result = self.ns_fn(batch, steps=group["ns_steps"], coefficients=group["ns_coefficients"], dtype=self.ns_dtype)
             start = 0
             for i, n in zip(chunk, counts):
@@ -317,23 +327,28 @@ class MuonClip(torch.optim.Optimizer):
                 start += n
                 o = (r if p.shape[-2] <= p.shape[-1] else r.mT).reshape(p.shape)
                 scale = muon_lr_scale(p.shape, group["rms_match"])
-                apply_update_(w, o, group["lr"], group["weight_decay"], scale, param=p if w is not p else None)
+                apply_update_(w, o, group["lr"], group["weight_decay"], scale, param=p if w is not p else None,
+                              skip=skip)
             # let this batch and its result go before the next batch is allocated: kept to the end
             # of the next Newton-Schulz call, the result was a fourth batch-sized buffer at the peak
             del batch, result, r, o
 
-    def _muon_group(self, group: dict, params: list[Tensor]) -> None:
+    def _muon_group(self, group: dict, params: list[Tensor], skip: Optional[Tensor]) -> None:
         # Elementwise math on local shards; batched_newton_schulz gathers tp-sharded matrices whole.
         targets = [self._target(p) for p in params]
         if self._use_fused(params, targets):
-            return self._muon_group_fused(group, params, targets)
+            return self._muon_group_fused(group, params, targets, skip)
         ns_inputs = []
         for p, w in zip(params, targets):
             state = self.state[p]
             grad = local(like_param(p.grad, p)).to(w.dtype)
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(w)
-            ns_in = muon_momentum_(grad, local(state["momentum_buffer"]), group["momentum"], group["nesterov"])
+            buf = local(state["momentum_buffer"])
+            with skippable(skip, buf):  # a skipped step's NS input is computed, its update not applied
+                ns_in = muon_momentum_(grad, buf, group["momentum"], group["nesterov"])
+                if ns_in is buf and skip is not None:
+                    ns_in = buf.clone()
             ns_inputs.append(wrap_like(ns_in, p))
         orthos = batched_newton_schulz(
             ns_inputs,
@@ -345,27 +360,39 @@ class MuonClip(torch.optim.Optimizer):
         for p, w, o in zip(params, targets, orthos):
             # p.shape is the global shape for a DTensor: the RMS match is the whole matrix's.
             scale = muon_lr_scale(p.shape, group["rms_match"])
-            apply_muon_update_(local(w), local(o), group["lr"], group["weight_decay"], scale)
-            if w is not p:
-                local(p).copy_(local(w))
+            with skippable(skip, *{id(t): t for t in (local(w), local(p))}.values()):
+                apply_muon_update_(local(w), local(o), group["lr"], group["weight_decay"], scale)
+                if w is not p:
+                    local(p).copy_(local(w))
 
-    def _adamw_group(self, group: dict, params: list[Tensor]) -> None:
-        for p in params:
-            w = self._target(p)
-            state = self.state[p]
+    def _adamw_group(self, group: dict, params: list[Tensor], skip: Optional[Tensor]) -> None:
+        # The step counts stay on the device, one per param as torch keeps them (a checkpoint's may
+        # come back on the CPU), and advance unless skipped; their bias corrections are computed
+        # for all params at once, there too.
+        targets = [self._target(p) for p in params]
+        for p, w in zip(params, targets):
+            state, device = self.state[p], local(w).device
             if "step" not in state:
-                state["step"] = torch.tensor(0.0)
+                state["step"] = torch.zeros((), dtype=torch.float32, device=device)
                 state["exp_avg"] = torch.zeros_like(w)
                 state["exp_avg_sq"] = torch.zeros_like(w)
-            state["step"] += 1
-            args = (int(state["step"].item()), group["lr"], group["betas"], group["eps"], group["weight_decay"])
+            elif state["step"].device != device:
+                state["step"] = state["step"].to(device=device, dtype=torch.float32)
+        steps = [self.state[p]["step"] for p in params]
+        torch._foreach_add_(steps, 1.0 if skip is None else (~skip).float())
+        corrections = adamw_corrections(torch.stack(steps), group["lr"], group["betas"])
+        for p, w, corr in zip(params, targets, corrections):
+            state = self.state[p]
+            args = (corr, group["lr"], group["betas"], group["eps"], group["weight_decay"])
             if self._use_fused_adamw(p, w):  # one pass, the bf16 param written from the master in it
-                adamw_fused_(w, p.grad, state["exp_avg"], state["exp_avg_sq"], *args, param=p if w is not p else None)
+                adamw_fused_(w, p.grad, state["exp_avg"], state["exp_avg_sq"], *args,
+                             param=p if w is not p else None, skip=skip)
                 continue
-            adamw_update_(local(w), local(like_param(p.grad, p)).to(w.dtype), local(state["exp_avg"]),
-                          local(state["exp_avg_sq"]), *args)
-            if w is not p:
-                local(p).copy_(local(w))
+            with skippable(skip, local(p)) if w is not p else contextlib.nullcontext():
+                adamw_update_(local(w), local(like_param(p.grad, p)).to(w.dtype), local(state["exp_avg"]),
+                              local(state["exp_avg_sq"]), *args, skip=skip)
+                if w is not p:
+                    local(p).copy_(local(w))
 
     def _use_fused_adamw(self, p: Tensor, w: Tensor) -> bool:
         """The one-pass AdamW kernel (k2train.kernels.adamw) serves plain contiguous tensors with an

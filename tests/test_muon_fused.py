@@ -5,7 +5,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
-from k2train.kernels.adamw import adamw_fused_, adamw_reference_  # noqa: E402
+from k2train.kernels.adamw import adamw_corrections, adamw_fused_, adamw_reference_  # noqa: E402
 from k2train.kernels.muon_fused import (  # noqa: E402
     apply_update_, fused_muon_available, momentum_to_ns_input_)
 from k2train.optim.muon import MuonClip, muon_momentum_, ns_input_cast  # noqa: E402
@@ -107,14 +107,17 @@ def test_adamw_fused_matches_torch_adamw(grad_dtype, master):
     w = torch.randn(n, generator=g).to(DEV)
     m, v = torch.randn(n, generator=g).to(DEV) * 1e-3, torch.rand(n, generator=g).to(DEV) * 1e-6
     ref = [t.clone() for t in (w, m, v)]
+    dev = [t.clone() for t in (w, m, v)]  # the bias corrections from a step count on the device
     param = torch.empty(n, dtype=torch.bfloat16, device=DEV) if master else None
     for step in (1, 2, 3):
         grad = (torch.randn(n, generator=g) * 10.0 ** -step).to(DEV, grad_dtype)
         hyper = (step, 3e-4, (0.9, 0.95), 1e-8, 0.1)
         adamw_fused_(w, grad, m, v, *hyper, param=param)
         adamw_reference_(ref[0], grad.float(), ref[1], ref[2], *hyper)
+        corr = adamw_corrections(torch.tensor([float(step)], device=DEV), *hyper[1:3])[0]
+        adamw_fused_(*dev[:1], grad, *dev[1:], corr, *hyper[1:])
         # fp32, same op order but the bias correction folded into a reciprocal: a few ulps
-        for got, want in zip((w, m, v), ref):
+        for got, want in zip((w, m, v, *dev), ref + ref):
             assert torch.allclose(got, want, rtol=2e-6, atol=1e-9)
     if master:
         assert torch.equal(param, w.bfloat16())
@@ -176,3 +179,49 @@ def test_fused_muonclip_step_matches_unfused(param_dtype):
         assert _rel(d_f, d_u) < (2e-2 if param_dtype == torch.bfloat16 else 5e-3)
     for b_f, b_u in zip(runs[True][1], runs[False][1]):
         assert _rel(b_f, b_u) < 1e-6
+
+
+def _snapshot(opt, params):
+    """Every bit the optimizer keeps: params, then each param's state tensors by key."""
+    out = [p.detach().clone() for p in params]
+    for p in params:
+        out += [v.detach().clone() for _, v in sorted(opt.state[p].items()) if torch.is_tensor(v)]
+    return out
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
+def test_skip_flag_on_the_device_leaves_every_bit(fused, param_dtype):
+    # MuonClip.step(skip=...) with a device flag: set, a step with NaN / inf gradients changes no
+    # param, master, moment, momentum buffer or AdamW step count; clear, the step is the one without
+    # a flag, bit for bit (Muon and AdamW groups, fused kernels and torch paths).
+    _need_kernels()
+    ns_fn = lambda G, steps, coefficients, dtype: zeropower_via_gram_newtonschulz(G, steps, coefficients, dtype=dtype)  # noqa: E731
+    runs = []
+    for flags in ((None, None, None), (False, True, False)):
+        params = _params(param_dtype)
+        extra = [torch.nn.Parameter((torch.randn(40, generator=torch.Generator().manual_seed(3)) * 0.1).to(DEV, param_dtype))]
+        opt = MuonClip([{"kind": "muon", "params": params}, {"kind": "adamw", "params": extra}], lr=0.02,
+                       weight_decay=0.1, ns_dtype=torch.float16, ns_fn=ns_fn, fused=fused)
+        for step, flag in enumerate(flags):
+            g = torch.Generator().manual_seed(10 + step)
+            for p in params + extra:
+                p.grad = (torch.randn(p.shape, generator=g) * 1e-3).to(DEV, param_dtype)
+            if flag is None and step == 1:
+                continue  # the run without flags has no second step
+            if flag:
+                params[0].grad.view(-1)[3] = float("nan")
+                extra[0].grad.view(-1)[0] = float("inf")
+                before = _snapshot(opt, params + extra)
+            opt.step(skip=None if flag is None else torch.tensor(flag, device=DEV))
+            if flag:
+                after = _snapshot(opt, params + extra)
+                assert len(after) == len(before)
+                for a, b in zip(after, before):
+                    assert torch.equal(a, b)
+        assert opt.state[extra[0]]["step"].item() == 2.0
+        runs.append(_snapshot(opt, params + extra))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="bool scalar"):
+        opt.step(skip=torch.zeros(2, dtype=torch.bool, device=DEV))
