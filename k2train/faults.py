@@ -1,4 +1,4 @@
-"""Fault handling for the flat step loop: non-finite guard, loss-spike detector, preemption signals,
+"""Fault handling for the step loop: non-finite guard, loss-spike detector, preemption signals,
 collective timeouts. Small objects the loop calls directly (no callbacks)::
 
     guard = NonFiniteGuard(t.on_nonfinite)
@@ -6,19 +6,21 @@ collective timeouts. Small objects the loop calls directly (no callbacks)::
     preempt = PreemptionHandler()                       # SIGTERM / SIGUSR1 -> flag
     while step < t.steps:
         ...forward/backward, grad_norm = clip_grad_norm_(...)...
+        skip = ~(isfinite(loss) & isfinite(grad_norm))  # on the device
+        optimizer.step(skip=skip); ...                  # a no-op where skip is set
+        ...later, the step's numbers on the host...
         if not guard.check(loss_val, gnorm_val, step):  # raises NonFiniteError under "stop"
-            discard_step_(optimizer, moes); continue
-        optimizer.step(); ...
+            log("step skipped")
         if spikes.update(loss_val): log("loss spike")
         if preempt.should_stop(group, device):          # same answer on every rank
             ckpt.save(step, state); exit 0
 
-The checks run before ``optimizer.step()``, so a NaN or Inf never reaches the weights or the
-optimizer state. Every rank must take the same branch: the loss and grad norm the guard sees must
-be the globally reduced ones (``clip_grad_norm_`` over DTensors already is), and
-:meth:`PreemptionHandler.should_stop` all-reduces the flag. (The trainer does that reduction
-inside its step, so that the flag comes back with the loss in the step's one host sync, and reads
-``requested`` directly: k2train/trainer.py.)
+A NaN or Inf never reaches the weights or the optimizer state: the update is masked on the device
+(k2train.optim.MuonClip.step's ``skip``), and the guard only counts, logs or stops, when the host
+reads the step. Every rank must take the same decision: the loss and grad norm must be the globally
+reduced ones (``clip_grad_norm_`` over DTensors already is), and
+:meth:`PreemptionHandler.should_stop` all-reduces the flag (the trainer over a gloo group on the
+CPU, after launching each step: k2train/trainer.py).
 """
 
 import datetime
@@ -39,7 +41,8 @@ class NonFiniteError(FloatingPointError):
 
 
 class NonFiniteGuard:
-    """Decides whether a step may update the weights; counts the skipped ones."""
+    """The host's verdict on a step read back: counts the skipped ones (the device has already
+    made their update a no-op), or raises under ``stop``."""
 
     def __init__(self, policy: Literal["skip", "stop"] = "skip"):
         if policy not in ("skip", "stop"):
@@ -48,7 +51,7 @@ class NonFiniteGuard:
         self.skipped = 0
 
     def check(self, loss: float, grad_norm: float, step: int) -> bool:
-        """True if the step is finite and may proceed; False if it must be skipped (counted)."""
+        """True if the step was finite (it updated the weights); False if it was skipped (counted)."""
         if math.isfinite(loss) and math.isfinite(grad_norm):
             return True
         if self.policy == "stop":
@@ -65,14 +68,6 @@ class NonFiniteGuard:
 
     def load_state_dict(self, state: dict) -> None:
         self.skipped = int(state["skipped"])
-
-
-@torch.no_grad()
-def discard_step_(optimizer: torch.optim.Optimizer, moe_layers: Iterable = ()) -> None:
-    """Drop a skipped step's gradients and its router-load counts (so the bias update ignores them)."""
-    optimizer.zero_grad(set_to_none=True)
-    for moe in moe_layers:
-        moe.tokens_per_expert.zero_()
 
 
 class LossSpikeDetector:
@@ -116,7 +111,7 @@ class LossSpikeDetector:
 class PreemptionHandler:
     """Turns SIGTERM/SIGUSR1 (Slurm's preemption and ``--signal`` warnings) into a flag.
 
-    The handler only sets the flag; the loop polls :meth:`should_stop` at each step boundary,
+    The handler only sets the flag; the loop polls :meth:`should_stop` after each step,
     checkpoints and exits 0. Install it in the main thread (Python's rule for signal handlers).
     """
 
@@ -131,13 +126,14 @@ class PreemptionHandler:
         log.warning("received %s: will checkpoint and exit at the next step boundary", signal.Signals(signum).name)
 
     def should_stop(self, process_group=None, device: Optional[torch.device] = None) -> bool:
-        """Whether any rank was signalled; every rank gets the same answer (one tiny all-reduce)."""
+        """Whether any rank was signalled; every rank gets the same answer (one tiny all-reduce over
+        ``process_group``, of a tensor on ``device``: the trainer asks a gloo group on the CPU)."""
         local = self.requested is not None
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return local
         flag = torch.tensor([1.0 if local else 0.0], device=device or "cpu")
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=process_group)
-        return bool(flag.item())  # host sync: once per step, a single element
+        return bool(flag.item())  # a CPU tensor on a gloo group: waits for the other hosts, never a GPU
 
     def uninstall(self) -> None:
         for sig, prev in self._previous.items():

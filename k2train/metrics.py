@@ -112,13 +112,15 @@ LAYER_SUMMARIES = {
 
 
 class StepReadout:
-    """The step's numbers, computed on the device, read back to the host in one transfer: the
+    """The step's numbers, computed on the device and read back to the host in one transfer: the
     scalars (loss, aux loss, grad norm: the same on every rank) and, per layer, the max logit,
     the heads above QK-Clip's tau, the expert load (max / mean) and the experts that got no token.
 
     Each pipeline stage measures only its own layers; with a pp ``group`` the stages' vectors are
-    all-gathered (one collective of fixed size per step; the stages' layer ids are exchanged once,
-    here) so that every rank, the logging one included, reports every layer.
+    all-gathered (one collective of fixed size per step, at :meth:`gather`, with the step's other
+    collectives; the stages' layer ids are exchanged once, here) so that every rank, the logging
+    one included, reports every layer. :meth:`decode` turns the rows into metrics on the host,
+    whenever the trainer reads them.
     """
 
     def __init__(self, attn_layers: list[int], moe_layers: list[int], group=None):
@@ -132,23 +134,27 @@ class StepReadout:
         self.stages = [(list(a), list(m)) for a, m in stages]
         self.width = max(2 * len(a) + 2 * len(m) for a, m in self.stages)
 
-    def read(self, scalars: torch.Tensor, clip_2L: Optional[torch.Tensor],
-             load_2L: Optional[torch.Tensor]) -> tuple[list[list[float]], dict[str, Any]]:
-        """``scalars`` [n]; ``clip_2L`` (:func:`k2train.optim.qk_clip.qk_clip_summary`) and
-        ``load_2L`` (max/mean load, dead experts) for this stage's layers, or None where it has
-        none. Returns every stage's scalars (one list per stage) and the per-layer metrics with
-        their summaries (LAYER_SUMMARIES). This is a host sync."""
+    def gather(self, scalars: torch.Tensor, clip_2L: Optional[torch.Tensor],
+               load_2L: Optional[torch.Tensor]) -> torch.Tensor:
+        """``[stages, len(scalars) + width]`` on the device, the same on every rank of the group:
+        each stage's ``scalars`` [n], then ``clip_2L`` (:func:`k2train.optim.qk_clip.qk_clip_summary`)
+        and ``load_2L`` (max/mean load, dead experts) for its layers (None where it has none). No
+        host sync."""
         mine = [t.reshape(-1).float() for t in (clip_2L, load_2L) if t is not None]
         vec = torch.cat([scalars.float().reshape(-1), *mine])
         vec = torch.cat([vec, vec.new_zeros(len(scalars) + self.width - len(vec))])
-        if self.group is not None:
-            parts = [torch.empty_like(vec) for _ in self.stages]
-            dist.all_gather(parts, vec, group=self.group)
-            vec = torch.stack(parts)
-        rows = vec.reshape(len(self.stages), -1).tolist()  # host sync
+        if self.group is None:
+            return vec[None]
+        parts = [torch.empty_like(vec) for _ in self.stages]
+        dist.all_gather(parts, vec, group=self.group)
+        return torch.stack(parts)
+
+    def decode(self, rows: list[list[float]], num_scalars: int) -> tuple[list[list[float]], dict[str, Any]]:
+        """:meth:`gather`'s rows, on the host: every stage's scalars (one list per stage) and the
+        per-layer metrics with their summaries (LAYER_SUMMARIES)."""
         out: dict[str, Any] = {}
         for (attn, moe), row in zip(self.stages, rows):
-            values = iter(row[len(scalars):])
+            values = iter(row[num_scalars:])
             for name, layers in (("max_logit", attn), ("clipped_heads", attn),
                                  ("expert_load_max_over_mean", moe), ("dead_experts", moe)):
                 for i in layers:
@@ -158,4 +164,4 @@ class StepReadout:
             values = [v for k, v in out.items() if k.startswith(f"{name}/layer_")]
             if values:
                 out[name] = combine(values)
-        return [row[: len(scalars)] for row in rows], out
+        return [row[:num_scalars] for row in rows], out

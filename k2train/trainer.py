@@ -1,15 +1,18 @@
 """The trainer: what one training run builds, in order, and the optimizer step.
 
     with Trainer(cfg) as trainer:      # builds everything (see Trainer.__init__ for the order)
-        history = trainer.run()        # batches -> train_step -> log -> checkpoint, until trainer.steps
+        history = trainer.run()        # batches -> launch_step -> read -> log -> checkpoint, until trainer.steps
 
-:meth:`Trainer.train_step` is one optimizer step over this rank's micro-batches, for every layout
-(one process, tensor/expert/data/pipeline parallel). The parity, resume and golden-loss tests and
-the scripts drive it (or :meth:`Trainer.run`), never a copy of it. Leaving the ``with`` block, by
-the end of the run or by an exception, drains the checkpoint writer, stops the data thread, closes
-the logs and, if the trainer started it, the process group.
+:meth:`Trainer.launch_step` is one optimizer step over this rank's micro-batches, for every layout
+(one process, tensor/expert/data/pipeline parallel), queued on the device; :meth:`Trainer.read_step`
+reads what it measured; :meth:`Trainer.train_step` is the two at once. The parity, resume and
+golden-loss tests and the scripts drive them (or :meth:`Trainer.run`), never a copy of them. Leaving
+the ``with`` block, by the end of the run or by an exception, drains the checkpoint writer, stops the
+data thread, closes the logs and, if the trainer started it, the process group.
 
-One host sync per step (``# host sync``): the non-finite check and every metric, in one transfer.
+No host sync inside a step: a non-finite loss or norm makes the update a no-op on the device, and
+the step's numbers (loss, norm, every per-layer metric) come back in one transfer that the host
+reads when it logs (``# host sync``): every ``trainer.log_interval`` steps, one step late.
 """
 
 import json
@@ -33,7 +36,7 @@ from .checkpoint_layout import git_revision
 from .config import JobConfig, job_config_to_dict
 from .convert import export_hf
 from .data_pipeline.loader import build_data_loader, load_tokenizer
-from .faults import LossSpikeDetector, NonFiniteGuard, PreemptionHandler, discard_step_, init_distributed
+from .faults import LossSpikeDetector, NonFiniteGuard, PreemptionHandler, collective_timeout, init_distributed
 from .flops import flops_per_token, peak_tflops
 from .loss import NextTokenLoss
 from .kernels import is_deterministic as kernels_deterministic, set_deterministic as set_kernels_deterministic
@@ -77,6 +80,33 @@ def build_model(cfg, device: torch.device, seed: int) -> K2Model:
     return model
 
 
+# the step's scalars read back with the per-layer numbers: loss, aux loss, grad norm
+NUM_SCALARS = 3
+
+
+@dataclass
+class PendingStep:
+    """A launched step whose numbers are still on their way: ``rows`` (StepReadout.gather's) in
+    pinned host memory, complete once ``ready`` (a CUDA event; None on the CPU) is."""
+
+    step: int
+    lr: float
+    rows: torch.Tensor
+    ready: Optional["torch.cuda.Event"] = None
+
+
+def _to_host(rows: torch.Tensor) -> tuple[torch.Tensor, Optional["torch.cuda.Event"]]:
+    """``rows`` copied to pinned host memory behind the step's work, and the event that says it
+    is there: nothing waits now."""
+    if rows.device.type != "cuda":
+        return rows, None
+    host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
+    host.copy_(rows, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready
+
+
 @dataclass
 class StepStats:
     """One optimizer step, read back to the host once. ``loss`` = cross entropy + MoE aux loss,
@@ -91,7 +121,6 @@ class StepStats:
     lr: float
     skipped: bool = False
     layers: dict[str, Any] = field(default_factory=dict)
-    stop: bool = False  # a preemption signal reached some rank: every rank sees it at the same step
 
 
 class Trainer:
@@ -137,6 +166,10 @@ class Trainer:
                 self._stack.push(_destroy_process_group)
             dims.build_mesh(self.device.type)
         self.is_logging_rank = dims.rank == logging_rank(world, dims.pp)
+        # the host-side vote on a preemption signal, on the CPU: asking it never waits for a GPU
+        self._host_group = None
+        if dims.distributed and self.device.type != "cpu":
+            self._host_group = dist.new_group(backend="gloo", timeout=collective_timeout(cfg.parallel.timeout_s))
         self.num_microbatches = dims.num_microbatches(t)
         host_warning = self._check_host_memory()  # offload's pinned memory: refused here, not mid-step
         torch.manual_seed(t.seed)
@@ -265,10 +298,16 @@ class Trainer:
     # -- the step -----------------------------------------------------------------------------
 
     def train_step(self, batches: list[Batch]) -> StepStats:
-        """One optimizer step over this rank's ``num_microbatches`` micro-batches: forward and
-        backward (or the pipeline schedule), gradient reduction and clipping, the skip decision on a
-        non-finite loss or norm, the optimizer, QK-Clip, the router-bias update, the LR schedule
-        and the step's metrics."""
+        """One optimizer step (:meth:`launch_step`), its numbers read back at once (:meth:`read_step`).
+        :meth:`run` reads them later instead, so that the host never waits for the GPU's step."""
+        return self.read_step(self.launch_step(batches))
+
+    def launch_step(self, batches: list[Batch]) -> "PendingStep":
+        """One optimizer step over this rank's ``num_microbatches`` micro-batches, queued on the
+        device: forward and backward (or the pipeline schedule), gradient reduction and clipping,
+        the step's metrics, and the update (optimizer, QK-Clip, the router-bias update), which a
+        non-finite loss or gradient norm turns into a no-op on the device; then the LR schedule.
+        Nothing here waits for the device: :meth:`read_step` reads what the step measured."""
         t, dims = self.cfg.trainer, self.dims
         tau = self.cfg.optim.qk_clip_tau if self.cfg.optim.qk_clip else None
         self.progress["step"] += 1
@@ -288,43 +327,43 @@ class Trainer:
             for part in self.parts:
                 sum_expert_load_(part, dims.group("token_mesh"))
             loads = _expert_load_summary([moe.tokens_per_expert for moe in self.moes])
-            # a preemption signal on any rank of this stage (the readout adds the other stages)
-            # (torch.full, not torch.tensor: a blocking host-to-device copy would wait for the GPU)
-            stop = torch.full((), float(self.preemption is not None and self.preemption.requested is not None),
-                              device=self.device)
-            if dims.group("token_mesh") is not None:
-                dist.all_reduce(stop, op=dist.ReduceOp.MAX, group=dims.group("token_mesh"))
-        with record_function("k2train.read_metrics"):
-            # host sync, the step's only one: the skip decision needs the loss and the norm (the same
-            # on every rank); every metric comes back in the same transfer
+        with record_function("k2train.step_metrics"):
+            # every number the host will read, every stage's, in one vector on every rank; the step
+            # is skipped where the loss or the norm is not finite (the same rows on every rank: the
+            # same decision), on the device
             clip = qk_clip_summary(logits_LH, tau, dims.group("tp_mesh")) if logits_LH is not None else None
-            scalars = torch.stack([ce + aux, aux, grad_norm.float(), stop])
-            stages, layers = self.readout.read(scalars, clip, loads)
-            loss, aux_loss, gnorm = stages[0][:3]  # the same on every stage
-            stop_now = any(row[3] > 0 for row in stages)
+            rows = self.readout.gather(torch.stack([ce + aux, aux, grad_norm.float()]), clip, loads)
+            skip = ~torch.isfinite(rows[0, :3]).all()
         lr = self.optimizer.param_groups[0]["lr"]
-        if not self.guard.check(loss, gnorm, step):
-            discard_step_(self.optimizer, self.moes)
-            for m in self.attention.values():
-                m.reset_max_logit()
-            self.scheduler.step()
-            return StepStats(step, loss, aux_loss, gnorm, lr, skipped=True, stop=stop_now)
 
-        # update: optimizer, QK-Clip, aux-loss-free router bias, LR (nothing here waits for the GPU)
+        # update: optimizer, QK-Clip, aux-loss-free router bias, LR (a skipped step's are no-ops)
         with record_function("k2train.optimizer"):
-            self.optimizer.step()
+            self.optimizer.step(skip=skip)
         with record_function("k2train.qk_clip_and_router_bias"):
-            if tau is not None and logits_LH is not None:
-                qk_clip_layers_(self.attention, logits_LH, tau, self.optimizer)
+            if tau is not None and logits_LH is not None:  # a head that saw -inf is not clipped
+                qk_clip_layers_(self.attention, logits_LH.masked_fill(skip, float("-inf")), tau, self.optimizer)
             for m in self.attention.values():
                 m.reset_max_logit()
-            for moe in self.moes:
+            for moe in self.moes:  # no load, no bias change
+                moe.tokens_per_expert.masked_fill_(skip, 0)
                 update_router_bias_(moe, self.cfg.model.bias_update_rate)
         self.scheduler.step()
+        return PendingStep(step, lr, *_to_host(rows))
 
+    def read_step(self, pending: "PendingStep") -> StepStats:
+        """What a launched step measured, on the host (waits for the device if the step is not done):
+        the non-finite guard's verdict (``trainer.on_nonfinite=stop`` raises here), the tokens seen
+        and the clipped heads counted for the steps that were not skipped."""
+        with record_function("k2train.read_metrics"):
+            if pending.ready is not None:
+                pending.ready.synchronize()  # host sync
+            stages, layers = self.readout.decode(pending.rows.tolist(), NUM_SCALARS)
+        loss, aux_loss, gnorm = stages[0]  # the same on every stage
+        if not self.guard.check(loss, gnorm, pending.step):
+            return StepStats(pending.step, loss, aux_loss, gnorm, pending.lr, skipped=True)
         self.progress["tokens_seen"] += self.tokens_per_step
         self.progress["clipped_heads_total"] += layers.get("clipped_heads", 0)
-        return StepStats(step, loss, aux_loss, gnorm, lr, layers=layers, stop=stop_now)
+        return StepStats(pending.step, loss, aux_loss, gnorm, pending.lr, layers=layers)
 
     def _forward_backward(self, batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross entropy and aux loss, each the mean over this step's micro-batches and data
@@ -377,7 +416,15 @@ class Trainer:
     def run(self) -> list[dict]:
         """Train until ``trainer.steps``, checkpointing at ``trainer.checkpoint.interval`` and at the
         end (plus the HF export), or until a preemption signal (checkpoint, then return). Returns
-        the metrics of every step trained."""
+        the metrics of every step trained.
+
+        The host queues steps without waiting for the device, and reads their numbers once every
+        ``trainer.log_interval`` steps, one step late (the GPU has finished that step and is busy
+        with the next when the host asks), and at once at a checkpoint or the last step, or
+        every step with ``trainer.on_nonfinite=stop``; a step's time is the time between two reads
+        over the steps in between. A preemption signal (on any rank: the ranks' host flags are
+        all-reduced after each step, on the CPU) ends the run after the step being launched, with
+        a checkpoint."""
         t = self.cfg.trainer
         self.logger.console(self._banner())
         if self.step >= t.steps:
@@ -391,31 +438,44 @@ class Trainer:
         bar = None
         if self.is_logging_rank and self.cfg.logging.progress_bar and sys.stderr.isatty():
             bar = tqdm(total=t.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
-        self.preemption = PreemptionHandler()  # its flag travels in the step's one read-back (StepStats.stop)
+        self.preemption = PreemptionHandler()
         ckpt = t.checkpoint
+        pending: list[PendingStep] = []
+        last_read, last_read_step = time.perf_counter(), self.step
         try:
             while self.step < t.steps:
-                t0 = time.perf_counter()
-                stats = self.train_step(self.next_batches())
-                if stats.skipped:
-                    self.logger.console(
-                        f"step {stats.step}: non-finite loss={stats.loss} or grad norm={stats.grad_norm}; step skipped")
-                    if stats.stop:
-                        return self._preempted(stats.step, history)
+                pending.append(self.launch_step(self.next_batches()))
+                step = self.step
+                stop = self.preemption.should_stop(self._host_group)  # the same answer on every rank
+                now = (stop or step == t.steps or t.on_nonfinite == "stop"
+                       or (ckpt.enable and ckpt.interval and step % ckpt.interval == 0))
+                if now:
+                    due, pending = pending, []
+                elif any(p.step % t.log_interval == 0 for p in pending[:-1]):
+                    due, pending = pending[:-1], pending[-1:]
+                else:
                     continue
-                metrics = self._metrics(stats, time.perf_counter() - t0)
-                history.append(metrics)
-                self.logger.log(stats.step, metrics)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{stats.loss:.3f}", tok_s=f"{metrics['tokens_per_s']:,.0f}")
-                if stats.step % t.log_interval == 0 or stats.step == t.steps:
-                    line = format_step(stats.step, t.steps, metrics)
-                    bar.write(line) if bar is not None else self.logger.console(line)
-                if ckpt.enable and ckpt.interval and stats.step % ckpt.interval == 0 and stats.step < t.steps:
-                    self.checkpointer.save(stats.step, self.checkpoint_state())
-                if stats.stop:
-                    return self._preempted(stats.step, history)
+                read = [self.read_step(p) for p in due]
+                seconds = (time.perf_counter() - last_read) / (step - last_read_step)
+                last_read, last_read_step = time.perf_counter(), step
+                for stats in read:
+                    if stats.skipped:
+                        self.logger.console(
+                            f"step {stats.step}: non-finite loss={stats.loss} or grad norm={stats.grad_norm}; step skipped")
+                        continue
+                    metrics = self._metrics(stats, seconds)
+                    history.append(metrics)
+                    self.logger.log(stats.step, metrics)
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{stats.loss:.3f}", tok_s=f"{metrics['tokens_per_s']:,.0f}")
+                    if stats.step % t.log_interval == 0 or stats.step == t.steps:
+                        line = format_step(stats.step, t.steps, metrics)
+                        bar.write(line) if bar is not None else self.logger.console(line)
+                if stop:
+                    return self._preempted(step, history)
+                if now and ckpt.enable and ckpt.interval and step % ckpt.interval == 0 and step < t.steps:
+                    self.checkpointer.save(step, self.checkpoint_state())
         finally:
             self.preemption.uninstall()
             self.preemption = None

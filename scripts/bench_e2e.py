@@ -2,7 +2,11 @@
 
 The proxy (5.4B parameters: K2's width, 4 layers = 1 dense + 3 MoE, 16 experts, seq 4096, micro-batch
 1, bf16, the Triton kernels) trains through :class:`k2train.trainer.Trainer`, the step users run, for
-each optimizer and micro-batch count asked; steady-state median of the steps after the first two.
+each optimizer and micro-batch count asked, in the trainer's own loop (``Trainer.run``: the host
+queues steps and reads each one's numbers one step late, never waiting for the GPU's step; a step's
+time is the time between two reads), steady-state median of the steps after the first two
+(``--sync-steps``: each step timed on its own between two device synchronizations, as before
+2026-12-05).
 Per case: step time, tokens/s per GPU, MFU (Megatron's FLOP count: causal attention at half; and
 TorchTitan's, which has no causal discount, to compare with its log), peak allocated memory, and
 the step's time beyond its micro-batches (the optimizer side).
@@ -64,19 +68,20 @@ def gpu_idle(ops: list[tuple[float, float, str]]) -> tuple[float, list[tuple[flo
     return sum(g[0] for g in gaps), sorted(gaps, reverse=True)
 
 
-def profile_steps(trainer: Trainer, steps: int, out: Path, name: str, top: int = 8) -> dict:
-    """``steps`` steps under torch.profiler: host syncs per step inside ``train_step``, per phase of
+def profile_steps(trainer: Trainer, steps: int, out: Path, name: str, top: int = 8, log_interval: int = 2) -> dict:
+    """``steps`` more steps of the trainer's own loop (``Trainer.run``, its metrics read every
+    ``log_interval`` steps) under torch.profiler: host syncs per step and where they are, per phase of
     the step (the trainer's ``record_function`` ranges) the GPU time of the kernels launched in it,
-    with its longest kernels, and the GPU's idle time inside the step with its longest gaps (the
-    one at the host sync is what the sync costs)."""
+    with its longest kernels, and the GPU's idle time per step with its longest gaps by the phases
+    around them (a host sync that the GPU waits on shows as a gap after it)."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
+    t = trainer.cfg.trainer
+    t.steps, t.log_interval = trainer.step + steps, log_interval
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            batches = trainer.next_batches()
-            with record_function("bench.train_step"):
-                trainer.train_step(batches)
-            torch.cuda.synchronize()
+        with record_function("bench.run"):
+            trainer.run()
+        torch.cuda.synchronize()
     trace = Path(os.environ.get("K2_TRACE_DIR", out)) / f"trace_{re.sub(r'[^A-Za-z0-9]+', '_', name)}.json"
     prof.export_chrome_trace(str(trace))
     events = json.loads(trace.read_text())["traceEvents"]
@@ -105,7 +110,7 @@ def profile_steps(trainer: Trainer, steps: int, out: Path, name: str, top: int =
         where[phase_of(e["ts"])] = where.get(phase_of(e["ts"]), 0) + 1
     longest = {p: sorted(((ms, k) for (ph, k), ms in kernels.items() if ph == p), reverse=True)[:top] for p in phases}
     idle_ms, gaps = 0.0, {}
-    for start, stop, _ in (r for r in ranges if r[2] == "bench.train_step"):
+    for start, stop, _ in (r for r in ranges if r[2] == "bench.run"):
         ops = [(e["ts"], e["ts"] + e["dur"], phase_of(launched[e["args"]["correlation"]])) for e in events
                if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")
                and start <= launched.get(e.get("args", {}).get("correlation"), -1) <= stop]
@@ -121,7 +126,7 @@ def profile_steps(trainer: Trainer, steps: int, out: Path, name: str, top: int =
 
 
 def run_case(optim: str, micro: int, steps: int, extra: list[str], smoke: bool, profile: bool, out: Path,
-             top: int = 8) -> dict:
+             top: int = 8, sync_steps: bool = False) -> dict:
     name = f"{optim} m={micro}" + (" bf16 w" if "trainer.param_dtype=bfloat16" in extra else "")  # bf16 weights
     overrides = [*PROXY, *FAST, *SEQ4K, f"optim={optim}", f"trainer.global_batch_size={micro}", "parallel.recompute=none"]
     if optim == "muonclip":  # the fastest Newton-Schulz (docs/muonclip.md): Gram iteration, fp16, Triton
@@ -129,9 +134,10 @@ def run_case(optim: str, micro: int, steps: int, extra: list[str], smoke: bool, 
     if smoke:
         overrides = [*(o for o in overrides if not o.startswith("model")), *SMOKE]
     overrides += extra
-    after = (lambda tr: profile_steps(tr, 2, out, name, top)) if profile else None
+    after = (lambda tr: profile_steps(tr, 4, out, name, top)) if profile else None
     with tempfile.TemporaryDirectory() as tmp:
-        row = bench_trainer.run_case(name, overrides, steps, Path(tmp), warmup=2, after=after, spare_steps=2)
+        row = bench_trainer.run_case(name, overrides, steps, Path(tmp), warmup=2, after=after, spare_steps=4,
+                                     pipelined=not sync_steps)
     if "step_ms" not in row:
         return row
     model = load_config(overrides).model
@@ -184,7 +190,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--set", nargs="*", default=[], help="overrides appended to every case")
     ap.add_argument("--profile", action="store_true",
-                    help="profile two more steps per case (syncs, phases; Chrome trace into $K2_TRACE_DIR, default $OUT)")
+                    help="profile four more steps per case in the trainer's loop, metrics read every 2 steps (syncs, "
+                         "phases, GPU idle; Chrome trace into $K2_TRACE_DIR, default $OUT)")
     ap.add_argument("--top", type=int, default=8, help="with --profile: the longest kernels listed per phase")
     ap.add_argument("--titan", type=Path, help="folder with run_titan.sh's logs (titan_eager.log, m8/titan_eager.log, ...)")
     ap.add_argument("--run-titan", type=Path, metavar="KIT",
@@ -192,6 +199,8 @@ def main() -> None:
     ap.add_argument("--titan-runs", nargs="+", choices=["eager", "compile"], default=["eager", "compile"],
                     help="with --run-titan: which of TorchTitan's runs (for the micro-batch counts of --micro, 1 and 8)")
     ap.add_argument("--smoke", action="store_true", help="k2_tiny on the CPU (the code path, not the numbers)")
+    ap.add_argument("--sync-steps", action="store_true",
+                    help="time each step on its own between two device synchronizations (not the trainer's loop)")
     args = ap.parse_args()
     out = Path(os.environ.get("OUT", tempfile.gettempdir()))
     if torch.cuda.is_available():
@@ -207,7 +216,8 @@ def main() -> None:
     with open(out / "bench_e2e.jsonl", "a") as log:
         for optim in args.optim:
             for micro in args.micro:
-                row = run_case(optim, micro, args.steps, args.set, args.smoke, args.profile, out, args.top)
+                row = run_case(optim, micro, args.steps, args.set, args.smoke, args.profile, out, args.top,
+                               args.sync_steps)
                 rows.append(row)
                 log.write(json.dumps(row) + "\n")
                 log.flush()

@@ -23,6 +23,7 @@ import gc
 import json
 import os
 import statistics
+from types import SimpleNamespace
 import sys
 import tempfile
 import time
@@ -140,12 +141,18 @@ def peak_composition(trace: list[dict], top: int = 12, copies: Optional[dict[int
 
 
 def run_case(name: str, overrides: list[str], steps: int, work: Path, peak: bool = False, warmup: int = 1,
-             after: Optional[Callable[[Trainer], dict]] = None, spare_steps: int = 0) -> dict:
+             after: Optional[Callable[[Trainer], dict]] = None, spare_steps: int = 0, pipelined: bool = False) -> dict:
     """``steps`` timed train steps of one configuration (median of those after ``warmup``), its peak
     against the planner; ``after(trainer)`` adds to the row on the GPU once they are done (and may
-    run up to ``spare_steps`` more steps)."""
+    run up to ``spare_steps`` more steps).
+
+    Each step is timed on its own, from a synchronized device to a synchronized device
+    (``Trainer.train_step``), unless ``pipelined``: then the steps are the trainer's own loop
+    (``Trainer.run``, metrics read every step, one step late, the host never waiting for the GPU's
+    step), and a step's time is the time between two reads."""
     cfg = load_config([*overrides, "trainer.checkpoint.enable=false", "logging.wandb=false", "logging.console=false",
-                       "logging.progress_bar=false", f"trainer.steps={steps + spare_steps}", f"trainer.output_dir={work}"])
+                       "logging.progress_bar=false", "logging.jsonl=false", "trainer.log_interval=1",
+                       f"trainer.steps={steps if pipelined else steps + spare_steps}", f"trainer.output_dir={work}"])
     t = cfg.trainer
     plan = estimate_memory(cfg.model, cfg.parallel, t, cfg.optim, trainer_precision(t))
     rank = plan.peak
@@ -159,7 +166,11 @@ def run_case(name: str, overrides: list[str], steps: int, work: Path, peak: bool
     times = []
     try:
         with Trainer(cfg, run_dir=work / "run", data=random_tokens(cfg.model.vocab_size, t.micro_batch_size, t.seq_len)) as tr:
-            for i in range(steps):
+            if pipelined:
+                history = tr.run()
+                times = [m["step_time_s"] for m in history]
+                stats = SimpleNamespace(loss=history[-1]["loss"])
+            for i in range(0 if pipelined else steps):
                 batches = tr.next_batches()
                 if cuda:
                     torch.cuda.synchronize()

@@ -8,7 +8,8 @@
 #                                # (TorchTitan's kit set up in .titan/: cp -r <anchors>/titan .titan, its README's set-up)
 #   bash scripts/gpu_owed.sh 10  # the FP8 loss curve over 300 steps, bf16 weights (two runs, ~8 min)
 #   bash scripts/gpu_owed.sh 11 RUNS.json  # its noise run (bf16 from init seed 1), added to part 10's fp8_loss.json
-#   bash scripts/gpu_owed.sh 12  # what the step's one host sync costs: the GPU's idle gaps inside a step (profile)
+#   bash scripts/gpu_owed.sh 12  # no host sync inside a step: the GPU test, the loop's profile (syncs per step, GPU idle),
+#                                # the loop against steps timed one by one (the sync each step used to make)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -47,9 +48,15 @@ case "${1:-}" in
         2>&1 | grep -v "^step " | tee "$OUT/fp8_loss_curve_noise.txt"
     ;;
 12)
-    echo "== the GPU's idle time inside a step, and the gap at the host sync (before the optimizer), bf16 weights"
-    timeout 560 python3 scripts/bench_e2e.py --optim adamw muonclip --micro 1 8 --steps 4 --profile --top 4 \
+    echo "== no host sync inside a step (GPU test), then the trainer's loop profiled: syncs per step, GPU idle"
+    timeout 150 python3 -m pytest -q -m gpu tests/test_trainer.py -k "host_sync" 2>&1 | tail -3
+    timeout 300 python3 scripts/bench_e2e.py --optim adamw muonclip --micro 8 --steps 6 --profile --top 4 \
         --set trainer.param_dtype=bfloat16 2>&1 | tee "$OUT/e2e_idle.txt"
+    echo "== the same, each step timed on its own between device synchronizations (what the loop saves)"
+    timeout 120 python3 scripts/bench_e2e.py --optim adamw --micro 1 8 --steps 6 --sync-steps \
+        --set trainer.param_dtype=bfloat16 2>&1 | tee "$OUT/e2e_sync_steps.txt"
+    timeout 120 python3 scripts/bench_e2e.py --optim adamw --micro 1 8 --steps 6 \
+        --set trainer.param_dtype=bfloat16 2>&1 | tee "$OUT/e2e_loop_steps.txt"
     ;;
 *)
     echo "usage: bash scripts/gpu_owed.sh 4|8|9|10|11|12" >&2

@@ -79,17 +79,17 @@ def test_crash_and_resume_give_the_same_bits(tmp_path, monkeypatch):
     cfg = lambda out: load_config([*SMALL, "trainer.steps=4", "trainer.checkpoint.interval=2",  # noqa: E731
                                    f"trainer.output_dir={out}"])
     straight = run(cfg(tmp_path / "a"), run_dir=tmp_path / "a" / "logs")
-    train_step = Trainer.train_step
+    launch_step = Trainer.launch_step
 
     def crashing(self, batches):
         if self.step == 2:
             raise _Crash("power cut")
-        return train_step(self, batches)
+        return launch_step(self, batches)
 
-    monkeypatch.setattr(Trainer, "train_step", crashing)
+    monkeypatch.setattr(Trainer, "launch_step", crashing)
     with pytest.raises(_Crash):
         run(cfg(tmp_path / "b"), run_dir=tmp_path / "b" / "logs1")
-    monkeypatch.setattr(Trainer, "train_step", train_step)
+    monkeypatch.setattr(Trainer, "launch_step", launch_step)
     resumed = run(cfg(tmp_path / "b"), run_dir=tmp_path / "b" / "logs2")
     assert [m["loss"] for m in resumed] == [m["loss"] for m in straight[2:]]
     assert [m["grad_norm"] for m in resumed] == [m["grad_norm"] for m in straight[2:]]

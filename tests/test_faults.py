@@ -1,5 +1,5 @@
-"""Fault handling: nothing non-finite reaches weights or optimizer state; spikes; preemption by a
-real signal to a real training process, then resume."""
+"""Fault handling: the non-finite guard (the trainer's skipped step: tests/test_trainer.py), spikes;
+preemption by a real signal to a real training process, then resume."""
 
 import datetime
 import os
@@ -11,7 +11,6 @@ import textwrap
 import time
 
 import pytest
-import torch
 
 from k2train.faults import (
     LossSpikeDetector,
@@ -19,48 +18,7 @@ from k2train.faults import (
     NonFiniteGuard,
     PreemptionHandler,
     collective_timeout,
-    discard_step_,
 )
-
-
-def _model_and_opt():
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 1))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    return model, opt
-
-
-def _step(model, opt, guard, x, step):
-    loss = model(x).pow(2).mean()
-    loss.backward()
-    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    if not guard.check(loss.item(), gnorm.item(), step):
-        discard_step_(opt)
-        return False
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return True
-
-
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_nonfinite_step_is_skipped_and_leaves_no_trace(bad):
-    model, opt = _model_and_opt()
-    guard = NonFiniteGuard("skip")
-    x = torch.randn(4, 8)
-    assert _step(model, opt, guard, x, 1)
-    params = [p.detach().clone() for p in model.parameters()]
-    state = {k: v.clone() for s in opt.state.values() for k, v in s.items()}
-    x_bad = x.clone()
-    x_bad[0, 0] = bad
-    assert not _step(model, opt, guard, x_bad, 2)
-    assert guard.skipped == 1
-    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
-    assert all(p.grad is None for p in model.parameters())
-    assert {k: v for s in opt.state.values() for k, v in s.items()}.keys() == state.keys()
-    assert all(torch.isfinite(v).all() for s in opt.state.values() for v in s.values())
-    # the next good step trains normally
-    assert _step(model, opt, guard, x, 3)
-    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_nonfinite_stop_policy_raises_with_values():

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from k2train.config import load_config
+from k2train.faults import NonFiniteError
 from k2train.trainer import Trainer
 
 GOLDEN = Path(__file__).parent / "assets" / "loss_k2_tiny.json"
@@ -44,14 +45,14 @@ def test_an_exception_mid_run_tears_everything_down(tmp_path, monkeypatch):
                  "data.prefetch=4")
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     threads = set(threading.enumerate())  # other tests' threads are not ours to check
-    train_step = Trainer.train_step
+    launch_step = Trainer.launch_step
 
     def failing_step(self, batches):
         if self.step == 2:
             raise _Boom("injected at step 3")
-        return train_step(self, batches)
+        return launch_step(self, batches)
 
-    monkeypatch.setattr(Trainer, "train_step", failing_step)
+    monkeypatch.setattr(Trainer, "launch_step", failing_step)
     with pytest.raises(_Boom):
         with Trainer(cfg, run_dir=tmp_path / "logs") as trainer:
             trainer.run()
@@ -61,6 +62,87 @@ def test_an_exception_mid_run_tears_everything_down(tmp_path, monkeypatch):
     assert {sig: signal.getsignal(sig) for sig in handlers} == handlers
     assert trainer.logger.jsonl is None
     trainer.close()  # idempotent
+
+
+def _everything(trainer: Trainer) -> dict:
+    """Every bit a step may change: params and buffers (router biases) of every part, and every
+    optimizer state tensor (moments, momentum buffers, fp32 masters, AdamW's step counts)."""
+    out = {f"{i}.{k}": v.detach().clone() for i, part in enumerate(trainer.parts) for k, v in part.state_dict().items()}
+    for j, (p, st) in enumerate(trainer.optimizer.state.items()):
+        out.update({f"opt{j}.{k}": v.detach().clone() for k, v in st.items() if torch.is_tensor(v)})
+    return out
+
+
+def _poison(trainer: Trainer, steps: set, value: float):
+    """The model's output becomes ``value`` (NaN / inf) while the trainer runs the steps ``steps``
+    (1 = the first): a forward hook on the final norm, as a bad batch or an overflow would."""
+    def hook(module, args, out):
+        return out * value if trainer.step in steps else None
+    return [part.norm.register_forward_hook(hook) for part in trainer.parts if part.norm is not None]
+
+
+@pytest.mark.parametrize("optim,param_dtype,bad", [("muonclip", "float32", float("nan")),
+                                                   ("adamw", "bfloat16", float("inf"))])
+def test_a_nonfinite_step_changes_no_bit_and_training_goes_on(tmp_path, optim, param_dtype, bad):
+    # The update of a step with a NaN / inf loss is masked on the device: weights, fp32 masters,
+    # moments, momentum buffers, AdamW's step counts and the router biases keep every bit, and so
+    # do the attention weights although a tiny QK-Clip tau clips every head of a finite step; the
+    # host counts the step as skipped when it reads it; the next step trains.
+    cfg = _small(tmp_path, f"optim={optim}", f"trainer.param_dtype={param_dtype}", f"trainer.dtype={param_dtype}",
+                 "optim.qk_clip=true", "optim.qk_clip_tau=0.01",
+                 "trainer.checkpoint.enable=false", "trainer.steps=3")
+    with Trainer(cfg, run_dir=tmp_path / "logs") as trainer:
+        first = trainer.train_step(trainer.next_batches())
+        assert not first.skipped and first.layers["clipped_heads"] > 0
+        before = _everything(trainer)
+        hooks = _poison(trainer, {2}, bad)
+        stats = trainer.read_step(trainer.launch_step(trainer.next_batches()))
+        for h in hooks:
+            h.remove()
+        assert stats.skipped and stats.step == 2 and trainer.guard.skipped == 1
+        after = _everything(trainer)
+        assert after.keys() == before.keys()
+        changed = [k for k in before if not torch.equal(before[k], after[k])]
+        assert not changed, changed
+        third = trainer.train_step(trainer.next_batches())
+        assert not third.skipped and torch.isfinite(torch.tensor(third.loss))
+        assert trainer.progress["tokens_seen"] == 2 * trainer.tokens_per_step
+        moved = [k for k, v in _everything(trainer).items() if not torch.equal(v, after[k])]
+        assert any(k.endswith("e_score_correction_bias") for k in moved) and any("q_b_proj" in k for k in moved)
+
+
+def test_run_reads_the_device_every_log_interval_steps_one_step_late(tmp_path, monkeypatch):
+    # log_interval=3, 7 steps, a NaN at step 5: run() reads steps 1-3 after launching step 4, 4-6
+    # after 7, and 7 at once (the last step); every step reaches the JSONL but the skipped one,
+    # with the same losses as reading each step at once.
+    cfg = lambda out, *o: _small(out, "trainer.steps=7", "trainer.log_interval=3", "trainer.checkpoint.enable=false",  # noqa: E731
+                                 "logging.jsonl=true", *o)
+    reads = []
+    read_step = Trainer.read_step
+
+    def recording(self, pending):
+        reads.append((self.step, pending.step))
+        return read_step(self, pending)
+
+    monkeypatch.setattr(Trainer, "read_step", recording)
+    with Trainer(cfg(tmp_path / "a"), run_dir=tmp_path / "a" / "logs") as trainer:
+        _poison(trainer, {5}, float("nan"))
+        history = trainer.run()
+    assert reads == [(4, 1), (4, 2), (4, 3), (7, 4), (7, 5), (7, 6), (7, 7)]
+    assert trainer.guard.skipped == 1 and trainer.progress["tokens_seen"] == 6 * trainer.tokens_per_step
+    logged = [json.loads(line) for line in (tmp_path / "a" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [1, 2, 3, 4, 6, 7]
+    assert [r["loss"] for r in logged] == [m["loss"] for m in history]
+    with Trainer(cfg(tmp_path / "b"), run_dir=tmp_path / "b" / "logs") as trainer:
+        _poison(trainer, {5}, float("nan"))
+        at_once = [trainer.train_step(trainer.next_batches()) for _ in range(7)]
+    assert [s.loss for s in at_once if not s.skipped] == [m["loss"] for m in history]
+    reads.clear()
+    with pytest.raises(NonFiniteError, match="step 5"):  # on_nonfinite=stop: every step is read at once
+        with Trainer(cfg(tmp_path / "c", "trainer.on_nonfinite=stop"), run_dir=tmp_path / "c" / "logs") as trainer:
+            _poison(trainer, {5}, float("nan"))
+            trainer.run()
+    assert reads == [(s, s) for s in range(1, 6)]
 
 
 def test_a_bad_data_config_after_setup_leaves_nothing_open(tmp_path):
@@ -180,9 +262,10 @@ if __name__ == "__main__":
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("optim", ["adamw", "muonclip"])
-def test_one_host_sync_per_step_on_the_gpu(tmp_path, optim):
-    """A step of the Triton-kernel model on the GPU waits for the device once (the read-back of the
-    loss, the norm and every metric): CUDA's sync debug mode warns at each synchronizing call."""
+def test_no_host_sync_inside_a_step_on_the_gpu(tmp_path, optim):
+    """Launching a step of the Triton-kernel model on the GPU never waits for the device (CUDA's
+    sync debug mode warns at each synchronizing call): the skip decision stays on the device, the
+    numbers come back behind the step's work and are read later (Trainer.read_step)."""
     import warnings
 
     overrides = ["model=k2_tiny", "trainer.seq_len=256", "trainer.micro_batch_size=2", "trainer.global_batch_size=4",
@@ -198,8 +281,10 @@ def test_one_host_sync_per_step_on_the_gpu(tmp_path, optim):
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
-                t.train_step(batches)
+                pending = t.launch_step(batches)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
+        stats = t.read_step(pending)
     syncs = [str(w.message) for w in caught if "called a synchronizing CUDA operation" in str(w.message)]
-    assert len(syncs) == 1, syncs
+    assert not syncs, syncs
+    assert not stats.skipped and stats.step == 2 and torch.isfinite(torch.tensor(stats.loss))
