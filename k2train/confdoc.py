@@ -98,7 +98,9 @@ NOTES: dict[str, str] = {
     "gradients and fp32 master weights in the optimizer (K2's and Megatron's bf16).",
     "trainer.device": "`auto`: CUDA when visible, else CPU.",
     "trainer.seed": "Seed of initialization and dropout-free randomness (layout-invariant init).",
-    "trainer.log_interval": "Print a console line every N steps (JSONL and wandb get every step).",
+    "trainer.log_interval": ("Print a console line every N steps (JSONL and wandb get every step); the trainer reads "
+                             "the steps' numbers from the GPU every N steps, one step late, so the GPU never waits "
+                             "for the host."),
     "trainer.compile": "Applied after recompute; the first steps pay the compile time (minutes for k2_tiny on a 2-core CPU).",
     "trainer.output_dir": "Root of the run: `checkpoints/` (resumed automatically) and `logs/<run id>/`.",
     "trainer.checkpoint.enable": "Save checkpoints (and resume from them).",

@@ -352,7 +352,8 @@ class TrainerConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
     log_interval: int = 10
-    # Non-finite loss or grad norm: skip the step, or stop the run.
+    # Non-finite loss or grad norm: skip the step (its update is a no-op on the device), or stop
+    # the run (then every step is read at once).
     on_nonfinite: Literal["skip", "stop"] = "skip"
     # A loss above spike_factor x its running mean is logged as a spike.
     spike_factor: float = 3.0

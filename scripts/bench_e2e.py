@@ -6,7 +6,7 @@ each optimizer and micro-batch count asked, in the trainer's own loop (``Trainer
 queues steps and reads each one's numbers one step late, never waiting for the GPU's step; a step's
 time is the time between two reads), steady-state median of the steps after the first two
 (``--sync-steps``: each step timed on its own between two device synchronizations, as before
-2026-12-05).
+2026-12-04).
 Per case: step time, tokens/s per GPU, MFU (Megatron's FLOP count: causal attention at half; and
 TorchTitan's, which has no causal discount, to compare with its log), peak allocated memory, and
 the step's time beyond its micro-batches (the optimizer side).
