@@ -302,7 +302,7 @@ class Trainer:
         :meth:`run` reads them later instead, so that the host never waits for the GPU's step."""
         return self.read_step(self.launch_step(batches))
 
-    def launch_step(self, batches: list[Batch]) -> "PendingStep":
+    def launch_step(self, batches: list[Batch]) -> PendingStep:
         """One optimizer step over this rank's ``num_microbatches`` micro-batches, queued on the
         device: forward and backward (or the pipeline schedule), gradient reduction and clipping,
         the step's metrics, and the update (optimizer, QK-Clip, the router-bias update), which a
@@ -350,7 +350,7 @@ class Trainer:
         self.scheduler.step()
         return PendingStep(step, lr, *_to_host(rows))
 
-    def read_step(self, pending: "PendingStep") -> StepStats:
+    def read_step(self, pending: PendingStep) -> StepStats:
         """What a launched step measured, on the host (waits for the device if the step is not done):
         the non-finite guard's verdict (``trainer.on_nonfinite=stop`` raises here), the tokens seen
         and the clipped heads counted for the steps that were not skipped."""
@@ -446,7 +446,9 @@ class Trainer:
             while self.step < t.steps:
                 pending.append(self.launch_step(self.next_batches()))
                 step = self.step
-                stop = self.preemption.should_stop(self._host_group)  # the same answer on every rank
+                # a signal on any rank: the same answer on every rank
+                stop = (self.preemption.should_stop(self._host_group) if self.dims.distributed
+                        else self.preemption.requested is not None)
                 now = (stop or step == t.steps or t.on_nonfinite == "stop"
                        or (ckpt.enable and ckpt.interval and step % ckpt.interval == 0))
                 if now:

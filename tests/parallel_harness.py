@@ -110,12 +110,17 @@ def stream(batches: torch.Tensor, micro: int, with_documents: bool = False):
     return factory
 
 
-def train(cfg: JobConfig, batches: torch.Tensor, with_documents: bool = False) -> dict:
+def train(cfg: JobConfig, batches: torch.Tensor, with_documents: bool = False, nonfinite_step: int = 0) -> dict:
     """Run the trainer over ``batches``; this rank's losses, grad norms and clipped heads per step,
     its step-1 gradients (after reduction and clipping: what the optimizer sees), final parameters
-    and router biases, as full tensors (tp shards and ep slices gathered)."""
+    and router biases, as full tensors (tp shards and ep slices gathered). ``nonfinite_step``: the
+    model's output is NaN in that step (a hook on the final norm, on the last stage)."""
     data = stream(batches, cfg.trainer.micro_batch_size, with_documents)
     with tempfile.TemporaryDirectory() as tmp, Trainer(cfg, run_dir=tmp, data=data) as trainer:
+        for part in trainer.parts:
+            if part.norm is not None and nonfinite_step:
+                part.norm.register_forward_hook(
+                    lambda m, args, out: out * float("nan") if trainer.step == nonfinite_step else None)
         grads: dict = {}
 
         def record(optimizer, args, kwargs):
@@ -133,6 +138,7 @@ def train(cfg: JobConfig, batches: torch.Tensor, with_documents: bool = False) -
             "buffers": {k: v.clone() for part in trainer.parts for k, v in part.named_buffers()
                         if k.endswith("e_score_correction_bias")},
             "optimizer": type(trainer.optimizer).__name__,
+            "skipped": trainer.guard.skipped,
         }
 
 
@@ -166,12 +172,13 @@ def merged(results: list[dict]) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str, jobs: dict, batches: dict, docs: bool) -> None:
+def _worker(rank: int, world: int, init_file: str, out_dir: str, jobs: dict, batches: dict, docs: bool,
+            nonfinite_step: int) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         for name, cfg in jobs.items():
-            torch.save(train(cfg, batches[name], docs), os.path.join(out_dir, f"{name}_rank{rank}.pt"))
+            torch.save(train(cfg, batches[name], docs, nonfinite_step), os.path.join(out_dir, f"{name}_rank{rank}.pt"))
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -182,14 +189,17 @@ def world_size(layout: dict) -> int:
     return layout.get("pp", 1) * layout.get("dp", 1) * layout.get("ep", 1) * layout.get("tp", 1)
 
 
-def run_jobs(jobs: dict[str, JobConfig], world: int, documents: bool = False) -> dict[str, list[dict]]:
+def run_jobs(jobs: dict[str, JobConfig], world: int, documents: bool = False,
+             nonfinite_step: int = 0) -> dict[str, list[dict]]:
     """Train every job of ``jobs`` (same world size) in one spawn of ``world`` gloo processes
     (importing torch.distributed costs seconds per process on a loaded 2-core machine); returns
-    each job's per-rank results. ``documents``: packed documents in every sequence."""
+    each job's per-rank results. ``documents``: packed documents in every sequence;
+    ``nonfinite_step``: see :func:`train`."""
     batches = {name: global_batches(cfg.trainer, cfg.model.vocab_size) for name, cfg in jobs.items()}
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
-        mp.spawn(_worker, args=(world, init_file, tmp, jobs, batches, documents), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, init_file, tmp, jobs, batches, documents, nonfinite_step), nprocs=world,
+                 join=True)
         return {name: [torch.load(os.path.join(tmp, f"{name}_rank{r}.pt"), weights_only=False) for r in range(world)]
                 for name in jobs}
 
@@ -204,14 +214,14 @@ def run_parallel(layout: dict, optim: OptimConfig = OPTIM, trainer: TrainerConfi
 _REFERENCE: dict = {}
 
 
-def run_reference_job(cfg: JobConfig, documents: bool = False) -> dict:
+def run_reference_job(cfg: JobConfig, documents: bool = False, nonfinite_step: int = 0) -> dict:
     """A job in this process, on one thread like the workers (cached per process)."""
-    key = repr((cfg, documents))
+    key = repr((cfg, documents, nonfinite_step))
     if key not in _REFERENCE:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            _REFERENCE[key] = train(cfg, global_batches(cfg.trainer, cfg.model.vocab_size), documents)
+            _REFERENCE[key] = train(cfg, global_batches(cfg.trainer, cfg.model.vocab_size), documents, nonfinite_step)
         finally:
             torch.set_num_threads(threads)
     return _REFERENCE[key]
