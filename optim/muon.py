@@ -360,7 +360,7 @@ class MuonClip(torch.optim.Optimizer):
         for p, w, o in zip(params, targets, orthos):
             # p.shape is the global shape for a DTensor: the RMS match is the whole matrix's.
             scale = muon_lr_scale(p.shape, group["rms_match"])
-            with skippable(skip, *{id(t): t for t in (local(w), local(p))}.values()):
+            with skippable(skip, *((local(w),) if w is p else (local(w), local(p)))):
                 apply_muon_update_(local(w), local(o), group["lr"], group["weight_decay"], scale)
                 if w is not p:
                     local(p).copy_(local(w))

@@ -109,13 +109,14 @@ def test_bf16_params_match_single_process(layout, tol):
 
 
 @slow
-def test_a_nonfinite_step_is_skipped_alike_on_every_rank():
-    # PP2 x DP2 with ZeRO-1: the model's output is NaN in step 3 (on the last stage only). Every
-    # rank skips that step on the device (the flag comes from stage 0's loss, which every stage
-    # gets, and the global norm), and the run equals one process with the same NaN step.
-    layout = dict(pp=2, dp=2)
-    ranks = h.run_jobs({"job": h.job(layout, Z1)}, h.world_size(layout), nonfinite_step=3)["job"]
-    ref = h.run_reference_job(h.job(None, Z1), nonfinite_step=3)
-    assert [r["skipped"] for r in ranks] == [1] * 4 and ref["skipped"] == 1
+@pytest.mark.parametrize("layout, optim", [(dict(pp=2, dp=2), Z1), (dict(tp=2), h.OPTIM)], ids=["pp2_dp2_zero1", "tp2"])
+def test_a_nonfinite_step_is_skipped_alike_on_every_rank(layout, optim):
+    # The model's output is NaN in step 3 (on the last stage only, under PP). Every rank skips that
+    # step on the device (the flag comes from stage 0's loss, which every stage gets, and the global
+    # norm; under TP the optimizer's torch path restores the DTensors' local shards), and the run
+    # equals one process with the same NaN step.
+    ranks = h.run_jobs({"job": h.job(layout, optim)}, h.world_size(layout), nonfinite_step=3)["job"]
+    ref = h.run_reference_job(h.job(None, optim), nonfinite_step=3)
+    assert [r["skipped"] for r in ranks] == [1] * len(ranks) and ref["skipped"] == 1
     assert len(ref["loss"]) == h.TRAINER.steps - 1
     assert_parity(h.merged(ranks), ref)
