@@ -379,7 +379,10 @@ class MuonClip(torch.optim.Optimizer):
             elif state["step"].device != device:
                 state["step"] = state["step"].to(device=device, dtype=torch.float32)
         steps = [self.state[p]["step"] for p in params]
-        torch._foreach_add_(steps, 1.0 if skip is None else (~skip).float())
+        if skip is None:
+            torch._foreach_add_(steps, 1.0)
+        else:  # the tensor-list form, as torch's fused Adam subtracts its found_inf
+            torch._foreach_add_(steps, [(~skip).float()] * len(steps))
         corrections = adamw_corrections(torch.stack(steps), group["lr"], group["betas"])
         for p, w, corr in zip(params, targets, corrections):
             state = self.state[p]
