@@ -94,6 +94,11 @@ class PendingStep:
     rows: torch.Tensor
     ready: Optional["torch.cuda.Event"] = None
 
+    def wait(self) -> None:
+        """Until ``rows`` are on the host (a host sync on the GPU; a step's work is done by then)."""
+        if self.ready is not None:
+            self.ready.synchronize()
+
 
 def _to_host(rows: torch.Tensor) -> tuple[torch.Tensor, Optional["torch.cuda.Event"]]:
     """``rows`` copied to pinned host memory behind the step's work, and the event that says it
@@ -333,7 +338,7 @@ class Trainer:
             # same decision), on the device
             clip = qk_clip_summary(logits_LH, tau, dims.group("tp_mesh")) if logits_LH is not None else None
             rows = self.readout.gather(torch.stack([ce + aux, aux, grad_norm.float()]), clip, loads)
-            skip = ~torch.isfinite(rows[0, :3]).all()
+            skip = ~torch.isfinite(rows[0, :NUM_SCALARS]).all()
         lr = self.optimizer.param_groups[0]["lr"]
 
         # update: optimizer, QK-Clip, aux-loss-free router bias, LR (a skipped step's are no-ops)
@@ -355,8 +360,7 @@ class Trainer:
         the non-finite guard's verdict (``trainer.on_nonfinite=stop`` raises here), the tokens seen
         and the clipped heads counted for the steps that were not skipped."""
         with record_function("k2train.read_metrics"):
-            if pending.ready is not None:
-                pending.ready.synchronize()  # host sync
+            pending.wait()  # host sync
             stages, layers = self.readout.decode(pending.rows.tolist(), NUM_SCALARS)
         loss, aux_loss, gnorm = stages[0]  # the same on every stage
         if not self.guard.check(loss, gnorm, pending.step):
@@ -449,18 +453,19 @@ class Trainer:
                 # a signal on any rank: the same answer on every rank
                 stop = (self.preemption.should_stop(self._host_group) if self.dims.distributed
                         else self.preemption.requested is not None)
-                now = (stop or step == t.steps or t.on_nonfinite == "stop"
-                       or (ckpt.enable and ckpt.interval and step % ckpt.interval == 0))
+                checkpoint_due = bool(ckpt.enable and ckpt.interval and step % ckpt.interval == 0)
+                now = stop or checkpoint_due or step == t.steps or t.on_nonfinite == "stop"
                 if now:
                     due, pending = pending, []
                 elif any(p.step % t.log_interval == 0 for p in pending[:-1]):
                     due, pending = pending[:-1], pending[-1:]
                 else:
                     continue
-                read = [self.read_step(p) for p in due]
+                due[-1].wait()  # the steps finish in order: the one wait of this read
                 seconds = (time.perf_counter() - last_read) / (step - last_read_step)
                 last_read, last_read_step = time.perf_counter(), step
-                for stats in read:
+                for pending_step in due:  # each read and logged in turn: the counters are its own
+                    stats = self.read_step(pending_step)
                     if stats.skipped:
                         self.logger.console(
                             f"step {stats.step}: non-finite loss={stats.loss} or grad norm={stats.grad_norm}; step skipped")
@@ -476,7 +481,7 @@ class Trainer:
                         bar.write(line) if bar is not None else self.logger.console(line)
                 if stop:
                     return self._preempted(step, history)
-                if now and ckpt.enable and ckpt.interval and step % ckpt.interval == 0 and step < t.steps:
+                if checkpoint_due and step < t.steps:
                     self.checkpointer.save(step, self.checkpoint_state())
         finally:
             self.preemption.uninstall()

@@ -347,8 +347,6 @@ class MuonClip(torch.optim.Optimizer):
             buf = local(state["momentum_buffer"])
             with skippable(skip, buf):  # a skipped step's NS input is computed, its update not applied
                 ns_in = muon_momentum_(grad, buf, group["momentum"], group["nesterov"])
-                if ns_in is buf and skip is not None:
-                    ns_in = buf.clone()
             ns_inputs.append(wrap_like(ns_in, p))
         orthos = batched_newton_schulz(
             ns_inputs,

@@ -23,7 +23,6 @@ import gc
 import json
 import os
 import statistics
-from types import SimpleNamespace
 import sys
 import tempfile
 import time
@@ -169,7 +168,7 @@ def run_case(name: str, overrides: list[str], steps: int, work: Path, peak: bool
             if pipelined:
                 history = tr.run()
                 times = [m["step_time_s"] for m in history]
-                stats = SimpleNamespace(loss=history[-1]["loss"])
+                row["loss"] = history[-1]["loss"]
             for i in range(0 if pipelined else steps):
                 batches = tr.next_batches()
                 if cuda:
@@ -177,11 +176,10 @@ def run_case(name: str, overrides: list[str], steps: int, work: Path, peak: bool
                     if peak and i == steps - 1:  # the last step's allocations, with Python stacks
                         torch.cuda.memory._record_memory_history(max_entries=500_000, stacks="python")
                 t0 = time.perf_counter()
-                stats = tr.train_step(batches)
-                if cuda:  # the step reads its metrics back before the optimizer: wait for the rest
+                row["loss"] = tr.train_step(batches).loss
+                if cuda:  # the read waited for the step's stream; offload's side streams too
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - t0)
-            row["loss"] = stats.loss
             offload = next((b.offload for p in tr.parts for b in p.layers.values() if hasattr(b, "offload")), None)
             if offload is not None:
                 row["offloaded_gib_per_step"] = offload.bytes_offloaded / GiB / steps

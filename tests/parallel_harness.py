@@ -110,6 +110,15 @@ def stream(batches: torch.Tensor, micro: int, with_documents: bool = False):
     return factory
 
 
+def nonfinite_output(trainer: Trainer, steps: set, value: float = float("nan")) -> list:
+    """The model's output becomes ``value`` (NaN / inf) while the trainer runs the steps ``steps``
+    (1 = the first): a forward hook on the final norm (on the last pipeline stage), as a bad batch or
+    an overflow would do. Returns the hooks' handles."""
+    def hook(module, args, out):
+        return out * value if trainer.step in steps else None
+    return [part.norm.register_forward_hook(hook) for part in trainer.parts if part.norm is not None]
+
+
 def train(cfg: JobConfig, batches: torch.Tensor, with_documents: bool = False, nonfinite_step: int = 0) -> dict:
     """Run the trainer over ``batches``; this rank's losses, grad norms and clipped heads per step,
     its step-1 gradients (after reduction and clipping: what the optimizer sees), final parameters
@@ -117,10 +126,7 @@ def train(cfg: JobConfig, batches: torch.Tensor, with_documents: bool = False, n
     model's output is NaN in that step (a hook on the final norm, on the last stage)."""
     data = stream(batches, cfg.trainer.micro_batch_size, with_documents)
     with tempfile.TemporaryDirectory() as tmp, Trainer(cfg, run_dir=tmp, data=data) as trainer:
-        for part in trainer.parts:
-            if part.norm is not None and nonfinite_step:
-                part.norm.register_forward_hook(
-                    lambda m, args, out: out * float("nan") if trainer.step == nonfinite_step else None)
+        nonfinite_output(trainer, {nonfinite_step})
         grads: dict = {}
 
         def record(optimizer, args, kwargs):

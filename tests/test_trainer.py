@@ -21,6 +21,7 @@ import torch
 from k2train.config import load_config
 from k2train.faults import NonFiniteError
 from k2train.trainer import Trainer
+from parallel_harness import nonfinite_output
 
 GOLDEN = Path(__file__).parent / "assets" / "loss_k2_tiny.json"
 GOLDEN_STEPS = 20
@@ -73,14 +74,6 @@ def _everything(trainer: Trainer) -> dict:
     return out
 
 
-def _poison(trainer: Trainer, steps: set, value: float):
-    """The model's output becomes ``value`` (NaN / inf) while the trainer runs the steps ``steps``
-    (1 = the first): a forward hook on the final norm, as a bad batch or an overflow would."""
-    def hook(module, args, out):
-        return out * value if trainer.step in steps else None
-    return [part.norm.register_forward_hook(hook) for part in trainer.parts if part.norm is not None]
-
-
 @pytest.mark.parametrize("optim,param_dtype,bad", [("muonclip", "float32", float("nan")),
                                                    ("adamw", "bfloat16", float("inf"))])
 def test_a_nonfinite_step_changes_no_bit_and_training_goes_on(tmp_path, optim, param_dtype, bad):
@@ -95,7 +88,7 @@ def test_a_nonfinite_step_changes_no_bit_and_training_goes_on(tmp_path, optim, p
         first = trainer.train_step(trainer.next_batches())
         assert not first.skipped and first.layers["clipped_heads"] > 0
         before = _everything(trainer)
-        hooks = _poison(trainer, {2}, bad)
+        hooks = nonfinite_output(trainer, {2}, bad)
         stats = trainer.read_step(trainer.launch_step(trainer.next_batches()))
         for h in hooks:
             h.remove()
@@ -126,7 +119,7 @@ def test_run_reads_the_device_every_log_interval_steps_one_step_late(tmp_path, m
 
     monkeypatch.setattr(Trainer, "read_step", recording)
     with Trainer(cfg(tmp_path / "a"), run_dir=tmp_path / "a" / "logs") as trainer:
-        _poison(trainer, {5}, float("nan"))
+        nonfinite_output(trainer, {5}, float("nan"))
         history = trainer.run()
     assert reads == [(4, 1), (4, 2), (4, 3), (7, 4), (7, 5), (7, 6), (7, 7)]
     assert trainer.guard.skipped == 1 and trainer.progress["tokens_seen"] == 6 * trainer.tokens_per_step
@@ -134,15 +127,30 @@ def test_run_reads_the_device_every_log_interval_steps_one_step_late(tmp_path, m
     assert [r["step"] for r in logged] == [1, 2, 3, 4, 6, 7]
     assert [r["loss"] for r in logged] == [m["loss"] for m in history]
     with Trainer(cfg(tmp_path / "b"), run_dir=tmp_path / "b" / "logs") as trainer:
-        _poison(trainer, {5}, float("nan"))
+        nonfinite_output(trainer, {5}, float("nan"))
         at_once = [trainer.train_step(trainer.next_batches()) for _ in range(7)]
     assert [s.loss for s in at_once if not s.skipped] == [m["loss"] for m in history]
     reads.clear()
     with pytest.raises(NonFiniteError, match="step 5"):  # on_nonfinite=stop: every step is read at once
         with Trainer(cfg(tmp_path / "c", "trainer.on_nonfinite=stop"), run_dir=tmp_path / "c" / "logs") as trainer:
-            _poison(trainer, {5}, float("nan"))
+            nonfinite_output(trainer, {5}, float("nan"))
             trainer.run()
     assert reads == [(s, s) for s in range(1, 6)]
+
+
+def test_a_preemption_signal_ends_the_run_after_that_step_whatever_log_interval(tmp_path):
+    # SIGUSR1 arrives during step 3 of a run that reads its numbers every 10 steps: the host flags
+    # are asked after each step, so the run reads steps 1-3, checkpoints step 3 and returns.
+    cfg = _small(tmp_path, "trainer.steps=8", "trainer.log_interval=10", "trainer.checkpoint.interval=100")
+    with Trainer(cfg, run_dir=tmp_path / "logs") as trainer:
+        def hook(module, args, out):
+            if trainer.step == 3:
+                signal.raise_signal(signal.SIGUSR1)
+        for part in trainer.parts:
+            part.norm.register_forward_hook(hook)
+        history = trainer.run()
+    assert [m["tokens_seen"] for m in history] == [s * trainer.tokens_per_step for s in (1, 2, 3)]
+    assert trainer.step == 3 and (tmp_path / "checkpoints" / "step-00000003" / "COMPLETE").exists()
 
 
 def test_a_bad_data_config_after_setup_leaves_nothing_open(tmp_path):
