@@ -12,6 +12,10 @@ Usage (what the trainer does)::
     loader = build_data_loader(cfg.data, tokenizer, seq_len, micro_batch_size, dp_rank, dp_size, vocab_size)
     batch = next(loader)            # {"tokens": [B, S], "labels": [B, S]} int64
     state = loader.state_dict()     # save with the checkpoint; loader.load_state_dict(state) resumes
+
+Validation data (``split="valid"``): ``data.valid_datasets`` when given, else the last
+``data.valid_split`` of every training dataset's documents, which training then never reads
+(:func:`~.samples.split_documents`, Megatron's ``--split`` boundary).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import torch
 
 from .embedded import build_embedded_dataset, embedded_tokenizer
 from .indexed import IndexedDataset
-from .samples import GPTSamples, blend_next, normalized_weights
+from .samples import GPTSamples, blend_next, normalized_weights, split_documents
 from .tokenizer import K2Tokenizer
 
 STATE_VERSION = 1
@@ -101,12 +105,14 @@ class DataLoader:
         eos_id: int,
         document_mask: bool = False,
         prefetch: int = 4,
+        documents: list[range] | None = None,
     ):
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
         if micro_batch_size < 1 or seq_len < 1:
             raise ValueError(f"micro_batch_size={micro_batch_size} and seq_len={seq_len} must be >= 1")
-        self.streams = [GPTSamples(ds, seq_len, seed) for ds in datasets]
+        # documents: the range of each dataset's documents to read (default: all of them)
+        self.streams = [GPTSamples(ds, seq_len, seed, docs) for ds, docs in zip(datasets, documents or [None] * len(datasets))]
         self.weights = normalized_weights(weights)
         self.seq_len, self.micro_batch_size = seq_len, micro_batch_size
         self.dp_rank, self.dp_size = dp_rank, dp_size
@@ -120,6 +126,8 @@ class DataLoader:
             "seed": seed,
             "datasets": [[ds.prefix.name, float(w), len(ds), ds.num_tokens] for ds, w in zip(datasets, self.weights)],
         }
+        if documents is not None:  # a held-out range changes what training reads (no key without one: older states)
+            self.signature["documents"] = [[d.start, d.stop] for d in documents]
         # Position of the consumer: the next global sample and the blend counters before it.
         self._consumed = 0
         self._counts = np.zeros(len(datasets), dtype=np.int64)
@@ -248,17 +256,44 @@ def _norm(x: Any) -> Any:
     return json.loads(json.dumps(x))
 
 
+def has_validation_data(cfg) -> bool:
+    """Whether a DataConfig names validation data (``valid_datasets`` or a ``valid_split``)."""
+    return bool(cfg.valid_datasets) or cfg.valid_split > 0
+
+
 def build_data_loader(
-    cfg, tokenizer: K2Tokenizer, seq_len: int, micro_batch_size: int, dp_rank: int, dp_size: int, vocab_size: int
+    cfg, tokenizer: K2Tokenizer, seq_len: int, micro_batch_size: int, dp_rank: int, dp_size: int, vocab_size: int,
+    split: str = "train",
 ) -> DataLoader:
-    """The loader for one DP rank from a :class:`k2train.config.DataConfig`.
+    """The loader for one DP rank from a :class:`k2train.config.DataConfig`: of the training data,
+    or with ``split="valid"`` of the validation data (module docstring).
 
     Yields ``{"tokens", "labels"}`` int64 ``[micro_batch_size, seq_len]`` (plus ``position_ids``
     and ``doc_ids`` when ``cfg.document_mask``). ``cfg.prefetch=0`` reads in the caller's thread;
     otherwise one background thread keeps ``cfg.prefetch`` batches ready.
     """
+    if split not in ("train", "valid"):
+        raise ValueError(f"split={split!r} must be 'train' or 'valid'")
     check_vocab(tokenizer, vocab_size)
-    datasets, weights = build_datasets(cfg, tokenizer)
+    documents = None
+    if split == "valid" and cfg.valid_datasets:
+        datasets = [IndexedDataset(spec.path) for spec in cfg.valid_datasets]
+        for spec in cfg.valid_datasets:
+            _check_manifest(spec.path, tokenizer)
+        weights = [spec.weight for spec in cfg.valid_datasets]
+    else:
+        if split == "valid" and not cfg.valid_split > 0:
+            raise ValueError("no validation data: set data.valid_split (the fraction of each dataset's documents "
+                             "held out, e.g. 0.01) or data.valid_datasets, or trainer.eval_interval=0")
+        datasets, weights = build_datasets(cfg, tokenizer)
+        if cfg.valid_split > 0 and not cfg.valid_datasets:
+            halves = [split_documents(len(ds), cfg.valid_split) for ds in datasets]
+            documents = [h[split == "valid"] for h in halves]
+            for ds, docs in zip(datasets, documents):
+                if len(docs) == 0:
+                    raise ValueError(f"{ds.bin_file}: data.valid_split={cfg.valid_split} of its {len(ds)} documents leaves "
+                                     f"no {'validation' if split == 'valid' else 'training'} document; "
+                                     "use another data.valid_split, or data.valid_datasets")
     return DataLoader(
         datasets,
         weights,
@@ -271,4 +306,5 @@ def build_data_loader(
         eos_id=tokenizer.eos_id,
         document_mask=cfg.document_mask,
         prefetch=cfg.prefetch,
+        documents=documents,
     )

@@ -8,6 +8,9 @@ megatron-core's GPTDataset does for a one-epoch dataset (document shuffle, then 
 its samples are the same; ``tests/test_data_megatron.py`` checks this. Later epochs reshuffle with
 ``RandomState(seed + epoch)``: the stream is endless, so the number of epochs is never fixed up front
 as Megatron's global multi-epoch shuffle requires.
+
+A stream may use a range of the documents only (:func:`split_documents`: the training documents and
+the held-out validation ones), as GPTDataset does for Megatron's ``--split``.
 """
 
 from __future__ import annotations
@@ -17,17 +20,29 @@ import numpy as np
 from .indexed import IndexedDataset
 
 
-class GPTSamples:
-    """Endless sample stream of one indexed dataset; sample ``k`` is epoch ``k // len(self)``."""
+def split_documents(num_docs: int, valid_fraction: float) -> tuple[range, range]:
+    """The training and validation documents of a dataset of ``num_docs`` documents: the first
+    ones train, the last ``valid_fraction`` of them validate, with the boundary megatron-core puts
+    at ``--split (1 - f),f`` (``round((1 - f) * num_docs)``)."""
+    cut = int(round((1.0 - valid_fraction) * float(num_docs)))
+    return range(0, cut), range(cut, num_docs)
 
-    def __init__(self, dataset: IndexedDataset, seq_len: int, seed: int):
+
+class GPTSamples:
+    """Endless sample stream of one indexed dataset (``documents``: of those documents only, a
+    range; default all); sample ``k`` is epoch ``k // len(self)``."""
+
+    def __init__(self, dataset: IndexedDataset, seq_len: int, seed: int, documents: range | None = None):
         self.dataset, self.seq_len, self.seed = dataset, seq_len, seed
-        n_tokens = int(dataset.doc_lengths.sum())
+        self.documents = range(len(dataset)) if documents is None else documents
+        n_tokens = int(dataset.doc_lengths[self.documents.start:self.documents.stop].sum())
         self.samples_per_epoch = (n_tokens - 1) // seq_len if n_tokens else 0
         if self.samples_per_epoch < 1:
+            which = "" if documents is None else f" (documents {documents.start}..{documents.stop - 1} of {len(dataset)})"
             raise ValueError(
-                f"{dataset.bin_file}: {n_tokens} tokens cannot fill one sample of seq_len+1={seq_len + 1} tokens; "
-                "use a shorter trainer.seq_len or more data"
+                f"{dataset.bin_file}{which}: {n_tokens} tokens cannot fill one sample of seq_len+1={seq_len + 1} "
+                "tokens; use a shorter trainer.seq_len or more data"
+                + (" (or another data.valid_split)" if documents is not None else "")
             )
         self._epoch = -1
 
@@ -38,7 +53,7 @@ class GPTSamples:
         if epoch == self._epoch:
             return
         rng = np.random.RandomState(self.seed + epoch)
-        doc_order = np.arange(len(self.dataset), dtype=np.int32)
+        doc_order = np.arange(self.documents.start, self.documents.stop, dtype=np.int32)
         rng.shuffle(doc_order)
         self._doc_order = doc_order
         self._doc_starts = np.concatenate([[0], np.cumsum(self.dataset.doc_lengths[doc_order], dtype=np.int64)])

@@ -82,6 +82,8 @@ NOTES: dict[str, str] = {
     "data.datasets": "Megatron shards to blend, each `{path: <prefix>, weight: <w>}`.",
     "data.datasets[].path": "Prefix of the `.bin`/`.idx` pair.",
     "data.datasets[].weight": "Relative sampling weight.",
+    "data.valid_datasets[].path": "Prefix of the `.bin`/`.idx` pair.",
+    "data.valid_datasets[].weight": "Relative sampling weight.",
     "data.seed": "Shuffling seed of the sample index.",
     "parallel.dp": "Data-parallel degree (ZeRO-1 shards the optimizer state over it); -1 = the rest.",
     "parallel.tp": "Tensor-parallel degree (heads, FFN and vocabulary split; sequence parallel between blocks).",

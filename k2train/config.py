@@ -240,6 +240,12 @@ class DataConfig:
     document_mask: bool = False
     # Batches a background thread keeps ready (0: read them in the training loop, no thread).
     prefetch: int = 4
+    # Held out for validation: the last fraction of every dataset's documents (Megatron's
+    # `--split` boundary), which training then never reads (0: none held out).
+    valid_split: float = 0.0
+    # Validation datasets of their own (prepared .bin/.idx prefixes and weights, like `datasets`);
+    # used instead of a valid_split when given.
+    valid_datasets: list[DatasetSpec] = field(default_factory=list)
 
     def validate(self) -> None:
         if self.source == "megatron" and not self.datasets:
@@ -251,6 +257,14 @@ class DataConfig:
                 _fail(f"data.datasets[{i}].weight={d.weight} must be > 0")
         if self.prefetch < 0:
             _fail(f"data.prefetch={self.prefetch} must be >= 0 (0 reads batches in the training loop)")
+        if not 0 <= self.valid_split < 1:
+            _fail(f"data.valid_split={self.valid_split} must be in [0, 1): the fraction of each dataset's documents "
+                  "held out for validation")
+        for i, d in enumerate(self.valid_datasets):
+            if not d.path:
+                _fail(f"data.valid_datasets[{i}].path is empty: give the prefix of a .bin/.idx pair")
+            if d.weight <= 0:
+                _fail(f"data.valid_datasets[{i}].weight={d.weight} must be > 0")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,6 +373,12 @@ class TrainerConfig:
     spike_factor: float = 3.0
     # ... its running mean over this many recent non-spike steps.
     spike_window: int = 100
+    # Evaluate the validation loss every this many steps and after the last one (0: never); the
+    # validation data comes from data.valid_split or data.valid_datasets.
+    eval_interval: int = 0
+    # Global batches per evaluation: the first ones of the validation data, the same every time,
+    # so that evaluations compare.
+    eval_steps: int = 10
     # torch.compile each transformer block (k2train/parallel/compile.py).
     compile: bool = False
     # The LM head and the cross entropy on chunks of this many tokens, each recomputed in the
@@ -385,6 +405,9 @@ class TrainerConfig:
             _fail(f"trainer.grad_clip={self.grad_clip} must be >= 0 (0 disables clipping)")
         if self.param_dtype == "bfloat16" and self.dtype != "bfloat16":
             _fail("trainer.param_dtype=bfloat16 stores the weights for bf16 compute: set trainer.dtype=bfloat16 too")
+        if self.eval_interval < 0 or self.eval_steps < 1:
+            _fail(f"trainer.eval_interval={self.eval_interval} must be >= 0 (0: no evaluation) and "
+                  f"trainer.eval_steps={self.eval_steps} >= 1")
         if self.loss_chunk_tokens < 0:
             _fail(f"trainer.loss_chunk_tokens={self.loss_chunk_tokens} must be >= 0 (0: the loss in one piece)")
         if self.checkpoint.interval < 0 or self.checkpoint.keep_last < 1 or self.checkpoint.keep_every < 0:

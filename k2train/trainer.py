@@ -5,7 +5,8 @@
 
 :meth:`Trainer.launch_step` is one optimizer step over this rank's micro-batches, for every layout
 (one process, tensor/expert/data/pipeline parallel), queued on the device; :meth:`Trainer.read_step`
-reads what it measured; :meth:`Trainer.train_step` is the two at once. The parity, resume and
+reads what it measured; :meth:`Trainer.train_step` is the two at once; :meth:`Trainer.evaluate` is the
+validation loss (forward only). The parity, resume and
 golden-loss tests and the scripts drive them (or :meth:`Trainer.run`), never a copy of them. Leaving
 the ``with`` block, by the end of the run or by an exception, drains the checkpoint writer, stops the
 data thread, closes the logs and, if the trainer started it, the process group.
@@ -16,6 +17,7 @@ reads when it logs (``# host sync``): every ``trainer.log_interval`` steps, one 
 """
 
 import json
+import math
 import os
 import random
 import sys
@@ -35,7 +37,7 @@ from .checkpoint import CheckpointManager, load_model_weights
 from .checkpoint_layout import git_revision
 from .config import JobConfig, job_config_to_dict
 from .convert import export_hf
-from .data_pipeline.loader import build_data_loader, load_tokenizer
+from .data_pipeline.loader import build_data_loader, has_validation_data, load_tokenizer
 from .faults import LossSpikeDetector, NonFiniteGuard, PreemptionHandler, collective_timeout, init_distributed
 from .flops import flops_per_token, peak_tflops
 from .loss import NextTokenLoss
@@ -135,7 +137,8 @@ class Trainer:
     version and the metrics; checkpoints go to ``checkpoint_dir`` (default
     ``<trainer.output_dir>/checkpoints``), where a rerun resumes. ``data`` replaces the loader of
     ``cfg.data`` (tests, demonstrations): a function of (dp_rank, dp_size) returning this data
-    stream's micro-batches.
+    stream's micro-batches. ``valid_data`` replaces the validation data the same way; it is called
+    anew at each evaluation, which reads its first ``trainer.eval_steps`` global batches.
     """
 
     def __init__(
@@ -145,16 +148,19 @@ class Trainer:
         run_dir: Optional[Path] = None,
         checkpoint_dir: Optional[Path] = None,
         data: Optional[DataFactory] = None,
+        valid_data: Optional[DataFactory] = None,
     ):
         self.cfg = cfg.validate()
         self._stack = ExitStack()  # teardown, newest first: see close()
+        self._tokenizer = None
         try:
-            self._build(run_dir, checkpoint_dir, data)
+            self._build(run_dir, checkpoint_dir, data, valid_data)
         except BaseException:
             self._stack.close()
             raise
 
-    def _build(self, run_dir: Optional[Path], checkpoint_dir: Optional[Path], data: Optional[DataFactory]) -> None:
+    def _build(self, run_dir: Optional[Path], checkpoint_dir: Optional[Path], data: Optional[DataFactory],
+               valid_data: Optional[DataFactory]) -> None:
         cfg, t = self.cfg, self.cfg.trainer
 
         # 1. runtime: device, determinism, process group, degrees and mesh (the layout is checked first)
@@ -212,7 +218,16 @@ class Trainer:
         self.preemption: Optional[PreemptionHandler] = None  # installed by run()
         self.readout = StepReadout(list(self.attention), self.moe_layer_ids, dims.group("pp_mesh"))
 
-        # 4. data: this rank's stream (dp x ep coordinates read different data)
+        # 4. data: this rank's stream (dp x ep coordinates read different data); the validation
+        # data's is opened at each evaluation
+        if valid_data is None and (t.eval_interval or has_validation_data(cfg.data)):
+            if not has_validation_data(cfg.data):
+                raise ValueError(f"trainer.eval_interval={t.eval_interval} needs validation data: set data.valid_split "
+                                 "(the fraction of each dataset's documents held out, e.g. 0.01) or "
+                                 "data.valid_datasets, or trainer.eval_interval=0")
+            valid_data = self._default_valid_data
+        self._valid_data = valid_data
+        self.val_history: list[dict] = []  # {"step", "val_loss", "val_ppl", "val_time_s"} of run()'s evaluations
         self.data = (data or self._default_data)(dims.dp_rank, dims.dp_size)
         if hasattr(self.data, "close"):
             self._stack.callback(self.data.close)
@@ -260,11 +275,16 @@ class Trainer:
         local = int(os.environ.get("LOCAL_WORLD_SIZE") or min(torch.cuda.device_count(), self.dims.world_size))
         return host_memory_check(plan, max(1, local), *meminfo)
 
-    def _default_data(self, dp_rank: int, dp_size: int):
+    def _default_data(self, dp_rank: int, dp_size: int, split: str = "train"):
         t = self.cfg.trainer
-        return build_data_loader(self.cfg.data, load_tokenizer(self.cfg.data), seq_len=t.seq_len,
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.cfg.data)
+        return build_data_loader(self.cfg.data, self._tokenizer, seq_len=t.seq_len,
                                  micro_batch_size=t.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
-                                 vocab_size=self.cfg.model.vocab_size)
+                                 vocab_size=self.cfg.model.vocab_size, split=split)
+
+    def _default_valid_data(self, dp_rank: int, dp_size: int):
+        return self._default_data(dp_rank, dp_size, split="valid")
 
     # -- teardown -----------------------------------------------------------------------------
 
@@ -369,9 +389,43 @@ class Trainer:
         self.progress["clipped_heads_total"] += layers.get("clipped_heads", 0)
         return StepStats(pending.step, loss, aux_loss, gnorm, pending.lr, layers=layers)
 
-    def _forward_backward(self, batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
+    def evaluate(self) -> float:
+        """The validation loss with the weights as they are now: the mean next-token cross entropy
+        over ``trainer.eval_steps`` global batches, the first ones of the validation data every
+        time (so that evaluations compare), forward only (no aux loss). The same on every rank.
+        Leaves the training data's position and what the next update reads (the max logits for
+        QK-Clip, the expert loads for the router bias) as they were; waits for the device."""
+        t, dims = self.cfg.trainer, self.dims
+        if self._valid_data is None:
+            raise ValueError("no validation data: set data.valid_split or data.valid_datasets (or pass valid_data)")
+        source = self._valid_data(dims.dp_rank, dims.dp_size)
+        batches, total = iter(source), torch.zeros((), device=self.device)
+        for part in self.parts:
+            part.eval()
+        try:
+            with torch.no_grad(), record_function("k2train.evaluate"):
+                for i in range(t.eval_steps):
+                    try:
+                        step_batches = [next(batches) for _ in range(self.num_microbatches)]
+                    except StopIteration:
+                        raise ValueError(f"the validation data ran out after {i} of trainer.eval_steps={t.eval_steps} "
+                                         "global batches: lower trainer.eval_steps or give more data") from None
+                    total += self._forward_backward(step_batches, backward=False)[0]
+        finally:
+            if hasattr(source, "close"):
+                source.close()
+            for part in self.parts:
+                part.train()
+            for m in self.attention.values():  # the forward recorded these: the next step starts afresh
+                m.reset_max_logit()
+            for moe in self.moes:
+                moe.tokens_per_expert.zero_()
+        return (total / t.eval_steps).item()  # host sync
+
+    def _forward_backward(self, batches: list[Batch], backward: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross entropy and aux loss, each the mean over this step's micro-batches and data
-        streams; the gradients are left as sums over the micro-batches."""
+        streams; the gradients are left as sums over the micro-batches (``backward=False``: the
+        forward alone, for :meth:`evaluate`, under ``torch.no_grad()``)."""
         t, dims, device = self.cfg.trainer, self.dims, self.device
         tp_mesh = dims.tp_mesh if dims.tp > 1 else None
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.dtype == "bfloat16")
@@ -382,7 +436,8 @@ class Trainer:
         if self.pipeline is not None:
             cat = {k: torch.cat([b[k] for b in batches]).to(device, non_blocking=True) for k in batches[0]}
             with loss_context(tp_mesh), autocast:
-                res = pipeline_step(self.pipeline, cat["tokens"], cat["labels"], cat.get("position_ids"), cat.get("doc_ids"))
+                res = pipeline_step(self.pipeline, cat["tokens"], cat["labels"], cat.get("position_ids"), cat.get("doc_ids"),
+                                    forward_only=not backward)
             stats = torch.stack([res.ce, res.aux])
         else:
             model = self.parts[0]
@@ -400,12 +455,13 @@ class Trainer:
                         out = model(b["tokens"], position_ids=b.get("position_ids"), doc_ids=b.get("doc_ids"), head=head)
                         ce = self.loss(out, b["labels"])
                         aux = model.aux_loss
-                        if i == len(batches) - 1:
-                            torch.clear_autocast_cache()
-                        (ce + aux).backward()
+                        if backward:
+                            if i == len(batches) - 1:
+                                torch.clear_autocast_cache()
+                            (ce + aux).backward()
                     stats += torch.stack([ce.detach(), aux.detach()]).float()
             stats /= self.num_microbatches
-        if t.param_dtype == "bfloat16":  # the fp32 sums of the bf16 weights' gradients become .grad
+        if backward and t.param_dtype == "bfloat16":  # the fp32 sums of the bf16 weights' gradients become .grad
             publish_fp32_grads_(self.parts)
         # each cp rank's cross entropy is its part of the mean (they add up over cp), its aux loss
         # the whole sequence's (the same on every cp rank)
@@ -424,9 +480,11 @@ class Trainer:
 
         The host queues steps without waiting for the device, and reads their numbers once every
         ``trainer.log_interval`` steps, one step late (the GPU has finished that step and is busy
-        with the next when the host asks), and at once at a checkpoint or the last step, or
-        every step with ``trainer.on_nonfinite=stop``; a step's time is the time between two reads
-        over the steps in between. A preemption signal (on any rank: the ranks' host flags are
+        with the next when the host asks), and at once at a checkpoint, an evaluation or the last
+        step, or every step with ``trainer.on_nonfinite=stop``; a step's time is the time between
+        two reads over the steps in between (evaluations excluded). Every
+        ``trainer.eval_interval`` steps and after the last, :meth:`evaluate` (before that step's
+        checkpoint; its numbers are logged at that step and kept in ``val_history``). A preemption signal (on any rank: the ranks' host flags are
         all-reduced after each step, on the CPU) ends the run after the step being launched, with
         a checkpoint."""
         t = self.cfg.trainer
@@ -454,7 +512,8 @@ class Trainer:
                 stop = (self.preemption.should_stop(self._host_group) if self.dims.distributed
                         else self.preemption.requested is not None)
                 checkpoint_due = bool(ckpt.enable and ckpt.interval and step % ckpt.interval == 0)
-                now = stop or checkpoint_due or step == t.steps or t.on_nonfinite == "stop"
+                eval_due = bool(t.eval_interval and (step % t.eval_interval == 0 or step == t.steps)) and not stop
+                now = stop or checkpoint_due or eval_due or step == t.steps or t.on_nonfinite == "stop"
                 if now:
                     due, pending = pending, []
                 elif any(p.step % t.log_interval == 0 for p in pending[:-1]):
@@ -479,6 +538,10 @@ class Trainer:
                     if stats.step % t.log_interval == 0 or stats.step == t.steps:
                         line = format_step(stats.step, t.steps, metrics)
                         bar.write(line) if bar is not None else self.logger.console(line)
+                if eval_due:
+                    line = self._evaluate_and_log(step)
+                    bar.write(line) if bar is not None else self.logger.console(line)
+                    last_read = time.perf_counter()  # the next steps' time leaves the evaluation out
                 if stop:
                     return self._preempted(step, history)
                 if checkpoint_due and step < t.steps:
@@ -491,6 +554,17 @@ class Trainer:
         if t.checkpoint.enable and history:
             self._final_save()
         return history
+
+    def _evaluate_and_log(self, step: int) -> str:
+        """:meth:`evaluate` after ``step``, logged at that step and kept in ``val_history``; returns
+        the console line."""
+        start = time.perf_counter()
+        loss = self.evaluate()
+        metrics = {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0)), "val_time_s": time.perf_counter() - start}
+        self.val_history.append({"step": step, **metrics})
+        self.logger.log(step, metrics)
+        return (f"eval {step:>6d}/{self.cfg.trainer.steps} | val loss {loss:.4f} | val ppl {metrics['val_ppl']:,.2f} | "
+                f"{self.cfg.trainer.eval_steps} batches in {metrics['val_time_s']:.1f} s")
 
     def _preempted(self, step: int, history: list[dict]) -> list[dict]:
         if self.cfg.trainer.checkpoint.enable:

@@ -8,7 +8,8 @@ micro-batch m of stream r = global rows [(m * streams + r) * B, ... + B)), so th
 dp x ep streams is the global batch. What a step does is the trainer's: forward/backward over the
 micro-batches (or the pipeline schedule), gradient reduction, global-norm clipping, MuonClip
 (Newton-Schulz in fp32 so that runs round alike), QK-Clip at a low tau (it fires), the
-aux-loss-free router-bias update from the global expert load.
+aux-loss-free router-bias update from the global expert load. Every two steps and after the last,
+the validation loss on fixed batches of their own (``valid_batches``), dealt out the same way.
 
 Use: ``run_parallel(dict(tp=2, ep=2))`` -> every rank's result; ``run_reference()`` -> one
 process; compare with ``merged(results)``. See test_parallel_parity.py.
@@ -56,7 +57,7 @@ OPTIM = OptimConfig(name="muonclip", lr=5e-3, ns_dtype="float32", qk_clip=True, 
 OPTIM_ZERO1 = dataclasses.replace(OPTIM, zero1=True)
 TRAINER = TrainerConfig(
     steps=5, seq_len=16, micro_batch_size=2, global_batch_size=8, grad_clip=1.0, seed=1234, device="cpu",
-    checkpoint=CheckpointConfig(enable=False),
+    checkpoint=CheckpointConfig(enable=False), eval_interval=2, eval_steps=2,
 )
 QUIET = LoggingConfig(console=False, jsonl=False, progress_bar=False, wandb=False)
 DATA_SEED = 99
@@ -72,6 +73,12 @@ def global_batches(trainer: TrainerConfig = TRAINER, vocab: int = TINY.vocab_siz
     """[steps, global_batch, seq_len + 1] fixed tokens (inputs = [..., :-1], labels = [..., 1:])."""
     g = torch.Generator().manual_seed(DATA_SEED)
     return torch.randint(0, vocab, (trainer.steps, trainer.global_batch_size, trainer.seq_len + 1), generator=g)
+
+
+def valid_batches(trainer: TrainerConfig = TRAINER, vocab: int = TINY.vocab_size) -> torch.Tensor:
+    """[eval_steps, global_batch, seq_len + 1] fixed validation tokens (not the training ones)."""
+    g = torch.Generator().manual_seed(DATA_SEED + 1)
+    return torch.randint(0, vocab, (trainer.eval_steps, trainer.global_batch_size, trainer.seq_len + 1), generator=g)
 
 
 def documents(batch: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,11 +128,13 @@ def nonfinite_output(trainer: Trainer, steps: set, value: float = float("nan")) 
 
 def train(cfg: JobConfig, batches: torch.Tensor, with_documents: bool = False, nonfinite_step: int = 0) -> dict:
     """Run the trainer over ``batches``; this rank's losses, grad norms and clipped heads per step,
-    its step-1 gradients (after reduction and clipping: what the optimizer sees), final parameters
-    and router biases, as full tensors (tp shards and ep slices gathered). ``nonfinite_step``: the
-    model's output is NaN in that step (a hook on the final norm, on the last stage)."""
+    validation losses, its step-1 gradients (after reduction and clipping: what the optimizer sees),
+    final parameters and router biases, as full tensors (tp shards and ep slices gathered).
+    ``nonfinite_step``: the model's output is NaN in that step (a hook on the final norm, on the
+    last stage)."""
     data = stream(batches, cfg.trainer.micro_batch_size, with_documents)
-    with tempfile.TemporaryDirectory() as tmp, Trainer(cfg, run_dir=tmp, data=data) as trainer:
+    valid = stream(valid_batches(cfg.trainer, cfg.model.vocab_size), cfg.trainer.micro_batch_size, with_documents)
+    with tempfile.TemporaryDirectory() as tmp, Trainer(cfg, run_dir=tmp, data=data, valid_data=valid) as trainer:
         nonfinite_output(trainer, {nonfinite_step})
         grads: dict = {}
 
@@ -139,6 +148,7 @@ def train(cfg: JobConfig, batches: torch.Tensor, with_documents: bool = False, n
             "loss": [m["loss"] for m in history],
             "grad_norm": [m["grad_norm"] for m in history],
             "clipped_heads": [m["clipped_heads"] for m in history],
+            "val_loss": [(v["step"], v["val_loss"]) for v in trainer.val_history],
             "grads": grads,
             "params": full_tensors(trainer.parts, trainer.dims),
             "buffers": {k: v.clone() for part in trainer.parts for k, v in part.named_buffers()

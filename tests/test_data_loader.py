@@ -174,3 +174,49 @@ def test_embedded_default_run(tmp_path, tok):
     assert len(list(tmp_path.glob("embedded-*.bin"))) == 1
     text = tok.decode(batch["tokens"][0].tolist())
     assert text.isprintable() or "\n" in text
+
+
+def _documents(loader, n_batches):
+    """The (dataset, document) pairs the next n_batches of a loader read."""
+    seen = set()
+    for _ in range(n_batches):
+        which, index = blend_next(loader.weights, loader._counts, loader._consumed, loader.micro_batch_size)
+        loader._consumed += loader.micro_batch_size
+        for d, k in zip(which, index):
+            seen.update((int(d), doc) for doc, _, _ in loader.streams[int(d)].pieces(int(k)))
+    return seen
+
+
+def test_valid_split_holds_out_the_last_documents_of_every_dataset(data, tok):
+    # data.valid_split=0.1: training reads documents [0, 270) of a (300) and [0, 180) of b (200),
+    # over more than an epoch, validation only the rest; the blend weights hold for both
+    cfg = _cfg(*data, valid_split=0.1, prefetch=0)
+    train = _loader(cfg, tok)
+    valid = build_data_loader(cfg, tok, SEQ, 4, 0, 1, 4352, split="valid")
+    cut = {0: 270, 1: 180}
+    trained, held_out = _documents(train, 400), _documents(valid, 40)
+    assert all(doc < cut[d] for d, doc in trained) and all(doc >= cut[d] for d, doc in held_out)
+    assert {d for d, _ in held_out} == {0, 1} and len(trained) > 400
+    # the same batches from a fresh validation loader: every evaluation reads the same tokens
+    again = [build_data_loader(cfg, tok, SEQ, 4, 0, 1, 4352, split="valid") for _ in range(2)]
+    assert all(torch.equal(a["tokens"], b["tokens"]) for a, b in zip(_take(again[0], 3), _take(again[1], 3)))
+    # a checkpoint of a run without a split does not resume with one: it would read other documents
+    with pytest.raises(ValueError, match="documents: saved None"):
+        _loader(cfg, tok).load_state_dict(_loader(_cfg(*data), tok).state_dict())
+    # without a split, the training stream is what it always was (older checkpoints resume)
+    assert "documents" not in _loader(_cfg(*data), tok).state_dict()["signature"]
+
+
+def test_validation_data_of_its_own_and_bad_validation_configs(data, tok):
+    cfg = _cfg(data[0], valid_datasets=[DatasetSpec(data[1], 1.0)], prefetch=0)
+    batch = next(build_data_loader(cfg, tok, SEQ, 4, 0, 1, 4352, split="valid"))
+    assert batch["tokens"].min() >= 2000  # b's ids only
+    assert "documents" not in _loader(cfg, tok).state_dict()["signature"]  # training reads all of a
+    with pytest.raises(ValueError, match="no validation data: set data.valid_split"):
+        build_data_loader(_cfg(*data), tok, SEQ, 4, 0, 1, 4352, split="valid")
+    with pytest.raises(ValueError, match=r"valid_split=0.999 of its 300 documents leaves no training document"):
+        _loader(_cfg(*data, valid_split=0.999), tok)
+    for bad, match in [(dict(valid_split=1.0), r"valid_split=1.0 must be in \[0, 1\)"),
+                       (dict(valid_datasets=[DatasetSpec("", 1.0)]), r"valid_datasets\[0\].path is empty")]:
+        with pytest.raises(ValueError, match=match):
+            _cfg(*data, **bad).validate()

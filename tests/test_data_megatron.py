@@ -80,3 +80,34 @@ def test_samples_equal_megatron_gpt_dataset(tmp_path):
         ref = theirs[k]
         assert torch.equal(ref["tokens"], torch.from_numpy(sample[:-1])), k
         assert torch.equal(ref["labels"], torch.from_numpy(sample[1:])), k
+
+
+@pytest.mark.parametrize("valid_split, split", [(0.05, "95,5,0"), (0.1, "90,10,0"), (0.3, "70,30,0")])
+def test_valid_split_documents_and_samples_equal_megatron_split(tmp_path, valid_split, split):
+    # data.valid_split=f holds out the documents megatron-core's builder gives the validation split
+    # of --split (1-f),f,0, and both halves' samples are GPTDataset's for that split
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    from k2train.data_pipeline.samples import split_documents
+
+    writer = IndexedDatasetWriter(tmp_path / "a", np.uint16)
+    for d in _docs(3, n=173):
+        writer.add_document(d)
+    writer.finalize()
+    seq, seed = 16, 5
+    tok = types.SimpleNamespace(vocab_size=4352, eod=4097, pad=4351, unique_identifiers={"class": "k2"})
+    cfg = GPTDatasetConfig(
+        random_seed=seed, sequence_length=seq, blend=([str(tmp_path / "a")], None), split=split, tokenizer=tok,
+        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False,
+        path_to_cache=str(tmp_path / "cache"),
+    )
+    theirs = BlendedMegatronDatasetBuilder(GPTDataset, [None, None, None], lambda: True, cfg).build()
+    ours_ds = IndexedDataset(tmp_path / "a")
+    for half, docs in zip(theirs[:2], split_documents(len(ours_ds), valid_split)):
+        assert half.indices.tolist() == list(docs)
+        ours = GPTSamples(ours_ds, seq, seed, docs)
+        assert len(half) == len(ours)
+        for k in range(len(ours)):
+            sample = np.concatenate([ours_ds.read(*p) for p in ours.pieces(k)]).astype(np.int64)
+            assert torch.equal(half[k]["tokens"], torch.from_numpy(sample[:-1])), k

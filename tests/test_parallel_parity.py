@@ -6,7 +6,7 @@ ep-local experts per expert, QK-Clip clips each tp rank's local heads; ``_zero1`
 optimizer state (DistributedMuonClip: dense params over dp x ep, experts over their replicas).
 
 Tolerances (relative to each tensor's max |value|):
-- loss at every step: 1e-5;  gradients after step 1: 1e-5;
+- loss at every step and validation loss at every evaluation: 1e-5;  gradients after step 1: 1e-5;
 - final parameters: 1e-5 for every Muon-updated matrix and norm; 2e-4 for embed_tokens / lm_head
   (AdamW divides by sqrt(v): rows of rarely seen tokens have tiny gradients whose last-bit
   differences, from summing over ranks in another order, become visible in the update; measured
@@ -41,6 +41,7 @@ LAYOUTS = {
 def assert_parity(par: dict, ref: dict) -> None:
     for step, (a, b) in enumerate(zip(par["loss"], ref["loss"])):
         assert abs(a - b) <= 1e-5 * abs(b), f"loss at step {step + 1}: {a} vs {b}"
+    assert_val_parity(par, ref, 1e-5)
     assert par["clipped_heads"] == ref["clipped_heads"] and sum(ref["clipped_heads"]) > 0
     assert set(par["grads"]) == set(ref["grads"])
     for k, g in ref["grads"].items():
@@ -51,6 +52,13 @@ def assert_parity(par: dict, ref: dict) -> None:
         assert h.max_rel_diff(par["params"][k], p) <= tol, f"final {k}: {h.max_rel_diff(par['params'][k], p)}"
     for k, b in ref["buffers"].items():
         assert (par["buffers"][k] == b).all(), k
+
+
+def assert_val_parity(par: dict, ref: dict, rtol: float) -> None:
+    """The validation losses: at the same steps (every eval_interval and the last), within rtol."""
+    assert [s for s, _ in par["val_loss"]] == [s for s, _ in ref["val_loss"]] != []
+    for (step, a), (_, b) in zip(par["val_loss"], ref["val_loss"]):
+        assert abs(a - b) <= rtol * abs(b), f"validation loss after step {step}: {a} vs {b}"
 
 
 @pytest.mark.parametrize("layout_optim", list(LAYOUTS.values()), ids=list(LAYOUTS))
@@ -101,6 +109,7 @@ def test_bf16_params_match_single_process(layout, tol):
     assert par["optimizer"] == ("MuonClip" if set(layout) <= {"pp", "vpp", "pp_schedule"} else "DistributedMuonClip")
     for step, (a, b) in enumerate(zip(par["loss"], ref["loss"])):
         assert abs(a - b) <= loss_tol * abs(b), f"loss at step {step + 1}: {a} vs {b}"
+    assert_val_parity(par, ref, loss_tol)
     assert set(par["grads"]) == set(ref["grads"])
     for k, g in ref["grads"].items() if tensor_tol else ():
         assert h.max_rel_diff(par["grads"][k], g) <= tensor_tol, f"step-1 grad of {k}"

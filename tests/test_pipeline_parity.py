@@ -17,6 +17,7 @@ import dataclasses
 import pytest
 
 import parallel_harness as h
+from test_parallel_parity import assert_val_parity
 from k2train.config import ModelConfig, OptimConfig
 
 RTOL = 1e-5
@@ -76,6 +77,7 @@ def test_pipeline_matches_single_process(name, reference, pp2_results):
         for step, (a, b) in enumerate(zip(r["loss"], reference["loss"])):
             assert abs(a - b) <= RTOL * abs(b), f"{name} step {step}: loss {a} vs single process {b}"
         assert r["clipped_heads"] == reference["clipped_heads"]
+        assert_val_parity(r, reference, RTOL)  # the forward-only schedule, on every pp rank
     stage_params = [set(r["params"]) for r in ranks]
     assert not stage_params[0] & stage_params[1], "a parameter is held by both pp ranks"
     par = h.merged(ranks)

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from k2train.config import load_config
+from k2train.data_pipeline.loader import build_data_loader, load_tokenizer
 from k2train.faults import NonFiniteError
 from k2train.trainer import Trainer
 from parallel_harness import nonfinite_output
@@ -136,6 +137,38 @@ def test_run_reads_the_device_every_log_interval_steps_one_step_late(tmp_path, m
             nonfinite_output(trainer, {5}, float("nan"))
             trainer.run()
     assert reads == [(s, s) for s in range(1, 6)]
+
+
+def test_evaluation_reads_held_out_data_and_changes_no_training_bit(tmp_path):
+    # trainer.eval_interval=2 over 5 steps, QK-Clip firing at every step (tau 0.01) and the router
+    # bias moving: the validation loss after steps 2, 4 and 5, in the JSONL and val_history, equal
+    # to the held-out batches' cross entropy computed here by hand; and the training itself is bit
+    # for bit the run without evaluations (the forward leaves the max logits and expert loads the
+    # next update reads as they were, and the training data's position).
+    common = ["trainer.steps=5", "trainer.checkpoint.enable=false", "logging.jsonl=true", "data.valid_split=0.05",
+              "optim.qk_clip_tau=0.01", "data.prefetch=0"]
+    runs = {}
+    for name, extra in (("eval", ["trainer.eval_interval=2", "trainer.eval_steps=3"]), ("plain", [])):
+        cfg = _small(tmp_path / name, *common, *extra)
+        with Trainer(cfg, run_dir=tmp_path / name / "logs") as trainer:
+            runs[name] = (trainer.run(), _everything(trainer), trainer.val_history)
+            if name == "eval":  # by hand: the first eval_steps x micro-batches of the held-out documents
+                valid = build_data_loader(cfg.data, load_tokenizer(cfg.data), cfg.trainer.seq_len,
+                                          cfg.trainer.micro_batch_size, 0, 1, cfg.model.vocab_size, split="valid")
+                model = trainer.parts[0].eval()
+                with torch.no_grad():
+                    ces = [torch.nn.functional.cross_entropy(model(b["tokens"]).flatten(0, 1), b["labels"].flatten())
+                           for b in [next(valid) for _ in range(3 * trainer.num_microbatches)]]
+                by_hand = torch.stack(ces).mean().item()
+    (history, state, evals), (plain_history, plain_state, plain_evals) = runs["eval"], runs["plain"]
+    assert [m["loss"] for m in history] == [m["loss"] for m in plain_history] and plain_evals == []
+    assert all(torch.equal(state[k], plain_state[k]) for k in plain_state)
+    assert [e["step"] for e in evals] == [2, 4, 5] and evals[0]["val_loss"] > evals[-1]["val_loss"]
+    assert abs(evals[-1]["val_loss"] - by_hand) <= 1e-6 * by_hand
+    logged = [json.loads(line) for line in (tmp_path / "eval" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["val_loss"]) for r in logged if "val_loss" in r] == [(e["step"], e["val_loss"]) for e in evals]
+    with pytest.raises(ValueError, match="trainer.eval_interval=2 needs validation data: set data.valid_split"):
+        Trainer(_small(tmp_path / "none", "trainer.eval_interval=2"), run_dir=tmp_path / "none" / "logs")
 
 
 def test_a_preemption_signal_ends_the_run_after_that_step_whatever_log_interval(tmp_path):

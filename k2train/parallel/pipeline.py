@@ -316,9 +316,11 @@ def pipeline_step(
     labels: torch.Tensor,
     position_ids: Optional[torch.Tensor] = None,
     doc_ids: Optional[torch.Tensor] = None,
+    forward_only: bool = False,
 ) -> PipelineStepResult:
     """Forward + backward of one step over this rank's whole local batch ``tokens`` [B, S]
     (B = num_microbatches x micro_batch_size); gradients end up in the parts' ``.grad``.
+    ``forward_only``: the forward alone (the schedule's ``eval``; call it under ``torch.no_grad()``).
 
     Every pp rank passes the same tokens/labels (only the first stage reads tokens, the last
     labels, every stage the optional position/doc ids). Then one all-reduce over the pp group
@@ -337,7 +339,7 @@ def pipeline_step(
     # of the step (m x B x S x V). Older torch has no such switch.
     if "return_outputs" in inspect.signature(pipe.schedule.step).parameters:
         kwargs["return_outputs"] = False
-    pipe.schedule.step(*args, target=target, losses=losses, **kwargs)
+    (pipe.schedule.eval if forward_only else pipe.schedule.step)(*args, target=target, losses=losses, **kwargs)
 
     device = tokens.device if tokens.device.type != "meta" else torch.device("cpu")
     stats = torch.zeros(2, dtype=torch.float32, device=device)
