@@ -351,6 +351,30 @@ class CheckpointConfig:
 
 
 @dataclass
+class ProfileConfig:
+    # torch.profiler over steps [start_step, start_step + steps): a Chrome/Perfetto trace and an
+    # ops table per profiled rank in <run dir>/profile/ (k2train/profiling.py).
+    enable: bool = False
+    # The first profiled step (leave the first steps out: compilation and kernel autotuning run there).
+    start_step: int = 5
+    # How many steps the window holds.
+    steps: int = 2
+    # Global ranks that profile ([]: every rank).
+    ranks: list[int] = field(default_factory=lambda: [0])
+    # Record each op's Python call stack too (larger traces).
+    with_stack: bool = False
+    # Also record the CUDA caching allocator's history over the window and dump it next to the
+    # trace (<trace>_memory.pickle, for pytorch.org/memory_viz); GPU runs only.
+    memory_snapshot: bool = False
+
+    def validate(self) -> None:
+        if self.start_step < 1 or self.steps < 1:
+            _fail(f"trainer.profile.start_step={self.start_step} and trainer.profile.steps={self.steps} must be >= 1")
+        if any(r < 0 for r in self.ranks):
+            _fail(f"trainer.profile.ranks={list(self.ranks)} must list ranks >= 0 ([]: every rank)")
+
+
+@dataclass
 class TrainerConfig:
     steps: int = 200
     seq_len: int = 128
@@ -391,8 +415,10 @@ class TrainerConfig:
     deterministic: bool = False
     output_dir: str = "runs"
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     def validate(self) -> None:
+        self.profile.validate()
         _positive(
             "trainer",
             steps=self.steps,

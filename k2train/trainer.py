@@ -53,6 +53,7 @@ from .parallel.memory import estimate_memory, host_memory_check, read_meminfo, t
 from .parallel.parallelize import parallelize
 from .parallel.pipeline import pipeline_step
 from .parallel.precision import bf16_params_, publish_fp32_grads_
+from .profiling import StepProfiler, check_profile_config
 from .runtime import default_wandb_run_id, logging_rank
 
 Batch = dict[str, torch.Tensor]
@@ -177,6 +178,7 @@ class Trainer:
                 self._stack.push(_destroy_process_group)
             dims.build_mesh(self.device.type)
         self.is_logging_rank = dims.rank == logging_rank(world, dims.pp)
+        check_profile_config(t.profile, dims.world_size, self.device)  # before the model, not at the first step
         # the host-side vote on a preemption signal, on the CPU: asking it never waits for a GPU
         self._host_group = None
         if dims.distributed and self.device.type != "cpu":
@@ -484,9 +486,11 @@ class Trainer:
         step, or every step with ``trainer.on_nonfinite=stop``; a step's time is the time between
         two reads over the steps in between (evaluations excluded). Every
         ``trainer.eval_interval`` steps and after the last, :meth:`evaluate` (before that step's
-        checkpoint; its numbers are logged at that step and kept in ``val_history``). A preemption signal (on any rank: the ranks' host flags are
-        all-reduced after each step, on the CPU) ends the run after the step being launched, with
-        a checkpoint."""
+        checkpoint; its numbers are logged at that step and kept in ``val_history``). A
+        preemption signal (on any rank: the ranks' host flags are all-reduced after each step, on
+        the CPU) ends the run after the step being launched, with a checkpoint. With
+        ``trainer.profile.enable``, the profiler runs over its window of steps
+        (:class:`~k2train.profiling.StepProfiler`)."""
         t = self.cfg.trainer
         self.logger.console(self._banner())
         if self.step >= t.steps:
@@ -501,13 +505,17 @@ class Trainer:
         if self.is_logging_rank and self.cfg.logging.progress_bar and sys.stderr.isatty():
             bar = tqdm(total=t.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         self.preemption = PreemptionHandler()
+        profiler = StepProfiler(t.profile, self.dims.rank, self.dims.world_size, self.device, self.run_dir / "profile")
         ckpt = t.checkpoint
         pending: list[PendingStep] = []
         last_read, last_read_step = time.perf_counter(), self.step
         try:
             while self.step < t.steps:
+                profiler.before_launch(self.step + 1)
                 pending.append(self.launch_step(self.next_batches()))
                 step = self.step
+                if profiled := profiler.after_launch(step):
+                    self._rank_note(profiled, bar)
                 # a signal on any rank: the same answer on every rank
                 stop = (self.preemption.should_stop(self._host_group) if self.dims.distributed
                         else self.preemption.requested is not None)
@@ -543,10 +551,15 @@ class Trainer:
                     bar.write(line) if bar is not None else self.logger.console(line)
                     last_read = time.perf_counter()  # the next steps' time leaves the evaluation out
                 if stop:
+                    if profiled := profiler.close(step):
+                        self._rank_note(profiled, bar)
                     return self._preempted(step, history)
                 if checkpoint_due and step < t.steps:
                     self.checkpointer.save(step, self.checkpoint_state())
+            if profiled := profiler.close(self.step):  # the run ended inside the window
+                self._rank_note(profiled, bar)
         finally:
+            profiler.discard()
             self.preemption.uninstall()
             self.preemption = None
             if bar is not None:
@@ -554,6 +567,11 @@ class Trainer:
         if t.checkpoint.enable and history:
             self._final_save()
         return history
+
+    def _rank_note(self, line: str, bar=None) -> None:
+        """A line about this rank (any rank, not only the logging one: where its profile went)."""
+        if self.cfg.logging.console:
+            bar.write(line) if bar is not None else print(line, flush=True)
 
     def _evaluate_and_log(self, step: int) -> str:
         """:meth:`evaluate` after ``step``, logged at that step and kept in ``val_history``; returns

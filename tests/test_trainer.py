@@ -171,6 +171,33 @@ def test_evaluation_reads_held_out_data_and_changes_no_training_bit(tmp_path):
         Trainer(_small(tmp_path / "none", "trainer.eval_interval=2"), run_dir=tmp_path / "none" / "logs")
 
 
+def test_profile_writes_a_trace_of_the_window_steps(tmp_path):
+    # trainer.profile over steps 2-3 of 4: a Chrome trace holding exactly those two steps' phases, and
+    # the ops table, in <run dir>/profile/; a window past the run's last step ends with the run
+    def run(name, *overrides):
+        cfg = _small(tmp_path / name, "trainer.steps=4", "trainer.checkpoint.enable=false",
+                     "trainer.profile.enable=true", *overrides)
+        with Trainer(cfg, run_dir=tmp_path / name / "logs") as trainer:
+            trainer.run()
+        return tmp_path / name / "logs" / "profile"
+
+    out = run("window", "trainer.profile.start_step=2", "trainer.profile.steps=2")
+    assert sorted(p.name for p in out.iterdir()) == ["rank0_steps2-3.json", "rank0_steps2-3.txt"]
+    events = json.loads((out / "rank0_steps2-3.json").read_text())["traceEvents"]
+    names = [e["name"] for e in events if e.get("ph") == "X"]
+    for phase in ("k2train.forward_backward", "k2train.optimizer", "k2train.qk_clip_and_router_bias"):
+        assert names.count(phase) == 2, phase
+    assert "k2train.forward_backward" in (out / "rank0_steps2-3.txt").read_text()
+    out = run("late", "trainer.profile.start_step=4", "trainer.profile.steps=5")
+    assert sorted(p.name for p in out.iterdir()) == ["rank0_steps4-4.json", "rank0_steps4-4.txt"]
+    for overrides, match in [(["trainer.profile.memory_snapshot=true"], "memory_snapshot=true records the CUDA"),
+                             (["trainer.profile.ranks=[0,3]"], r"ranks \[3\] do not exist in a run of 1 process")]:
+        with pytest.raises(ValueError, match=match):
+            run("bad", *overrides)
+    with pytest.raises(ValueError, match="trainer.profile.start_step=0"):
+        _small(tmp_path, "trainer.profile.start_step=0").validate()
+
+
 def test_a_preemption_signal_ends_the_run_after_that_step_whatever_log_interval(tmp_path):
     # SIGUSR1 arrives during step 3 of a run that reads its numbers every 10 steps: the host flags
     # are asked after each step, so the run reads steps 1-3, checkpoints step 3 and returns.
