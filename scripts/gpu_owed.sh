@@ -48,9 +48,9 @@ case "${1:-}" in
         2>&1 | grep -v "^step " | tee "$OUT/fp8_loss_curve_noise.txt"
     ;;
 12)
-    echo "== no host sync inside a step (GPU test), then the trainer's loop profiled: syncs per step, GPU idle"
-    timeout 100 python3 -m pytest -q -m gpu tests/test_trainer.py -k "host_sync" 2>&1 | tail -3
-    timeout 220 python3 scripts/bench_e2e.py --optim adamw muonclip --micro 8 --steps 6 --profile --top 4 \
+    echo "== no host sync inside a step, evaluation and profile (GPU tests), then the trainer's loop profiled: syncs per step, GPU idle"
+    timeout 150 python3 -m pytest -q -m gpu tests/test_trainer.py -k "host_sync or evaluation_and_profile" 2>&1 | tail -3
+    timeout 200 python3 scripts/bench_e2e.py --optim adamw muonclip --micro 8 --steps 6 --profile --top 4 \
         --set trainer.param_dtype=bfloat16 2>&1 | tee "$OUT/e2e_idle.txt"
     echo "== the same, each step timed on its own between device synchronizations (what the loop saves)"
     timeout 120 python3 scripts/bench_e2e.py --optim adamw --micro 1 8 --steps 6 --sync-steps \

@@ -356,3 +356,40 @@ def test_no_host_sync_inside_a_step_on_the_gpu(tmp_path, optim):
     syncs = [str(w.message) for w in caught if "called a synchronizing CUDA operation" in str(w.message)]
     assert not syncs, syncs
     assert not stats.skipped and stats.step == 2 and torch.isfinite(torch.tensor(stats.loss))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_evaluation_and_profile_on_the_gpu(tmp_path):
+    """The Triton-kernel model with bf16 weights, FP8 MoE inputs and offload: evaluations after
+    steps 2 and 4 (forward only under no_grad: the kernels' and offload's inference paths), the
+    last equal to the same batches' loss computed by hand; a profile of steps 2-3 with CUDA
+    kernels in its trace and the allocator's history dumped."""
+    import pickle
+
+    cfg = load_config(["model=k2_tiny", "trainer.seq_len=256", "trainer.micro_batch_size=2",
+                       "trainer.global_batch_size=4", "trainer.dtype=bfloat16", "trainer.param_dtype=bfloat16",
+                       "trainer.device=cuda", "trainer.steps=4", "trainer.checkpoint.enable=false",
+                       "logging.wandb=false", "logging.progress_bar=false", "logging.console=false",
+                       "model.attn_impl=triton", "model.moe_impl=triton", "model.norm_impl=triton",
+                       "model.mlp_impl=triton", "optim.ns_impl=triton", "parallel.fp8_moe_inputs=true",
+                       "parallel.offload_activations=true", "data.valid_split=0.05", "trainer.eval_interval=2",
+                       "trainer.eval_steps=2", "trainer.profile.enable=true", "trainer.profile.start_step=2",
+                       "trainer.profile.memory_snapshot=true", f"trainer.output_dir={tmp_path}"])
+    with Trainer(cfg, run_dir=tmp_path / "logs") as trainer:
+        trainer.run()
+        valid = build_data_loader(cfg.data, load_tokenizer(cfg.data), cfg.trainer.seq_len,
+                                  cfg.trainer.micro_batch_size, 0, 1, cfg.model.vocab_size, split="valid")
+        model = trainer.parts[0].eval()
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            ces = [trainer.loss(model(b["tokens"].cuda()), b["labels"].cuda()).float()
+                   for b in [next(valid) for _ in range(2 * trainer.num_microbatches)]]
+        by_hand = torch.stack(ces).mean().item()
+        evals = trainer.val_history
+    assert [e["step"] for e in evals] == [2, 4] and all(0 < e["val_loss"] < 20 for e in evals)
+    assert abs(evals[-1]["val_loss"] - by_hand) <= 1e-3 * by_hand, (evals, by_hand)
+    out = tmp_path / "logs" / "profile"
+    events = json.loads((out / "rank0_steps2-3.json").read_text())["traceEvents"]
+    assert any(e.get("cat") == "kernel" for e in events)
+    with open(out / "rank0_steps2-3_memory.pickle", "rb") as f:
+        assert pickle.load(f)["segments"]
