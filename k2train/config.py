@@ -403,6 +403,14 @@ class TrainerConfig:
     # Global batches per evaluation: the first ones of the validation data, the same every time,
     # so that evaluations compare.
     eval_steps: int = 10
+    # Stop (checkpoint, exit 0) after the first step that ends this many minutes after the trainer
+    # started, on every rank at the same step, as after a preemption signal; 0: no limit. For
+    # schedulers that do not signal before their time limit (Slurm's `--signal` does).
+    exit_after_minutes: float = 0.0
+    # Python's garbage collector runs every this many steps (generation 1; all generations every
+    # 20th time), while the device works, not at random points, where one rank's pause stalls every
+    # rank's collectives; 0: Python's own schedule.
+    gc_interval: int = 50
     # torch.compile each transformer block (k2train/parallel/compile.py).
     compile: bool = False
     # The LM head and the cross entropy on chunks of this many tokens, each recomputed in the
@@ -431,6 +439,9 @@ class TrainerConfig:
             _fail(f"trainer.grad_clip={self.grad_clip} must be >= 0 (0 disables clipping)")
         if self.param_dtype == "bfloat16" and self.dtype != "bfloat16":
             _fail("trainer.param_dtype=bfloat16 stores the weights for bf16 compute: set trainer.dtype=bfloat16 too")
+        if self.exit_after_minutes < 0 or self.gc_interval < 0:
+            _fail(f"trainer.exit_after_minutes={self.exit_after_minutes} and trainer.gc_interval={self.gc_interval} "
+                  "must be >= 0 (0: no limit / Python's own collection schedule)")
         if self.eval_interval < 0 or self.eval_steps < 1:
             _fail(f"trainer.eval_interval={self.eval_interval} must be >= 0 (0: no evaluation) and "
                   f"trainer.eval_steps={self.eval_steps} >= 1")

@@ -12,7 +12,7 @@ collective timeouts. Small objects the loop calls directly (no callbacks)::
         if not guard.check(loss_val, gnorm_val, step):  # raises NonFiniteError under "stop"
             log("step skipped")
         if spikes.update(loss_val): log("loss spike")
-        if preempt.should_stop(group, device):          # same answer on every rank
+        if preempt.should_stop(group, device, time_up):  # same answer (and reason) on every rank
             ckpt.save(step, state); exit 0
 
 A NaN or Inf never reaches the weights or the optimizer state: the update is masked on the device
@@ -113,10 +113,14 @@ class PreemptionHandler:
 
     The handler only sets the flag; the loop polls :meth:`should_stop` after each step,
     checkpoints and exits 0. Install it in the main thread (Python's rule for signal handlers).
+    The same vote carries a rank's "time is up" (``trainer.exit_after_minutes``).
     """
+
+    _REASONS = (None, "time limit", "signal")  # by priority: the vote keeps the highest
 
     def __init__(self, signals: Iterable[int] = (signal.SIGTERM, signal.SIGUSR1)):
         self.requested: Optional[int] = None
+        self.reason: Optional[str] = None  # of the last stop decided: "signal" or "time limit"
         self._previous = {}
         for sig in signals:
             self._previous[sig] = signal.signal(sig, self._handle)
@@ -125,15 +129,19 @@ class PreemptionHandler:
         self.requested = signum
         log.warning("received %s: will checkpoint and exit at the next step boundary", signal.Signals(signum).name)
 
-    def should_stop(self, process_group=None, device: Optional[torch.device] = None) -> bool:
-        """Whether any rank was signalled; every rank gets the same answer (one tiny all-reduce over
-        ``process_group``, of a tensor on ``device``: the trainer asks a gloo group on the CPU)."""
-        local = self.requested is not None
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return local
-        flag = torch.tensor([1.0 if local else 0.0], device=device or "cpu")
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=process_group)
-        return bool(flag.item())  # a CPU tensor on a gloo group: waits for the other hosts, never a GPU
+    def should_stop(self, process_group=None, device: Optional[torch.device] = None, time_up: bool = False,
+                    vote: bool = True) -> bool:
+        """Whether any rank was signalled or (``time_up``) reached its time limit; every rank gets
+        the same answer and the same :attr:`reason`, a signal first (one tiny all-reduce over
+        ``process_group``, of a tensor on ``device``: the trainer asks a gloo group on the CPU).
+        ``vote=False``: this process alone decides (a run that is not distributed)."""
+        code = 2 if self.requested is not None else 1 if time_up else 0
+        if vote and torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = torch.tensor([float(code)], device=device or "cpu")
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=process_group)
+            code = int(flag.item())  # a CPU tensor on a gloo group: waits for the other hosts, never a GPU
+        self.reason = self._REASONS[code]
+        return code > 0
 
     def uninstall(self) -> None:
         for sig, prev in self._previous.items():

@@ -16,6 +16,7 @@ the step's numbers (loss, norm, every per-layer metric) come back in one transfe
 reads when it logs (``# host sync``): every ``trainer.log_interval`` steps, one step late.
 """
 
+import gc
 import json
 import math
 import os
@@ -152,6 +153,7 @@ class Trainer:
         valid_data: Optional[DataFactory] = None,
     ):
         self.cfg = cfg.validate()
+        self._started = time.monotonic()  # trainer.exit_after_minutes counts from here
         self._stack = ExitStack()  # teardown, newest first: see close()
         self._tokenizer = None
         try:
@@ -507,6 +509,10 @@ class Trainer:
         self.preemption = PreemptionHandler()
         profiler = StepProfiler(t.profile, self.dims.rank, self.dims.world_size, self.device, self.run_dir / "profile")
         ckpt = t.checkpoint
+        gc_was_enabled = gc.isenabled()
+        if t.gc_interval:  # Python's collector runs at the loop's pace, not at random points of a step
+            gc.disable()
+            gc.collect(1)
         pending: list[PendingStep] = []
         last_read, last_read_step = time.perf_counter(), self.step
         try:
@@ -514,11 +520,14 @@ class Trainer:
                 profiler.before_launch(self.step + 1)
                 pending.append(self.launch_step(self.next_batches()))
                 step = self.step
+                if t.gc_interval and step % t.gc_interval == 0:  # while the device runs the step just launched:
+                    # the young generations, and now and then everything (what survived them)
+                    gc.collect(2 if step % (20 * t.gc_interval) == 0 else 1)
                 if profiled := profiler.after_launch(step):
                     self._rank_note(profiled, bar)
-                # a signal on any rank: the same answer on every rank
-                stop = (self.preemption.should_stop(self._host_group) if self.dims.distributed
-                        else self.preemption.requested is not None)
+                # a signal or the time limit on any rank: the same answer on every rank
+                time_up = bool(t.exit_after_minutes) and time.monotonic() - self._started >= 60 * t.exit_after_minutes
+                stop = self.preemption.should_stop(self._host_group, time_up=time_up, vote=self.dims.distributed)
                 checkpoint_due = bool(ckpt.enable and ckpt.interval and step % ckpt.interval == 0)
                 eval_due = bool(t.eval_interval and (step % t.eval_interval == 0 or step == t.steps)) and not stop
                 now = stop or checkpoint_due or eval_due or step == t.steps or t.on_nonfinite == "stop"
@@ -559,6 +568,8 @@ class Trainer:
             if profiled := profiler.close(self.step):  # the run ended inside the window
                 self._rank_note(profiled, bar)
         finally:
+            if gc_was_enabled:
+                gc.enable()
             profiler.discard()
             self.preemption.uninstall()
             self.preemption = None
@@ -585,11 +596,14 @@ class Trainer:
                 f"{self.cfg.trainer.eval_steps} batches in {metrics['val_time_s']:.1f} s")
 
     def _preempted(self, step: int, history: list[dict]) -> list[dict]:
-        if self.cfg.trainer.checkpoint.enable:
-            self.logger.console(f"preemption signal: checkpointing at step {step} and exiting")
+        t = self.cfg.trainer
+        why = ("preemption signal" if self.preemption.reason == "signal"
+               else f"trainer.exit_after_minutes={t.exit_after_minutes:g} reached")
+        if t.checkpoint.enable:
+            self.logger.console(f"{why}: checkpointing at step {step} and exiting")
             self.checkpointer.save(step, self.checkpoint_state(), blocking=True)
         else:
-            self.logger.console(f"preemption signal: exiting at step {step} (trainer.checkpoint.enable=false: no checkpoint)")
+            self.logger.console(f"{why}: exiting at step {step} (trainer.checkpoint.enable=false: no checkpoint)")
         return history
 
     def _final_save(self) -> None:

@@ -7,6 +7,7 @@ compared exactly, so that any numerical change is seen and re-baselined on purpo
     python tests/test_trainer.py --update-golden
 """
 
+import gc
 import json
 import signal
 import subprocess
@@ -169,6 +170,33 @@ def test_evaluation_reads_held_out_data_and_changes_no_training_bit(tmp_path):
     assert [(r["step"], r["val_loss"]) for r in logged if "val_loss" in r] == [(e["step"], e["val_loss"]) for e in evals]
     with pytest.raises(ValueError, match="trainer.eval_interval=2 needs validation data: set data.valid_split"):
         Trainer(_small(tmp_path / "none", "trainer.eval_interval=2"), run_dir=tmp_path / "none" / "logs")
+
+
+def test_time_limit_ends_the_run_with_a_checkpoint_and_the_collector_runs_at_the_loops_pace(tmp_path, monkeypatch,
+                                                                                            capsys):
+    # trainer.gc_interval=2: Python's collector is off while the loop runs, collects (generation 1)
+    # at its start and after launching steps 2 and 4, and is back on after the run.
+    # trainer.exit_after_minutes: the first step that ends past it is the run's last, checkpointed as
+    # after a preemption signal; the next run resumes there.
+    collected, enabled = [], []
+    collect, launch_step = gc.collect, Trainer.launch_step
+    monkeypatch.setattr(gc, "collect", lambda generation=2: collected.append(generation) or collect(generation))
+
+    def recording(self, batches):
+        enabled.append(gc.isenabled())
+        return launch_step(self, batches)
+
+    monkeypatch.setattr(Trainer, "launch_step", recording)
+    cfg = lambda *o: _small(tmp_path, "trainer.steps=5", "trainer.checkpoint.export_hf=false", *o)  # noqa: E731
+    with Trainer(cfg("trainer.gc_interval=2", "trainer.checkpoint.enable=false"), run_dir=tmp_path / "a") as trainer:
+        assert len(trainer.run()) == 5
+    assert enabled == [False] * 5 and gc.isenabled() and collected.count(1) == 3
+    with Trainer(cfg("trainer.exit_after_minutes=1e-9", "logging.console=true"), run_dir=tmp_path / "b") as trainer:
+        assert len(trainer.run()) == 1
+    assert "trainer.exit_after_minutes=1e-09 reached: checkpointing at step 1 and exiting" in capsys.readouterr().out
+    assert (tmp_path / "checkpoints" / "step-00000001" / "COMPLETE").exists()
+    with Trainer(cfg(), run_dir=tmp_path / "c") as trainer:
+        assert trainer.step == 1 and len(trainer.run()) == 4
 
 
 def test_profile_writes_a_trace_of_the_window_steps(tmp_path):
