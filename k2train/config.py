@@ -461,6 +461,9 @@ class LoggingConfig:
     wandb_project: str = "k2train"
     wandb_entity: Optional[str] = None
     run_name: Optional[str] = None
+    # The same numbers as TensorBoard scalars in <run dir>/tensorboard (`tensorboard --logdir
+    # runs/default/logs`); needs `pip install tensorboard`.
+    tensorboard: bool = False
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Metrics: one logger writes the same numbers to the console, a JSONL file and wandb.
+"""Metrics: one logger writes the same numbers to the console, a JSONL file, wandb and TensorBoard.
 
 Only the logging rank (the first rank of the last pipeline stage) creates a logger that writes;
 the others get a silent one, so the step loop never branches on the rank.
@@ -38,8 +38,17 @@ class MetricLogger:
         self.enabled = enabled
         self.jsonl = None
         self.wandb_run = None
+        self.tensorboard = None
+        if cfg.tensorboard:  # on every rank: a missing package stops all of them, at the start
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise ValueError("logging.tensorboard=true needs the tensorboard package: pip install tensorboard "
+                                 f"(or logging.tensorboard=false) [{e}]") from None
         if not enabled:
             return
+        if cfg.tensorboard and run_dir is not None:  # view: tensorboard --logdir <run dir>/tensorboard
+            self.tensorboard = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
         if cfg.jsonl and run_dir is not None:
             run_dir.mkdir(parents=True, exist_ok=True)
             self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
@@ -73,6 +82,10 @@ class MetricLogger:
             self.jsonl.write(json.dumps(record) + "\n")
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
+        if self.tensorboard is not None:
+            for k, v in record.items():
+                if k not in ("step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.tensorboard.add_scalar(k, v, global_step=step, walltime=record["time"])
 
     def console(self, msg: str) -> None:
         if self.enabled and self.cfg.console:
@@ -85,6 +98,9 @@ class MetricLogger:
         if self.wandb_run is not None:
             self.wandb_run.finish()
             self.wandb_run = None
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
 
 
 def format_step(step: int, total: int, m: dict[str, Any]) -> str:
