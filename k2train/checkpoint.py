@@ -175,6 +175,18 @@ def _optimizer_targets(optimizer, model, stored: dict) -> dict[str, Any]:
     return out
 
 
+def _check_shapes(folder: Path, targets: dict[str, Any], stored: dict) -> None:
+    """Refuse a checkpoint of another model (before DCP fails deep inside with a size mismatch)."""
+    differ = [(k, list(stored[k].size), list(v.shape)) for k, v in targets.items()
+              if torch.is_tensor(v) and isinstance(stored[k], TensorStorageMetadata) and tuple(stored[k].size) != tuple(v.shape)]
+    if differ:
+        k, saved, now = differ[0]
+        raise ValueError(
+            f"checkpoint {folder} was saved from another model: {len(differ)} tensors differ in shape, e.g. {k}: "
+            f"saved {saved}, this config {now}. Resume with the model config it was saved with (\"model_config\" in "
+            f"{folder / META_FILE}), or start a new run: trainer.checkpoint.resume=false or another trainer.output_dir")
+
+
 def _local_if_ep(v, p):
     # EP state was wrapped as a DTensor for DCP; the optimizer keeps the plain local slice.
     return v.to_local() if isinstance(v, DTensor) and not isinstance(p, DTensor) else v
@@ -382,6 +394,7 @@ class CheckpointManager:
             missing = [k for k in targets if k not in stored]
             if missing:
                 raise ValueError(f"checkpoint {folder} lacks {len(missing)} model tensors, e.g. {missing[:3]}")
+            _check_shapes(folder, targets, stored)
         if OPTIM_KEY in state:
             opt_targets = _optimizer_targets(state[OPTIM_KEY], model, stored)
             if not any(k.startswith(f"{OPTIM_KEY}.state.") for k in stored):

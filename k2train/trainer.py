@@ -46,6 +46,7 @@ from .kernels import is_deterministic as kernels_deterministic, set_deterministi
 from .metrics import MetricLogger, StepReadout, format_step
 from .model import K2Model, update_router_bias_
 from .optim import attention_modules, build_lr_scheduler, build_optimizer, describe_param_groups
+from .optim.schedule import restore_training_settings, training_settings
 from .optim.qk_clip import layer_max_logits, qk_clip_layers_, qk_clip_summary
 from .parallel import (ParallelDims, backend_for, clip_grad_norm_, loss_context, reduce_gradients_,
                        replica_groups, sum_expert_load_)
@@ -244,9 +245,12 @@ class Trainer:
         checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else Path(t.output_dir) / "checkpoints"
         self.checkpointer = CheckpointManager(checkpoint_dir, t.checkpoint, job_config=job_config_to_dict(cfg))
         self._stack.callback(self.checkpointer.close)  # drains an asynchronous save
-        resumed = None
+        resumed, settings_changed = None, []
         if t.checkpoint.enable and t.checkpoint.resume:
+            settings = training_settings(self.optimizer, self.scheduler)  # the config's
             resumed = self.checkpointer.load_latest(self.checkpoint_state())
+            if resumed is not None:  # the config decides the hyperparameters; the checkpoint, the progress
+                settings_changed = restore_training_settings(self.optimizer, self.scheduler, settings)
 
         # 6. metrics: run folder, console / JSONL / wandb (continuing the checkpoint's wandb run)
         self.run_dir = Path(run_dir) if run_dir is not None else Path(t.output_dir) / "logs" / time.strftime("%Y%m%d-%H%M%S")
@@ -261,6 +265,8 @@ class Trainer:
         self._stack.callback(self.logger.close)
         if resumed is not None:
             self.logger.console(f"resumed from {self.checkpointer.folder} at step {resumed}")
+        if settings_changed:
+            self.logger.console("resume: the config's settings replace the checkpoint's:\n  " + "\n  ".join(settings_changed))
         if host_warning:
             self.logger.console(f"warning: {host_warning}")
         self.tokens_per_step = t.global_batch_size * t.seq_len

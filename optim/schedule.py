@@ -58,3 +58,42 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total
         return lr_multiplier(step, cfg.schedule, cfg.lr, cfg.min_lr, cfg.warmup_steps, decay_start, total_steps)
 
     return LambdaLR(optimizer, fn)
+
+
+# Keys of a param group that are not settings: its tensors, their names, and the lr, which the
+# schedule sets every step (its settings are the schedule's base lrs and multiplier).
+_NOT_SETTINGS = ("params", "names", "lr", "initial_lr")
+
+
+def training_settings(optimizer: torch.optim.Optimizer, scheduler: LambdaLR) -> dict:
+    """What the config made of the optimizer and its schedule, as opposed to their progress: each
+    param group's hyperparameters and the schedule's base lrs. Take it before a resume, hand it to
+    :func:`restore_training_settings` after."""
+    groups = [{k: v for k, v in g.items() if k not in _NOT_SETTINGS} for g in optimizer.param_groups]
+    return {"groups": groups, "base_lrs": list(scheduler.base_lrs)}
+
+
+def restore_training_settings(optimizer: torch.optim.Optimizer, scheduler: LambdaLR, settings: dict) -> list[str]:
+    """After a resume, put back the config's settings where the checkpoint's differ (a checkpoint
+    restores the hyperparameters of the run that saved it), and the lr the config's schedule gives
+    at the resumed step. Returns one line per change, "group.key: checkpoint -> config"."""
+    changes = []
+    for i, (group, wanted) in enumerate(zip(optimizer.param_groups, settings["groups"])):
+        name = group.get("name", f"group{i}")
+        for k, v in wanted.items():
+            if group.get(k) != v:
+                changes.append(f"{name}.{k}: {group.get(k)} -> {v}")
+                group[k] = v
+    lr_changes = {}
+    for i, (group, base) in enumerate(zip(optimizer.param_groups, settings["base_lrs"])):
+        lr = base * scheduler.lr_lambdas[i](scheduler.last_epoch)
+        if scheduler.base_lrs[i] != base or group["lr"] != lr:
+            what = (f"at step {scheduler.last_epoch}: {group['lr']:.6g} -> {lr:.6g} "
+                    f"(peak {scheduler.base_lrs[i]:.6g} -> {base:.6g})")
+            lr_changes.setdefault(what, []).append(group.get("name", f"group{i}"))
+            scheduler.base_lrs[i] = group["initial_lr"] = base
+            group["lr"] = lr
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+    every = len(optimizer.param_groups)
+    changes += [f"lr{' of ' + ', '.join(names) if len(names) < every else ''} {what}" for what, names in lr_changes.items()]
+    return changes

@@ -100,6 +100,18 @@ def test_corrupt_checkpoints_are_skipped(tmp_path, caplog):
     assert not (tmp_path / ".tmp-step-00000005").exists()
 
 
+def test_a_checkpoint_of_another_model_is_refused_before_loading(tmp_path):
+    # a resume with other model dims: one clear error naming a tensor, both shapes and the way out,
+    # and the current weights untouched (nothing was loaded)
+    CheckpointManager(tmp_path, CheckpointConfig()).save(1, {"model": torch.nn.Linear(4, 6)})
+    other = torch.nn.Linear(4, 5)
+    before = other.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"saved from another model: 2 tensors differ in shape, e.g. model.weight: "
+                                         r"saved \[6, 4\], this config \[5, 4\].*trainer.checkpoint.resume=false"):
+        CheckpointManager(tmp_path, CheckpointConfig()).load_latest({"model": other})
+    assert torch.equal(other.weight, before)
+
+
 def test_no_checkpoint_returns_none(tmp_path):
     assert CheckpointManager(tmp_path / "none", CheckpointConfig()).load_latest({"model": torch.nn.Linear(2, 2)}) is None
 

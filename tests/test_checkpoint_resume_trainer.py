@@ -29,3 +29,28 @@ def test_trainer_resume_is_bit_exact(tmp_path, one_thread, precision):
     second = [m["loss"] for m in run(_cfg(tmp_path / "b", 2 * n, *precision), run_dir=tmp_path / "b" / "logs2")]
     assert len(straight) == 2 * n and len(first) == n and len(second) == n
     assert first + second == straight, f"{first + second} != {straight}"
+
+
+def test_resume_takes_the_configs_hyperparameters_and_the_checkpoints_progress(tmp_path, capsys):
+    # A checkpoint holds the hyperparameters of the run that saved it; a run resumed with another
+    # peak lr, weight decay and schedule length trains with the config's from the resumed step: the
+    # same lrs as a fresh run of that config at those steps. Resumed with the saving run's own config
+    # (the exact-resume test above), nothing is reported.
+    from k2train.train import run
+
+    new = ["optim.lr=2e-3", "optim.weight_decay=0.05", "optim.schedule=wsd", "optim.decay_steps=2"]
+    run(_cfg(tmp_path / "b", 2, "optim.lr=1e-3"), run_dir=tmp_path / "b" / "logs1")
+    capsys.readouterr()
+    resumed = run(_cfg(tmp_path / "b", 4, *new), run_dir=tmp_path / "b" / "logs2")
+    out = capsys.readouterr().out
+    fresh = run(_cfg(tmp_path / "c", 4, *new), run_dir=tmp_path / "c" / "logs")
+    assert [m["lr"] for m in resumed] == [m["lr"] for m in fresh[2:]] and resumed[0]["lr"] != resumed[1]["lr"]
+    assert "resume: the config's settings replace the checkpoint's:" in out
+    assert "muon.weight_decay: 0.1 -> 0.05" in out and "adamw_no_decay.weight_decay" not in out
+    assert "lr at step 2: 0.001 -> 0.002 (peak 0.001 -> 0.002)" in out
+    run(_cfg(tmp_path / "b", 4, *new), run_dir=tmp_path / "b" / "logs3")  # at step 4: nothing to train
+    out = capsys.readouterr().out
+    assert "nothing to train" in out and "resume: the config's settings" not in out
+    # a longer run moves WSD's decay: the lr at the resumed step is the new schedule's, and said so
+    run(_cfg(tmp_path / "b", 8, *new), run_dir=tmp_path / "b" / "logs4")
+    assert "lr at step 4: 0.0003 -> 0.002 (peak 0.002 -> 0.002)" in capsys.readouterr().out
