@@ -192,6 +192,25 @@ def _local_if_ep(v, p):
     return v.to_local() if isinstance(v, DTensor) and not isinstance(p, DTensor) else v
 
 
+def _check_param_groups(folder: Path, optimizer, model, loaded: dict[str, Any]) -> None:
+    """Refuse another optimizer's state (e.g. MuonClip's momentum for a matrix AdamW now updates)."""
+    fqn = _param_fqns(model)
+    moved = []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            hp = loaded.get(f"{OPTIM_KEY}.hparams.{fqn[id(p)]}")
+            saved = json.loads(hp) if hp else {}
+            if any(k in saved and saved[k] != group.get(k) for k in ("kind", "name")):
+                moved.append((fqn[id(p)], saved.get("name"), saved.get("kind"), group.get("name"), group.get("kind")))
+    if moved:
+        name, old, old_kind, new, new_kind = moved[0]
+        raise ValueError(
+            f"checkpoint {folder} holds another optimizer's state: {len(moved)} parameters are in other param groups, "
+            f"e.g. {name} was in {old!r} ({old_kind}), this config puts it in {new!r} ({new_kind}). Resume with the "
+            f"optimizer it was saved with (\"config\" in {folder / META_FILE}), or keep only its weights with a fresh "
+            f"optimizer: trainer.checkpoint.load_path={folder} trainer.checkpoint.resume=false")
+
+
 def _apply_optimizer_state(optimizer, model, loaded: dict[str, Any]) -> None:
     fqn = _param_fqns(model)
     sd = optimizer.state_dict()
@@ -405,6 +424,7 @@ class CheckpointManager:
         dcp.load(targets, storage_reader=reader, process_group=self.process_group)
         # The model targets alias the parameters and buffers: DCP has loaded them in place.
         if OPTIM_KEY in state and any(k.startswith(f"{OPTIM_KEY}.state.") for k in targets):
+            _check_param_groups(folder, state[OPTIM_KEY], model, targets)
             _apply_optimizer_state(state[OPTIM_KEY], model, targets)
 
         extra_path = folder / EXTRA_DIR / extra_name(self.rank)

@@ -54,3 +54,19 @@ def test_resume_takes_the_configs_hyperparameters_and_the_checkpoints_progress(t
     # a longer run moves WSD's decay: the lr at the resumed step is the new schedule's, and said so
     run(_cfg(tmp_path / "b", 8, *new), run_dir=tmp_path / "b" / "logs4")
     assert "lr at step 4: 0.0003 -> 0.002 (peak 0.002 -> 0.002)" in capsys.readouterr().out
+
+
+def test_resume_with_another_optimizer_is_refused_and_the_weights_load_alone(tmp_path):
+    # MuonClip's state resumed as AdamW's: one clear error before any step, naming a parameter, both
+    # param groups and the way out; that way out (the weights with a fresh optimizer) trains
+    from k2train.train import run
+
+    run(_cfg(tmp_path / "b", 2), run_dir=tmp_path / "b" / "logs1")
+    with pytest.raises(ValueError, match=r"holds another optimizer's state: 44 parameters are in other param groups, "
+                                         r"e.g. .* was in 'muon' \(muon\), this config puts it in 'adamw' \(adamw\)"
+                                         r".*trainer.checkpoint.load_path=.*step-00000002 trainer.checkpoint.resume=false"):
+        run(_cfg(tmp_path / "b", 4, "optim=adamw"), run_dir=tmp_path / "b" / "logs2")
+    weights = str(tmp_path / "b" / "checkpoints" / "step-00000002")
+    history = run(_cfg(tmp_path / "c", 2, "optim=adamw", f"trainer.checkpoint.load_path={weights}",
+                       "trainer.checkpoint.resume=false"), run_dir=tmp_path / "c" / "logs")
+    assert len(history) == 2
