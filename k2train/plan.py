@@ -99,6 +99,11 @@ def format_compute_report(cfg: JobConfig) -> str:
         hours = f"{gpu_hours:,.0f}" if gpu_hours >= 10 else f"{gpu_hours:.3g}"
         lines.append(f"  {mfu:>5.0%} {step:>10} {plan.tokens_per_step / step_s / plan.world_size:>13,.0f} "
                      f"{_duration(run_s):>16} {hours:>12} {per_trillion:>24,.0f}")
+    if t.eval_interval:  # forward only: a third of a training step's FLOPs per batch
+        evals = -(-t.steps // t.eval_interval)
+        extra = evals * t.eval_steps / 3 / t.steps
+        lines.append(f"  + evaluation: {evals:,d} x {t.eval_steps} global batches, forward only "
+                     f"(trainer.eval_interval={t.eval_interval}): {extra:.2%} more than the steps above")
     if cfg.parallel.dp == -1:
         lines.append("  (dp=1 as above: more data-parallel replicas divide the wall time, not the GPU-hours)")
     return "\n".join(lines)

@@ -62,3 +62,11 @@ def test_compute_report_is_flops_over_the_layouts_gpus():
     assert f"{gpu_hours:,.0f}" in row
     assert f"{1e12 * per_token / (989e12 * 0.4) / 3600:,.0f}" in row  # per trillion tokens
     assert "256 GPUs" in report and "divide the wall time" in report
+    assert "evaluation" not in report
+    # every 1000 steps and after the last: ceil(steps / 1000) evaluations of 10 forward-only batches
+    # (a third of a step's FLOPs each)
+    steps = cfg.trainer.steps
+    evaluated = format_compute_report(load_config(["experiment=k2_pretrain", "trainer.eval_interval=1000",
+                                                   "trainer.eval_steps=10"]).validate())
+    assert f"{-(-steps // 1000):,d} x 10 global batches" in evaluated
+    assert f"{-(-steps // 1000) * 10 / 3 / steps:.2%} more" in evaluated
