@@ -29,8 +29,9 @@ def check_profile_config(cfg, world_size: int, device: torch.device) -> None:
         return
     bad = [r for r in cfg.ranks if not 0 <= r < world_size]
     if bad:
-        raise ValueError(f"trainer.profile.ranks={list(cfg.ranks)}: ranks {bad} do not exist in a run of "
-                         f"{world_size} process{'es' if world_size != 1 else ''} (ranks 0..{world_size - 1}; [] profiles every rank)")
+        processes = f"{world_size} process{'es' if world_size != 1 else ''}"
+        raise ValueError(f"trainer.profile.ranks={list(cfg.ranks)}: ranks {bad} do not exist in a run of {processes} "
+                         f"(ranks 0..{world_size - 1}; [] profiles every rank)")
     if cfg.memory_snapshot and device.type != "cuda":
         raise ValueError("trainer.profile.memory_snapshot=true records the CUDA caching allocator: it needs a GPU "
                          f"(this run is on {device.type}); set it to false")
