@@ -403,6 +403,9 @@ class TrainerConfig:
     # Global batches per evaluation: the first ones of the validation data, the same every time,
     # so that evaluations compare.
     eval_steps: int = 10
+    # Evaluate the weights a run would start from (the newest checkpoint in trainer.output_dir, or
+    # trainer.checkpoint.load_path) once, log it, and exit: no step, no checkpoint.
+    eval_only: bool = False
     # Stop (checkpoint, exit 0) after the first step that ends this many minutes after the trainer
     # started, on every rank at the same step, as after a preemption signal; 0: no limit. For
     # schedulers that do not signal before their time limit (Slurm's `--signal` does).

@@ -225,11 +225,12 @@ class Trainer:
 
         # 4. data: this rank's stream (dp x ep coordinates read different data); the validation
         # data's is opened at each evaluation
-        if valid_data is None and (t.eval_interval or has_validation_data(cfg.data)):
+        if valid_data is None and (t.eval_interval or t.eval_only or has_validation_data(cfg.data)):
             if not has_validation_data(cfg.data):
-                raise ValueError(f"trainer.eval_interval={t.eval_interval} needs validation data: set data.valid_split "
-                                 "(the fraction of each dataset's documents held out, e.g. 0.01) or "
-                                 "data.valid_datasets, or trainer.eval_interval=0")
+                which = "trainer.eval_only=true" if t.eval_only else f"trainer.eval_interval={t.eval_interval}"
+                raise ValueError(f"{which} needs validation data: set data.valid_split (the fraction of each "
+                                 "dataset's documents held out, e.g. 0.01) or data.valid_datasets"
+                                 + ("" if t.eval_only else ", or trainer.eval_interval=0"))
             valid_data = self._default_valid_data
         self._valid_data = valid_data
         self.val_history: list[dict] = []  # {"step", "val_loss", "val_ppl", "val_time_s"} of run()'s evaluations
@@ -248,8 +249,11 @@ class Trainer:
         resumed, settings_changed = None, []
         if t.checkpoint.enable and t.checkpoint.resume:
             settings = training_settings(self.optimizer, self.scheduler)  # the config's
-            resumed = self.checkpointer.load_latest(self.checkpoint_state())
-            if resumed is not None:  # the config decides the hyperparameters; the checkpoint, the progress
+            state = self.checkpoint_state()
+            if t.eval_only:  # no training data is read: its position (and its split) do not matter
+                state.pop("data", None)
+            resumed = self.checkpointer.load_latest(state)
+            if resumed is not None and not t.eval_only:  # the config decides the hyperparameters; the checkpoint, the progress
                 settings_changed = restore_training_settings(self.optimizer, self.scheduler, settings)
 
         # 6. metrics: run folder, console / JSONL / wandb (continuing the checkpoint's wandb run)
@@ -501,6 +505,13 @@ class Trainer:
         (:class:`~k2train.profiling.StepProfiler`)."""
         t = self.cfg.trainer
         self.logger.console(self._banner())
+        if t.eval_only:
+            source = (f"the checkpoint of step {self.step} in {self.checkpointer.folder}" if self.step
+                      else f"trainer.checkpoint.load_path={t.checkpoint.load_path}" if t.checkpoint.load_path
+                      else "the initial weights (no checkpoint in trainer.output_dir, no trainer.checkpoint.load_path)")
+            self.logger.console(f"trainer.eval_only=true: evaluating {source}")
+            self.logger.console(self._evaluate_and_log(self.step))
+            return []
         if self.step >= t.steps:
             self.logger.console(
                 f"the checkpoint in {self.checkpointer.folder} is at step {self.step} >= trainer.steps={t.steps}: nothing "

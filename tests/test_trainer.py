@@ -199,6 +199,36 @@ def test_time_limit_ends_the_run_with_a_checkpoint_and_the_collector_runs_at_the
         assert trainer.step == 1 and len(trainer.run()) == 4
 
 
+def test_eval_only_evaluates_the_checkpoint_and_trains_nothing(tmp_path, capsys):
+    # trainer.eval_only=true after a run: the run's last evaluation again, exactly (same weights, same
+    # batches), logged, with no step and no new checkpoint; a checkpoint trained without a held-out
+    # split evaluates too (the training data's position is not restored)
+    common = ["trainer.steps=3", "trainer.eval_steps=2", "logging.jsonl=true", "logging.console=true"]
+    with Trainer(_small(tmp_path, *common, "data.valid_split=0.05", "trainer.eval_interval=3"),
+                 run_dir=tmp_path / "train") as trainer:
+        trainer.run()
+        trained = trainer.val_history[-1]["val_loss"]
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    capsys.readouterr()
+    with Trainer(_small(tmp_path, *common, "data.valid_split=0.05", "trainer.eval_only=true"),
+                 run_dir=tmp_path / "eval") as trainer:
+        assert trainer.run() == [] and trainer.step == 3
+        assert trainer.val_history == [dict(trainer.val_history[0], val_loss=trained)]
+    out = capsys.readouterr().out
+    assert f"evaluating the checkpoint of step 3 in {tmp_path / 'checkpoints'}" in out and "resume: the config" not in out
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
+    logged = [json.loads(line) for line in (tmp_path / "eval" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["val_loss"]) for r in logged] == [(3, trained)]
+    with Trainer(_small(tmp_path / "other", "trainer.steps=2"), run_dir=tmp_path / "other" / "train") as trainer:
+        trainer.run()  # no held-out split
+    with Trainer(_small(tmp_path / "other", "trainer.steps=2", "data.valid_split=0.05", "trainer.eval_only=true"),
+                 run_dir=tmp_path / "other" / "eval") as trainer:
+        trainer.run()
+        assert trainer.step == 2 and len(trainer.val_history) == 1
+    with pytest.raises(ValueError, match="trainer.eval_only=true needs validation data: set data.valid_split"):
+        Trainer(_small(tmp_path, "trainer.eval_only=true"), run_dir=tmp_path / "none")
+
+
 def test_profile_writes_a_trace_of_the_window_steps(tmp_path):
     # trainer.profile over steps 2-3 of 4: a Chrome trace holding exactly those two steps' phases, and
     # the ops table, in <run dir>/profile/; a window past the run's last step ends with the run
