@@ -12,7 +12,7 @@ collective timeouts. Small objects the loop calls directly (no callbacks)::
         if not guard.check(loss_val, gnorm_val, step):  # raises NonFiniteError under "stop"
             log("step skipped")
         if spikes.update(loss_val): log("loss spike")
-        if preempt.should_stop(group, device, time_up):  # same answer (and reason) on every rank
+        if preempt.should_stop(group, device):           # same answer (and reason) on every rank
             ckpt.save(step, state); exit 0
 
 A NaN or Inf never reaches the weights or the optimizer state: the update is masked on the device
@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import signal
+import time
 from collections import deque
 from typing import Iterable, Literal, Optional
 
@@ -113,12 +114,16 @@ class PreemptionHandler:
 
     The handler only sets the flag; the loop polls :meth:`should_stop` after each step,
     checkpoints and exits 0. Install it in the main thread (Python's rule for signal handlers).
-    The same vote carries a rank's "time is up" (``trainer.exit_after_minutes``).
+    The same vote carries a time limit (``trainer.exit_after_minutes``): ``time_limit_s`` after
+    ``started`` (a ``time.monotonic()``; default: now), 0 for none.
     """
 
     _REASONS = (None, "time limit", "signal")  # by priority: the vote keeps the highest
 
-    def __init__(self, signals: Iterable[int] = (signal.SIGTERM, signal.SIGUSR1)):
+    def __init__(self, signals: Iterable[int] = (signal.SIGTERM, signal.SIGUSR1), time_limit_s: float = 0.0,
+                 started: Optional[float] = None):
+        self.time_limit_s = time_limit_s
+        self.started = time.monotonic() if started is None else started
         self.requested: Optional[int] = None
         self.reason: Optional[str] = None  # of the last stop decided: "signal" or "time limit"
         self._previous = {}
@@ -129,12 +134,12 @@ class PreemptionHandler:
         self.requested = signum
         log.warning("received %s: will checkpoint and exit at the next step boundary", signal.Signals(signum).name)
 
-    def should_stop(self, process_group=None, device: Optional[torch.device] = None, time_up: bool = False,
-                    vote: bool = True) -> bool:
-        """Whether any rank was signalled or (``time_up``) reached its time limit; every rank gets
-        the same answer and the same :attr:`reason`, a signal first (one tiny all-reduce over
-        ``process_group``, of a tensor on ``device``: the trainer asks a gloo group on the CPU).
-        ``vote=False``: this process alone decides (a run that is not distributed)."""
+    def should_stop(self, process_group=None, device: Optional[torch.device] = None, vote: bool = True) -> bool:
+        """Whether any rank was signalled or reached the time limit; every rank gets the same answer
+        and the same :attr:`reason`, a signal first (one tiny all-reduce over ``process_group``, of
+        a tensor on ``device``: the trainer asks a gloo group on the CPU). ``vote=False``: this
+        process alone decides (a run that is not distributed)."""
+        time_up = bool(self.time_limit_s) and time.monotonic() - self.started >= self.time_limit_s
         code = 2 if self.requested is not None else 1 if time_up else 0
         if vote and torch.distributed.is_available() and torch.distributed.is_initialized():
             flag = torch.tensor([float(code)], device=device or "cpu")

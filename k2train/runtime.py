@@ -1,4 +1,5 @@
-"""Process and run-directory facts for a job launched by torchrun, Slurm, or by hand.
+"""Process and run-directory facts for a job launched by torchrun, Slurm, or by hand: the run's
+folder name, the logging rank, the device, deterministic mode, garbage collection.
 
 Hydra picks the run directory before any process group exists, so every rank must already agree on
 its name when ``main()`` starts. The name comes from the environment, in this order:
@@ -14,13 +15,18 @@ log file. Only rank 0 writes the config and git revision; metrics come from :fun
 """
 
 import datetime
+import gc
 import hashlib
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Iterator, Mapping, Optional
 
+import torch
 from torch.distributed import TCPStore
+
+from .kernels import is_deterministic as kernels_deterministic, set_deterministic as set_kernels_deterministic
 
 RUN_ID_ENV = "K2TRAIN_RUN_ID"
 _STORE_KEY = "k2train/run_id"
@@ -134,3 +140,64 @@ def default_wandb_run_id(run_dir: Path) -> str:
     """
     digest = hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()
     return f"k2-{digest[:12]}"
+
+
+class GarbageCollector:
+    """``trainer.gc_interval``: Python's garbage collector off while the loop runs (:meth:`start`
+    to :meth:`stop`), and collecting at step boundaries instead: generation 1 every ``interval``
+    steps, everything every 20th time (what survived the young collections). A collection at a
+    random point of a step pauses that rank alone, and every rank's next collective waits for it;
+    :meth:`after_launch` runs right after a step is queued, while the device works. ``interval=0``:
+    Python's own schedule (every method does nothing)."""
+
+    def __init__(self, interval: int):
+        self.interval = interval
+        self._was_enabled = gc.isenabled()
+
+    def start(self) -> None:
+        if self.interval:
+            self._was_enabled = gc.isenabled()
+            gc.disable()
+            gc.collect(1)
+
+    def after_launch(self, step: int) -> None:
+        if self.interval and step % self.interval == 0:
+            gc.collect(2 if step % (20 * self.interval) == 0 else 1)
+
+    def stop(self) -> None:
+        if self.interval and self._was_enabled:
+            gc.enable()
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu or auto")
+    if name == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device(name)
+
+
+@contextmanager
+def deterministic_mode(device: torch.device) -> Iterator[None]:
+    """``trainer.deterministic``: torch's deterministic algorithms (and cuDNN's), cuBLAS' fixed
+    workspace, fixed configurations for our Triton kernels and no atomic accumulation in them.
+    Restores the previous settings on exit (they are process-wide)."""
+    if device.type == "cuda":
+        workspace = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+        if workspace not in (None, ":4096:8", ":16:8"):
+            raise ValueError(f"trainer.deterministic=true needs CUBLAS_WORKSPACE_CONFIG=:4096:8 (or :16:8), found "
+                             f"{workspace!r}: unset it or set it to :4096:8")
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = workspace or ":4096:8"  # read when cuBLAS starts a handle
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+              torch.backends.cudnn.benchmark, kernels_deterministic())
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    set_kernels_deterministic(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[1], before[2]
+        set_kernels_deterministic(before[3])

@@ -16,14 +16,13 @@ the step's numbers (loss, norm, every per-layer metric) come back in one transfe
 reads when it logs (``# host sync``): every ``trainer.log_interval`` steps, one step late.
 """
 
-import gc
 import json
 import math
 import os
 import random
 import sys
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
@@ -42,7 +41,6 @@ from .data_pipeline.loader import build_data_loader, has_validation_data, load_t
 from .faults import LossSpikeDetector, NonFiniteGuard, PreemptionHandler, collective_timeout, init_distributed
 from .flops import flops_per_token, peak_tflops
 from .loss import NextTokenLoss
-from .kernels import is_deterministic as kernels_deterministic, set_deterministic as set_kernels_deterministic
 from .metrics import MetricLogger, StepReadout, format_step
 from .model import K2Model, update_router_bias_
 from .optim import attention_modules, build_lr_scheduler, build_optimizer, describe_param_groups
@@ -56,23 +54,13 @@ from .parallel.parallelize import parallelize
 from .parallel.pipeline import pipeline_step
 from .parallel.precision import bf16_params_, publish_fp32_grads_
 from .profiling import StepProfiler, check_profile_config
-from .runtime import default_wandb_run_id, logging_rank
+from .runtime import GarbageCollector, default_wandb_run_id, deterministic_mode, logging_rank, pick_device
 
 Batch = dict[str, torch.Tensor]
 # (dp_rank, dp_size) -> this data stream's micro-batches: {"tokens", "labels"} [B, S] int64, plus
 # "position_ids" / "doc_ids" for packed documents. Labels equal to k2train.loss.IGNORE_INDEX add no
 # loss.
 DataFactory = Callable[[int, int], Iterable[Batch]]
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu or auto")
-    if name == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device(name)
 
 
 def build_model(cfg, device: torch.device, seed: int) -> K2Model:
@@ -506,12 +494,7 @@ class Trainer:
         t = self.cfg.trainer
         self.logger.console(self._banner())
         if t.eval_only:
-            source = (f"the checkpoint of step {self.step} in {self.checkpointer.folder}" if self.step
-                      else f"trainer.checkpoint.load_path={t.checkpoint.load_path}" if t.checkpoint.load_path
-                      else "the initial weights (no checkpoint in trainer.output_dir, no trainer.checkpoint.load_path)")
-            self.logger.console(f"trainer.eval_only=true: evaluating {source}")
-            self.logger.console(self._evaluate_and_log(self.step))
-            return []
+            return self._evaluate_only()
         if self.step >= t.steps:
             self.logger.console(
                 f"the checkpoint in {self.checkpointer.folder} is at step {self.step} >= trainer.steps={t.steps}: nothing "
@@ -523,13 +506,11 @@ class Trainer:
         bar = None
         if self.is_logging_rank and self.cfg.logging.progress_bar and sys.stderr.isatty():
             bar = tqdm(total=t.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
-        self.preemption = PreemptionHandler()
+        self.preemption = PreemptionHandler(time_limit_s=60 * t.exit_after_minutes, started=self._started)
         profiler = StepProfiler(t.profile, self.dims.rank, self.dims.world_size, self.device, self.run_dir / "profile")
         ckpt = t.checkpoint
-        gc_was_enabled = gc.isenabled()
-        if t.gc_interval:  # Python's collector runs at the loop's pace, not at random points of a step
-            gc.disable()
-            gc.collect(1)
+        collector = GarbageCollector(t.gc_interval)
+        collector.start()
         pending: list[PendingStep] = []
         last_read, last_read_step = time.perf_counter(), self.step
         try:
@@ -537,14 +518,11 @@ class Trainer:
                 profiler.before_launch(self.step + 1)
                 pending.append(self.launch_step(self.next_batches()))
                 step = self.step
-                if t.gc_interval and step % t.gc_interval == 0:  # while the device runs the step just launched:
-                    # the young generations, and now and then everything (what survived them)
-                    gc.collect(2 if step % (20 * t.gc_interval) == 0 else 1)
+                collector.after_launch(step)
                 if profiled := profiler.after_launch(step):
                     self._rank_note(profiled, bar)
                 # a signal or the time limit on any rank: the same answer on every rank
-                time_up = bool(t.exit_after_minutes) and time.monotonic() - self._started >= 60 * t.exit_after_minutes
-                stop = self.preemption.should_stop(self._host_group, time_up=time_up, vote=self.dims.distributed)
+                stop = self.preemption.should_stop(self._host_group, vote=self.dims.distributed)
                 checkpoint_due = bool(ckpt.enable and ckpt.interval and step % ckpt.interval == 0)
                 eval_due = bool(t.eval_interval and (step % t.eval_interval == 0 or step == t.steps)) and not stop
                 now = stop or checkpoint_due or eval_due or step == t.steps or t.on_nonfinite == "stop"
@@ -585,8 +563,7 @@ class Trainer:
             if profiled := profiler.close(self.step):  # the run ended inside the window
                 self._rank_note(profiled, bar)
         finally:
-            if gc_was_enabled:
-                gc.enable()
+            collector.stop()
             profiler.discard()
             self.preemption.uninstall()
             self.preemption = None
@@ -595,6 +572,16 @@ class Trainer:
         if t.checkpoint.enable and history:
             self._final_save()
         return history
+
+    def _evaluate_only(self) -> list[dict]:
+        """``trainer.eval_only``: one evaluation of the weights the run starts from, logged."""
+        t = self.cfg.trainer
+        source = (f"the checkpoint of step {self.step} in {self.checkpointer.folder}" if self.step
+                  else f"trainer.checkpoint.load_path={t.checkpoint.load_path}" if t.checkpoint.load_path
+                  else "the initial weights (no checkpoint in trainer.output_dir, no trainer.checkpoint.load_path)")
+        self.logger.console(f"trainer.eval_only=true: evaluating {source}")
+        self.logger.console(self._evaluate_and_log(self.step))
+        return []
 
     def _rank_note(self, line: str, bar=None) -> None:
         """A line about this rank (any rank, not only the logging one: where its profile went)."""
@@ -667,30 +654,6 @@ class Trainer:
             f"{t.micro_batch_size}x{t.seq_len} per data-parallel rank){resume}\nrun dir {self.run_dir}\n"
             f"{describe_param_groups(self.optimizer)}"
         )
-
-
-@contextmanager
-def deterministic_mode(device: torch.device) -> Iterator[None]:
-    """``trainer.deterministic``: torch's deterministic algorithms (and cuDNN's), cuBLAS' fixed
-    workspace, fixed configurations for our Triton kernels and no atomic accumulation in them.
-    Restores the previous settings on exit (they are process-wide)."""
-    if device.type == "cuda":
-        workspace = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
-        if workspace not in (None, ":4096:8", ":16:8"):
-            raise ValueError(f"trainer.deterministic=true needs CUBLAS_WORKSPACE_CONFIG=:4096:8 (or :16:8), found "
-                             f"{workspace!r}: unset it or set it to :4096:8")
-        os.environ["CUBLAS_WORKSPACE_CONFIG"] = workspace or ":4096:8"  # read when cuBLAS starts a handle
-    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
-              torch.backends.cudnn.benchmark, kernels_deterministic())
-    torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    set_kernels_deterministic(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before[0])
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[1], before[2]
-        set_kernels_deterministic(before[3])
 
 
 def _expert_load_summary(loads: list[torch.Tensor]) -> Optional[torch.Tensor]:
