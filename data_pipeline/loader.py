@@ -261,12 +261,23 @@ def has_validation_data(cfg) -> bool:
     return bool(cfg.valid_datasets) or cfg.valid_split > 0
 
 
+def validation_sets(cfg) -> list[tuple[str, float]]:
+    """Name and blend weight of each validation dataset: ``data.valid_datasets``, else the training
+    datasets (their held-out documents); a name is its prefix's file name ("embedded" for the
+    built-in corpus), numbered where two are alike."""
+    specs = cfg.valid_datasets or (cfg.datasets if cfg.source == "megatron" else [])
+    named = [(Path(s.path).name, s.weight) for s in specs] or [("embedded", 1.0)]
+    names = [n for n, _ in named]
+    return [(n if names.count(n) == 1 else f"{n}_{i}", w) for i, (n, w) in enumerate(named)]
+
+
 def build_data_loader(
     cfg, tokenizer: K2Tokenizer, seq_len: int, micro_batch_size: int, dp_rank: int, dp_size: int, vocab_size: int,
-    split: str = "train",
+    split: str = "train", dataset: int | None = None,
 ) -> DataLoader:
     """The loader for one DP rank from a :class:`k2train.config.DataConfig`: of the training data,
-    or with ``split="valid"`` of the validation data (module docstring).
+    or with ``split="valid"`` of the validation data (module docstring); ``dataset``: of that one
+    of its datasets alone (an index into :func:`validation_sets` / ``data.datasets``).
 
     Yields ``{"tokens", "labels"}`` int64 ``[micro_batch_size, seq_len]`` (plus ``position_ids``
     and ``doc_ids`` when ``cfg.document_mask``). ``cfg.prefetch=0`` reads in the caller's thread;
@@ -294,6 +305,9 @@ def build_data_loader(
                     raise ValueError(f"{ds.bin_file}: data.valid_split={cfg.valid_split} of its {len(ds)} documents leaves "
                                      f"no {'validation' if split == 'valid' else 'training'} document; "
                                      "use another data.valid_split, or data.valid_datasets")
+    if dataset is not None:
+        datasets, weights = [datasets[dataset]], [1.0]
+        documents = None if documents is None else [documents[dataset]]
     return DataLoader(
         datasets,
         weights,

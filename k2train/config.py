@@ -246,6 +246,10 @@ class DataConfig:
     # Validation datasets of their own (prepared .bin/.idx prefixes and weights, like `datasets`);
     # used instead of a valid_split when given.
     valid_datasets: list[DatasetSpec] = field(default_factory=list)
+    # Evaluate each validation dataset on its own, trainer.eval_steps global batches each: a
+    # val_loss/<name> per dataset (its prefix's file name) and val_loss their weighted mean;
+    # false: val_loss on batches of the blend.
+    valid_per_dataset: bool = False
 
     def validate(self) -> None:
         if self.source == "megatron" and not self.datasets:

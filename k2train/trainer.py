@@ -23,6 +23,7 @@ import random
 import sys
 import time
 from contextlib import ExitStack
+from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
@@ -37,7 +38,7 @@ from .checkpoint import CheckpointManager, load_model_weights
 from .checkpoint_layout import git_revision
 from .config import JobConfig, job_config_to_dict
 from .convert import export_hf
-from .data_pipeline.loader import build_data_loader, has_validation_data, load_tokenizer
+from .data_pipeline.loader import build_data_loader, has_validation_data, load_tokenizer, validation_sets
 from .faults import LossSpikeDetector, NonFiniteGuard, PreemptionHandler, collective_timeout, init_distributed
 from .flops import flops_per_token, peak_tflops
 from .loss import NextTokenLoss
@@ -213,14 +214,17 @@ class Trainer:
 
         # 4. data: this rank's stream (dp x ep coordinates read different data); the validation
         # data's is opened at each evaluation
-        if valid_data is None and (t.eval_interval or t.eval_only or has_validation_data(cfg.data)):
-            if not has_validation_data(cfg.data):
-                which = "trainer.eval_only=true" if t.eval_only else f"trainer.eval_interval={t.eval_interval}"
-                raise ValueError(f"{which} needs validation data: set data.valid_split (the fraction of each "
-                                 "dataset's documents held out, e.g. 0.01) or data.valid_datasets"
-                                 + ("" if t.eval_only else ", or trainer.eval_interval=0"))
-            valid_data = self._default_valid_data
-        self._valid_data = valid_data
+        if valid_data is None and (t.eval_interval or t.eval_only) and not has_validation_data(cfg.data):
+            which = "trainer.eval_only=true" if t.eval_only else f"trainer.eval_interval={t.eval_interval}"
+            raise ValueError(f"{which} needs validation data: set data.valid_split (the fraction of each "
+                             "dataset's documents held out, e.g. 0.01) or data.valid_datasets"
+                             + ("" if t.eval_only else ", or trainer.eval_interval=0"))
+        # name -> (data, weight): the blend (""), or each dataset with data.valid_per_dataset
+        self._valid_sets: dict[str, tuple[DataFactory, float]] = {"": (valid_data, 1.0)} if valid_data else {}
+        if valid_data is None and has_validation_data(cfg.data):
+            self._valid_sets = ({name: (partial(self._default_data, split="valid", dataset=i), w)
+                                 for i, (name, w) in enumerate(validation_sets(cfg.data))}
+                                if cfg.data.valid_per_dataset else {"": (partial(self._default_data, split="valid"), 1.0)})
         self.val_history: list[dict] = []  # {"step", "val_loss", "val_ppl", "val_time_s"} of run()'s evaluations
         self.data = (data or self._default_data)(dims.dp_rank, dims.dp_size)
         if hasattr(self.data, "close"):
@@ -277,16 +281,13 @@ class Trainer:
         local = int(os.environ.get("LOCAL_WORLD_SIZE") or min(torch.cuda.device_count(), self.dims.world_size))
         return host_memory_check(plan, max(1, local), *meminfo)
 
-    def _default_data(self, dp_rank: int, dp_size: int, split: str = "train"):
+    def _default_data(self, dp_rank: int, dp_size: int, split: str = "train", dataset: Optional[int] = None):
         t = self.cfg.trainer
         if self._tokenizer is None:
             self._tokenizer = load_tokenizer(self.cfg.data)
         return build_data_loader(self.cfg.data, self._tokenizer, seq_len=t.seq_len,
                                  micro_batch_size=t.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
-                                 vocab_size=self.cfg.model.vocab_size, split=split)
-
-    def _default_valid_data(self, dp_rank: int, dp_size: int):
-        return self._default_data(dp_rank, dp_size, split="valid")
+                                 vocab_size=self.cfg.model.vocab_size, split=split, dataset=dataset)
 
     # -- teardown -----------------------------------------------------------------------------
 
@@ -391,38 +392,52 @@ class Trainer:
         self.progress["clipped_heads_total"] += layers.get("clipped_heads", 0)
         return StepStats(pending.step, loss, aux_loss, gnorm, pending.lr, layers=layers)
 
-    def evaluate(self) -> float:
+    def evaluate(self) -> dict[str, float]:
         """The validation loss with the weights as they are now: the mean next-token cross entropy
         over ``trainer.eval_steps`` global batches, the first ones of the validation data every
-        time (so that evaluations compare), forward only (no aux loss). The same on every rank.
-        Leaves the training data's position and what the next update reads (the max logits for
-        QK-Clip, the expert loads for the router bias) as they were; waits for the device."""
-        t, dims = self.cfg.trainer, self.dims
-        if self._valid_data is None:
+        time (so that evaluations compare), forward only (no aux loss); with
+        ``data.valid_per_dataset``, of each validation dataset (``val_loss/<name>``) and their
+        weighted mean (``val_loss``). The same on every rank. Leaves the training data's position
+        and what the next update reads (the max logits for QK-Clip, the expert loads for the router
+        bias) as they were; waits for the device."""
+        if not self._valid_sets:
             raise ValueError("no validation data: set data.valid_split or data.valid_datasets (or pass valid_data)")
-        source = self._valid_data(dims.dp_rank, dims.dp_size)
-        batches, total = iter(source), torch.zeros((), device=self.device)
         for part in self.parts:
             part.eval()
         try:
             with torch.no_grad(), record_function("k2train.evaluate"):
-                for i in range(t.eval_steps):
-                    try:
-                        step_batches = [next(batches) for _ in range(self.num_microbatches)]
-                    except StopIteration:
-                        raise ValueError(f"the validation data ran out after {i} of trainer.eval_steps={t.eval_steps} "
-                                         "global batches: lower trainer.eval_steps or give more data") from None
-                    total += self._forward_backward(step_batches, backward=False)[0]
+                losses = torch.stack([self._evaluate_set(data) for data, _ in self._valid_sets.values()])
         finally:
-            if hasattr(source, "close"):
-                source.close()
             for part in self.parts:
                 part.train()
             for m in self.attention.values():  # the forward recorded these: the next step starts afresh
                 m.reset_max_logit()
             for moe in self.moes:
                 moe.tokens_per_expert.zero_()
-        return (total / t.eval_steps).item()  # host sync
+        weights = torch.tensor([w for _, w in self._valid_sets.values()], dtype=torch.float64)
+        values = losses.tolist()  # host sync
+        out = {"val_loss": float((weights / weights.sum() * torch.tensor(values, dtype=torch.float64)).sum())
+               if len(values) > 1 else values[0]}
+        out.update({f"val_loss/{name}": v for name, v in zip(self._valid_sets, values) if name})
+        return out
+
+    def _evaluate_set(self, data: DataFactory) -> torch.Tensor:
+        """One validation set's mean loss over ``trainer.eval_steps`` global batches (on the device)."""
+        t, dims = self.cfg.trainer, self.dims
+        source = data(dims.dp_rank, dims.dp_size)
+        batches, total = iter(source), torch.zeros((), device=self.device)
+        try:
+            for i in range(t.eval_steps):
+                try:
+                    step_batches = [next(batches) for _ in range(self.num_microbatches)]
+                except StopIteration:
+                    raise ValueError(f"the validation data ran out after {i} of trainer.eval_steps={t.eval_steps} "
+                                     "global batches: lower trainer.eval_steps or give more data") from None
+                total += self._forward_backward(step_batches, backward=False)[0]
+        finally:
+            if hasattr(source, "close"):
+                source.close()
+        return total / t.eval_steps
 
     def _forward_backward(self, batches: list[Batch], backward: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross entropy and aux loss, each the mean over this step's micro-batches and data
@@ -592,12 +607,15 @@ class Trainer:
         """:meth:`evaluate` after ``step``, logged at that step and kept in ``val_history``; returns
         the console line."""
         start = time.perf_counter()
-        loss = self.evaluate()
-        metrics = {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0)), "val_time_s": time.perf_counter() - start}
+        losses = self.evaluate()
+        loss = losses["val_loss"]
+        metrics = {**losses, "val_ppl": math.exp(min(loss, 700.0)), "val_time_s": time.perf_counter() - start}
         self.val_history.append({"step": step, **metrics})
         self.logger.log(step, metrics)
-        return (f"eval {step:>6d}/{self.cfg.trainer.steps} | val loss {loss:.4f} | val ppl {metrics['val_ppl']:,.2f} | "
-                f"{self.cfg.trainer.eval_steps} batches in {metrics['val_time_s']:.1f} s")
+        each = "".join(f" | {k[len('val_loss/'):]} {v:.4f}" for k, v in losses.items() if k != "val_loss")
+        batches = f"{self.cfg.trainer.eval_steps}{f' x {len(losses) - 1}' if each else ''} batches"
+        return (f"eval {step:>6d}/{self.cfg.trainer.steps} | val loss {loss:.4f} | val ppl {metrics['val_ppl']:,.2f}{each} | "
+                f"{batches} in {metrics['val_time_s']:.1f} s")
 
     def _preempted(self, step: int, history: list[dict]) -> list[dict]:
         t = self.cfg.trainer

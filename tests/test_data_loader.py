@@ -220,3 +220,12 @@ def test_validation_data_of_its_own_and_bad_validation_configs(data, tok):
                        (dict(valid_datasets=[DatasetSpec("", 1.0)]), r"valid_datasets\[0\].path is empty")]:
         with pytest.raises(ValueError, match=match):
             _cfg(*data, **bad).validate()
+
+
+def test_validation_sets_are_named_after_their_files():
+    from k2train.data_pipeline.loader import validation_sets
+
+    assert validation_sets(DataConfig()) == [("embedded", 1.0)]
+    assert validation_sets(_cfg("x/web", "y/code", weights=[0.7, 0.3])) == [("web", 0.7), ("code", 0.3)]
+    assert validation_sets(_cfg("x/web", "y/web")) == [("web_0", 1.0), ("web_1", 1.0)]
+    assert validation_sets(_cfg("x/web", valid_datasets=[DatasetSpec("v/held", 2.0)])) == [("held", 2.0)]

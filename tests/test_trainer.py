@@ -229,6 +229,34 @@ def test_eval_only_evaluates_the_checkpoint_and_trains_nothing(tmp_path, capsys)
         Trainer(_small(tmp_path, "trainer.eval_only=true"), run_dir=tmp_path / "none")
 
 
+def test_validation_loss_of_each_dataset_and_their_weighted_mean(tmp_path):
+    # data.valid_per_dataset with a 0.7/0.3 blend of two datasets: val_loss/<name> for each (their
+    # held-out documents, eval_steps batches each) and val_loss = 0.7 a + 0.3 b; each dataset's loss
+    # is the one a run validating on that dataset alone gets from the same checkpoint
+    import numpy as np
+
+    from k2train.data_pipeline.indexed import IndexedDatasetWriter
+
+    rng = np.random.default_rng(0)
+    for name, low in (("web", 0), ("code", 2000)):
+        writer = IndexedDatasetWriter(tmp_path / name, np.uint16)
+        for _ in range(120):
+            writer.add_document([*rng.integers(low, low + 1000, int(rng.integers(20, 80))).tolist(), 4097])
+        writer.finalize()
+    blend = f"data.datasets=[{{path:{tmp_path / 'web'},weight:0.7}},{{path:{tmp_path / 'code'},weight:0.3}}]"
+    data = ["data.source=megatron", "data.valid_split=0.1", "trainer.eval_steps=2", "trainer.steps=2"]
+    with Trainer(_small(tmp_path, *data, blend, "data.valid_per_dataset=true", "trainer.eval_interval=2"),
+                 run_dir=tmp_path / "train") as trainer:
+        trainer.run()
+        [evaluated] = trainer.val_history
+    assert abs(evaluated["val_loss"] - (0.7 * evaluated["val_loss/web"] + 0.3 * evaluated["val_loss/code"])) < 1e-12
+    assert evaluated["val_loss/web"] != evaluated["val_loss/code"]
+    with Trainer(_small(tmp_path, *data, f"data.datasets=[{{path:{tmp_path / 'code'},weight:1.0}}]",
+                        "trainer.eval_only=true"), run_dir=tmp_path / "code_only") as trainer:
+        trainer.run()
+        assert trainer.val_history[0]["val_loss"] == evaluated["val_loss/code"]
+
+
 def test_profile_writes_a_trace_of_the_window_steps(tmp_path):
     # trainer.profile over steps 2-3 of 4: a Chrome trace holding exactly those two steps' phases, and
     # the ops table, in <run dir>/profile/; a window past the run's last step ends with the run
