@@ -63,13 +63,15 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total
 # Keys of a param group that are not settings: its tensors, their names, and the lr, which the
 # schedule sets every step (its settings are the schedule's base lrs and multiplier).
 _NOT_SETTINGS = ("params", "names", "lr", "initial_lr")
+_VALUES = (bool, int, float, str, tuple)  # not the process groups a ZeRO-1 group carries
 
 
 def training_settings(optimizer: torch.optim.Optimizer, scheduler: LambdaLR) -> dict:
     """What the config made of the optimizer and its schedule, as opposed to their progress: each
     param group's hyperparameters and the schedule's base lrs. Take it before a resume, hand it to
     :func:`restore_training_settings` after."""
-    groups = [{k: v for k, v in g.items() if k not in _NOT_SETTINGS} for g in optimizer.param_groups]
+    groups = [{k: v for k, v in g.items() if k not in _NOT_SETTINGS and (v is None or isinstance(v, _VALUES))}
+              for g in optimizer.param_groups]
     return {"groups": groups, "base_lrs": list(scheduler.base_lrs)}
 
 
