@@ -23,8 +23,8 @@ import random
 import sys
 import time
 from contextlib import ExitStack
-from functools import partial
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
 
@@ -45,8 +45,8 @@ from .loss import NextTokenLoss
 from .metrics import MetricLogger, StepReadout, format_step
 from .model import K2Model, update_router_bias_
 from .optim import attention_modules, build_lr_scheduler, build_optimizer, describe_param_groups
-from .optim.schedule import restore_training_settings, training_settings
 from .optim.qk_clip import layer_max_logits, qk_clip_layers_, qk_clip_summary
+from .optim.schedule import restore_training_settings, training_settings
 from .parallel import (ParallelDims, backend_for, clip_grad_norm_, loss_context, reduce_gradients_,
                        replica_groups, sum_expert_load_)
 from .parallel.context_parallel import shard_sequence
@@ -225,7 +225,8 @@ class Trainer:
             self._valid_sets = ({name: (partial(self._default_data, split="valid", dataset=i), w)
                                  for i, (name, w) in enumerate(validation_sets(cfg.data))}
                                 if cfg.data.valid_per_dataset else {"": (partial(self._default_data, split="valid"), 1.0)})
-        self.val_history: list[dict] = []  # {"step", "val_loss", "val_ppl", "val_time_s"} of run()'s evaluations
+        # run()'s evaluations: {"step", "val_loss", ["val_loss/<name>", ...], "val_ppl", "val_time_s"}
+        self.val_history: list[dict] = []
         self.data = (data or self._default_data)(dims.dp_rank, dims.dp_size)
         if hasattr(self.data, "close"):
             self._stack.callback(self.data.close)
