@@ -57,20 +57,28 @@ def test_megatron_reads_ours_and_we_read_megatrons(tmp_path):
     np.testing.assert_array_equal(ours.document(1), np.array(docs[2]))
 
 
-def test_samples_equal_megatron_gpt_dataset(tmp_path):
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-    from megatron.core.datasets.utils import Split
+def _dataset_and_config(tmp_path, docs_seed: int, num_docs: int, seq: int, seed: int, **kw):
+    """One dataset of ``num_docs`` random documents at ``tmp_path/a``, and a GPTDatasetConfig for
+    it (``kw``: ``split``, ``blend``)."""
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
 
     writer = IndexedDatasetWriter(tmp_path / "a", np.uint16)
-    for d in _docs(2, n=150):
+    for d in _docs(docs_seed, n=num_docs):
         writer.add_document(d)
     writer.finalize()
-    seq, seed = 24, 11
     tok = types.SimpleNamespace(vocab_size=4352, eod=4097, pad=4351, unique_identifiers={"class": "k2"})
-    cfg = GPTDatasetConfig(
-        random_seed=seed, sequence_length=seq, split="100,0,0", tokenizer=tok, reset_position_ids=False,
-        reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False, path_to_cache=str(tmp_path / "cache"),
+    return GPTDatasetConfig(
+        random_seed=seed, sequence_length=seq, tokenizer=tok, reset_position_ids=False, reset_attention_mask=False,
+        eod_mask_loss=False, create_attention_mask=False, path_to_cache=str(tmp_path / "cache"), **kw,
     )
+
+
+def test_samples_equal_megatron_gpt_dataset(tmp_path):
+    from megatron.core.datasets.gpt_dataset import GPTDataset
+    from megatron.core.datasets.utils import Split
+
+    seq, seed = 24, 11
+    cfg = _dataset_and_config(tmp_path, 2, 150, seq, seed, split="100,0,0")
     theirs_low = mcore_indexed.IndexedDataset(str(tmp_path / "a"))
     theirs = GPTDataset(theirs_low, str(tmp_path / "a"), np.arange(150, dtype=np.int32), None, Split.train, cfg)
     ours = GPTSamples(IndexedDataset(tmp_path / "a"), seq, seed)
@@ -87,21 +95,12 @@ def test_valid_split_documents_and_samples_equal_megatron_split(tmp_path, valid_
     # data.valid_split=f holds out the documents megatron-core's builder gives the validation split
     # of --split (1-f),f,0, and both halves' samples are GPTDataset's for that split
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+    from megatron.core.datasets.gpt_dataset import GPTDataset
 
     from k2train.data_pipeline.samples import split_documents
 
-    writer = IndexedDatasetWriter(tmp_path / "a", np.uint16)
-    for d in _docs(3, n=173):
-        writer.add_document(d)
-    writer.finalize()
     seq, seed = 16, 5
-    tok = types.SimpleNamespace(vocab_size=4352, eod=4097, pad=4351, unique_identifiers={"class": "k2"})
-    cfg = GPTDatasetConfig(
-        random_seed=seed, sequence_length=seq, blend=([str(tmp_path / "a")], None), split=split, tokenizer=tok,
-        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False,
-        path_to_cache=str(tmp_path / "cache"),
-    )
+    cfg = _dataset_and_config(tmp_path, 3, 173, seq, seed, split=split, blend=([str(tmp_path / "a")], None))
     theirs = BlendedMegatronDatasetBuilder(GPTDataset, [None, None, None], lambda: True, cfg).build()
     ours_ds = IndexedDataset(tmp_path / "a")
     for half, docs in zip(theirs[:2], split_documents(len(ours_ds), valid_split)):
