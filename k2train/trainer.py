@@ -94,6 +94,17 @@ class PendingStep:
             self.ready.synchronize()
 
 
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    """A micro-batch on ``device``, queued without waiting: a copy to the GPU from pageable host
+    memory makes the host wait for the work queued before it (the driver stages it), which would
+    stop the host from running ahead of the GPU at every micro-batch, so the rows go through pinned
+    memory (the caching host allocator's, released once the copy is done)."""
+    if device.type != "cuda":
+        return {k: v.to(device) for k, v in batch.items()}
+    return {k: (v.pin_memory() if v.device.type == "cpu" and not v.is_pinned() else v).to(device, non_blocking=True)
+            for k, v in batch.items()}
+
+
 def _to_host(rows: torch.Tensor) -> tuple[torch.Tensor, Optional["torch.cuda.Event"]]:
     """``rows`` copied to pinned host memory behind the step's work, and the event that says it
     is there: nothing waits now."""
@@ -452,7 +463,7 @@ class Trainer:
         if dims.cp > 1:  # this rank's part of every sequence (global positions, whole document ids)
             batches = [shard_sequence(b, dims.cp, dims.cp_rank) for b in batches]
         if self.pipeline is not None:
-            cat = {k: torch.cat([b[k] for b in batches]).to(device, non_blocking=True) for k in batches[0]}
+            cat = to_device({k: torch.cat([b[k] for b in batches]) for k in batches[0]}, device)
             with loss_context(tp_mesh), autocast:
                 res = pipeline_step(self.pipeline, cat["tokens"], cat["labels"], cat.get("position_ids"), cat.get("doc_ids"),
                                     forward_only=not backward)
@@ -468,7 +479,7 @@ class Trainer:
             # when its layer's backward is done instead of staying to the end of the step.
             with autocast:
                 for i, batch in enumerate(batches):
-                    b = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                    b = to_device(batch, device)
                     with loss_context(tp_mesh):
                         out = model(b["tokens"], position_ids=b.get("position_ids"), doc_ids=b.get("doc_ids"), head=head)
                         ce = self.loss(out, b["labels"])
@@ -549,8 +560,10 @@ class Trainer:
                 else:
                     continue
                 due[-1].wait()  # the steps finish in order: the one wait of this read
-                seconds = (time.perf_counter() - last_read) / (step - last_read_step)
-                last_read, last_read_step = time.perf_counter(), step
+                # the time since the last read, over the steps finished since (one step late
+                # between reads; a read at once, at a checkpoint or the last step, waits for two)
+                seconds = (time.perf_counter() - last_read) / (due[-1].step - last_read_step)
+                last_read, last_read_step = time.perf_counter(), due[-1].step
                 for pending_step in due:  # each read and logged in turn: the counters are its own
                     stats = self.read_step(pending_step)
                     if stats.skipped:
@@ -576,6 +589,7 @@ class Trainer:
                     return self._preempted(step, history)
                 if checkpoint_due and step < t.steps:
                     self.checkpointer.save(step, self.checkpoint_state())
+                    last_read = time.perf_counter()  # and the checkpoint's
             if profiled := profiler.close(self.step):  # the run ended inside the window
                 self._rank_note(profiled, bar)
         finally:

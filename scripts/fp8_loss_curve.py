@@ -13,6 +13,7 @@ measure that resolves 0.25%.
                                                        #   seed, the same measure: the floor of run-to-run noise
     python scripts/fp8_loss_curve.py --set trainer.param_dtype=bfloat16   # overrides for every run (K2's bf16 weights)
     python scripts/fp8_loss_curve.py --noise --runs-from fp8_loss.json   # only the runs that file lacks (a second call)
+    python scripts/fp8_loss_curve.py --second-pair --runs-from fp8_loss.json  # FP8 from init seed 1 too: a second pair
     python scripts/fp8_loss_curve.py --smoke           # CPU: k2_tiny, a few steps (the code path)
     python scripts/fp8_loss_curve.py --plot-from runs.json --out docs/img/fp8_storage_loss.png
 
@@ -37,6 +38,7 @@ GPU = ["model=k2_small", "trainer.dtype=bfloat16", "trainer.seq_len=4096", "trai
 SMOKE = ["model=k2_tiny", "trainer.seq_len=64", "trainer.micro_batch_size=2", "trainer.global_batch_size=4"]
 TAIL = 20
 SKIP = 20
+BLOCK = 20
 
 
 def train(overrides: list[str], steps: int, work: Path) -> list[float]:
@@ -64,8 +66,9 @@ def plot(runs: dict[str, list[float]], cmp: dict, out: Path) -> None:
     window = 20
     ref, *others = (v[:cmp["steps"]] for v in runs.values())
 
-    def against_ref(run: list[float]) -> tuple[list[float], list[float]]:  # per step (%) and its rolling mean
-        rel = [100 * (b / a - 1) for a, b in zip(ref, run)]
+    def against_ref(run: list[float], base: list[float] = ref) -> tuple[list[float], list[float]]:
+        """per step (%) and its rolling mean"""
+        rel = [100 * (b / a - 1) for a, b in zip(base, run)]
         return rel, [statistics.fmean(rel[max(0, i - window + 1):i + 1]) for i in range(len(rel))]
 
     steps = range(1, cmp["steps"] + 1)
@@ -75,6 +78,9 @@ def plot(runs: dict[str, list[float]], cmp: dict, out: Path) -> None:
     if len(others) > 1:  # the noise floor: another bf16 run against the reference, the same rolling mean
         bx.plot(steps, against_ref(others[1])[1], linewidth=1.2, color="tab:green",
                 label=f"{list(runs)[2]}, mean of {window}")
+    if len(others) > 2:  # the second pair: FP8 against bf16, both from init seed 1
+        bx.plot(steps, against_ref(others[2], others[1])[1], linewidth=1.2, color="tab:purple",
+                label=f"FP8 / bf16, seed 1, mean of {window}")
     for bar in (-0.25, 0.25):
         bx.axhline(bar, color="red", linewidth=0.8, linestyle="--")
     bx.set_ylim(-2, 2)
@@ -97,7 +103,11 @@ def compare(ref: list[float], fp8: list[float]) -> dict:
     skip, tail = min(SKIP, steps // 3), min(TAIL, steps // 3)  # a short (smoke) run: its thirds
     rel = [b / a - 1 for a, b in zip(ref[skip:steps], fp8[skip:steps])]
     mean = sum(rel) / len(rel)
-    sem = (sum((r - mean) ** 2 for r in rel) / (len(rel) - 1) / len(rel)) ** 0.5
+    # the standard error of means of 20-step blocks: neighbouring steps' differences are correlated
+    # (a perturbation lasts a few steps), which a per-step standard error would ignore
+    block = BLOCK if len(rel) >= 4 * BLOCK else 1
+    means = [statistics.fmean(rel[i:i + block]) for i in range(0, len(rel) - block + 1, block)]
+    sem = statistics.stdev(means) / len(means) ** 0.5
     last = sum(fp8[steps - tail:steps]) / sum(ref[steps - tail:steps]) - 1
     return {"steps": steps, "skip": skip, "mean": mean, "sem": sem, "tail_steps": tail, "tail": last}
 
@@ -107,6 +117,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--noise", action="store_true", help="a third run: bf16 storage with trainer.seed=1 (another init)")
+    ap.add_argument("--second-pair", action="store_true",
+                    help="with --noise, a fourth run: FP8 storage from init seed 1, paired with the third")
     ap.add_argument("--set", nargs="*", default=[], help="overrides appended to every run's config")
     ap.add_argument("--runs-from", type=Path, help="a fp8_loss.json of an earlier call: its runs are kept, not run again")
     ap.add_argument("--plot-from", type=Path, help="only plot the runs of this JSON file")
@@ -121,8 +133,10 @@ def main() -> None:
         runs = json.loads(args.runs_from.read_text()) if args.runs_from else {}
         with tempfile.TemporaryDirectory() as tmp:
             todo = [("bf16 storage", []), ("FP8 MoE inputs", ["parallel.fp8_moe_inputs=true"])]
-            if args.noise:
+            if args.noise or args.second_pair:
                 todo.append(("bf16 storage, init seed 1", ["trainer.seed=1"]))
+            if args.second_pair:
+                todo.append(("FP8 MoE inputs, init seed 1", ["parallel.fp8_moe_inputs=true", "trainer.seed=1"]))
             out_dir.mkdir(parents=True, exist_ok=True)
             for label, extra in todo:
                 if label in runs:
@@ -145,6 +159,13 @@ def main() -> None:
         floor = compare(ref, others[1])
         print(f"noise floor, bf16 from init seed 1 against bf16, {floor['steps']} paired steps: {floor['mean']:+.3%} ± "
               f"{floor['sem']:.3%} mean, last {floor['tail_steps']} steps {floor['tail']:+.3%}")
+    if len(others) > 2:  # the second pair, both from init seed 1, and the two pairs' mean
+        pair = compare(others[1], others[2])
+        mean, sem = (cmp["mean"] + pair["mean"]) / 2, (cmp["sem"] ** 2 + pair["sem"] ** 2) ** 0.5 / 2
+        print(f"FP8 storage against bf16, both from init seed 1, {pair['steps']} paired steps: {pair['mean']:+.3%} ± "
+              f"{pair['sem']:.3%} mean, last {pair['tail_steps']} steps {pair['tail']:+.3%}")
+        print(f"FP8 storage, the two pairs' mean: {mean:+.3%} ± {sem:.3%}: increase "
+              f"{'within' if mean + 2 * sem <= 0.0025 else 'NOT within'} 0.25% at two standard errors")
     try:
         plot(runs, cmp, args.out or out_dir / "fp8_storage_loss.png")
     except ImportError:

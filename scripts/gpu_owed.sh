@@ -8,6 +8,7 @@
 #                                # (TorchTitan's kit set up in .titan/: cp -r <anchors>/titan .titan, its README's set-up)
 #   bash scripts/gpu_owed.sh 10  # the FP8 loss curve over 300 steps, bf16 weights (two runs, ~8 min)
 #   bash scripts/gpu_owed.sh 11 RUNS.json  # its noise run (bf16 from init seed 1), added to part 10's fp8_loss.json
+#   bash scripts/gpu_owed.sh 13 RUNS.json  # a second pair (FP8 from init seed 1), added to part 11's fp8_loss.json
 #   bash scripts/gpu_owed.sh 12  # no host sync inside a step: the GPU test, the loop's profile (syncs per step, GPU idle),
 #                                # the loop against steps timed one by one (the sync each step used to make)
 set -uo pipefail
@@ -47,6 +48,11 @@ case "${1:-}" in
     timeout 570 python3 scripts/fp8_loss_curve.py --steps 300 --noise --runs-from "$2" --set trainer.param_dtype=bfloat16 \
         2>&1 | grep -v "^step " | tee "$OUT/fp8_loss_curve_noise.txt"
     ;;
+13)
+    echo "== a second pair: FP8 storage from init seed 1, against the bf16 run from seed 1 (${2:?usage: bash scripts/gpu_owed.sh 13 PART11/fp8_loss.json})"
+    timeout 570 python3 scripts/fp8_loss_curve.py --steps 300 --second-pair --runs-from "$2" --set trainer.param_dtype=bfloat16 \
+        2>&1 | grep -v "^step " | tee "$OUT/fp8_loss_curve_pair2.txt"
+    ;;
 12)
     echo "== no host sync inside a step, evaluation and profile (GPU tests), then the trainer's loop profiled: syncs per step, GPU idle"
     timeout 150 python3 -m pytest -q -m gpu tests/test_trainer.py -k "host_sync or evaluation_and_profile" 2>&1 | tail -3
@@ -59,7 +65,7 @@ case "${1:-}" in
         --set trainer.param_dtype=bfloat16 2>&1 | tee "$OUT/e2e_loop_steps.txt"
     ;;
 *)
-    echo "usage: bash scripts/gpu_owed.sh 4|8|9|10|11|12" >&2
+    echo "usage: bash scripts/gpu_owed.sh 4|8|9|10|11|12|13" >&2
     exit 2
     ;;
 esac

@@ -13,8 +13,10 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import weakref
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -418,13 +420,50 @@ if __name__ == "__main__":
     print(f"wrote {GOLDEN}: {losses}")
 
 
+class _SlowDevice:
+    """A device that takes ``seconds`` a step, one step after another, from the moment the host
+    starts launching it (a GPU runs kernels as they are queued): a launched step's wait returns
+    when its turn on the device is over."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.free = seconds, 0.0
+
+    def launch(self, launch_step):
+        def launch(batches):
+            start = time.perf_counter()
+            pending = launch_step(batches)  # the host's part (on the CPU, the whole step)
+            self.free = max(self.free, start) + self.seconds
+            pending.ready = SimpleNamespace(synchronize=lambda until=self.free: time.sleep(max(0.0, until - time.perf_counter())))
+            return pending
+        return launch
+
+
+@pytest.mark.parametrize("log_interval", [1, 2])
+def test_step_time_is_the_devices_when_the_host_runs_ahead(tmp_path, log_interval):
+    # the loop reads one step late, and at once at a checkpoint and the last step: each step's
+    # time is the device's, whatever the reads cover (the last read used to count two steps as
+    # one), and a checkpoint's save is not a step's
+    device = _SlowDevice(0.4)  # the host's part of a k2_tiny step: ~0.05 s
+    cfg = _small(tmp_path, "trainer.steps=6", f"trainer.log_interval={log_interval}", "trainer.checkpoint.interval=3")
+    with Trainer(cfg, run_dir=tmp_path / "logs") as trainer:
+        trainer.launch_step = device.launch(trainer.launch_step)
+        save = trainer.checkpointer.save
+        trainer.checkpointer.save = lambda *a, **k: (time.sleep(0.3), save(*a, **k))
+        times = [m["step_time_s"] for m in trainer.run()]
+    assert len(times) == 6
+    assert times == pytest.approx([0.4] * 6, rel=0.1), times
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("optim", ["adamw", "muonclip"])
 def test_no_host_sync_inside_a_step_on_the_gpu(tmp_path, optim):
     """Launching a step of the Triton-kernel model on the GPU never waits for the device (CUDA's
     sync debug mode warns at each synchronizing call): the skip decision stays on the device, the
-    numbers come back behind the step's work and are read later (Trainer.read_step)."""
+    numbers come back behind the step's work and are read later (Trainer.read_step). And the
+    host launches the whole step while the GPU is still busy with earlier work: the micro-batches
+    come from pageable host memory, as a data loader gives them, whose plain copy to the GPU would
+    wait for that work (which the sync debug mode does not see)."""
     import warnings
 
     overrides = ["model=k2_tiny", "trainer.seq_len=256", "trainer.micro_batch_size=2", "trainer.global_batch_size=4",
@@ -434,8 +473,12 @@ def test_no_host_sync_inside_a_step_on_the_gpu(tmp_path, optim):
                  "model.mlp_impl=triton", "optim.ns_impl=triton", f"trainer.output_dir={tmp_path}"]
     with Trainer(load_config(overrides), run_dir=tmp_path / "logs") as t:
         t.train_step(t.next_batches())  # first step: kernels compile and autotune (their own syncs)
-        batches = [{k: v.cuda() for k, v in b.items()} for b in t.next_batches()]
+        batches = t.next_batches()
+        assert all(v.device.type == "cpu" and not v.is_pinned() for b in batches for v in b.values())
         torch.cuda.synchronize()
+        torch.cuda._sleep(4_000_000_000)  # ~2 s of GPU clock cycles queued before the step
+        busy = torch.cuda.Event()
+        busy.record()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
@@ -443,9 +486,11 @@ def test_no_host_sync_inside_a_step_on_the_gpu(tmp_path, optim):
                 pending = t.launch_step(batches)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
+        still_busy = not busy.query()
         stats = t.read_step(pending)
     syncs = [str(w.message) for w in caught if "called a synchronizing CUDA operation" in str(w.message)]
     assert not syncs, syncs
+    assert still_busy, "launch_step waited for the work queued before it"
     assert not stats.skipped and stats.step == 2 and torch.isfinite(torch.tensor(stats.loss))
 
 
