@@ -202,6 +202,10 @@ def run_case(name: str, overrides: list[str], steps: int, work: Path, peak: bool
     except torch.OutOfMemoryError as e:
         # the allocator's own account (allocated / reserved but unallocated) is the line's second half
         row["error"] = f"out of memory in step {len(times) + 1}: " + " ".join(str(e).split("\n")[0].split()[3:])[:400]
+        if peak and len(times) == steps - 1:  # the step that failed was recorded: what was alive when it did
+            traces = torch.cuda.memory._snapshot()["device_traces"]
+            torch.cuda.memory._record_memory_history(enabled=None)
+            row["peak_composition"] = peak_composition(traces[torch.cuda.current_device()], top=16)
     finally:
         # the trainer (weights, gradients, optimizer state) and its last batches go before the cache
         # is emptied: the next case starts on an allocator that holds nothing of this one
@@ -238,7 +242,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--set", nargs="*", default=[], help="overrides appended to every case")
     ap.add_argument("--peak", action="store_true",
-                    help="record the last step's allocations and print what is alive at its peak, by source line")
+                    help="record the last step's allocations and print what is alive at its peak, by source line "
+                    "(a step that runs out of memory: what was alive when it did; --steps 1 for the first)")
     ap.add_argument("--smoke", action="store_true", help="k2_tiny on the CPU (checks that every case runs)")
     args = ap.parse_args()
     parts = args.only.split("|")

@@ -9,6 +9,8 @@
 #   bash scripts/gpu_owed.sh 10  # the FP8 loss curve over 300 steps, bf16 weights (two runs, ~8 min)
 #   bash scripts/gpu_owed.sh 11 RUNS.json  # its noise run (bf16 from init seed 1), added to part 10's fp8_loss.json
 #   bash scripts/gpu_owed.sh 13 RUNS.json  # a second pair (FP8 from init seed 1), added to part 11's fp8_loss.json
+#   bash scripts/gpu_owed.sh 14  # offload's in-flight bound: GPU tests, the 32K FP8 + offload rows (the proxy's ran
+#                                # out of memory before the bound, planner 97 GiB) with what is alive at the peak
 #   bash scripts/gpu_owed.sh 12  # no host sync inside a step: the GPU test, the loop's profile (syncs per step, GPU idle),
 #                                # the loop against steps timed one by one (the sync each step used to make)
 set -uo pipefail
@@ -53,6 +55,13 @@ case "${1:-}" in
     timeout 570 python3 scripts/fp8_loss_curve.py --steps 300 --second-pair --runs-from "$2" --set trainer.param_dtype=bfloat16 \
         2>&1 | grep -v "^step " | tee "$OUT/fp8_loss_curve_pair2.txt"
     ;;
+14)
+    echo "== offload with at most two blocks' copies in flight (2026-12-05): the GPU tests, then the rows that"
+    echo "   ran out of memory (the proxy at 32K with FP8 + offload, planner 97 GiB) with what is alive at the peak"
+    timeout 200 python3 -m pytest -q -m gpu tests/test_activation_memory.py tests/test_trainer.py 2>&1 | tail -3
+    timeout 330 python3 scripts/bench_trainer.py long_context --only "fp8+offload" --steps 2 --peak \
+        2>&1 | tee "$OUT/long_context_offload.txt"
+    ;;
 12)
     echo "== no host sync inside a step, evaluation and profile (GPU tests), then the trainer's loop profiled: syncs per step, GPU idle"
     timeout 150 python3 -m pytest -q -m gpu tests/test_trainer.py -k "host_sync or evaluation_and_profile" 2>&1 | tail -3
@@ -65,7 +74,7 @@ case "${1:-}" in
         --set trainer.param_dtype=bfloat16 2>&1 | tee "$OUT/e2e_loop_steps.txt"
     ;;
 *)
-    echo "usage: bash scripts/gpu_owed.sh 4|8|9|10|11|12|13" >&2
+    echo "usage: bash scripts/gpu_owed.sh 4|8|9|10|11|12|13|14" >&2
     exit 2
     ;;
 esac

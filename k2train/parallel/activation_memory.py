@@ -21,6 +21,7 @@ like the rest. With full recompute a block keeps only its input, and there is no
 (the config check says so).
 """
 
+from collections import deque
 from contextlib import contextmanager, nullcontext
 from typing import Iterator, Optional
 
@@ -41,12 +42,14 @@ def apply_fp8_storage(model: nn.Module) -> None:
 
 class _HostStorage:
     """One GPU storage's bytes in pinned CPU memory (several saved tensors may view it), and its
-    way back: copied to the GPU once, handed to each view, dropped after the last one."""
+    way back: copied to the GPU once, handed to each view, dropped after the last one. ``src``: the
+    GPU original, held until the compute stream has waited for the copy out (then its memory goes
+    back to the allocator in stream order), or handed back as it is if the backward comes first."""
 
-    __slots__ = ("host", "device", "copied", "gpu", "ready", "views")
+    __slots__ = ("host", "device", "copied", "src", "gpu", "ready", "views")
 
-    def __init__(self, host: torch.Tensor, device: torch.device, copied: torch.cuda.Event):
-        self.host, self.device, self.copied = host, device, copied
+    def __init__(self, host: torch.Tensor, device: torch.device, copied: torch.cuda.Event, src: torch.Tensor):
+        self.host, self.device, self.copied, self.src = host, device, copied, src
         self.gpu: Optional[torch.Tensor] = None
         self.ready: Optional[torch.cuda.Event] = None
         self.views = 0  # saved tensors not yet unpacked
@@ -91,7 +94,13 @@ class ActivationOffload:
     """Saved-tensor hooks that move each block's activations to the CPU and back (see the module
     docstring). ``min_bytes``: smaller tensors stay on the GPU (their copies cost more than they
     free). A storage saved several times in a block (one input read by several matmuls, views of
-    one tensor) crosses once. ``bytes_offloaded``: the total copied out, for benchmarks."""
+    one tensor) crosses once. ``bytes_offloaded``: the total copied out, for benchmarks.
+
+    At most two blocks' copies are in flight: when a block's forward starts, the compute stream
+    waits for the copies out of the block two before it, and that block's GPU originals are let go,
+    their memory reused in stream order. Without that bound a forward that outruns PCIe kept every
+    block's originals alive while their copies queued (the caching allocator frees a block used by
+    a side stream only once the host sees its copy done, and the host runs ahead of the GPU)."""
 
     def __init__(self, min_bytes: int = 1 << 20):
         self.min_bytes = min_bytes
@@ -101,6 +110,7 @@ class ActivationOffload:
         self.in_stream: Optional[torch.cuda.Stream] = None
         self._current: Optional[list] = None  # host storages of the block running its forward
         self._by_ptr: dict[int, tuple] = {}  # the same, by GPU address (this block only)
+        self._recent: deque[list] = deque(maxlen=2)  # the host storages of the last two blocks offloaded
         self.bytes_offloaded = 0
 
     # -- the hooks -----------------------------------------------------------------------------
@@ -124,11 +134,10 @@ class ActivationOffload:
                 host.copy_(src, non_blocking=True)
                 copied = torch.cuda.Event()
                 copied.record(self.out_stream)
-            src.record_stream(self.out_stream)  # its memory is not reused before the copy has read it
-            entry = _HostStorage(host, t.device, copied)
+            entry = _HostStorage(host, t.device, copied, src)  # src lives on until the compute waited for the copy
             self._current.append(entry)
             self.bytes_offloaded += host.numel() * host.element_size()
-            if whole:  # the storage itself is held to the block's end: its address is not reused before
+            if whole:  # one entry per storage in this block
                 self._by_ptr[key] = (entry, storage)
         entry.views += 1
         if whole:
@@ -142,22 +151,28 @@ class ActivationOffload:
         if entry.gpu is None:
             self._fetch([entry])
         compute = torch.cuda.current_stream(entry.device)
-        compute.wait_event(entry.ready)
         gpu = entry.gpu
-        gpu.record_stream(compute)  # allocated on the side stream, used and freed on this one
+        if entry.ready is not None:  # copied back on the side stream, used and freed on this one
+            compute.wait_event(entry.ready)
+            gpu.record_stream(compute)
         entry.views -= 1
         if entry.views == 0:  # the tensors handed out keep the GPU copy alive as long as autograd needs;
-            entry.gpu = entry.host = None  # the pinned buffer goes back to torch's host cache
+            entry.gpu = entry.host = entry.src = None  # the pinned buffer goes back to torch's host cache
         if gpu.dtype == saved.dtype and gpu.shape == saved.size and gpu.stride() == saved.stride:
             return gpu
         return torch.empty(0, dtype=saved.dtype, device=entry.device).set_(
             gpu.untyped_storage(), saved.offset, saved.size, saved.stride)
 
     def _fetch(self, entries: list) -> None:
-        """Copy ``entries`` back to the GPU on the inbound side stream (after their own copies out)."""
+        """Copy ``entries`` back to the GPU on the inbound side stream (after their own copies out);
+        an entry whose GPU original is still held (one of the last two blocks) hands that back."""
         with torch.cuda.stream(self.in_stream):
             for e in entries:
                 if e.gpu is not None or e.views == 0:
+                    continue
+                if e.src is not None:  # written on the compute stream, which reads it: no copy, no wait;
+                    e.src.record_stream(self.out_stream)  # freed, not reused before the copy out has read it
+                    e.gpu, e.src, e.ready = e.src, None, None
                     continue
                 self.in_stream.wait_event(e.copied)
                 e.gpu = e.host.to(e.device, non_blocking=True)
@@ -168,7 +183,15 @@ class ActivationOffload:
 
     @contextmanager
     def block(self, handles: list) -> Iterator[None]:
-        """Offload what is saved inside (a block's forward) into ``handles``."""
+        """Offload what is saved inside (a block's forward) into ``handles``; first, the block two
+        before: the compute waits for its copies out and lets its GPU originals go."""
+        if len(self._recent) == self._recent.maxlen:
+            oldest = [e for e in self._recent[0] if e.src is not None]
+            if oldest:
+                torch.cuda.current_stream(oldest[-1].device).wait_event(oldest[-1].copied)  # the last: in order
+                for e in oldest:
+                    e.src = None
+        self._recent.append(handles)
         previous, self._current, by_ptr, self._by_ptr = self._current, handles, self._by_ptr, {}
         try:
             with torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack):
