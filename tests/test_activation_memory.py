@@ -32,6 +32,22 @@ def test_fp8_tiles_round_trip_within_e4m3_precision(D):
     assert (back[2, :128] == 0).all()
 
 
+def test_fp8_tiles_are_unbiased():
+    # round to nearest: the errors average out. Over 2^20 normal values (a tile's largest at 448,
+    # the others spread over E4M3's binades) the mean error away from zero is below 0.1% of the
+    # mean magnitude (measured -0.05%: a density that falls away from zero puts more of each
+    # rounding interval's values on its lower half, a second-order shrink; truncation gives -4%),
+    # and the RMS relative error is the 2-3% that 3 mantissa bits give
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8192, 128, generator=g)
+    err = dequantize_tiles(*quantize_tiles(x), torch.float32) - x
+    outward = (err * x.sign()).flatten()  # < 0: shrunk towards 0, as truncation would (-4% of |x|)
+    assert outward.mean().abs() < 1e-3 * x.abs().mean(), outward.mean()
+    keep = x.abs() > 1e-2
+    relative = (err[keep] / x[keep]).pow(2).mean().sqrt()
+    assert 0.015 < relative < 0.03, relative
+
+
 def test_large_values_come_back_scaled_where_an_unscaled_cast_cannot():
     x = torch.tensor([[470.0, 500.0, 1e4, -1e4] + [0.5] * 124])
     back = dequantize_tiles(*quantize_tiles(x), torch.float32)
