@@ -8,7 +8,8 @@
 #                                # (TorchTitan's kit set up in .titan/: cp -r <anchors>/titan .titan, its README's set-up)
 #   bash scripts/gpu_owed.sh 10  # the FP8 loss curve over 300 steps, bf16 weights (two runs, ~8 min)
 #   bash scripts/gpu_owed.sh 11 RUNS.json  # its noise run (bf16 from init seed 1), added to part 10's fp8_loss.json
-#   bash scripts/gpu_owed.sh 13 RUNS.json  # a second pair (FP8 from init seed 1), added to part 11's fp8_loss.json
+#   bash scripts/gpu_owed.sh 13 RUNS.json  # FP8's gradient against another batch's (k2_small, after 50 steps); a second
+#                                          # pair (FP8 from init seed 1) added to RUNS.json (docs/data/fp8_loss_300.json)
 #   bash scripts/gpu_owed.sh 14  # offload's in-flight bound: GPU tests, the 32K FP8 + offload rows (the proxy's ran
 #                                # out of memory before the bound, planner 97 GiB) with what is alive at the peak
 #   bash scripts/gpu_owed.sh 12  # no host sync inside a step: the GPU test, the loop's profile (syncs per step, GPU idle),
@@ -52,14 +53,16 @@ case "${1:-}" in
     ;;
 13)
     echo "== a second pair: FP8 storage from init seed 1, against the bf16 run from seed 1 (${2:?usage: bash scripts/gpu_owed.sh 13 PART11/fp8_loss.json})"
-    timeout 570 python3 scripts/fp8_loss_curve.py --steps 300 --second-pair --runs-from "$2" --set trainer.param_dtype=bfloat16 \
+    timeout 120 python3 scripts/fp8_grad_noise.py --warm 50 --set trainer.param_dtype=bfloat16 2>&1 | tee "$OUT/fp8_grad_noise.txt"
+    timeout 400 python3 scripts/fp8_loss_curve.py --steps 300 --second-pair --runs-from "$2" --set trainer.param_dtype=bfloat16 \
         2>&1 | grep -v "^step " | tee "$OUT/fp8_loss_curve_pair2.txt"
     ;;
 14)
     echo "== offload with at most two blocks' copies in flight (2026-12-05): the GPU tests, then the rows that"
-    echo "   ran out of memory (the proxy at 32K with FP8 + offload, planner 97 GiB) with what is alive at the peak"
+    echo "   ran out of memory (the proxy at 32K with FP8 + offload, planner 97 GiB) with what is alive at the peak,"
+    echo "   and the proxy at 32K with full recompute (activations 18.5 GiB, planner 14.4)"
     timeout 200 python3 -m pytest -q -m gpu tests/test_activation_memory.py tests/test_trainer.py 2>&1 | tail -3
-    timeout 330 python3 scripts/bench_trainer.py long_context --only "fp8+offload" --steps 2 --peak \
+    timeout 330 python3 scripts/bench_trainer.py long_context --only "fp8+offload|proxy S=32K full" --steps 2 --peak \
         2>&1 | tee "$OUT/long_context_offload.txt"
     ;;
 12)

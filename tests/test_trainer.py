@@ -422,36 +422,48 @@ if __name__ == "__main__":
 
 class _SlowDevice:
     """A device that takes ``seconds`` a step, one step after another, from the moment the host
-    starts launching it (a GPU runs kernels as they are queued): a launched step's wait returns
-    when its turn on the device is over."""
+    starts launching it (a GPU runs kernels as they are queued), on a clock of its own where the
+    host's work takes no time (so the test does not depend on how busy this machine is): a
+    launched step's wait moves the clock to the end of its turn on the device."""
 
     def __init__(self, seconds: float):
-        self.seconds, self.free = seconds, 0.0
+        self.seconds, self.free, self.now = seconds, 0.0, 0.0
+
+    def __getattr__(self, name):  # the trainer's ``time`` module, with this clock's perf_counter
+        return getattr(time, name)
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def wait_until(self, t: float) -> None:
+        self.now = max(self.now, t)
 
     def launch(self, launch_step):
         def launch(batches):
-            start = time.perf_counter()
+            start = self.now
             pending = launch_step(batches)  # the host's part (on the CPU, the whole step)
             self.free = max(self.free, start) + self.seconds
-            pending.ready = SimpleNamespace(synchronize=lambda until=self.free: time.sleep(max(0.0, until - time.perf_counter())))
+            pending.ready = SimpleNamespace(synchronize=lambda until=self.free: self.wait_until(until))
             return pending
         return launch
 
 
 @pytest.mark.parametrize("log_interval", [1, 2])
-def test_step_time_is_the_devices_when_the_host_runs_ahead(tmp_path, log_interval):
+def test_step_time_is_the_devices_when_the_host_runs_ahead(tmp_path, monkeypatch, log_interval):
     # the loop reads one step late, and at once at a checkpoint and the last step: each step's
     # time is the device's, whatever the reads cover (the last read used to count two steps as
-    # one), and a checkpoint's save is not a step's
-    device = _SlowDevice(0.4)  # the host's part of a k2_tiny step: ~0.05 s
+    # one), and a checkpoint's save (0.3 s of host work here) is not a step's
+    import k2train.trainer as trainer_module
+
+    device = _SlowDevice(0.4)
+    monkeypatch.setattr(trainer_module, "time", device)
     cfg = _small(tmp_path, "trainer.steps=6", f"trainer.log_interval={log_interval}", "trainer.checkpoint.interval=3")
     with Trainer(cfg, run_dir=tmp_path / "logs") as trainer:
         trainer.launch_step = device.launch(trainer.launch_step)
         save = trainer.checkpointer.save
-        trainer.checkpointer.save = lambda *a, **k: (time.sleep(0.3), save(*a, **k))
+        trainer.checkpointer.save = lambda *a, **k: (device.wait_until(device.now + 0.3), save(*a, **k))
         times = [m["step_time_s"] for m in trainer.run()]
-    assert len(times) == 6
-    assert times == pytest.approx([0.4] * 6, rel=0.1), times
+    assert times == pytest.approx([0.4] * 6, abs=1e-9), times
 
 
 @pytest.mark.gpu
