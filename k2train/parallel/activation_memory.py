@@ -21,6 +21,7 @@ like the rest. With full recompute a block keeps only its input, and there is no
 (the config check says so).
 """
 
+import weakref
 from collections import deque
 from contextlib import contextmanager, nullcontext
 from typing import Iterator, Optional
@@ -38,6 +39,12 @@ def apply_fp8_storage(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, (GroupedExperts, ExpertParallelExperts)):
             m.fp8_saved = True
+
+
+class BlockHandles(list):
+    """The host storages of one block's forward (a list that can be weakly referenced)."""
+
+    __slots__ = ("__weakref__",)
 
 
 class _HostStorage:
@@ -110,7 +117,9 @@ class ActivationOffload:
         self.in_stream: Optional[torch.cuda.Stream] = None
         self._current: Optional[list] = None  # host storages of the block running its forward
         self._by_ptr: dict[int, tuple] = {}  # the same, by GPU address (this block only)
-        self._recent: deque[list] = deque(maxlen=2)  # the host storages of the last two blocks offloaded
+        # the last two blocks offloaded, as long as their autograd graphs live (a kept tensor that
+        # no backward asks for, as selective recompute may leave, goes with its graph)
+        self._recent: deque[weakref.ref] = deque(maxlen=2)
         self.bytes_offloaded = 0
 
     # -- the hooks -----------------------------------------------------------------------------
@@ -166,12 +175,14 @@ class ActivationOffload:
     def _fetch(self, entries: list) -> None:
         """Copy ``entries`` back to the GPU on the inbound side stream (after their own copies out);
         an entry whose GPU original is still held (one of the last two blocks) hands that back."""
+        compute = torch.cuda.current_stream()  # the backward's (prefetch and unpack run on it)
         with torch.cuda.stream(self.in_stream):
             for e in entries:
                 if e.gpu is not None or e.views == 0:
                     continue
-                if e.src is not None:  # written on the compute stream, which reads it: no copy, no wait;
-                    e.src.record_stream(self.out_stream)  # freed, not reused before the copy out has read it
+                if e.src is not None:  # written on the compute stream, which reads it: no copy. Its
+                    # memory is freed on that stream: ordered after the copy out, long done by now
+                    compute.wait_event(e.copied)
                     e.gpu, e.src, e.ready = e.src, None, None
                     continue
                 self.in_stream.wait_event(e.copied)
@@ -182,16 +193,16 @@ class ActivationOffload:
     # -- per block -----------------------------------------------------------------------------
 
     @contextmanager
-    def block(self, handles: list) -> Iterator[None]:
+    def block(self, handles: "BlockHandles") -> Iterator[None]:
         """Offload what is saved inside (a block's forward) into ``handles``; first, the block two
         before: the compute waits for its copies out and lets its GPU originals go."""
-        if len(self._recent) == self._recent.maxlen:
-            oldest = [e for e in self._recent[0] if e.src is not None]
+        if len(self._recent) == self._recent.maxlen and (block := self._recent[0]()) is not None:
+            oldest = [e for e in block if e.src is not None]
             if oldest:
                 torch.cuda.current_stream(oldest[-1].device).wait_event(oldest[-1].copied)  # the last: in order
                 for e in oldest:
                     e.src = None
-        self._recent.append(handles)
+        self._recent.append(weakref.ref(handles))
         previous, self._current, by_ptr, self._by_ptr = self._current, handles, self._by_ptr, {}
         try:
             with torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack):
@@ -218,7 +229,7 @@ class _OffloadedBlock:
     def forward(self, x, *args, **kwargs):
         if not torch.is_grad_enabled() or not x.is_cuda:
             return super().forward(x, *args, **kwargs)
-        handles: list = []
+        handles = BlockHandles()
         with self.offload.block(handles) if self.offload_saves else nullcontext():
             out = super().forward(x, *args, **kwargs)
         previous = getattr(x, "_offloaded", None)
