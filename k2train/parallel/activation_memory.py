@@ -47,6 +47,10 @@ class BlockHandles(list):
     __slots__ = ("__weakref__",)
 
 
+def _no_block() -> None:  # the place of a block that offloads nothing in ActivationOffload._recent
+    return None
+
+
 class _HostStorage:
     """One GPU storage's bytes in pinned CPU memory (several saved tensors may view it), and its
     way back: copied to the GPU once, handed to each view, dropped after the last one. ``src``: the
@@ -103,11 +107,12 @@ class ActivationOffload:
     free). A storage saved several times in a block (one input read by several matmuls, views of
     one tensor) crosses once. ``bytes_offloaded``: the total copied out, for benchmarks.
 
-    At most two blocks' copies are in flight: when a block's forward starts, the compute stream
-    waits for the copies out of the block two before it, and that block's GPU originals are let go,
-    their memory reused in stream order. Without that bound a forward that outruns PCIe kept every
-    block's originals alive while their copies queued (the caching allocator frees a block used by
-    a side stream only once the host sees its copy done, and the host runs ahead of the GPU)."""
+    At most two blocks' copies are in flight: when a block's forward starts (one that keeps its
+    tensors too), the compute stream waits for the copies out of the block two before it, and that
+    block's GPU originals are let go, their memory reused in stream order. Without that bound a
+    forward that outruns PCIe kept every block's originals alive while their copies queued (the
+    caching allocator frees a block used by a side stream only once the host sees its copy done,
+    and the host runs ahead of the GPU)."""
 
     def __init__(self, min_bytes: int = 1 << 20):
         self.min_bytes = min_bytes
@@ -194,21 +199,26 @@ class ActivationOffload:
 
     @contextmanager
     def block(self, handles: "BlockHandles") -> Iterator[None]:
-        """Offload what is saved inside (a block's forward) into ``handles``; first, the block two
-        before: the compute waits for its copies out and lets its GPU originals go."""
-        if len(self._recent) == self._recent.maxlen and (block := self._recent[0]()) is not None:
-            oldest = [e for e in block if e.src is not None]
-            if oldest:
-                torch.cuda.current_stream(oldest[-1].device).wait_event(oldest[-1].copied)  # the last: in order
-                for e in oldest:
-                    e.src = None
-        self._recent.append(weakref.ref(handles))
+        """Offload what is saved inside (a block's forward) into ``handles`` (after :meth:`advance`)."""
+        self.advance(handles)
         previous, self._current, by_ptr, self._by_ptr = self._current, handles, self._by_ptr, {}
         try:
             with torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack):
                 yield
         finally:
             self._current, self._by_ptr = previous, by_ptr
+
+    def advance(self, handles: Optional[BlockHandles]) -> None:
+        """A block's forward starts (``handles``: what it offloads; None for a block that keeps its
+        tensors): the compute waits for the copies out of the block two before and lets that
+        block's GPU originals go."""
+        if len(self._recent) == self._recent.maxlen and (block := self._recent[0]()) is not None:
+            oldest = [e for e in block if e.src is not None]
+            if oldest:
+                torch.cuda.current_stream(oldest[-1].device).wait_event(oldest[-1].copied)  # the last: in order
+                for e in oldest:
+                    e.src = None
+        self._recent.append(weakref.ref(handles) if handles is not None else _no_block)
 
     def prefetch(self, handles: list) -> None:
         if handles and self.in_stream is not None:
@@ -230,6 +240,8 @@ class _OffloadedBlock:
         if not torch.is_grad_enabled() or not x.is_cuda:
             return super().forward(x, *args, **kwargs)
         handles = BlockHandles()
+        if not self.offload_saves:  # its tensors stay; the block two before can go
+            self.offload.advance(None)
         with self.offload.block(handles) if self.offload_saves else nullcontext():
             out = super().forward(x, *args, **kwargs)
         previous = getattr(x, "_offloaded", None)
