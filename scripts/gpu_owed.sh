@@ -12,6 +12,7 @@
 #                                          # pair (FP8 from init seed 1) added to RUNS.json (docs/data/fp8_loss_300.json)
 #   bash scripts/gpu_owed.sh 14  # offload's in-flight bound: GPU tests, the 32K FP8 + offload rows (the proxy's ran
 #                                # out of memory before the bound, planner 97 GiB) with what is alive at the peak
+#   bash scripts/gpu_owed.sh 15  # the offload rows at 4K after the in-flight bound (step time, peak vs planner)
 #   bash scripts/gpu_owed.sh 12  # no host sync inside a step: the GPU test, the loop's profile (syncs per step, GPU idle),
 #                                # the loop against steps timed one by one (the sync each step used to make)
 set -uo pipefail
@@ -65,6 +66,12 @@ case "${1:-}" in
     timeout 330 python3 scripts/bench_trainer.py long_context --only "fp8+offload|proxy S=32K full" --steps 2 --peak \
         2>&1 | tee "$OUT/long_context_offload.txt"
     ;;
+15)
+    echo "== the offload rows at 4K (the proxy, MuonClip, 8 micro-batches) after the in-flight bound, against none"
+    timeout 400 python3 scripts/bench_trainer.py memory --steps 3 \
+        --only 'muonclip m=8 none$|muonclip m=8 offload$|muonclip m=8 offload+selective$|muonclip m=8 fp8+offload+selective$' \
+        2>&1 | tee "$OUT/memory_offload.txt"
+    ;;
 12)
     echo "== no host sync inside a step, evaluation and profile (GPU tests), then the trainer's loop profiled: syncs per step, GPU idle"
     timeout 150 python3 -m pytest -q -m gpu tests/test_trainer.py -k "host_sync or evaluation_and_profile" 2>&1 | tail -3
@@ -77,7 +84,7 @@ case "${1:-}" in
         --set trainer.param_dtype=bfloat16 2>&1 | tee "$OUT/e2e_loop_steps.txt"
     ;;
 *)
-    echo "usage: bash scripts/gpu_owed.sh 4|8|9|10|11|12|13|14" >&2
+    echo "usage: bash scripts/gpu_owed.sh 4|8|9|10|11|12|13|14|15" >&2
     exit 2
     ;;
 esac
