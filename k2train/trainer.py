@@ -95,10 +95,11 @@ class PendingStep:
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:
-    """A micro-batch on ``device``, queued without waiting: a copy to the GPU from pageable host
-    memory makes the host wait for the work queued before it (the driver stages it), which would
-    stop the host from running ahead of the GPU at every micro-batch, so the rows go through pinned
-    memory (the caching host allocator's, released once the copy is done)."""
+    """A micro-batch on ``device``, queued without waiting. A copy to the GPU from pageable host
+    memory is staged by the driver, which may synchronize with the stream to do it (the host then
+    waits for the work queued before the copy, and cannot run ahead of the GPU at every
+    micro-batch), so the rows go through pinned memory (the caching host allocator's, released once
+    the copy is done)."""
     if device.type != "cuda":
         return {k: v.to(device) for k, v in batch.items()}
     return {k: (v.pin_memory() if v.device.type == "cpu" and not v.is_pinned() else v).to(device, non_blocking=True)
