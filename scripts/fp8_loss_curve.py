@@ -15,6 +15,7 @@ measure that resolves 0.25%.
     python scripts/fp8_loss_curve.py --noise --runs-from fp8_loss.json   # only the runs that file lacks (a second call)
     python scripts/fp8_loss_curve.py --second-pair --runs-from fp8_loss.json  # FP8 from init seed 1 too: a second pair
     python scripts/fp8_loss_curve.py --smoke           # CPU: k2_tiny, a few steps (the code path)
+    python scripts/fp8_loss_curve.py --cpu --steps 200 --second-pair   # CPU: a small K2, two seeds' pairs (~15 min)
     python scripts/fp8_loss_curve.py --plot-from runs.json --out docs/img/fp8_storage_loss.png
 
 Writes ``$OUT/fp8_loss.json`` (both histories) and the plot (``--out``, default
@@ -36,6 +37,9 @@ from k2train.trainer import Trainer
 GPU = ["model=k2_small", "trainer.dtype=bfloat16", "trainer.seq_len=4096", "trainer.micro_batch_size=1",
        "trainer.global_batch_size=4", "model.attn_impl=triton", "model.moe_impl=triton", "optim.ns_impl=triton"]
 SMOKE = ["model=k2_tiny", "trainer.seq_len=64", "trainer.micro_batch_size=2", "trainer.global_batch_size=4"]
+# a CPU-sized K2 whose experts' rows are whole 1 x 128 tiles, bf16 autocast (~1 s a step on 2 cores)
+CPU = ["model=k2_tiny", "model.hidden_size=256", "model.moe_intermediate_size=256", "trainer.dtype=bfloat16",
+       "trainer.seq_len=128", "trainer.micro_batch_size=2", "trainer.global_batch_size=4", "trainer.device=cpu"]
 TAIL = 20
 SKIP = 20
 BLOCK = 20
@@ -49,7 +53,7 @@ def train(overrides: list[str], steps: int, work: Path) -> list[float]:
         return [m["loss"] for m in trainer.run()]
 
 
-def plot(runs: dict[str, list[float]], cmp: dict, out: Path) -> None:
+def plot(runs: dict[str, list[float]], cmp: dict, out: Path, model: str = "k2_small") -> None:
     """Every run's loss; below, FP8 against bf16 storage step by step and its 20-step mean."""
     import matplotlib
 
@@ -61,7 +65,7 @@ def plot(runs: dict[str, list[float]], cmp: dict, out: Path) -> None:
         ax.plot(range(1, len(losses) + 1), losses, label=label, linewidth=1)
     ax.set_ylabel("loss (cross entropy + aux)")
     ax.set_yscale("log")
-    ax.set_title(f"k2_small: FP8 storage {cmp['mean']:+.3%} ± {cmp['sem']:.3%} loss over {cmp['steps']} paired steps")
+    ax.set_title(f"{model}: FP8 storage {cmp['mean']:+.3%} ± {cmp['sem']:.3%} loss over {cmp['steps']} paired steps")
     ax.legend()
     window = 20
     ref, *others = (v[:cmp["steps"]] for v in runs.values())
@@ -116,6 +120,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--cpu", action="store_true", help="a CPU-sized K2 (whole 128-wide tiles), as many steps as asked")
     ap.add_argument("--noise", action="store_true", help="a third run: bf16 storage with trainer.seed=1 (another init)")
     ap.add_argument("--second-pair", action="store_true",
                     help="with --noise, a fourth run: FP8 storage from init seed 1, paired with the third")
@@ -128,7 +133,7 @@ def main() -> None:
     if args.plot_from:
         runs = json.loads(args.plot_from.read_text())
     else:
-        base = SMOKE if args.smoke else GPU
+        base = SMOKE if args.smoke else CPU if args.cpu else GPU
         steps = min(args.steps, 6) if args.smoke else args.steps
         runs = json.loads(args.runs_from.read_text()) if args.runs_from else {}
         with tempfile.TemporaryDirectory() as tmp:
@@ -167,7 +172,8 @@ def main() -> None:
         print(f"FP8 storage, the two pairs' mean: {mean:+.3%} ± {sem:.3%}: increase "
               f"{'within' if mean + 2 * sem <= 0.0025 else 'NOT within'} 0.25% at two standard errors")
     try:
-        plot(runs, cmp, args.out or out_dir / "fp8_storage_loss.png")
+        plot(runs, cmp, args.out or out_dir / "fp8_storage_loss.png",
+             "a small K2 (CPU)" if args.cpu else "k2_tiny" if args.smoke else "k2_small")
     except ImportError:
         print("matplotlib missing: no plot (python scripts/fp8_loss_curve.py --plot-from fp8_loss.json)")
 
