@@ -299,9 +299,10 @@ class ParallelConfig:
     # (K2's recipe) what stays is FP8; with full recompute the block being recomputed keeps FP8.
     fp8_moe_inputs: bool = False
     # What the blocks keep for the backward lives in pinned CPU memory, copied on a side CUDA stream
-    # and back ahead of its backward: the GPU holds about one block's worth per micro-batch in
-    # flight. Nothing to do on a CPU device. With recompute=selective the outputs it keeps are
-    # offloaded; not with recompute=full (a block keeps only its input).
+    # and back ahead of its backward: the GPU holds about two blocks' worth (the one computing, the
+    # one crossing PCIe; a block's forward waits for the copies of the block two before). Nothing
+    # to do on a CPU device. With recompute=selective the outputs it keeps are offloaded; not with
+    # recompute=full (a block keeps only its input).
     offload_activations: bool = False
     # With offload_activations: how many blocks of each model part (a pipeline stage's chunk, or the
     # whole model) offload, counted from its first, whose backward comes last (Megatron's
