@@ -7,10 +7,11 @@ dequantized values feed only the backward). Per routed token that is ``(D + 2 I)
 bytes instead of the ``(3 D + 4 I) x 2`` (bf16) that autograd keeps for the same MLP.
 
 ``parallel.offload_activations`` (:class:`ActivationOffload`): what each transformer block saves
-for its backward goes to pinned CPU memory, copied on a side CUDA stream while the next blocks and
-micro-batches compute; when the backward reaches a block, the block before it (the next one the
-backward needs) is copied back ahead of time on a second side stream. So the GPU holds about one
-block's activations per micro-batch in flight instead of all of them. Weights (and their compute-dtype
+for its backward goes to pinned CPU memory, copied on a side CUDA stream while the next block
+computes (a block's forward waits for the copies of the block two before it); when the backward
+reaches a block, the block before it (the next one the backward needs) is copied back ahead of
+time on a second side stream. So the GPU holds about two blocks' activations (the one computing,
+the one crossing) instead of every block's of every micro-batch in flight. Weights (and their compute-dtype
 copies) and small tensors stay on the GPU. On a CPU device there is nothing to offload: the hooks
 pass every tensor through (the same results, tested).
 
