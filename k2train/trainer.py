@@ -89,8 +89,9 @@ class PendingStep:
     ready: Optional["torch.cuda.Event"] = None
 
     def wait(self) -> None:
-        """Until ``rows`` are on the host (a host sync on the GPU; a step's work is done by then)."""
-        if self.ready is not None:
+        """Until ``rows`` are on the host (a host sync on the GPU unless the event is already
+        done, as it is for the earlier steps of a read; a step's work is done by then)."""
+        if self.ready is not None and not self.ready.query():
             self.ready.synchronize()
 
 
@@ -560,7 +561,8 @@ class Trainer:
                     due, pending = pending[:-1], pending[-1:]
                 else:
                     continue
-                due[-1].wait()  # the steps finish in order: the one wait of this read
+                with record_function("k2train.read_metrics"):
+                    due[-1].wait()  # the steps finish in order: the one wait of this read
                 # the time since the last read, over the steps finished since (one step late
                 # between reads; a read at once, at a checkpoint or the last step, waits for two)
                 seconds = (time.perf_counter() - last_read) / (due[-1].step - last_read_step)

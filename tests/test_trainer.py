@@ -443,7 +443,8 @@ class _SlowDevice:
             start = self.now
             pending = launch_step(batches)  # the host's part (on the CPU, the whole step)
             self.free = max(self.free, start) + self.seconds
-            pending.ready = SimpleNamespace(synchronize=lambda until=self.free: self.wait_until(until))
+            pending.ready = SimpleNamespace(synchronize=lambda until=self.free: self.wait_until(until),
+                                            query=lambda until=self.free: self.now >= until)
             return pending
         return launch
 
