@@ -142,8 +142,9 @@ class ActivationOffload:
         if entry is None:
             if self.out_stream is None:
                 self.out_stream, self.in_stream = torch.cuda.Stream(t.device), torch.cuda.Stream(t.device)
-            self.out_stream.wait_stream(torch.cuda.current_stream(t.device))  # t is complete before it is read
             src = torch.empty(0, dtype=torch.uint8, device=t.device).set_(storage) if whole else t.contiguous()
+            # src is complete before it is read (t.contiguous() may be a copy queued just now)
+            self.out_stream.wait_stream(torch.cuda.current_stream(t.device))
             with torch.cuda.stream(self.out_stream):
                 host = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
                 host.copy_(src, non_blocking=True)
