@@ -22,14 +22,10 @@ from pathlib import Path
 
 import torch
 
+from fp8_loss_curve import CPU, GPU  # the same models as the loss curves (scripts/ is on the path)
 from k2train.config import load_config
 from k2train.trainer import Trainer
 
-GPU = ["model=k2_small", "trainer.dtype=bfloat16", "trainer.seq_len=4096", "trainer.micro_batch_size=1",
-       "trainer.global_batch_size=4", "model.attn_impl=triton", "model.moe_impl=triton", "optim.ns_impl=triton"]
-# CPU: k2_tiny widened so that the experts' rows are whole 1 x 128 tiles, as at K2's width
-SMOKE = ["model=k2_tiny", "model.hidden_size=256", "model.moe_intermediate_size=256", "trainer.dtype=bfloat16",
-         "trainer.seq_len=128", "trainer.micro_batch_size=2", "trainer.global_batch_size=4", "trainer.device=cpu"]
 QUIET = ["trainer.checkpoint.enable=false", "logging.wandb=false", "logging.progress_bar=false", "logging.console=false"]
 
 
@@ -71,7 +67,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=4, help="measure on this many global batches, averaged")
     ap.add_argument("--set", nargs="*", default=[], help="overrides for every run")
     args = ap.parse_args()
-    base = [*(SMOKE if args.smoke else GPU), *QUIET, *args.set]
+    base = [*(CPU if args.smoke else GPU), *QUIET, *args.set]
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config([*base, f"trainer.steps={max(1, args.warm)}", f"trainer.output_dir={tmp}"])
         with Trainer(cfg, run_dir=Path(tmp) / "ref") as ref:

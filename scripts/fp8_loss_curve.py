@@ -123,7 +123,7 @@ def main() -> None:
     ap.add_argument("--cpu", action="store_true", help="a CPU-sized K2 (whole 128-wide tiles), as many steps as asked")
     ap.add_argument("--noise", action="store_true", help="a third run: bf16 storage with trainer.seed=1 (another init)")
     ap.add_argument("--second-pair", action="store_true",
-                    help="with --noise, a fourth run: FP8 storage from init seed 1, paired with the third")
+                    help="the noise run and a fourth: FP8 storage from init seed 1, paired with it")
     ap.add_argument("--set", nargs="*", default=[], help="overrides appended to every run's config")
     ap.add_argument("--runs-from", type=Path, help="a fp8_loss.json of an earlier call: its runs are kept, not run again")
     ap.add_argument("--plot-from", type=Path, help="only plot the runs of this JSON file")
