@@ -15,6 +15,7 @@ loss and the gradients are those of the whole-sequence computation. The model th
 states (``K2Model.forward(..., head=False)``) and this loss owns the head.
 """
 
+from contextlib import nullcontext
 from typing import Optional
 
 import torch
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .parallel.recompute import uncached_autocast
 from .parallel.tensor_parallel import local_loss
 
 IGNORE_INDEX = -100
@@ -37,6 +39,10 @@ def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
 
 def _head_chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return cross_entropy_sum(F.linear(hidden, weight), labels)
+
+
+def _chunk_contexts():
+    return nullcontext(), uncached_autocast()  # the forward's cast is cached; the backward's goes with its chunk
 
 
 class NextTokenLoss:
@@ -66,5 +72,5 @@ class NextTokenLoss:
         for start in range(0, S, step):
             end = min(start + step, S)
             total = total + checkpoint(_head_chunk_loss, output[:, start:end], self.head.weight, labels[:, start:end],
-                                       use_reentrant=False)
+                                       use_reentrant=False, context_fn=_chunk_contexts)
         return total

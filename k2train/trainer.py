@@ -483,8 +483,10 @@ class Trainer:
                 for i, batch in enumerate(batches):
                     b = to_device(batch, device)
                     with loss_context(tp_mesh):
-                        out = model(b["tokens"], position_ids=b.get("position_ids"), doc_ids=b.get("doc_ids"), head=head)
-                        ce = self.loss(out, b["labels"])
+                        # the model's output (logits, or the final hidden states for a chunked loss)
+                        # is not held here: it goes once the loss has what its backward needs
+                        ce = self.loss(model(b["tokens"], position_ids=b.get("position_ids"), doc_ids=b.get("doc_ids"),
+                                             head=head), b["labels"])
                         aux = model.aux_loss
                         if backward:
                             if i == len(batches) - 1:

@@ -61,7 +61,8 @@ case "${1:-}" in
 14)
     echo "== offload with at most two blocks' copies in flight (2026-12-05): the GPU tests, then the rows that"
     echo "   ran out of memory (the proxy at 32K with FP8 + offload, planner 97 GiB) with what is alive at the peak,"
-    echo "   and the proxy at 32K with full recompute (activations 18.5 GiB, planner 14.4)"
+    echo "   and the proxy at 32K with full recompute (planner 87.48 GiB after its backward walk; the CPU trace 86.70:"
+    echo "   python scripts/trace_memory.py long_context --only 'proxy S=32K full' --top 30 prints the same by line)"
     timeout 200 python3 -m pytest -q -m gpu tests/test_activation_memory.py tests/test_trainer.py 2>&1 | tail -3
     timeout 200 python3 scripts/bench_trainer.py long_context --only "fp8+offload" --steps 2 2>&1 | tee "$OUT/long_context_offload.txt"
     echo "== what is alive at the first step's peak (or its out of memory), the proxy at 32K"

@@ -230,3 +230,29 @@ def test_selective_recompute_refuses_a_kept_output_modified_in_place():
     loss = checkpoint(fn, x, w, use_reentrant=False, context_fn=_selective_contexts)
     with pytest.raises(RuntimeError, match="modified in place afterwards"):
         loss.backward()
+
+
+def test_a_recompute_leaves_no_weight_cast_in_autocasts_cache():
+    """A recompute's casts are not cached. On the CPU the backward runs in the forward's thread,
+    inside the trainer's step-long autocast region: cached, every weight a recompute casts (the
+    LM head's in each loss chunk, every block's) would stay to the end of the step. After the
+    backward of a chunked loss inside such a region, only the gradients are alive."""
+    from k2train.loss import NextTokenLoss
+    from k2train.profiling import TensorMemoryTrace
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(64, 512, bias=False)
+    hidden = torch.randn(2, 16, 64, requires_grad=True)
+    labels = torch.randint(0, 512, (2, 16))
+    loss = NextTokenLoss(chunk_tokens=8)
+    loss.head = head
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        trace = TensorMemoryTrace(stacks=False)
+        with trace:
+            out = loss(hidden, labels)
+            torch.clear_autocast_cache()  # as the trainer does before a step's last backward
+            out.backward()
+            del out
+            alive = trace.live
+    grads = head.weight.grad.nbytes + hidden.grad.nbytes
+    assert alive <= grads + 64, (alive, grads)  # a cached bf16 head would add 64 KiB

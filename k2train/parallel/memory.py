@@ -201,6 +201,43 @@ def layer_activation_bytes(
     return norm_bytes(D, a, residual, consumers=2) + attn + mlp_norm + mlp  # q_a_proj, kv_a_proj read the first
 
 
+def layer_backward_bytes(
+    cfg: ModelConfig,
+    moe: bool,
+    seq_len: int,
+    recompute: str,
+    a: int,
+    tp: int = 1,
+    fp8_moe_inputs: bool = False,
+    residual_bytes: Optional[int] = None,
+) -> float:
+    """Bytes per token a block's backward holds beyond what the block kept: with full recompute
+    the whole forward's activations again; in every mode the gradient stream (the gradient of the
+    block's output and the sum building up for its input, in the residual's dtype, and the
+    gradient's cast into the MLP) and the MLP's largest temporaries: the routed experts'
+    output gradients (K x D) when their backward starts, or d(h), d(gate) and d(up) in the SwiGLU
+    backward (for the dense FFN: its d(h), d(gate), d(up)). Traced (scripts/trace_memory.py) on
+    the K2-width proxy: the peak is where the routed experts' backward starts."""
+    D, K = cfg.hidden_size, cfg.num_experts_per_tok
+    residual = residual_bytes or a
+    stream = (2 * residual + a) * D
+    if moe:
+        mlp = max(a * K * D, 3 * a * K * cfg.moe_intermediate_size)
+    else:
+        mlp = 3 * a * cfg.intermediate_size // tp
+    recomputed = 0.0
+    if recompute == "full":
+        recomputed = layer_activation_bytes(cfg, moe, seq_len, "none", a, tp, fp8_moe_inputs, residual_bytes)
+        if moe and cfg.n_shared_experts:
+            # the shared expert runs after the routed ones, so its backward runs before theirs: by
+            # then it has let go of what it kept (its SwiGLU's tensors and, under autocast, its
+            # own bf16 copies of its input)
+            Is = cfg.moe_intermediate_size * cfg.n_shared_experts // tp
+            ffn_saved = 3 if cfg.mlp_impl == "triton" else 4
+            recomputed -= a * ffn_saved * Is + (2 * a * D if residual == 4 and a == 2 else 0)
+    return recomputed + stream + mlp
+
+
 def head_activation_bytes(cfg: ModelConfig, a: int, tp: int = 1) -> float:
     """Final norm + LM head + cross entropy, per token: norm, bf16 logits, fp32 log-softmax; under
     autocast also the fp32 gradient of the upcast logits, alive beside the log-softmax in the
@@ -246,10 +283,10 @@ _STAGE_CACHE: dict[str, tuple] = {}
 
 
 def _stage_params(model_cfg: ModelConfig, num_stages: int, seq_len: int, adamw_only: bool):
-    """Per stage: the layer ids and ``(numel, is_expert, tp_sharded, is_muon, cast, shape)`` of every
-    parameter, from the model built on the meta device and split like the pipeline does (cached:
-    the 1T model takes seconds). ``cast``: a matmul reads it, so autocast makes a bf16 copy (not
-    the embedding table, which a lookup reads as it is)."""
+    """Per stage: the layer ids and ``(numel, is_expert, tp_sharded, is_muon, cast, shape, layer)`` of
+    every parameter, from the model built on the meta device and split like the pipeline does
+    (cached: the 1T model takes seconds). ``cast``: a matmul reads it, so autocast makes a bf16 copy
+    (not the embedding table, which a lookup reads as it is); ``layer``: its block's index, or -1."""
     key = repr((model_cfg, num_stages, seq_len, adamw_only))
     if key in _STAGE_CACHE:
         return _STAGE_CACHE[key]
@@ -263,7 +300,8 @@ def _stage_params(model_cfg: ModelConfig, num_stages: int, seq_len: int, adamw_o
         stages.append(
             [
                 (t.numel(), is_expert_param(name), any(k in name for k in _TP_SHARDED),
-                 not adamw_only and is_muon_param(name, t), "embed_tokens" not in name, tuple(t.shape))
+                 not adamw_only and is_muon_param(name, t), "embed_tokens" not in name, tuple(t.shape),
+                 int(name.split(".")[1]) if name.startswith("layers.") else -1)
                 for name, t in part.named_parameters()
             ]
         )
@@ -351,8 +389,11 @@ def estimate_memory(
         opt_bytes = master_bytes = 0.0
         largest_grad = 0.0
         muon_shapes = []
+        layer_params: dict[int, float] = {}  # this rank's share of each block's parameters
+        block_copies: dict[int, float] = {}  # bytes of their bf16 copies (not the routed experts')
+        expert_copies: dict[int, float] = {}  # and of the routed experts' (which they cast themselves)
         for s in stage_ids:
-            for n, expert, tp_sharded, muon, cast, shape in stage_params[s]:
+            for n, expert, tp_sharded, muon, cast, shape, layer in stage_params[s]:
                 if muon:  # expert stacks hold their local experts; tp-sharded matrices are gathered whole
                     muon_shapes.append(torch.Size((shape[0] // ep, *shape[1:]) if expert and len(shape) == 3 else shape))
                 if expert:
@@ -360,6 +401,10 @@ def estimate_memory(
                 if tp > 1 and tp_sharded:
                     n /= tp
                 n_local += n
+                layer_params[layer] = layer_params.get(layer, 0.0) + n
+                if cast and layer >= 0:
+                    copies_of = expert_copies if expert else block_copies
+                    copies_of[layer] = copies_of.get(layer, 0.0) + 2 * n
                 n_cast += n if cast else 0.0
                 if expert:
                     n_cast_expert += n
@@ -398,17 +443,49 @@ def estimate_memory(
             on_gpu = kept_mb * inflight + last_mb * min(1.0, inflight) + crossing
             host = act_mb * inflight - on_gpu
             inflight = on_gpu / act_mb if act_mb else 0.0
-        # The loss and a recomputed layer's backward come one after the other: the larger counts.
-        head = recomputing = 0.0
+        # The loss and each layer's backward come one after the other: the largest counts. Going
+        # down the layers of one micro-batch's backward (the step's first backward: no gradient
+        # exists yet), each layer's backward makes its gradients and frees what it kept; with full
+        # recompute a layer makes more (3.2 GiB at K2's width) than it kept (its input), so the
+        # backward's peak is in the lowest MoE layer, beside the gradients of every layer above it.
+        #
+        # Under autocast, the bf16 copies of the weights its matmuls read (not the embedding's: a
+        # lookup) are in autocast's cache at the end of the forward. The routed experts cast their
+        # stacks themselves: autograd keeps those copies only when nothing recomputes them and
+        # they are not FP8-stored (which recasts in the backward), else one layer's exist at a time.
+        # The one-process loop empties the cache before a step's last backward: from then on a
+        # copy lives while its layer keeps it for the backward (no recompute), or while its layer's
+        # backward recomputes it. A pipeline's cache lives to the end of the step.
+        copies = 0.0
+        if precision == "autocast":
+            copies = 2 * (n_cast if p.recompute == "none" and not p.fp8_moe_inputs
+                          else n_cast - n_cast_expert + min(n_cast_expert, 3 * expert_stack))
+        transient = copies
         if pp * vpp - 1 in stage_ids:  # the logits: of one loss chunk with trainer.loss_chunk_tokens
             chunk = min(trainer_cfg.loss_chunk_tokens or tokens_mb, tokens_mb)
-            head = head_activation_bytes(model_cfg, a, tp) * chunk
-        if p.recompute == "full" and layers:
-            # one layer's full activations, recomputed, and its backward's largest temporaries: the
-            # routed experts' SwiGLU backward holds d(h), d(gate) and d(up) at once
-            swiglu_bwd = 3 * a * model_cfg.num_experts_per_tok * model_cfg.moe_intermediate_size
-            recomputing = (layer_activation_bytes(model_cfg, True, S, "none", a, tp) + swiglu_bwd) * tokens_mb
-        transient = max(head, recomputing)
+            transient += head_activation_bytes(model_cfg, a, tp) * chunk
+
+        def kept_copies(i: int) -> float:  # the bf16 weight copies block i keeps for its backward
+            if precision != "autocast" or p.recompute != "none":
+                return 0.0
+            return block_copies.get(i, 0.0) + (0.0 if p.fp8_moe_inputs else expert_copies.get(i, 0.0))
+
+        def recast_copies(i: int) -> float:  # the copies block i's backward makes again
+            if precision != "autocast":
+                return 0.0
+            return (block_copies.get(i, 0.0) if p.recompute != "none" else 0.0) + (
+                expert_copies.get(i, 0.0) if p.recompute != "none" or p.fp8_moe_inputs else 0.0)
+
+        made = 0.0  # gradients made less activations freed by the layers whose backward has run
+        kept_below = sum(kept_copies(i) for i in layers)  # copies kept by the blocks not yet done
+        for i in reversed(layers):
+            moe = i >= model_cfg.first_k_dense_replace
+            alive = kept_below + recast_copies(i) if pp == 1 else copies
+            kept_below -= kept_copies(i)
+            transient = max(transient, made + alive + layer_backward_bytes(
+                model_cfg, moe, S, p.recompute, a, tp, p.fp8_moe_inputs, residual) * tokens_mb)
+            if not backward_before_peak and pp == 1:  # (in a pipeline other micro-batches interleave)
+                made += gb * layer_params.get(i, 0.0) - layer_mb(i) * inflight
         if cp > 1:  # Ulysses: one layer's q, k, v and output before their all-to-alls
             H = model_cfg.num_attention_heads // tp
             transient += a * tokens_mb * H * (2 * model_cfg.qk_head_dim + 2 * model_cfg.v_head_dim)
@@ -416,17 +493,7 @@ def estimate_memory(
             transient += 2 * a * tokens_mb * model_cfg.num_experts_per_tok * model_cfg.hidden_size
         if pp > 1:  # activation and gradient send/recv buffers of each local stage
             transient += 2 * len(stage_ids) * a * tokens_mb * model_cfg.hidden_size
-        backward_end = 0.0
-        if precision == "autocast":  # the bf16 weight copies autocast makes for the matmuls (not the embedding)
-            # The routed experts cast their stacks themselves. Autograd keeps those copies for the
-            # backward only when nothing recomputes them and they are not FP8-stored (which recasts
-            # in the backward); otherwise one layer's three stacks exist at a time.
-            if p.recompute == "none" and not p.fp8_moe_inputs:
-                transient += 2 * n_cast
-            else:
-                transient += 2 * (n_cast - n_cast_expert + min(n_cast_expert, 3 * expert_stack))
-            if pp > 1:
-                backward_end = 2 * (n_cast - n_cast_expert)
+        backward_end = 2 * (n_cast - n_cast_expert) if precision == "autocast" and pp > 1 else 0.0
         if dp_size * cp > 1:  # reduce_gradients_ concatenates gradients into flat buckets
             transient += min(BUCKET_BYTES, largest_grad)
         optimizer_transient = newton_schulz_workspace(muon_shapes, optim_cfg)

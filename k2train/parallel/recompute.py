@@ -28,7 +28,7 @@ the statistics count every token exactly once whatever the mode (tests/test_reco
 
 import threading
 from collections import deque
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Callable, Iterator
 
 import torch
@@ -88,13 +88,28 @@ def _policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
 
 
 @contextmanager
+def uncached_autocast() -> Iterator[None]:
+    """A recompute's casts, not cached. On a GPU the backward runs on autograd's device thread,
+    where a recompute's autocast region is the outermost one, so the weights it casts again leave
+    autocast's cache when the region ends (and each copy goes with the op that saved it). On the
+    CPU the backward runs in the forward's thread, inside the trainer's step-long autocast region:
+    cached, every weight a recompute casts (the LM head's too, 2.2 GiB at K2's width) would stay
+    to the end of the step."""
+    with ExitStack() as stack:
+        for device in ("cuda", "cpu"):
+            if torch.is_autocast_enabled(device):
+                stack.enter_context(torch.autocast(device, dtype=torch.get_autocast_dtype(device), cache_enabled=False))
+        yield
+
+
+@contextmanager
 def _pass(block: nn.Module, inner, recompute: bool) -> Iterator[None]:
     """One pass over a checkpointed block: the forward, or its recompute (which must leave the
     block's state as the forward left it). A recompute may stop early, by an exception once every
     needed tensor is back, before region hooks close: every pass starts and ends with none open."""
     _region.depth = 0
     try:
-        with _state_restored(block) if recompute else nullcontext(), inner:
+        with _state_restored(block) if recompute else nullcontext(), uncached_autocast() if recompute else nullcontext(), inner:
             yield
     finally:
         _region.depth = 0
