@@ -463,7 +463,16 @@ def estimate_memory(
         transient = copies
         if pp * vpp - 1 in stage_ids:  # the logits: of one loss chunk with trainer.loss_chunk_tokens
             chunk = min(trainer_cfg.loss_chunk_tokens or tokens_mb, tokens_mb)
-            transient += head_activation_bytes(model_cfg, a, tp) * chunk
+            head = head_activation_bytes(model_cfg, a, tp) * chunk
+            if not backward_before_peak and chunk >= tokens_mb:
+                # The phase counts the LM head's gradient (the backward's first), but the cross
+                # entropy's temporaries are gone when the head's backward makes it: then the
+                # logits' gradient and the weight gradient before its cast to fp32 are alive.
+                # (In chunks, the first chunk's backward makes it, beside the next ones'.)
+                V, D = model_cfg.vocab_size // tp, model_cfg.hidden_size
+                head_grad = gb * V * D
+                head = max(head - head_grad, a * V * chunk + (2 * V * D if precision != "fp32" else 0))
+            transient += head
 
         def kept_copies(i: int) -> float:  # the bf16 weight copies block i keeps for its backward
             if precision != "autocast" or p.recompute != "none":
