@@ -219,7 +219,8 @@ class TensorMemoryTrace(TorchDispatchMode):
         frame, first = sys._getframe(2), None
         while frame is not None:
             name = frame.f_code.co_filename
-            if "/torch/" not in name:
+            # (another dispatch mode's frame, e.g. selective recompute's, is not where it was asked for)
+            if "/torch/" not in name and frame.f_code.co_name != "__torch_dispatch__":
                 if any(d in name for d in OUR_DIRS):
                     break
                 first = first or frame  # the innermost frame outside torch, if none is ours
