@@ -12,15 +12,15 @@ whose fake implementations give their outputs' shapes, so the step saves what it
 :class:`k2train.profiling.TensorMemoryTrace` counts every tensor the step's second launch creates
 (the first makes the optimizer states) and prints, per phase, the traced peak beside the planner's
 (``k2train.parallel.memory.estimate_memory``): the forward/backward's peak against the larger of
-the planner's activation peak and end of the backward, and what is alive when the backward ends;
-``--top N`` lists what is alive at the peaks of the forward/backward and of the optimizer step
-by source line.
+the planner's activation peak and end of the backward, the optimizer step's, and what the
+backward leaves (weights, gradients, states); ``--top N`` lists what is alive at the peaks of the forward/backward and
+of the optimizer step by source line.
 
-What a fake step cannot show: workspace a kernel allocates inside itself, the caching allocator's
-rounding and fragmentation, and CPU offload (a no-op on the CPU: those rows trace as no offload).
-Newton-Schulz runs its torch path here (the Triton one launches kernels directly, which fake
-tensors cannot feed), so the optimizer step is torch's, and not compared. Layouts of one
-process only.
+The step takes the paths a GPU takes: the Triton kernels (their launches skipped: fake tensors
+have no storage to read; torch allocates their outputs before), the optimizer's fused kernels,
+Newton-Schulz in the half precision ``optim.ns_dtype=auto`` picks on a GPU. What it cannot show:
+workspace a kernel allocates inside itself, the caching allocator's rounding and fragmentation,
+and CPU offload (a no-op on the CPU: those rows trace as no offload). Layouts of one process only.
 Rows also go to ``$OUT/trace_memory.jsonl``, one JSON object per line.
 """
 
@@ -41,7 +41,7 @@ from pathlib import Path
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
-from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_trainer import SUITES, random_tokens  # noqa: E402
@@ -53,6 +53,26 @@ from k2train.trainer import Trainer  # noqa: E402
 
 GiB = 2**30
 PHASES = ("k2train.forward_backward", "k2train.optimizer")  # --top lists what is alive at their peaks
+
+
+@contextlib.contextmanager
+def _kernels_skip_fake_tensors():
+    """Triton kernels launched directly (not through a custom op: Newton-Schulz, the fused
+    optimizers) get fake tensors here: their outputs are allocated by torch before the launch, so
+    the launch itself, which would read and write storage that does not exist, is skipped."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    def run(self, *args, **kwargs):
+        if any(isinstance(a, FakeTensor) for a in (*args, *kwargs.values())):
+            return None
+        return saved(self, *args, **kwargs)
+
+    saved = InterpretedFunction.run
+    InterpretedFunction.run = run
+    try:
+        yield
+    finally:
+        InterpretedFunction.run = saved
 
 
 @contextlib.contextmanager
@@ -88,8 +108,8 @@ def trace_case(name: str, overrides: list[str], top: int = 0, fake: bool = True)
                            "logging.console=false", "logging.progress_bar=false", "logging.jsonl=false",
                            "trainer.steps=2", f"trainer.output_dir={work}"])
         notes = []
-        if cfg.optim.ns_impl == "triton":  # (its kernels are launched directly: fake tensors cannot feed them)
-            cfg.optim.ns_impl, cfg.optim.ns_dtype = "torch", "auto"
+        if fake and cfg.optim.ns_dtype == "auto":  # what "auto" picks on a GPU (fp32 on a CPU)
+            cfg.optim.ns_dtype = "float16" if cfg.optim.ns_method == "gram" else "bfloat16"
         if cfg.parallel.offload_activations:
             notes.append("offload is a no-op on the CPU: traced as none, planned as on a GPU")
         if cfg.trainer.compile:
@@ -97,13 +117,18 @@ def trace_case(name: str, overrides: list[str], top: int = 0, fake: bool = True)
         t = cfg.trainer
         plan = estimate_memory(cfg.model, cfg.parallel, t, cfg.optim, trainer_precision(t)).peak
         row = {"case": name, "overrides": overrides, "plan_gib": plan.total / GiB,
-               "plan_phases_gib": {k: v / GiB for k, v in plan.phases.items()}, "notes": notes}
+               "plan_phases_gib": {k: v / GiB for k, v in plan.phases.items()}, "notes": notes,
+               # what the backward leaves (its phase less what is alive only at its very end)
+               "plan_after_backward_gib": (plan.phases["the end of the backward"] - plan.transient_at_backward_end) / GiB}
         with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext(), \
-                _fake_materialize() if fake else contextlib.nullcontext():
+                _fake_materialize() if fake else contextlib.nullcontext(), \
+                _kernels_skip_fake_tensors() if fake else contextlib.nullcontext():
             with Trainer(cfg, run_dir=Path(work) / "run",
                          data=random_tokens(cfg.model.vocab_size, t.micro_batch_size, t.seq_len)) as tr:
                 if tr.dims.world_size != 1:
                     raise ValueError(f"{name}: {tr.dims.world_size} processes; a fake step traces one-process layouts")
+                if fake and getattr(tr.optimizer, "fused", False) is None:  # the fused kernels, as on a GPU
+                    tr.optimizer.fused = True
                 tr.launch_step(tr.next_batches())  # makes the optimizer states
                 batches = tr.next_batches()
                 gc.collect()
@@ -129,11 +154,14 @@ def trace_case(name: str, overrides: list[str], top: int = 0, fake: bool = True)
 
 def show(row: dict) -> str:
     traced, planned = row["traced_phases_gib"], row["plan_phases_gib"]
-    got = traced.get("k2train.forward_backward", 0.0)
-    want = max(planned["the activation peak"], planned["the end of the backward"])
+    cells = []
+    for phase, plan in (("k2train.forward_backward", max(planned["the activation peak"], planned["the end of the backward"])),
+                        ("k2train.optimizer", planned["the optimizer step"])):
+        got = traced.get(phase)
+        cells.append(f"{got:8.2f} {plan:8.2f} {plan / got - 1:+6.1%}" if got else f"{'':8s} {plan:8.2f} {'':6s}")
     end = row.get("traced_backward_end_gib", float("nan"))
-    return (f"{row['case']:34s} {got:8.2f} {want:8.2f} {want / got - 1:+6.1%}   "
-            f"{end:8.2f} {planned['the end of the backward']:8.2f}")
+    cells.append(f"{end:8.2f} {row['plan_after_backward_gib']:8.2f}")
+    return f"{row['case']:34s} " + "   ".join(cells)
 
 
 def main() -> None:
@@ -152,8 +180,9 @@ def main() -> None:
     else:
         cases = [("--set", args.set)]
     out = Path(os.environ.get("OUT", tempfile.gettempdir())) / "trace_memory.jsonl"
-    print(f"{'':34s} {'forward/backward peak':^24s}   {'backward end':^17s}")
-    print(f"{'case':34s} {'traced':>8s} {'planner':>8s} {'error':>6s}   {'traced':>8s} {'planner':>8s}  (GiB)")
+    print(f"{'':34s} {'forward/backward peak':^24s}   {'optimizer step':^24s}   {'after the backward':^17s}")
+    print(f"{'case':34s} " + "   ".join([f"{'traced':>8s} {'planner':>8s} {'error':>6s}"] * 2)
+          + f"   {'traced':>8s} {'planner':>8s}  (GiB)")
     with open(out, "a") as log:
         for name, overrides in cases:
             row = trace_case(name, overrides, args.top)

@@ -503,6 +503,8 @@ def estimate_memory(
         if pp > 1:  # activation and gradient send/recv buffers of each local stage
             transient += 2 * len(stage_ids) * a * tokens_mb * model_cfg.hidden_size
         backward_end = 2 * (n_cast - n_cast_expert) if precision == "autocast" and pp > 1 else 0.0
+        if precision == "bf16":  # the backward's last bf16 gradient (the embedding's), before it joins its fp32 sum
+            backward_end += pb * largest_grad / gb
         if dp_size * cp > 1:  # reduce_gradients_ concatenates gradients into flat buckets
             transient += min(BUCKET_BYTES, largest_grad)
         optimizer_transient = newton_schulz_workspace(muon_shapes, optim_cfg)
