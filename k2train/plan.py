@@ -2,14 +2,24 @@
 
     python -m k2train.plan model=k2_1t
     python -m k2train.plan model=k2_1t parallel=k2_h800 trainer.seq_len=4096
+    python -m k2train.plan model=k2_small trainer.dtype=bfloat16 model.attn_impl=triton --trace [--top 20]
 
 Prints exact parameter counts (total, activated per token, embedding and head, per layer) from the
 model built on the meta device, FLOPs per token in the Megatron and TorchTitan conventions, the
 per-rank memory breakdown of the planner for the parallel layout, and what ``trainer.steps`` cost
 in time and GPU-hours at a few model FLOP utilisations.
+
+``--trace`` (one-process layouts) then runs a training step of the config on fake tensors and
+prints its traced memory beside the planner's, per phase (k2train/memtrace.py: seconds, no GPU,
+any model size); ``--top N`` lists what is alive at each peak, by source line.
 """
 
+import os
 import sys
+
+if __name__ == "__main__" and "--trace" in sys.argv:
+    # before the kernels are imported: their custom-op path, the one a GPU runs, on CPU tensors
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
@@ -115,14 +125,37 @@ def format_plan(cfg: JobConfig) -> str:
                          format_compute_report(cfg)])
 
 
+def _flags(argv: list[str]) -> tuple[list[str], bool, int]:
+    """(overrides, --trace, --top N) from the command line."""
+    overrides, trace, top, words = [], False, 0, iter(argv)
+    for a in words:
+        if a == "--trace":
+            trace = True
+        elif a == "--top" or a.startswith("--top="):
+            value = a.split("=", 1)[1] if "=" in a else next(words, "")
+            if not value.isdigit():
+                raise ValueError(f"--top takes a number of lines (e.g. --top 20), got {value!r}")
+            top, trace = int(value), True
+        else:
+            overrides.append(a)
+    return overrides, trace, top
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
         return
     with user_errors(errors=(ValueError, HydraException, OmegaConfBaseException)):
-        cfg = load_config(argv).validate()
+        overrides, trace, top = _flags(argv)
+        cfg = load_config(overrides).validate()
         print(format_plan(cfg))
+        if trace:
+            from .memtrace import format_header, format_row, trace_step
+
+            row = trace_step(cfg, top=top)
+            print(f"\nmemory of one training step, traced on fake tensors (k2train/memtrace.py):\n{format_header('')}")
+            print(format_row(f"{cfg.model.name}, {cfg.trainer.seq_len} tokens x {cfg.trainer.micro_batch_size}", row))
 
 
 if __name__ == "__main__":

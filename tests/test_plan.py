@@ -70,3 +70,22 @@ def test_compute_report_is_flops_over_the_layouts_gpus():
                                                    "trainer.eval_steps=10"]).validate())
     assert f"{-(-steps // 1000):,d} x 10 global batches" in evaluated
     assert f"{-(-steps // 1000) * 10 / 3 / steps:.2%} more" in evaluated
+
+
+def test_plan_cli_traces_a_step_beside_the_planner():
+    """``--trace``: a step of the config on fake tensors, its traced memory beside the planner's,
+    per phase; ``--top`` what is alive at the peaks. A layout of several processes is refused
+    with what to do instead."""
+    args = [sys.executable, "-m", "k2train.plan", "model=k2_1t", "model.num_hidden_layers=2", "model.n_routed_experts=8",
+            "trainer.dtype=bfloat16", "model.attn_impl=triton", "model.moe_impl=triton", "trainer.seq_len=1024",
+            "trainer.micro_batch_size=1", "trainer.global_batch_size=2", "--trace", "--top", "3"]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    traced = out.stdout.split("traced on fake tensors")[1]
+    row = next(line for line in traced.splitlines() if line.startswith("k2_1t, 1024 tokens x 1"))
+    fwd_traced, fwd_planned, error = row.split()[5:8]
+    assert float(fwd_traced) > 40 and abs(float(error.rstrip("%"))) < 3, row  # ~54 GiB: K2's vocabulary and width
+    assert traced.count("at the peak of k2train.") == 2 and "GiB  weights" in traced
+    bad = subprocess.run([sys.executable, "-m", "k2train.plan", "experiment=k2_pretrain", "--trace"], capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode != 0 and "tracing a step runs one process" in bad.stderr + bad.stdout
