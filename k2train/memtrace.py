@@ -25,6 +25,7 @@ under ``TRITON_INTERPRET=1`` (``python -m k2train.plan --trace`` and the script 
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 import tempfile
 from pathlib import Path
@@ -106,10 +107,16 @@ def trace_step(cfg: JobConfig, top: int = 0, fake: bool = True) -> dict:
     the CPU can hold (the same numbers: tests/test_memory_model.py)."""
     from .trainer import Trainer  # (the trainer imports this package's profiling)
 
+    cfg = copy.deepcopy(cfg)  # the changes below are the trace's, not the caller's
     t, p = cfg.trainer, cfg.parallel
     if p.tp * p.ep * p.pp * p.cp * max(p.dp, 1) != 1:
         raise ValueError(f"tracing a step runs one process; this layout has tp={p.tp} ep={p.ep} pp={p.pp} cp={p.cp} "
                          f"dp={p.dp}: trace a one-process configuration (parallel.*=1) or read the planner's estimate")
+    if t.dtype != "bfloat16" or cfg.model.moe_impl == "loop":
+        # the routed experts would loop over the tokens each expert got: a count fake tensors do not have
+        raise ValueError(f"trainer.dtype={t.dtype}, model.moe_impl={cfg.model.moe_impl}: a traced step needs the "
+                         "routed experts' grouped GEMMs, which take bf16: set trainer.dtype=bfloat16 and "
+                         "model.moe_impl=grouped_mm or triton")
     if t.compile:
         raise ValueError("trainer.compile=true cannot be traced on fake tensors: set trainer.compile=false (the "
                          "memory a compiled block holds is about the eager one's)")
