@@ -89,3 +89,6 @@ def test_plan_cli_traces_a_step_beside_the_planner():
     bad = subprocess.run([sys.executable, "-m", "k2train.plan", "experiment=k2_pretrain", "--trace"], capture_output=True,
                          text=True, timeout=300)
     assert bad.returncode != 0 and "tracing a step runs one process" in bad.stderr + bad.stdout
+    fp32 = subprocess.run([sys.executable, "-m", "k2train.plan", "model=k2_tiny", "--trace"], capture_output=True,
+                          text=True, timeout=300)
+    assert fp32.returncode != 0 and "set trainer.dtype=bfloat16" in fp32.stderr + fp32.stdout
