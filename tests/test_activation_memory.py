@@ -1,6 +1,7 @@
 """K2's activation memory: FP8 storage of the routed experts' inputs (kernels.fp8, 1 x 128 tiles)
 and CPU offload of what the blocks keep. CPU here; the GPU tests are marked."""
 
+import contextlib
 import dataclasses
 
 import pytest
@@ -12,7 +13,7 @@ from k2train.kernels.fp8 import E4M3, dequantize_tiles, quantize_tiles
 from k2train.kernels.moe import build_routing, combine, expert_mlp_saved, permute
 from k2train.model import K2Model
 from k2train.model.moe import experts_reference
-from k2train.parallel.activation_memory import apply_fp8_storage, apply_offload
+from k2train.parallel.activation_memory import ActivationOffload, apply_fp8_storage, apply_offload
 
 E4M3_RELATIVE = 2.0**-4  # 3 mantissa bits: round to nearest is within half a step, 2^-4 relative
 
@@ -183,6 +184,93 @@ def test_offload_on_cpu_passes_everything_through(one_thread):
     assert got[0] == ref[0] and all(torch.equal(got[1][n], g) for n, g in ref[1].items())
 
 
+class _Event:
+    """torch.cuda.Event's stand-in: remembers whether anything recorded it."""
+
+    def __init__(self, *args, **kwargs):
+        self.recorded = False
+
+    def record(self, stream=None):
+        self.recorded = True
+
+
+class _Stream:
+    """torch.cuda.Stream's stand-in: every copy is synchronous; waiting on an event nothing
+    recorded is the bug it catches."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, other):
+        pass
+
+    def wait_event(self, event):
+        assert event.recorded, "a stream waits on an event nothing recorded"
+
+
+@pytest.fixture
+def cpu_streams(monkeypatch):
+    """CUDA's streams and events as CPU stand-ins, so that ActivationOffload's logic (what crosses,
+    the bound on copies in flight, the way back) runs without a GPU."""
+    compute = _Stream()
+    monkeypatch.setattr(torch.cuda, "Stream", _Stream)
+    monkeypatch.setattr(torch.cuda, "Event", _Event)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: compute)
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: None)
+
+
+class _CpuOffload(ActivationOffload):
+    """The offloader with the CPU as its device (host copies are plain CPU tensors), recording how
+    many blocks hold their originals when each block's forward ends and how each storage came back."""
+
+    device_type = "cpu"
+
+    def __init__(self):
+        super().__init__(min_bytes=0)
+        self.blocks: list = []
+        self.holding: list[int] = []  # blocks whose originals are alive, at the end of each block's forward
+        self.handed_back = self.copied_back = 0
+
+    @contextlib.contextmanager
+    def block(self, handles):
+        self.blocks.append(handles)
+        with super().block(handles):
+            yield
+        self.holding.append(sum(any(e.src is not None for e in b) for b in self.blocks))
+
+    def _fetch(self, entries):
+        waiting = [e for e in entries if e.gpu is None and e.views]
+        self.handed_back += sum(e.src is not None for e in waiting)
+        self.copied_back += sum(e.src is None for e in waiting)
+        super()._fetch(entries)
+
+
+@pytest.mark.parametrize("recompute", ["none", "selective"])
+def test_offload_logic_on_cpu_stand_in_streams(one_thread, cpu_streams, recompute):
+    """ActivationOffload with the CPU as its device and stand-in streams (its GPU test runs the
+    same on CUDA): the same loss and gradients as no offload, bitwise; at most two blocks hold
+    their originals at any block's end (the bound on copies in flight: at 32K on the proxy an
+    unbounded forward kept them all); the last offloaded block's come back without a copy, the
+    others' from the host; after the backward nothing is held."""
+    from k2train.parallel.recompute import apply_recompute
+
+    cfg = dataclasses.replace(_tiny(), num_hidden_layers=6)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 65), generator=torch.Generator().manual_seed(5))
+    model = K2Model(cfg)
+    model.init_weights(seed=0)
+    apply_recompute(model, recompute)
+    ref = _loss_and_grads(model, tokens)
+    offload = apply_offload(model, _CpuOffload())
+    got = _loss_and_grads(model, tokens)
+    assert got[0] == ref[0] and all(torch.equal(got[1][n], g) for n, g in ref[1].items())
+    assert offload.bytes_offloaded > 0 and len(offload.blocks) == 5  # every block but the one before the loss
+    assert max(offload.holding) == 2 and offload.holding[-1] == 2, offload.holding
+    assert offload.handed_back > 0 and offload.copied_back > 0, (offload.handed_back, offload.copied_back)
+    for b in offload.blocks:
+        assert all(e.views == 0 and e.gpu is None and e.host is None and e.src is None for e in b)
+
+
 def test_offload_layers_picks_the_first_blocks_of_each_part_and_the_planner_follows(one_thread):
     """parallel.offload_layers=n: the first n blocks of a part offload (never the one before the
     loss); the planner keeps the rest on the GPU, moves what offloads to the host (the two always
@@ -293,7 +381,7 @@ def test_k2_pretrain_plan_fits_h800s_at_dp1_with_the_real_switches():
 
 
 def test_offload_host_memory_is_checked_against_the_node():
-    # K2's recipe parks ~90 GiB per GPU in pinned (unswappable) host memory: 722 GiB on an 8-GPU node
+    # K2's recipe parks ~86 GiB per GPU in pinned (unswappable) host memory: 687 GiB on an 8-GPU node
     from k2train.parallel.memory import GiB, estimate_memory, host_memory_check, read_meminfo
 
     cfg = load_config(["experiment=k2_pretrain"]).validate()
@@ -302,7 +390,7 @@ def test_offload_host_memory_is_checked_against_the_node():
     assert 85 * GiB < per_gpu < 95 * GiB
     assert host_memory_check(plan, 8, 2048 * GiB, 1900 * GiB) is None
     warning = host_memory_check(plan, 8, 1024 * GiB, 600 * GiB)
-    assert "722 GiB for the 8 GPU(s)" in warning and "600 GiB of 1024 are available" in warning
+    assert "687 GiB for the 8 GPU(s)" in warning and "600 GiB of 1024 are available" in warning
     with pytest.raises(ValueError, match=r"more than the node has \(512 GiB\).*parallel.offload_layers"):
         host_memory_check(plan, 8, 512 * GiB, 500 * GiB)
     total, available = read_meminfo()  # Linux: this machine's own numbers

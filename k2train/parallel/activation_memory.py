@@ -115,6 +115,10 @@ class ActivationOffload:
     caching allocator frees a block used by a side stream only once the host sees its copy done,
     and the host runs ahead of the GPU)."""
 
+    # the device whose tensors cross to pinned host memory (a test may set "cpu", with stand-in
+    # streams and events, to run this logic without a GPU: tests/test_activation_memory.py)
+    device_type = "cuda"
+
     def __init__(self, min_bytes: int = 1 << 20):
         self.min_bytes = min_bytes
         # one side stream per direction: PCIe copies both ways at once, so in a pipeline the copies
@@ -130,8 +134,12 @@ class ActivationOffload:
 
     # -- the hooks -----------------------------------------------------------------------------
 
+    def offloads(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` lives on the device this offloader empties."""
+        return t.device.type == self.device_type
+
     def pack(self, t: torch.Tensor):
-        if (not t.is_cuda or t.numel() * t.element_size() < self.min_bytes or self._current is None
+        if (not self.offloads(t) or t.numel() * t.element_size() < self.min_bytes or self._current is None
                 or isinstance(t, nn.Parameter) or (t._base is not None and isinstance(t._base, nn.Parameter))
                 or _from_parameter(t)):
             return t
@@ -146,7 +154,7 @@ class ActivationOffload:
             # src is complete before it is read (t.contiguous() may be a copy queued just now)
             self.out_stream.wait_stream(torch.cuda.current_stream(t.device))
             with torch.cuda.stream(self.out_stream):
-                host = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
+                host = torch.empty(src.shape, dtype=src.dtype, pin_memory=self.device_type == "cuda")
                 host.copy_(src, non_blocking=True)
                 copied = torch.cuda.Event()
                 copied.record(self.out_stream)
@@ -193,7 +201,7 @@ class ActivationOffload:
                     e.gpu, e.src, e.ready = e.src, None, None
                     continue
                 self.in_stream.wait_event(e.copied)
-                e.gpu = e.host.to(e.device, non_blocking=True)
+                e.gpu = e.host.to(e.device, non_blocking=True, copy=True)
                 e.ready = torch.cuda.Event()
                 e.ready.record(self.in_stream)
 
@@ -239,7 +247,7 @@ class _OffloadedBlock:
     offload_saves: bool = True
 
     def forward(self, x, *args, **kwargs):
-        if not torch.is_grad_enabled() or not x.is_cuda:
+        if not torch.is_grad_enabled() or not self.offload.offloads(x):
             return super().forward(x, *args, **kwargs)
         handles = BlockHandles()
         if not self.offload_saves:  # its tensors stay; the block two before can go

@@ -172,7 +172,7 @@ def layer_activation_bytes(
         # MLP is one kept op: its FP8 input, gate and up, and its bf16 output
         experts = e * (K * D + 2 * K * I) + (a * K * D if fp8_moe_inputs else 0)
         mlp = experts + a * 2 * Is + 4 * E + router_copy if moe else a * 2 * F
-        return 2 * a * D + attn + mlp
+        return a * D + attn + mlp  # + o_proj's output (the FFN's down_proj output is not kept)
     if recompute != "none":
         raise ValueError(f"parallel.recompute={recompute!r} must be none, selective or full")
     attn = (

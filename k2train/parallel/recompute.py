@@ -5,9 +5,10 @@
 - ``full``: a block keeps only its input; its forward runs again inside the backward.
 - ``selective`` (K2's recipe, after the K2 report: cheap, memory-heavy stages recomputed): the block
   keeps the outputs of its matmuls (the low-rank down-projections, ``o_proj``, the routed experts'
-  grouped GEMMs, the router and the dense/shared FFN projections), of the fused attention, and of
-  the collectives; RMSNorms, SwiGLU, RoPE, the MLA up-projections (``q_b_proj``, ``kv_b_proj``),
-  casts and element-wise ops are recomputed from them in the backward. Our Triton kernels are
+  grouped GEMMs, the router and the dense/shared FFN's gate and up projections), of the fused
+  attention, and of the collectives; RMSNorms, SwiGLU, RoPE, the MLA up-projections (``q_b_proj``,
+  ``kv_b_proj``), casts and element-wise ops are recomputed from them in the backward. The FFN's
+  ``down_proj``, the block's last matmul, is not kept: no recompute gets that far. Our Triton kernels are
   custom ops (``k2kernels::*``) that the policy sees whole: the MLA attention is kept like the
   fused SDPA kernels, and with ``parallel.fp8_moe_inputs`` the routed experts' MLP is one op whose
   kept outputs are the FP8 tiles (its GEMMs inside are neither cached in bf16 nor recomputed).
@@ -40,8 +41,12 @@ from torch.utils.checkpoint import CheckpointPolicy, SelectiveCheckpointContext,
 from ..kernels import attention, moe  # noqa: F401  (they register the k2kernels ops the policy names)
 
 MODES = ("none", "selective", "full")
-# Linear layers whose matmuls selective recompute runs again (K2: the MLA up-projections).
-RECOMPUTED_LINEARS = ("q_b_proj", "kv_b_proj")
+# Linear layers whose matmuls selective recompute runs again: K2's MLA up-projections, and the
+# dense/shared FFN's down-projection, the block's last matmul: a recompute stops once the last
+# tensor the backward saved is back (down_proj's input, saved before down_proj runs), so it never
+# reaches that matmul, and keeping its output only held memory (and, with offload, crossed PCIe
+# both ways) for nothing.
+RECOMPUTED_LINEARS = ("q_b_proj", "kv_b_proj", "down_proj")
 
 
 def _ops(*names: str) -> set:
