@@ -137,6 +137,7 @@ class TensorMemoryTrace(TorchDispatchMode):
         self.stacks = stacks
         self.live = 0
         self._sizes: dict[int, int] = {}  # storage id -> bytes, while alive
+        self._finalizers: dict[int, weakref.finalize] = {}  # storage id -> its callback, while alive
         self._events: list[tuple[int, int, int]] = []  # (storage id, +bytes or -bytes, label index)
         self._labels: dict[str, int] = {}
         self._ranges: list[tuple[object, str]] = []  # open record_function ranges: (handle, name)
@@ -204,12 +205,20 @@ class TensorMemoryTrace(TorchDispatchMode):
         self._sizes[key] = n
         self._events.append((key, n, self._labels.setdefault(label, len(self._labels))))
         self.live += n
-        weakref.finalize(storage, self._free, key)
+        self._finalizers[key] = weakref.finalize(storage, self._free, key)
         phase = self.phase
         if self.live > self.peaks.get(phase, (-1, 0))[0]:
             self.peaks[phase] = (self.live, len(self._events))
 
+    def __exit__(self, *exc):
+        # what outlives the trace (weights, gradients) no longer calls back into it
+        for f in self._finalizers.values():
+            f.detach()
+        self._finalizers.clear()
+        return super().__exit__(*exc)
+
     def _free(self, key: int) -> None:
+        self._finalizers.pop(key, None)
         n = self._sizes.pop(key)
         self._events.append((key, -n, -1))
         self.live -= n
