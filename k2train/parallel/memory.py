@@ -216,12 +216,15 @@ def layer_backward_bytes(
     block's output and the sum building up for its input, in the residual's dtype, and the
     gradient's cast into the MLP) and the MLP's largest temporaries: the routed experts'
     output gradients (K x D) when their backward starts, or d(h), d(gate) and d(up) in the SwiGLU
-    backward (for the dense FFN: its d(h), d(gate), d(up)). Traced (scripts/trace_memory.py) on
+    backward (for the dense FFN: its d(h), d(gate), d(up)); with FP8 storage the experts' MLP is one
+    backward op, holding at its end the output gradients, its input's and d(gate), d(up). Traced (scripts/trace_memory.py) on
     the K2-width proxy: the peak is where the routed experts' backward starts."""
     D, K = cfg.hidden_size, cfg.num_experts_per_tok
     residual = residual_bytes or a
     stream = (2 * residual + a) * D
-    if moe:
+    if moe and fp8_moe_inputs:  # the FP8-stored MLP's backward is one op: at its end d(y), d(x), d(gate), d(up)
+        mlp = a * K * (2 * D + 2 * cfg.moe_intermediate_size)
+    elif moe:
         mlp = max(a * K * D, 3 * a * K * cfg.moe_intermediate_size)
     else:
         mlp = 3 * a * cfg.intermediate_size // tp
@@ -491,7 +494,10 @@ def estimate_memory(
             moe = i >= model_cfg.first_k_dense_replace
             alive = kept_below + recast_copies(i) if pp == 1 else copies
             kept_below -= kept_copies(i)
-            transient = max(transient, made + alive + layer_backward_bytes(
+            # the FP8-stored experts' backward (one op) returns their three weight gradients at once
+            # (bf16 for bf16 weights, else cast to the weights' fp32 as each is made)
+            expert_grads = expert_copies.get(i, 0.0) * (1 if precision == "bf16" else 2) if p.fp8_moe_inputs else 0.0
+            transient = max(transient, made + alive + expert_grads + layer_backward_bytes(
                 model_cfg, moe, S, p.recompute, a, tp, p.fp8_moe_inputs, residual) * tokens_mb)
             if not backward_before_peak and pp == 1:  # (in a pipeline other micro-batches interleave)
                 made += gb * layer_params.get(i, 0.0) - layer_mb(i) * inflight
