@@ -34,6 +34,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from .config import JobConfig
+from .model.moe import grouped_mm_supported
 from .parallel.memory import estimate_memory, trainer_precision
 from .profiling import TensorMemoryTrace
 
@@ -117,6 +118,9 @@ def trace_step(cfg: JobConfig, top: int = 0, fake: bool = True) -> dict:
         raise ValueError(f"trainer.dtype={t.dtype}, model.moe_impl={cfg.model.moe_impl}: a traced step needs the "
                          "routed experts' grouped GEMMs, which take bf16: set trainer.dtype=bfloat16 and "
                          "model.moe_impl=grouped_mm or triton")
+    if cfg.model.moe_impl == "grouped_mm" and not grouped_mm_supported(torch.empty(0, dtype=torch.bfloat16)):
+        raise ValueError(f"model.moe_impl=grouped_mm: torch {torch.__version__} has no grouped GEMM on the CPU (2.13 "
+                         "has), which a traced step runs: trace with model.moe_impl=triton (the GPU's path)")
     if t.compile:
         raise ValueError("trainer.compile=true cannot be traced on fake tensors: set trainer.compile=false (the "
                          "memory a compiled block holds is about the eager one's)")

@@ -274,6 +274,8 @@ def test_memory_trace_counts_storages_until_they_are_freed():
         assert where == {"weights": 1024, "run": 8000}, where
 
 
+@pytest.mark.skipif(tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 13),
+                    reason="the grouped-GEMM experts on the CPU need torch >= 2.13")
 def test_fake_step_traces_what_the_real_step_allocates(tmp_path):
     """A step of k2_tiny traced with real tensors and with fake ones: the same forward/backward
     peak and the same bytes after it, byte for byte (so a fake step of a GPU-sized model measures
