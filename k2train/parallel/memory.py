@@ -217,8 +217,9 @@ def layer_backward_bytes(
     gradient's cast into the MLP) and the MLP's largest temporaries: the routed experts'
     output gradients (K x D) when their backward starts, or d(h), d(gate) and d(up) in the SwiGLU
     backward (for the dense FFN: its d(h), d(gate), d(up)); with FP8 storage the experts' MLP is one
-    backward op, holding at its end the output gradients, its input's and d(gate), d(up). Traced (scripts/trace_memory.py) on
-    the K2-width proxy: the peak is where the routed experts' backward starts."""
+    backward op, holding at its end the output gradients, its input's and d(gate), d(up). Traced
+    (scripts/trace_memory.py) on the K2-width proxy: the peak is where the routed experts' backward
+    starts."""
     D, K = cfg.hidden_size, cfg.num_experts_per_tok
     residual = residual_bytes or a
     stream = (2 * residual + a) * D
