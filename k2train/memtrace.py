@@ -90,7 +90,10 @@ def _fake_materialize():
         torch.nn.Module.to_empty = saved
 
 
-def _random_tokens(vocab: int, micro: int, seq: int):
+def random_tokens(vocab: int, micro: int, seq: int):
+    """A data factory for ``Trainer(data=...)``: each data stream's endless micro-batches of random
+    token ids (its own seed), for runs whose numbers do not depend on the text (memory, speed)."""
+
     def factory(dp_rank: int, dp_size: int):
         g = torch.Generator().manual_seed(1000 + dp_rank)
         while True:
@@ -142,7 +145,7 @@ def trace_step(cfg: JobConfig, top: int = 0, fake: bool = True) -> dict:
                 _fake_materialize() if fake else contextlib.nullcontext(), \
                 _kernels_skip_fake_tensors() if fake else contextlib.nullcontext():
             with Trainer(cfg, run_dir=Path(work) / "run",
-                         data=_random_tokens(cfg.model.vocab_size, t.micro_batch_size, t.seq_len)) as tr:
+                         data=random_tokens(cfg.model.vocab_size, t.micro_batch_size, t.seq_len)) as tr:
                 if fake and getattr(tr.optimizer, "fused", False) is None:  # the fused kernels, as on a GPU
                     tr.optimizer.fused = True
                 tr.launch_step(tr.next_batches())  # makes the optimizer states

@@ -32,7 +32,9 @@ from typing import Callable, Optional
 import torch
 
 from k2train.config import load_config
+from k2train.memtrace import random_tokens
 from k2train.parallel.memory import estimate_memory, trainer_precision
+from k2train.profiling import OUR_DIRS
 from k2train.trainer import Trainer
 
 GiB = 2**30
@@ -96,16 +98,6 @@ SMOKE = ["model=k2_tiny", "model.num_hidden_layers=2", "trainer.seq_len=64", "tr
          "model.attn_impl=eager", "model.moe_impl=loop", "optim.ns_impl=torch", "trainer.loss_chunk_tokens=0"]
 
 
-def random_tokens(vocab: int, micro: int, seq: int):
-    def factory(dp_rank: int, dp_size: int):
-        g = torch.Generator().manual_seed(1000 + dp_rank)
-        while True:
-            rows = torch.randint(0, vocab, (micro, seq + 1), generator=g)
-            yield {"tokens": rows[:, :-1].contiguous(), "labels": rows[:, 1:].contiguous()}
-
-    return factory
-
-
 def peak_composition(trace: list[dict], top: int = 12, copies: Optional[dict[int, str]] = None) -> list[tuple[float, str]]:
     """From a CUDA allocator trace (``torch.cuda.memory._snapshot()["device_traces"][i]``): what
     was allocated during the trace and alive at its highest point, in GiB by allocating source line
@@ -132,7 +124,7 @@ def peak_composition(trace: list[dict], top: int = 12, copies: Optional[dict[int
             groups[copies[e["size"]]] = groups.get(copies[e["size"]], 0.0) + e["size"] / GiB
             continue
         frames = e.get("frames") or [{"filename": "?", "line": 0, "name": "?"}]
-        ours = [f for f in frames if any(d in f["filename"] for d in ("/k2train/", "/kernels/", "/optim/"))]
+        ours = [f for f in frames if any(d in f["filename"] for d in OUR_DIRS)]
         f = (ours or frames)[0]
         key = f"{os.path.basename(f['filename'])}:{f['line']} {f['name']}"
         groups[key] = groups.get(key, 0.0) + e["size"] / GiB
