@@ -2,12 +2,14 @@
 
     python scripts/bench_kernels.py            # prints a table; writes $OUT/bench_kernels.json
     python scripts/bench_kernels.py --only accumulate norms   # some sections
+    python scripts/bench_kernels.py --only pcie               # what activation offload can move per second
 
 Rows: Newton-Schulz on the K2 layer slice (vs torch.optim.Muon's NS and step, and plain batched bf16
 torch), the MoE expert path fwd+bwd (vs the torch._grouped_mm reference in k2train.model.moe and HF
 transformers' grouped_mm experts), permute/combine, RMSNorm and SwiGLU bandwidth (vs a measured
 copy), the fp32 gradient accumulator (vs torch's mixed-dtype in-place add), FP8 tile
-quantize/dequantize of the experts' inputs (vs a copy of the bytes they move). Each of ours is
+quantize/dequantize of the experts' inputs (vs a copy of the bytes they move), PCIe to pinned host
+memory each way and both at once (what activation offload can hide). Each of ours is
 checked against its reference on the same random inputs before timing.
 """
 from __future__ import annotations
@@ -286,9 +288,37 @@ def fp8(copy_gbps):
     row("FP8 dequantize [32768, 7168] to bf16 ours", t, bytes_=b, note=f"{b / t / 1e6 / copy_gbps:.0%} of copy")
 
 
+def pcie(copy_gbps):
+    # what activation offload can move: 1 GiB between the GPU and pinned host memory, each way alone and
+    # both at once on two side streams (the offloader's layout: copies out in the forward, in ahead of the backward)
+    n = 2**29
+    dev = torch.empty(n, device=DEV, dtype=torch.bfloat16).normal_()
+    dev2 = torch.empty_like(dev)
+    host = torch.empty(n, dtype=torch.bfloat16, pin_memory=True)
+    host2 = torch.empty(n, dtype=torch.bfloat16, pin_memory=True).normal_()
+    b = n * 2
+    row("PCIe: GPU -> pinned host, 1 GiB", bench(lambda: host.copy_(dev, non_blocking=True), rep=50), bytes_=b)
+    row("PCIe: pinned host -> GPU, 1 GiB", bench(lambda: dev2.copy_(host2, non_blocking=True), rep=50), bytes_=b)
+    out_s, in_s = torch.cuda.Stream(), torch.cuda.Stream()
+
+    def both():
+        main = torch.cuda.current_stream()
+        out_s.wait_stream(main)
+        in_s.wait_stream(main)
+        with torch.cuda.stream(out_s):
+            host.copy_(dev, non_blocking=True)
+        with torch.cuda.stream(in_s):
+            dev2.copy_(host2, non_blocking=True)
+        main.wait_stream(out_s)
+        main.wait_stream(in_s)
+    row("PCIe: both ways at once, 1 GiB each", bench(both, rep=50), bytes_=2 * b, note="sum of both directions")
+    del dev, dev2, host, host2
+
+
 def main():
     import argparse
-    sections = {"accumulate": accumulate, "fp8": fp8, "norms": norms, "moe": moe, "ns": lambda copy_gbps: newton_schulz()}
+    sections = {"accumulate": accumulate, "pcie": pcie, "fp8": fp8, "norms": norms, "moe": moe,
+                "ns": lambda copy_gbps: newton_schulz()}
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", nargs="+", choices=list(sections), default=list(sections))
     args = ap.parse_args()

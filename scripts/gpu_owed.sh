@@ -63,14 +63,16 @@ case "${1:-}" in
     echo "   ran out of memory (the proxy at 32K with FP8 + offload, planner 97 GiB) with what is alive at the peak,"
     echo "   and the proxy at 32K with full recompute (planner 87.48 GiB after its backward walk; the CPU trace 86.70:"
     echo "   python scripts/trace_memory.py long_context --only 'proxy S=32K full' --top 30 prints the same by line)"
-    timeout 200 python3 -m pytest -q -m gpu tests/test_activation_memory.py tests/test_trainer.py 2>&1 | tail -3
+    timeout 170 python3 -m pytest -q -m gpu tests/test_activation_memory.py tests/test_trainer.py 2>&1 | tail -3
     timeout 200 python3 scripts/bench_trainer.py long_context --only "fp8+offload" --steps 2 2>&1 | tee "$OUT/long_context_offload.txt"
     echo "== what is alive at the first step's peak (or its out of memory), the proxy at 32K and k2_small at 32K (trace: 6% above)"
     timeout 200 python3 scripts/bench_trainer.py long_context --only "proxy S=32K|k2_small S=32K full" --steps 1 --peak \
         2>&1 | tee "$OUT/long_context_peak.txt"
     ;;
 15)
-    echo "== the offload rows at 4K (the proxy, MuonClip, 8 micro-batches) after the in-flight bound, against none"
+    echo "== what PCIe carries to pinned host memory (offload's ceiling), then the offload rows at 4K (the proxy,"
+    echo "   MuonClip, 8 micro-batches) after the in-flight bound, against none"
+    timeout 60 python3 scripts/bench_kernels.py --only pcie 2>&1 | tee "$OUT/pcie.txt"
     timeout 400 python3 scripts/bench_trainer.py memory --steps 3 \
         --only 'muonclip m=8 none$|muonclip m=8 offload$|muonclip m=8 offload+selective$|muonclip m=8 fp8+offload+selective$' \
         2>&1 | tee "$OUT/memory_offload.txt"
