@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from cpu_offload import CpuOffload, install_cpu_offload
 from k2train.config import (CheckpointConfig, JobConfig, LoggingConfig, ModelConfig, OptimConfig, ParallelConfig,
                             TrainerConfig)
 from k2train.parallel.expert_parallel import gather_experts, is_expert_param
@@ -134,6 +135,7 @@ def train(cfg: JobConfig, batches: torch.Tensor, with_documents: bool = False, n
     last stage)."""
     data = stream(batches, cfg.trainer.micro_batch_size, with_documents)
     valid = stream(valid_batches(cfg.trainer, cfg.model.vocab_size), cfg.trainer.micro_batch_size, with_documents)
+    made = len(CpuOffload.instances)
     with tempfile.TemporaryDirectory() as tmp, Trainer(cfg, run_dir=tmp, data=data, valid_data=valid) as trainer:
         nonfinite_output(trainer, {nonfinite_step})
         grads: dict = {}
@@ -144,6 +146,7 @@ def train(cfg: JobConfig, batches: torch.Tensor, with_documents: bool = False, n
 
         trainer.optimizer.register_step_pre_hook(record)
         history = trainer.run()
+        offloads = [o.stats() for o in CpuOffload.instances[made:]]
         return {
             "loss": [m["loss"] for m in history],
             "grad_norm": [m["grad_norm"] for m in history],
@@ -155,6 +158,7 @@ def train(cfg: JobConfig, batches: torch.Tensor, with_documents: bool = False, n
                         if k.endswith("e_score_correction_bias")},
             "optimizer": type(trainer.optimizer).__name__,
             "skipped": trainer.guard.skipped,
+            "offload": offloads,  # with cpu_offload: what the offloader moved (parallel.offload_activations)
         }
 
 
@@ -189,8 +193,10 @@ def merged(results: list[dict]) -> dict:
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str, jobs: dict, batches: dict, docs: bool,
-            nonfinite_step: int) -> None:
+            nonfinite_step: int, cpu_offload: bool) -> None:
     torch.set_num_threads(1)
+    if cpu_offload:
+        install_cpu_offload()
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         for name, cfg in jobs.items():
@@ -206,25 +212,28 @@ def world_size(layout: dict) -> int:
 
 
 def run_jobs(jobs: dict[str, JobConfig], world: int, documents: bool = False,
-             nonfinite_step: int = 0) -> dict[str, list[dict]]:
+             nonfinite_step: int = 0, cpu_offload: bool = False) -> dict[str, list[dict]]:
     """Train every job of ``jobs`` (same world size) in one spawn of ``world`` gloo processes
     (importing torch.distributed costs seconds per process on a loaded 2-core machine); returns
     each job's per-rank results. ``documents``: packed documents in every sequence;
-    ``nonfinite_step``: see :func:`train`."""
+    ``nonfinite_step``: see :func:`train`; ``cpu_offload``: ``parallel.offload_activations`` runs its
+    logic on the CPU (tests/cpu_offload.py) instead of passing everything through."""
     batches = {name: global_batches(cfg.trainer, cfg.model.vocab_size) for name, cfg in jobs.items()}
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
-        mp.spawn(_worker, args=(world, init_file, tmp, jobs, batches, documents, nonfinite_step), nprocs=world,
+        mp.spawn(_worker, args=(world, init_file, tmp, jobs, batches, documents, nonfinite_step, cpu_offload), nprocs=world,
                  join=True)
         return {name: [torch.load(os.path.join(tmp, f"{name}_rank{r}.pt"), weights_only=False) for r in range(world)]
                 for name in jobs}
 
 
-def run_parallel(layout: dict, optim: OptimConfig = OPTIM, trainer: TrainerConfig = TRAINER) -> dict:
+def run_parallel(layout: dict, optim: OptimConfig = OPTIM, trainer: TrainerConfig = TRAINER,
+                 cpu_offload: bool = False) -> dict:
     """The tiny model trained under ``layout`` (ParallelConfig fields; dp defaults to 1) on
-    pp*dp*ep*tp gloo processes; returns the ranks' results merged."""
+    pp*dp*ep*tp gloo processes; returns the ranks' results merged (``offload``: every rank's)."""
     layout = {"dp": 1, **layout}
-    return merged(run_jobs({"job": job(layout, optim, trainer)}, world_size(layout))["job"])
+    ranks = run_jobs({"job": job(layout, optim, trainer)}, world_size(layout), cpu_offload=cpu_offload)["job"]
+    return {**merged(ranks), "offload": [o for r in ranks for o in r["offload"]]}
 
 
 _REFERENCE: dict = {}

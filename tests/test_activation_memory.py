@@ -1,7 +1,6 @@
 """K2's activation memory: FP8 storage of the routed experts' inputs (kernels.fp8, 1 x 128 tiles)
 and CPU offload of what the blocks keep. CPU here; the GPU tests are marked."""
 
-import contextlib
 import dataclasses
 
 import pytest
@@ -13,7 +12,8 @@ from k2train.kernels.fp8 import E4M3, dequantize_tiles, quantize_tiles
 from k2train.kernels.moe import build_routing, combine, expert_mlp_saved, permute
 from k2train.model import K2Model
 from k2train.model.moe import experts_reference
-from k2train.parallel.activation_memory import ActivationOffload, apply_fp8_storage, apply_offload
+from k2train.parallel.activation_memory import apply_fp8_storage, apply_offload
+from cpu_offload import CpuOffload, install_cpu_offload, install_stand_in_streams
 
 E4M3_RELATIVE = 2.0**-4  # 3 mantissa bits: round to nearest is within half a step, 2^-4 relative
 
@@ -184,66 +184,11 @@ def test_offload_on_cpu_passes_everything_through(one_thread):
     assert got[0] == ref[0] and all(torch.equal(got[1][n], g) for n, g in ref[1].items())
 
 
-class _Event:
-    """torch.cuda.Event's stand-in: remembers whether anything recorded it."""
-
-    def __init__(self, *args, **kwargs):
-        self.recorded = False
-
-    def record(self, stream=None):
-        self.recorded = True
-
-
-class _Stream:
-    """torch.cuda.Stream's stand-in: every copy is synchronous; waiting on an event nothing
-    recorded is the bug it catches."""
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def wait_stream(self, other):
-        pass
-
-    def wait_event(self, event):
-        assert event.recorded, "a stream waits on an event nothing recorded"
-
-
 @pytest.fixture
 def cpu_streams(monkeypatch):
-    """CUDA's streams and events as CPU stand-ins, so that ActivationOffload's logic (what crosses,
-    the bound on copies in flight, the way back) runs without a GPU."""
-    compute = _Stream()
-    monkeypatch.setattr(torch.cuda, "Stream", _Stream)
-    monkeypatch.setattr(torch.cuda, "Event", _Event)
-    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: compute)
-    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: None)
-
-
-class _CpuOffload(ActivationOffload):
-    """The offloader with the CPU as its device (host copies are plain CPU tensors), recording how
-    many blocks hold their originals when each block's forward ends and how each storage came back."""
-
-    device_type = "cpu"
-
-    def __init__(self):
-        super().__init__(min_bytes=0)
-        self.blocks: list = []
-        self.holding: list[int] = []  # blocks whose originals are alive, at the end of each block's forward
-        self.handed_back = self.copied_back = 0
-
-    @contextlib.contextmanager
-    def block(self, handles):
-        self.blocks.append(handles)
-        with super().block(handles):
-            yield
-        self.holding.append(sum(any(e.src is not None for e in b) for b in self.blocks))
-
-    def _fetch(self, entries):
-        waiting = [e for e in entries if e.gpu is None and e.views]
-        self.handed_back += sum(e.src is not None for e in waiting)
-        self.copied_back += sum(e.src is None for e in waiting)
-        super()._fetch(entries)
+    """CUDA's streams and events as CPU stand-ins (tests/cpu_offload.py), so that ActivationOffload's
+    logic (what crosses, the bound on copies in flight, the way back) runs without a GPU."""
+    install_stand_in_streams(monkeypatch.setattr)
 
 
 @pytest.mark.parametrize("recompute", ["none", "selective"])
@@ -261,7 +206,7 @@ def test_offload_logic_on_cpu_stand_in_streams(one_thread, cpu_streams, recomput
     model.init_weights(seed=0)
     apply_recompute(model, recompute)
     ref = _loss_and_grads(model, tokens)
-    offload = apply_offload(model, _CpuOffload())
+    offload = apply_offload(model, CpuOffload())
     got = _loss_and_grads(model, tokens)
     assert got[0] == ref[0] and all(torch.equal(got[1][n], g) for n, g in ref[1].items())
     assert offload.bytes_offloaded > 0 and len(offload.blocks) == 5  # every block but the one before the loss
@@ -269,6 +214,28 @@ def test_offload_logic_on_cpu_stand_in_streams(one_thread, cpu_streams, recomput
     assert offload.handed_back > 0 and offload.copied_back > 0, (offload.handed_back, offload.copied_back)
     for b in offload.blocks:
         assert all(e.views == 0 and e.gpu is None and e.host is None and e.src is None for e in b)
+
+
+def test_offload_logic_through_the_trainer_with_gradient_accumulation(one_thread, monkeypatch):
+    """K2's recipe (FP8 storage, selective recompute, offload) through the trainer's own step, four
+    micro-batches per step, two steps and evaluations under no_grad, with the offloader's logic running on the
+    CPU: the same losses, gradients and weights as the pass-through path, bitwise, and every block
+    but the last sends its tensors out and gets them back. (Pipeline schedules: test_parallel_parity.)"""
+    import parallel_harness as h
+
+    cfg = h.job(dict(fp8_moe_inputs=True, recompute="selective", offload_activations=True),
+                trainer=dataclasses.replace(h.TRAINER, steps=2))
+    ref = h.run_reference_job(cfg)
+    install_cpu_offload(monkeypatch.setattr)
+    got = h.train(cfg, h.global_batches(cfg.trainer, cfg.model.vocab_size))
+    assert got["loss"] == ref["loss"] and got["val_loss"] == ref["val_loss"]
+    for key in ("grads", "params"):
+        assert all(torch.equal(got[key][n], t) for n, t in ref[key].items()), key
+    (stats,) = got["offload"]
+    steps, micro = cfg.trainer.steps, cfg.trainer.global_batch_size // cfg.trainer.micro_batch_size
+    assert stats["blocks"] == steps * micro * (cfg.model.num_hidden_layers - 1), stats
+    assert stats["max_holding"] == 2 and stats["left"] == 0 and stats["copied_back"] > 0, stats
+    assert ref["offload"] == []  # the pass-through path made no offloader of the tests'
 
 
 def test_offload_layers_picks_the_first_blocks_of_each_part_and_the_planner_follows(one_thread):

@@ -82,6 +82,27 @@ def test_fp8_storage_with_selective_recompute_matches_single_process(layout):
     assert_parity(par, h.run_reference_job(h.job(K2_MEMORY)))
 
 
+OFFLOAD = dict(offload_activations=True, recompute="selective")
+
+
+@pytest.mark.parametrize("layout", [dict(pp=2), pytest.param(dict(pp=2, vpp=2, pp_schedule="Interleaved1F1B"), marks=slow)],
+                         ids=["pp2_1f1b", "pp2_vpp2_interleaved"])
+def test_offload_in_pipeline_schedules_matches_single_process(layout):
+    # The offloader's own logic in each stage (tests/cpu_offload.py: the CPU as its device, stand-in
+    # streams), under the 1F1B and interleaved schedules with selective recompute, 4 micro-batches
+    # per step: every stage's chunk but the last sends its blocks' tensors out and back (several
+    # micro-batches in flight, each block's handles travelling on its tensors), no more than two
+    # blocks hold their originals at any block's end, nothing is left after the backward, and the
+    # run equals one process with the same switches (where offload passes everything through)
+    par = h.run_parallel({**layout, **OFFLOAD}, cpu_offload=True)
+    assert_parity(par, h.run_reference_job(h.job(OFFLOAD)))
+    offloads = par["offload"]  # per rank; under 1F1B the last stage holds one block before the head: it keeps it
+    moving = offloads if layout.get("vpp", 1) > 1 else offloads[:1]
+    assert len(offloads) == h.world_size(layout) and all(o["bytes_offloaded"] > 0 for o in moving), offloads
+    assert all(o["max_holding"] <= 2 and o["left"] == 0 for o in offloads), offloads
+    assert sum(o["handed_back"] for o in offloads) > 0 and sum(o["copied_back"] for o in offloads) > 0, offloads
+
+
 BF16_PARAMS = h.dataclasses.replace(h.TRAINER, dtype="bfloat16", param_dtype="bfloat16")
 
 
