@@ -56,12 +56,21 @@ def format_param_report(cfg: JobConfig) -> str:
         f"  + router bias buffers   {m.num_moe_layers * m.n_routed_experts:>20,d}  (fp32 e_score_correction_bias, not trained)",
         "",
         f"  {'layer':>5} {'kind':>5} {'attention':>14} {'norms':>8} {'dense/shared':>14} {'router':>11} "
-        f"{'routed experts':>16} {'total':>16} {'activated':>14}",
+        f"{'routed experts':>16} {'total':>16} {'activated':>14}   (parameters of each layer)",
     ]
+    runs: list[list] = []  # consecutive layers of the same counts share one row ("1-60")
     for layer in counts.layers:
+        row = (layer.kind, layer.attention, layer.norms, layer.ffn, layer.router, layer.routed_experts, layer.total,
+               layer.active)
+        if runs and runs[-1][2] == row:
+            runs[-1][1] = layer.index
+        else:
+            runs.append([layer.index, layer.index, row])
+    for first, last, (kind, attention, norms, ffn, router, routed, total, active) in runs:
+        index = f"{first}" if first == last else f"{first}-{last}"
         lines.append(
-            f"  {layer.index:>5} {layer.kind:>5} {layer.attention:>14,d} {layer.norms:>8,d} {layer.ffn:>14,d} "
-            f"{layer.router:>11,d} {layer.routed_experts:>16,d} {layer.total:>16,d} {layer.active:>14,d}"
+            f"  {index:>5} {kind:>5} {attention:>14,d} {norms:>8,d} {ffn:>14,d} "
+            f"{router:>11,d} {routed:>16,d} {total:>16,d} {active:>14,d}"
         )
     meg = flops_per_token(m, seq, "megatron", counts)
     tt = flops_per_token(m, seq, "torchtitan", counts)
