@@ -65,7 +65,13 @@ def plot(runs: dict[str, list[float]], cmp: dict, out: Path, model: str = "k2_sm
         ax.plot(range(1, len(losses) + 1), losses, label=label, linewidth=1)
     ax.set_ylabel("loss (cross entropy + aux)")
     ax.set_yscale("log")
-    ax.set_title(f"{model}: FP8 storage {cmp['mean']:+.3%} ± {cmp['sem']:.3%} loss over {cmp['steps']} paired steps")
+    title = f"{model}: FP8 storage {cmp['mean']:+.3%} ± {cmp['sem']:.3%} loss over {cmp['steps']} paired steps"
+    if len(runs) > 3:  # two pairs: their mean, then each
+        pair = compare(*list(runs.values())[2:4])
+        mean, sem = (cmp["mean"] + pair["mean"]) / 2, (cmp["sem"] ** 2 + pair["sem"] ** 2) ** 0.5 / 2
+        title = (f"{model}: FP8 storage {mean:+.3%} ± {sem:.3%} loss, two pairs\n"
+                 f"(init seed 0: {cmp['mean']:+.3%} ± {cmp['sem']:.3%}; seed 1: {pair['mean']:+.3%} ± {pair['sem']:.3%})")
+    ax.set_title(title, fontsize=10)
     ax.legend()
     window = 20
     ref, *others = (v[:cmp["steps"]] for v in runs.values())
