@@ -15,8 +15,10 @@ tensor the step's second launch creates (the first makes the optimizer states), 
 What it cannot show: workspace a kernel allocates inside itself, the caching allocator's rounding
 and fragmentation, and CPU offload (a no-op on the CPU: such a step traces as no offload).
 One-process layouts only. On the K2-width proxy the traced peaks were within 0.5% of the H200's
-``max_memory_allocated``; where the cross entropy's backward is the peak (k2_small at 32K) the
-trace read 6% above it, one fp32 [chunk x vocabulary] tensor, not yet explained (docs/planner.md).
+``max_memory_allocated``. Autocast differs between the CPU and CUDA for the cross entropy (CUDA
+keeps the log-softmax in bf16): the trace takes CUDA's way (:func:`_cuda_autocast_cross_entropy`),
+without which it read one fp32 [chunk x vocabulary] tensor more than the GPU where the loss's
+backward is the peak (k2_small at 32K: 6% above).
 
 The Triton kernels take their custom-op path on CPU tensors only when their modules are imported
 under ``TRITON_INTERPRET=1`` (``python -m k2train.plan --trace`` and the script set it first).
@@ -63,6 +65,33 @@ def _kernels_skip_fake_tensors():
         yield
     finally:
         InterpretedFunction.run = saved
+
+
+@contextlib.contextmanager
+def _cuda_autocast_cross_entropy():
+    """``F.cross_entropy`` under autocast as CUDA runs it. CPU autocast casts the logits to fp32
+    first (``cross_entropy_loss`` is on its fp32 list), so the log-softmax, its saved output and
+    its input's gradient are fp32. CUDA autocast lists only the ops inside: ``cross_entropy_loss``
+    calls ``log_softmax`` with the logits' own dtype, which CUDA's policy keeps (bf16 log-probs),
+    then ``nll_loss``, on both fp32 lists (its input cast to fp32). Under this context the CPU
+    takes CUDA's path: one [tokens x vocabulary] tensor is bf16 where the CPU's is fp32."""
+    import torch.nn.functional as F
+
+    saved = F.cross_entropy
+
+    def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
+                      reduction="mean", label_smoothing=0.0):
+        if (not torch.is_autocast_enabled("cpu") or input.dtype == torch.float32 or weight is not None
+                or label_smoothing or size_average is not None or reduce is not None):
+            return saved(input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing)
+        log_probs = torch.log_softmax(input, 0 if input.dim() == 1 else 1, dtype=input.dtype)
+        return F.nll_loss(log_probs, target, ignore_index=ignore_index, reduction=reduction)
+
+    F.cross_entropy = cross_entropy
+    try:
+        yield
+    finally:
+        F.cross_entropy = saved
 
 
 @contextlib.contextmanager
@@ -143,7 +172,8 @@ def trace_step(cfg: JobConfig, top: int = 0, fake: bool = True) -> dict:
         cfg.logging.wandb = cfg.logging.console = cfg.logging.progress_bar = cfg.logging.jsonl = False
         with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext(), \
                 _fake_materialize() if fake else contextlib.nullcontext(), \
-                _kernels_skip_fake_tensors() if fake else contextlib.nullcontext():
+                _kernels_skip_fake_tensors() if fake else contextlib.nullcontext(), \
+                _cuda_autocast_cross_entropy():  # real tensors too: both trace what a GPU holds
             with Trainer(cfg, run_dir=Path(work) / "run",
                          data=random_tokens(cfg.model.vocab_size, t.micro_batch_size, t.seq_len)) as tr:
                 if fake and getattr(tr.optimizer, "fused", False) is None:  # the fused kernels, as on a GPU
