@@ -61,6 +61,9 @@ NOTES: dict[str, str] = {
     "model.eos_token_id": "End-of-document token id.",
     "model.moe_impl": "`loop` (reference), `grouped_mm` (torch._grouped_mm), `triton` (GPU kernels).",
     "model.norm_impl": "`triton`: the fused RMSNorm kernel (k2train.kernels.norms); GPU, or CPU under TRITON_INTERPRET=1.",
+    "model.loss_impl": ("`triton`: the fused cross entropy (k2train.kernels.cross_entropy): fp32 math from the logits as "
+                        "they are, no log-softmax kept (4 bytes per bf16 logit in its backward where torch's holds about "
+                        "10); not with parallel.tp > 1. GPU, or CPU under TRITON_INTERPRET=1."),
     "optim.lr": "Peak learning rate (Muon's is RMS-matched to AdamW's, so one lr serves both).",
     "optim.weight_decay": "Decoupled weight decay, Muon and AdamW alike.",
     "optim.momentum": "Momentum coefficient mu of Muon.",

@@ -85,6 +85,9 @@ class ModelConfig:
     norm_impl: Literal["torch", "triton"] = "torch"
     # SwiGLU of the dense FFN and the shared expert (the routed experts' is inside moe_impl=triton).
     mlp_impl: Literal["torch", "triton"] = "torch"
+    # The next-token loss's cross entropy: torch's, or the fused kernel (fp32 math from bf16 logits,
+    # no log-softmax kept: kernels/cross_entropy.py).
+    loss_impl: Literal["torch", "triton"] = "torch"
 
     @property
     def qk_head_dim(self) -> int:
@@ -498,6 +501,12 @@ class JobConfig:
                 f"model.norm_impl={m.norm_impl} / model.mlp_impl={m.mlp_impl}: the fused norm and SwiGLU kernels "
                 f"take plain tensors, not the DTensors of tensor parallelism (parallel.tp={self.parallel.tp}); "
                 "use model.norm_impl=torch model.mlp_impl=torch"
+            )
+        if self.parallel.tp > 1 and m.loss_impl == "triton":
+            _fail(
+                f"model.loss_impl=triton: the fused cross entropy takes whole rows of logits, and tensor parallelism "
+                f"(parallel.tp={self.parallel.tp}) splits the vocabulary over its ranks (its loss is torch's "
+                "loss_parallel); use model.loss_impl=torch"
             )
         if t.compile and self.parallel.tp > 1:
             _fail(

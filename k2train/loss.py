@@ -24,21 +24,25 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .kernels.cross_entropy import cross_entropy
 from .parallel.recompute import uncached_autocast
 from .parallel.tensor_parallel import local_loss
 
 IGNORE_INDEX = -100
 
 
-def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of the cross entropy over the labelled tokens (fp32 under autocast; vocab-parallel
-    under ``loss_parallel``), as a plain tensor."""
+def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, impl: str = "torch") -> torch.Tensor:
+    """Sum of the cross entropy over the labelled tokens, fp32, as a plain tensor. ``impl="torch"``:
+    torch's (vocab-parallel under ``loss_parallel``; under bf16 autocast on CUDA its log-softmax is
+    bf16); ``"triton"``: the fused kernel (fp32 math from the logits as they are; whole rows)."""
+    if impl == "triton":
+        return cross_entropy(logits.flatten(0, 1), labels.flatten(0, 1), IGNORE_INDEX).sum()
     return local_loss(F.cross_entropy(logits.flatten(0, 1), labels.flatten(0, 1), ignore_index=IGNORE_INDEX,
                                       reduction="sum"))
 
 
-def _head_chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return cross_entropy_sum(F.linear(hidden, weight), labels)
+def _head_chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, impl: str) -> torch.Tensor:
+    return cross_entropy_sum(F.linear(hidden, weight), labels, impl)
 
 
 def _chunk_contexts():
@@ -48,11 +52,15 @@ def _chunk_contexts():
 class NextTokenLoss:
     """``loss(output, labels)`` of one micro-batch: ``output`` is the logits ``[B, S, V]``, or,
     with ``chunk_tokens``, the final hidden states ``[B, S, D]`` (set :attr:`head` to the model's
-    LM head first). ``cp_group``: the context-parallel group (None without cp)."""
+    LM head first). ``cp_group``: the context-parallel group (None without cp); ``impl``: the cross
+    entropy's (``model.loss_impl``: ``torch`` or the fused ``triton`` kernel)."""
 
-    def __init__(self, chunk_tokens: int = 0, cp_group=None):
+    def __init__(self, chunk_tokens: int = 0, cp_group=None, impl: str = "torch"):
+        if impl not in ("torch", "triton"):
+            raise ValueError(f"NextTokenLoss: impl={impl!r} must be 'torch' or 'triton' (model.loss_impl)")
         self.chunk_tokens = chunk_tokens
         self.cp_group = cp_group
+        self.impl = impl
         self.head: Optional[nn.Linear] = None
 
     def __call__(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -63,7 +71,7 @@ class NextTokenLoss:
 
     def sum(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if not self.chunk_tokens:
-            return cross_entropy_sum(output, labels)
+            return cross_entropy_sum(output, labels, self.impl)
         if self.head is None:
             raise RuntimeError("NextTokenLoss with chunk_tokens needs its head (the model's lm_head)")
         B, S, _ = output.shape
@@ -72,5 +80,5 @@ class NextTokenLoss:
         for start in range(0, S, step):
             end = min(start + step, S)
             total = total + checkpoint(_head_chunk_loss, output[:, start:end], self.head.weight, labels[:, start:end],
-                                       use_reentrant=False, context_fn=_chunk_contexts)
+                                       self.impl, use_reentrant=False, context_fn=_chunk_contexts)
         return total

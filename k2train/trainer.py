@@ -199,7 +199,7 @@ class Trainer:
             model = K2Model(cfg.model)
         # the next-token loss: each cp rank's share of the sequence's mean; with loss_chunk_tokens
         # it runs the LM head itself, chunk by chunk
-        self.loss = NextTokenLoss(t.loss_chunk_tokens, cp_group=dims.group("cp_mesh"))
+        self.loss = NextTokenLoss(t.loss_chunk_tokens, cp_group=dims.group("cp_mesh"), impl=cfg.model.loss_impl)
         placed = parallelize(
             model, dims, cfg.parallel, compile=t.compile, seq_len=t.seq_len, micro_batch_size=t.micro_batch_size,
             num_microbatches=self.num_microbatches, loss_fn=self.loss, device=self.device,

@@ -9,7 +9,8 @@ torch), the MoE expert path fwd+bwd (vs the torch._grouped_mm reference in k2tra
 transformers' grouped_mm experts), permute/combine, RMSNorm and SwiGLU bandwidth (vs a measured
 copy), the fp32 gradient accumulator (vs torch's mixed-dtype in-place add), FP8 tile
 quantize/dequantize of the experts' inputs (vs a copy of the bytes they move), PCIe to pinned host
-memory each way and both at once (what activation offload can hide). Each of ours is
+memory each way and both at once (what activation offload can hide), the fused cross entropy (vs
+torch's under autocast and from fp32 logits). Each of ours is
 checked against its reference on the same random inputs before timing.
 """
 from __future__ import annotations
@@ -48,6 +49,7 @@ def bootstrap_k2train():
 
 
 bootstrap_k2train()
+from k2train.kernels.cross_entropy import cross_entropy  # noqa: E402
 from k2train.kernels.fp8 import dequantize_tiles, quantize_tiles  # noqa: E402
 from k2train.kernels.grad_accumulate import accumulate_  # noqa: E402
 from k2train.kernels.moe import build_routing, combine, moe_experts_forward, permute  # noqa: E402
@@ -315,9 +317,44 @@ def pcie(copy_gbps):
     del dev, dev2, host, host2
 
 
+def loss(copy_gbps):
+    # the next-token loss of one 4,096-token micro-batch at K2's vocabulary, forward and backward from
+    # bf16 logits: torch's under bf16 autocast (bf16 log-softmax on CUDA), torch's from fp32 logits
+    # (TorchTitan's and Megatron's precision), and the fused kernel (fp32 math, bf16 gradient)
+    N, V = 4096, 163840
+    x = (2 * torch.randn(N, V, device=DEV)).to(torch.bfloat16).requires_grad_()
+    labels = torch.randint(0, V, (N,), device=DEV)
+    ref = F.cross_entropy(x.detach().double(), labels, reduction="sum")
+    runs = {
+        "torch, bf16 autocast": lambda: _autocast_ce(x, labels),
+        "torch, fp32 logits": lambda: F.cross_entropy(x.float(), labels, reduction="sum"),
+        "ours, fused": lambda: cross_entropy(x, labels).sum(),
+    }
+    base = None
+    for name, fn in runs.items():
+        print(f"cross entropy {name}: loss rel err vs fp64 {abs(fn().item() / ref.item() - 1):.1e}")
+
+        def step(fn=fn):
+            x.grad = None
+            fn().backward()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        peak = (torch.cuda.max_memory_allocated() - x.numel() * 2 * 2) / 2**30  # beyond the logits and their gradient
+        t = bench(step, rep=50)
+        base = base or t
+        row(f"cross entropy fwd+bwd [{N}, {V}], {name}", t, anchor_ms=base if name != "torch, bf16 autocast" else None,
+            bytes_=3 * N * V * 2, note=f"{peak:.2f} GiB beyond logits + grad")
+    del x
+
+
+def _autocast_ce(x, labels):
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        return F.cross_entropy(x, labels, reduction="sum")
+
+
 def main():
     import argparse
-    sections = {"accumulate": accumulate, "pcie": pcie, "fp8": fp8, "norms": norms, "moe": moe,
+    sections = {"accumulate": accumulate, "pcie": pcie, "loss": loss, "fp8": fp8, "norms": norms, "moe": moe,
                 "ns": lambda copy_gbps: newton_schulz()}
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", nargs="+", choices=list(sections), default=list(sections))

@@ -15,6 +15,8 @@
 #                                # before the bound, planner 97 GiB), then what is alive at the peak (the tests and the
 #                                # k2_small rows passed on an H100 on 2026-12-05, where --peak failed in the chunked loss)
 #   bash scripts/gpu_owed.sh 15  # the offload rows at 4K after the in-flight bound (step time, peak vs planner)
+#   bash scripts/gpu_owed.sh 16  # the fused cross entropy (model.loss_impl=triton): GPU test, kernel against torch's,
+#                                # end to end and k2_small's 32K peak with and without
 #   bash scripts/gpu_owed.sh 12  # no host sync inside a step: the GPU test, the loop's profile (syncs per step, GPU idle),
 #                                # the loop against steps timed one by one (the sync each step used to make)
 set -uo pipefail
@@ -90,8 +92,19 @@ case "${1:-}" in
     timeout 120 python3 scripts/bench_e2e.py --optim adamw --micro 1 8 --steps 6 \
         --set trainer.param_dtype=bfloat16 2>&1 | tee "$OUT/e2e_loop_steps.txt"
     ;;
+16)
+    echo "== the fused cross entropy: the GPU test (K2's vocabulary), the kernel against torch's, end to end"
+    timeout 120 python3 -m pytest -q -m gpu tests/test_kernel_cross_entropy.py 2>&1 | tail -3
+    timeout 90 python3 scripts/bench_kernels.py --only loss 2>&1 | tee "$OUT/loss_kernel.txt"
+    for impl in torch triton; do
+        timeout 130 python3 scripts/bench_e2e.py --optim adamw --micro 1 8 --steps 6 \
+            --set trainer.param_dtype=bfloat16 model.loss_impl=$impl 2>&1 | tee "$OUT/e2e_loss_$impl.txt"
+        timeout 60 python3 scripts/bench_trainer.py long_context --only "k2_small S=32K full" --steps 2 \
+            --set model.loss_impl=$impl 2>&1 | tee "$OUT/k2s_32k_loss_$impl.txt"
+    done
+    ;;
 *)
-    echo "usage: bash scripts/gpu_owed.sh 4|8|9|10|11|12|13|14|15" >&2
+    echo "usage: bash scripts/gpu_owed.sh 4|8|9|10|11|12|13|14|15|16" >&2
     exit 2
     ;;
 esac

@@ -246,8 +246,11 @@ def head_activation_bytes(cfg: ModelConfig, a: int, tp: int = 1) -> float:
     """Final norm + LM head + cross entropy, per token: norm, bf16 logits, fp32 log-softmax; under
     autocast also the fp32 gradient of the upcast logits, alive beside the log-softmax in the
     cross entropy's backward (measured on k2_small at micro-batch 1 x 4096: without it the estimate
-    was 12% under the 29.1 GiB peak)."""
+    was 12% under the 29.1 GiB peak). With the fused cross entropy (``model.loss_impl=triton``) the
+    logits, kept for its backward, and their gradient, with one fp32 log-sum-exp and loss a token."""
     V = cfg.vocab_size // tp
+    if cfg.loss_impl == "triton":
+        return norm_bytes(cfg.hidden_size, a) + 2 * a * V + 8
     return norm_bytes(cfg.hidden_size, a) + (a * V + 4 * V if a != 4 else 0) + 4 * V
 
 
@@ -470,12 +473,14 @@ def estimate_memory(
             head = head_activation_bytes(model_cfg, a, tp) * chunk
             if not backward_before_peak and chunk >= tokens_mb:
                 # The phase counts the LM head's gradient (the backward's first), but the cross
-                # entropy's temporaries are gone when the head's backward makes it: then the
-                # logits' gradient and the weight gradient before its cast to fp32 are alive.
-                # (In chunks, the first chunk's backward makes it, beside the next ones'.)
+                # entropy's temporaries are gone when the head's backward makes it. Its matmul's
+                # backward holds the logits' gradient and the weight gradient (bf16 under autocast),
+                # not yet the fp32 one; the cast to fp32 comes after the logits' gradient and the
+                # weight's bf16 copy are gone. (In chunks, the first chunk's backward makes it,
+                # beside the next ones'.)
                 V, D = model_cfg.vocab_size // tp, model_cfg.hidden_size
                 head_grad = gb * V * D
-                head = max(head - head_grad, a * V * chunk + (2 * V * D if precision != "fp32" else 0))
+                head = max(head - head_grad, a * V * chunk + (2 * V * D if precision != "fp32" else 0) - head_grad, 0.0)
             transient += head
 
         def kept_copies(i: int) -> float:  # the bf16 weight copies block i keeps for its backward
