@@ -67,8 +67,7 @@ def plot(runs: dict[str, list[float]], cmp: dict, out: Path, model: str = "k2_sm
     ax.set_yscale("log")
     title = f"{model}: FP8 storage {cmp['mean']:+.3%} ± {cmp['sem']:.3%} loss over {cmp['steps']} paired steps"
     if len(runs) > 3:  # two pairs: their mean, then each
-        pair = compare(*list(runs.values())[2:4])
-        mean, sem = (cmp["mean"] + pair["mean"]) / 2, (cmp["sem"] ** 2 + pair["sem"] ** 2) ** 0.5 / 2
+        pair, mean, sem = second_pair(runs, cmp)
         title = (f"{model}: FP8 storage {mean:+.3%} ± {sem:.3%} loss, two pairs\n"
                  f"(init seed 0: {cmp['mean']:+.3%} ± {cmp['sem']:.3%}; seed 1: {pair['mean']:+.3%} ± {pair['sem']:.3%})")
     ax.set_title(title, fontsize=10)
@@ -100,6 +99,13 @@ def plot(runs: dict[str, list[float]], cmp: dict, out: Path, model: str = "k2_sm
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
+
+
+def second_pair(runs: dict[str, list[float]], cmp: dict) -> tuple[dict, float, float]:
+    """The second pair (the third and fourth runs: bf16 and FP8 from init seed 1) compared, and the
+    two pairs' mean with its standard error (``cmp``: the first pair's :func:`compare`)."""
+    pair = compare(*list(runs.values())[2:4])
+    return pair, (cmp["mean"] + pair["mean"]) / 2, (cmp["sem"] ** 2 + pair["sem"] ** 2) ** 0.5 / 2
 
 
 def compare(ref: list[float], fp8: list[float]) -> dict:
@@ -171,8 +177,7 @@ def main() -> None:
         print(f"noise floor, bf16 from init seed 1 against bf16, {floor['steps']} paired steps: {floor['mean']:+.3%} ± "
               f"{floor['sem']:.3%} mean, last {floor['tail_steps']} steps {floor['tail']:+.3%}")
     if len(others) > 2:  # the second pair, both from init seed 1, and the two pairs' mean
-        pair = compare(others[1], others[2])
-        mean, sem = (cmp["mean"] + pair["mean"]) / 2, (cmp["sem"] ** 2 + pair["sem"] ** 2) ** 0.5 / 2
+        pair, mean, sem = second_pair(runs, cmp)
         print(f"FP8 storage against bf16, both from init seed 1, {pair['steps']} paired steps: {pair['mean']:+.3%} ± "
               f"{pair['sem']:.3%} mean, last {pair['tail_steps']} steps {pair['tail']:+.3%}")
         print(f"FP8 storage, the two pairs' mean: {mean:+.3%} ± {sem:.3%}: increase "

@@ -69,7 +69,7 @@ case "${1:-}" in
     echo "   python scripts/trace_memory.py long_context --only 'proxy S=32K full' --top 30 prints the same by line)"
     timeout 170 python3 -m pytest -q -m gpu tests/test_activation_memory.py tests/test_trainer.py 2>&1 | tail -3
     timeout 200 python3 scripts/bench_trainer.py long_context --only "proxy S=32K" --steps 2 2>&1 | tee "$OUT/long_context_32k.txt"
-    echo "== what is alive at the second step's peak (or its out of memory), the proxy at 32K and k2_small at 32K (trace: 6% above)"
+    echo "== what is alive at the second step's peak (or its out of memory), the proxy at 32K and k2_small at 32K"
     timeout 200 python3 scripts/bench_trainer.py long_context --only "proxy S=32K|k2_small S=32K full" --steps 2 --peak \
         2>&1 | tee "$OUT/long_context_peak.txt"
     ;;

@@ -55,7 +55,7 @@ class CpuOffload(ActivationOffload):
     device_type = "cpu"
     instances: list = []
 
-    def __init__(self, min_bytes: int = 0):
+    def __init__(self):
         super().__init__(min_bytes=0)
         self.blocks: list = []
         self.holding: list[int] = []  # blocks whose originals are alive, at the end of each block's forward

@@ -480,7 +480,8 @@ def estimate_memory(
                 # beside the next ones'.)
                 V, D = model_cfg.vocab_size // tp, model_cfg.hidden_size
                 head_grad = gb * V * D
-                head = max(head - head_grad, a * V * chunk + (2 * V * D if precision != "fp32" else 0) - head_grad, 0.0)
+                matmul_backward = a * V * chunk + (2 * V * D if precision != "fp32" else 0)
+                head = max(head, matmul_backward, head_grad) - head_grad
             transient += head
 
         def kept_copies(i: int) -> float:  # the bf16 weight copies block i keeps for its backward
