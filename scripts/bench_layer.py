@@ -3,6 +3,8 @@ ours (k2train.model.Block) against HF transformers' DeepseekV3DecoderLayer with 
 then one k2_small training step (tokens/s, MFU by the Megatron convention).
 
     python scripts/bench_layer.py [--skip-hf] [--skip-layer] [--skip-small]   # prints a table; $OUT/bench_layer.json
+    python scripts/bench_layer.py --skip-hf --skip-small --fused [--profile]  # only the all-Triton rows, eager and
+                                  # compiled (norms and SwiGLU fused too), with the B=2 step's top GPU kernels
 
 Layer FLOPs (Megatron count, docs/performance.md#anchors): 6*T*(attention params + 9 experts' params)
 + 6*T*S*64*(192+128)/2. The HF layer and ours are built and timed one after the other (each
@@ -86,16 +88,41 @@ def bench_hf():
     return out
 
 
-def bench_ours(attn_impl, moe_impl, anchors):
+def top_kernels(step, top=15):
+    """The GPU kernels of one ``step``, summed by name, largest first: (ms, share, name)."""
+    from torch.profiler import ProfilerActivity, profile
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    by_name: dict[str, float] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            by_name[e.name] = by_name.get(e.name, 0.0) + e.device_time_total / 1e3
+    total = sum(by_name.values())
+    rows = sorted(((ms, ms / total, name) for name, ms in by_name.items()), reverse=True)
+    print(f"    GPU kernels of one step: {total:.2f} ms in all; the top {top}:")
+    for ms, share, name in rows[:top]:
+        print(f"    {ms:8.3f} ms {share:6.1%}  {name[:110]}")
+    return rows[:top]
+
+
+def bench_ours(attn_impl, moe_impl, anchors, fused=False, compile=False, profile_b=None):
+    """``fused``: the norms and the dense SwiGLU (shared expert) in Triton too; ``compile``: the
+    block under torch.compile (the kernels stay opaque custom ops; the plain-torch rest is fused)."""
     from k2train.model import Block
     from k2train.model.rope import rope_table
-    cfg = ModelConfig(num_hidden_layers=2, first_k_dense_replace=1, attn_impl=attn_impl, moe_impl=moe_impl)
+    impls = dict(norm_impl="triton", mlp_impl="triton") if fused else {}
+    cfg = ModelConfig(num_hidden_layers=2, first_k_dense_replace=1, attn_impl=attn_impl, moe_impl=moe_impl, **impls)
     torch.manual_seed(0)
     with torch.device("cuda"):
         block = Block(cfg, layer_id=1).to(torch.bfloat16)
     for name, p in block.named_parameters():
         torch.nn.init.normal_(p, std=0.006) if p.ndim > 1 else torch.nn.init.ones_(p)
     cos_table, sin_table = (t.cuda() for t in rope_table(cfg))
+    run = torch.compile(block) if compile else block
+    label = f"attn={attn_impl} moe={moe_impl}" + (" norm,mlp=triton" if fused else "") + (" compiled" if compile else "")
     for B in (1, 2):
         x = torch.randn(B, SEQ, 7168, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         cos, sin = cos_table[:SEQ].expand(B, SEQ, -1), sin_table[:SEQ].expand(B, SEQ, -1)
@@ -103,9 +130,11 @@ def bench_ours(attn_impl, moe_impl, anchors):
 
         def step():
             block.zero_grad(set_to_none=True)
-            block(x, cos, sin).backward(g)
+            run(x, cos, sin).backward(g)
         ms, peak = time_step(step)
-        record(f"ours: Block attn={attn_impl} moe={moe_impl} B={B} S={SEQ}", ms, B * SEQ, peak, anchors.get(B))
+        record(f"ours: Block {label} B={B} S={SEQ}", ms, B * SEQ, peak, anchors.get(B))
+        if B == profile_b:
+            RES[f"ours: Block {label} B={B} top kernels"] = top_kernels(step)
         del x, g
     del block
     torch.cuda.empty_cache()
@@ -156,7 +185,12 @@ def main():
     RES["versions"] = dict(torch=torch.__version__, triton=triton.__version__, transformers=transformers.__version__)
     anchors = {}
     runs = [] if "--skip-hf" in sys.argv else [("hf", bench_hf)]
-    if "--skip-layer" not in sys.argv:
+    prof = 2 if "--profile" in sys.argv else None
+    if "--fused" in sys.argv:
+        runs += [("ours all triton", lambda: bench_ours("triton", "triton", anchors, fused=True, profile_b=prof)),
+                 ("ours all triton compiled",
+                  lambda: bench_ours("triton", "triton", anchors, fused=True, compile=True, profile_b=prof))]
+    elif "--skip-layer" not in sys.argv:
         runs += [("ours triton/triton", lambda: bench_ours("triton", "triton", anchors)),
                  ("ours sdpa/triton", lambda: bench_ours("sdpa", "triton", anchors)),
                  ("ours sdpa/grouped_mm", lambda: bench_ours("sdpa", "grouped_mm", anchors))]
