@@ -89,20 +89,26 @@ def bench_hf():
 
 
 def top_kernels(step, top=15):
-    """The GPU kernels of one ``step``, summed by name, largest first: (ms, share, name)."""
+    """The GPU work of one ``step`` (kernels, copies, memsets from the profiler's trace), summed by
+    name, largest first: [(ms, share, name)]."""
+    import tempfile
+
     from torch.profiler import ProfilerActivity, profile
     step()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as tmp:
+        prof.export_chrome_trace(f"{tmp}/trace.json")
+        events = json.load(open(f"{tmp}/trace.json"))["traceEvents"]
     by_name: dict[str, float] = {}
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            by_name[e.name] = by_name.get(e.name, 0.0) + e.device_time_total / 1e3
+    for e in events:
+        if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"):
+            by_name[e["name"]] = by_name.get(e["name"], 0.0) + e["dur"] / 1e3
     total = sum(by_name.values())
     rows = sorted(((ms, ms / total, name) for name, ms in by_name.items()), reverse=True)
-    print(f"    GPU kernels of one step: {total:.2f} ms in all; the top {top}:")
+    print(f"    GPU work of one step: {total:.2f} ms in all; the top {top}:")
     for ms, share, name in rows[:top]:
         print(f"    {ms:8.3f} ms {share:6.1%}  {name[:110]}")
     return rows[:top]

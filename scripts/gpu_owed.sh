@@ -14,9 +14,12 @@
 #   bash scripts/gpu_owed.sh 14  # offload's in-flight bound: GPU tests, the proxy's 32K FP8 + offload row (out of memory
 #                                # before the bound, planner 97 GiB), then what is alive at the peak (the tests and the
 #                                # k2_small rows passed on an H100 on 2026-12-05, where --peak failed in the chunked loss)
-#   bash scripts/gpu_owed.sh 15  # the offload rows at 4K after the in-flight bound (step time, peak vs planner)
+#   bash scripts/gpu_owed.sh 15  # the offload rows at 4K after the in-flight bound (step time, peak vs planner);
+#                                # PCIE=1 measures PCIe first (53/54 GB/s on an H100 host, 2026-12-05)
 #   bash scripts/gpu_owed.sh 16  # the fused cross entropy (model.loss_impl=triton): GPU test, kernel against torch's,
 #                                # end to end and k2_small's 32K peak with and without
+#   bash scripts/gpu_owed.sh 17  # one K2 MoE layer with every kernel fused (norms, SwiGLU), eager and compiled, and
+#                                # where its B=2 step spends GPU time (the 400 TFLOP/s target; 347 measured)
 #   bash scripts/gpu_owed.sh 12  # no host sync inside a step: the GPU test, the loop's profile (syncs per step, GPU idle),
 #                                # the loop against steps timed one by one (the sync each step used to make)
 set -uo pipefail
@@ -76,8 +79,8 @@ case "${1:-}" in
 15)
     echo "== what PCIe carries to pinned host memory (offload's ceiling), then the offload rows at 4K (the proxy,"
     echo "   MuonClip, 8 micro-batches) after the in-flight bound, against none"
-    timeout 60 python3 scripts/bench_kernels.py --only pcie 2>&1 | tee "$OUT/pcie.txt"
-    timeout 400 python3 scripts/bench_trainer.py memory --steps 3 \
+    [ -n "${PCIE:-}" ] && timeout 60 python3 scripts/bench_kernels.py --only pcie 2>&1 | tee "$OUT/pcie.txt"
+    timeout 450 python3 scripts/bench_trainer.py memory --steps 3 \
         --only 'muonclip m=8 none$|muonclip m=8 offload$|muonclip m=8 offload+selective$|muonclip m=8 fp8+offload+selective$' \
         2>&1 | tee "$OUT/memory_offload.txt"
     ;;
@@ -103,8 +106,12 @@ case "${1:-}" in
             --set model.loss_impl=$impl 2>&1 | tee "$OUT/k2s_32k_loss_$impl.txt"
     done
     ;;
+17)
+    echo "== one K2 MoE layer, all Triton (attention, MoE, norms, SwiGLU), eager then compiled; the B=2 step's kernels"
+    timeout 400 python3 scripts/bench_layer.py --skip-hf --skip-small --fused --profile 2>&1 | tee "$OUT/bench_layer_fused.txt"
+    ;;
 *)
-    echo "usage: bash scripts/gpu_owed.sh 4|8|9|10|11|12|13|14|15|16" >&2
+    echo "usage: bash scripts/gpu_owed.sh 4|8|9|10|11|12|13|14|15|16|17" >&2
     exit 2
     ;;
 esac
