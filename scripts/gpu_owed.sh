@@ -10,14 +10,15 @@
 #   bash scripts/gpu_owed.sh 11 RUNS.json  # its noise run (bf16 from init seed 1), added to part 10's fp8_loss.json
 #   bash scripts/gpu_owed.sh 13 RUNS.json  # FP8's gradient against another batch's (k2_small, after 50 steps); a second
 #                                          # pair (FP8 from init seed 1) added to RUNS.json (docs/data/fp8_loss_300.json
-#                                          # holds it since 2026-12-05, run on an H100: only the comparison is owed)
+#                                          # holds it since 2026-12-05, run on an H100, and the comparison too)
 #   bash scripts/gpu_owed.sh 14  # offload's in-flight bound: GPU tests, the proxy's 32K FP8 + offload row (out of memory
 #                                # before the bound, planner 97 GiB), then what is alive at the peak (the tests and the
 #                                # k2_small rows passed on an H100 on 2026-12-05, where --peak failed in the chunked loss)
 #   bash scripts/gpu_owed.sh 15  # the offload rows at 4K after the in-flight bound (step time, peak vs planner);
 #                                # PCIE=1 measures PCIe first (53/54 GB/s on an H100 host, 2026-12-05)
 #   bash scripts/gpu_owed.sh 16  # the fused cross entropy (model.loss_impl=triton): GPU test, kernel against torch's,
-#                                # end to end and k2_small's 32K peak with and without
+#                                # end to end and k2_small's 32K peak with and without (all but the proxy's end to
+#                                # end ran on an H100 on 2026-12-05: docs/performance.md)
 #   bash scripts/gpu_owed.sh 17  # one K2 MoE layer with every kernel fused (norms, SwiGLU), eager and compiled, and
 #                                # where its B=2 step spends GPU time (the 400 TFLOP/s target; 347 measured)
 #   bash scripts/gpu_owed.sh 12  # no host sync inside a step: the GPU test, the loop's profile (syncs per step, GPU idle),
