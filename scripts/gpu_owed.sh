@@ -21,6 +21,8 @@
 #                                # end ran on an H100 on 2026-12-05: docs/performance.md)
 #   bash scripts/gpu_owed.sh 17  # one K2 MoE layer with every kernel fused (norms, SwiGLU), eager and compiled, and
 #                                # where its B=2 step spends GPU time (the 400 TFLOP/s target; 347 measured)
+#   bash scripts/gpu_owed.sh 18  # part 15's offload rows on an H100 (80 GB): the proxy with a 32K vocabulary (the
+#                                # blocks' activations as the proxy's; the embedding and head 35 GiB smaller)
 #   bash scripts/gpu_owed.sh 12  # no host sync inside a step: the GPU test, the loop's profile (syncs per step, GPU idle),
 #                                # the loop against steps timed one by one (the sync each step used to make)
 set -uo pipefail
@@ -107,12 +109,18 @@ case "${1:-}" in
             --set model.loss_impl=$impl 2>&1 | tee "$OUT/k2s_32k_loss_$impl.txt"
     done
     ;;
+18)
+    echo "== the offload rows at 4K after the in-flight bound, on an H100: the proxy with a 32K vocabulary"
+    timeout 330 python3 scripts/bench_trainer.py memory --steps 3 \
+        --only 'muonclip m=8 none$|muonclip m=8 offload+selective$|muonclip m=8 fp8+offload+selective$|muonclip m=8 offload$' \
+        --set model.vocab_size=32768 2>&1 | tee "$OUT/memory_offload_v32k.txt"
+    ;;
 17)
     echo "== one K2 MoE layer, all Triton (attention, MoE, norms, SwiGLU), eager then compiled; the B=2 step's kernels"
     timeout 400 python3 scripts/bench_layer.py --skip-hf --skip-small --fused --profile 2>&1 | tee "$OUT/bench_layer_fused.txt"
     ;;
 *)
-    echo "usage: bash scripts/gpu_owed.sh 4|8|9|10|11|12|13|14|15|16|17" >&2
+    echo "usage: bash scripts/gpu_owed.sh 4|8|9|10|11|12|13|14|15|16|17|18" >&2
     exit 2
     ;;
 esac
