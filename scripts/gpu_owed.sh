@@ -113,7 +113,7 @@ case "${1:-}" in
     echo "== the offload rows at 4K after the in-flight bound, on an H100: the proxy with a 32K vocabulary"
     timeout 330 python3 scripts/bench_trainer.py memory --steps 3 \
         --only 'muonclip m=8 none$|muonclip m=8 offload+selective$|muonclip m=8 fp8+offload+selective$|muonclip m=8 offload$' \
-        --set model.vocab_size=32768 2>&1 | tee "$OUT/memory_offload_v32k.txt"
+        --set model.vocab_size=32768 model.bos_token_id=32000 model.eos_token_id=32001 2>&1 | tee "$OUT/memory_offload_v32k.txt"
     ;;
 17)
     echo "== one K2 MoE layer, all Triton (attention, MoE, norms, SwiGLU), eager then compiled; the B=2 step's kernels"
