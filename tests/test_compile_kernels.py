@@ -23,6 +23,7 @@ import k2train.kernels as kernels  # noqa: E402
 from k2train.config import load_config  # noqa: E402
 from k2train.kernels import attention as attn  # noqa: E402
 from k2train.kernels.attention import mla_attention  # noqa: E402
+from k2train.kernels.cross_entropy import cross_entropy  # noqa: E402
 from k2train.kernels.moe import build_routing, combine, expert_mlp_saved, moe_experts_forward, permute  # noqa: E402
 from k2train.kernels.norms import rmsnorm, rmsnorm_residual, triton_norms_available  # noqa: E402
 from k2train.kernels.swiglu import swiglu  # noqa: E402
@@ -166,6 +167,16 @@ def test_saved_expert_mlp_compiles_without_graph_breaks(fp8):
     _check_compiled(fn, [x, w, *ws])
 
 
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_fused_cross_entropy_compiles_without_graph_breaks(backend):
+    """model.loss_impl=triton's kernel inside a compiled graph, with ignored labels, and the sum a
+    loss takes of it."""
+    torch.manual_seed(0)
+    labels = torch.tensor([3, -100, 0, 63, 7, 7, -100, 12], device=DEV)
+    _check_compiled(lambda x: cross_entropy(x, labels), [_randn(8, 64, scale=4.0)], backend)
+    _check_compiled(lambda x: cross_entropy(x * 0.5, labels).sum() / 6, [_randn(8, 64, scale=4.0)], backend)
+
+
 # --- the ops' registrations (schema, fake tensors, autograd, AOT dispatch) -----------------------
 
 def _op_cases():
@@ -174,6 +185,9 @@ def _op_cases():
     q, k, v = _randn(1, 2, 32, 24, grad=False), _randn(1, 2, 32, 24, grad=False), _randn(1, 2, 32, 16, grad=False)
     doc = _doc_ids(1, 32)
     out, lse, _ = OPS.mla_attention_fwd(q, k, v, doc, 0.3, True)
+    logits = _randn(6, 50, grad=False, scale=3.0)
+    labels = torch.tensor([3, -100, 0, 49, 7, 7], device=DEV)
+    ce, ce_lse = OPS.cross_entropy_fwd(logits, labels, -100)
     xm, idx, wm, ws = _moe_case(D=136)  # 26 routed rows, I = 16
     xm, wm, ws = xm.detach(), wm.detach(), [t.detach() for t in ws]
     rt = build_routing(idx, 6)
@@ -198,13 +212,15 @@ def _op_cases():
         "expert_mlp_saved_fwd_fp8": (OPS.expert_mlp_saved_fwd, (*grad(xs, *ws), rt.offs_E, False, True)),
         "expert_mlp_saved_bwd": (OPS.expert_mlp_saved_bwd, (torch.randn_like(xs), xs, None, rows_I(), None, rows_I(),
                                                             None, *ws, rt.offs_E, False)),
+        "cross_entropy_fwd": (OPS.cross_entropy_fwd, (*grad(logits), labels, -100)),
+        "cross_entropy_bwd": (OPS.cross_entropy_bwd, (torch.randn_like(ce), logits, labels, ce_lse, -100)),
     }
 
 
 _OP_NAMES = ["rmsnorm_residual_fwd", "rmsnorm_fwd", "rmsnorm_bwd", "swiglu_fwd", "swiglu_bwd", "mla_attention_fwd",
              "mla_attention_bwd", "moe_permute", "moe_permute_bwd", "moe_combine", "moe_combine_bwd",
              "grouped_linear_loop", "grouped_weight_grad_loop", "expert_mlp_saved_fwd", "expert_mlp_saved_fwd_fp8",
-             "expert_mlp_saved_bwd"]
+             "expert_mlp_saved_bwd", "cross_entropy_fwd", "cross_entropy_bwd"]
 
 
 @pytest.mark.parametrize("name", _OP_NAMES)
