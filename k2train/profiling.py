@@ -20,12 +20,14 @@ from __future__ import annotations
 import os
 import sys
 import weakref
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Iterable, Optional
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils import _pytree as pytree
+from torch.utils.checkpoint import set_checkpoint_early_stop
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # source files whose frames name an allocation (the innermost of them), before any other frame
@@ -61,6 +63,7 @@ class StepProfiler:
         self.rank = rank
         self._prof: Optional[profile] = None
         self._first = 0
+        self._window = ExitStack()
 
     @property
     def last_step(self) -> int:
@@ -74,6 +77,9 @@ class StepProfiler:
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
         if self.cfg.memory_snapshot:
             torch.cuda.memory._record_memory_history(max_entries=1_000_000)
+            # recomputes run to their end while the history records Python stacks: an early stop
+            # raises out of torch's C++ ops, and the stacks gathered as it unwinds lose the exception
+            self._window.enter_context(set_checkpoint_early_stop(False))
         self._prof = profile(activities=activities, record_shapes=True, with_stack=self.cfg.with_stack)
         self._prof.__enter__()
         self._first = step
@@ -97,6 +103,7 @@ class StepProfiler:
             prof.__exit__(None, None, None)
             if self.cfg.memory_snapshot:
                 torch.cuda.memory._record_memory_history(enabled=None)
+            self._window.close()
 
     def _finish(self, step: int) -> str:
         prof, self._prof = self._prof, None
@@ -113,6 +120,7 @@ class StepProfiler:
             torch.cuda.memory._dump_snapshot(f"{stem}_memory.pickle")
             torch.cuda.memory._record_memory_history(enabled=None)
             written.append(f"{stem}_memory.pickle")
+        self._window.close()
         return f"profiled steps {self._first}-{step} on rank {self.rank}: " + ", ".join(written)
 
 

@@ -26,10 +26,12 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from torch.utils.checkpoint import set_checkpoint_early_stop
 
 from k2train.config import load_config
 from k2train.memtrace import random_tokens
@@ -168,7 +170,9 @@ def run_case(name: str, overrides: list[str], steps: int, work: Path, peak: bool
                     if peak and i == steps - 1:  # the last step's allocations, with Python stacks
                         torch.cuda.memory._record_memory_history(max_entries=500_000, stacks="python")
                 t0 = time.perf_counter()
-                row["loss"] = tr.train_step(batches).loss
+                # recomputes run to their end while stacks are recorded (k2train/profiling.py says why)
+                with set_checkpoint_early_stop(False) if peak and i == steps - 1 else nullcontext():
+                    row["loss"] = tr.train_step(batches).loss
                 if cuda:  # the read waited for the step's stream; offload's side streams too
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - t0)
