@@ -117,7 +117,8 @@ case "${1:-}" in
     ;;
 17)
     echo "== one K2 MoE layer, all Triton (attention, MoE, norms, SwiGLU), eager then compiled; the B=2 step's kernels"
-    timeout 400 python3 scripts/bench_layer.py --skip-hf --skip-small --fused --profile 2>&1 | tee "$OUT/bench_layer_fused.txt"
+    # two ~64 GiB layers one after the other: on an 80 GB card only without fragmentation
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout 400 python3 scripts/bench_layer.py --skip-hf --skip-small --fused --profile 2>&1 | tee "$OUT/bench_layer_fused.txt"
     ;;
 *)
     echo "usage: bash scripts/gpu_owed.sh 4|8|9|10|11|12|13|14|15|16|17|18" >&2
