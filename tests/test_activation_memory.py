@@ -2,6 +2,8 @@
 and CPU offload of what the blocks keep. CPU here; the GPU tests are marked."""
 
 import dataclasses
+import gc
+import weakref
 
 import pytest
 import torch
@@ -214,6 +216,49 @@ def test_offload_logic_on_cpu_stand_in_streams(one_thread, cpu_streams, recomput
     assert offload.handed_back > 0 and offload.copied_back > 0, (offload.handed_back, offload.copied_back)
     for b in offload.blocks:
         assert all(e.views == 0 and e.gpu is None and e.host is None and e.src is None for e in b)
+
+
+@pytest.mark.parametrize("recompute, offload, fp8", [
+    ("none", False, False), ("full", False, False), ("selective", False, False),
+    ("none", True, False), ("selective", True, True),
+], ids=["none", "full", "selective", "offload", "k2_recipe"])
+def test_a_failed_forward_leaves_nothing_alive(cpu_streams, recompute, offload, fp8):
+    """A step that fails after some blocks ran (out of memory in the next block, the loss, ...),
+    caught by the caller, which drops the model: no weight, no activation and no hook stays alive.
+    Checkpointed blocks used to keep everything: what the checkpoint holds for the backward (the
+    block, selective recompute's kept outputs) closed a cycle with the tensors of the block's own
+    graph (the MoE's aux_loss, the kept outputs' grad_fn) through autograd's C++ graph, which
+    Python's garbage collector cannot break; a benchmark's next case then ran on a GPU still full
+    of the last one."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    from k2train.parallel.recompute import apply_recompute
+
+    def fail_after_the_blocks():
+        model = K2Model(dataclasses.replace(_tiny(), num_hidden_layers=4))
+        model.init_weights(seed=0)
+        apply_recompute(model, recompute)
+        if fp8:
+            apply_fp8_storage(model)
+        if offload:
+            apply_offload(model, CpuOffload())
+        alive = [weakref.ref(p) for p in model.parameters()]
+
+        def out_of_memory(module, args, output):
+            raise torch.OutOfMemoryError("injected: the step's next allocation failed")
+
+        blocks = list(model.layers.values())
+        blocks[0].register_forward_hook(lambda module, args, output: alive.append(weakref.ref(output)))
+        blocks[-1].register_forward_hook(out_of_memory)
+        with pytest.raises(torch.OutOfMemoryError, match="injected"):
+            model(torch.randint(0, model.cfg.vocab_size, (2, 16)))
+        return alive
+
+    alive = fail_after_the_blocks()
+    gc.collect()
+    assert not [r for r in alive if r() is not None], "weights or activations outlived the failed step"
+    assert _get_current_dispatch_mode_stack() == []
+    assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None  # no checkpoint or offload hooks left
 
 
 def test_offload_logic_through_the_trainer_with_gradient_accumulation(one_thread, monkeypatch):

@@ -27,7 +27,9 @@ snapshots the block's buffers and tensor attributes before a recompute and resto
 the statistics count every token exactly once whatever the mode (tests/test_recompute.py).
 """
 
+import functools
 import threading
+import weakref
 from collections import deque
 from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Callable, Iterator
@@ -108,13 +110,15 @@ def uncached_autocast() -> Iterator[None]:
 
 
 @contextmanager
-def _pass(block: nn.Module, inner, recompute: bool) -> Iterator[None]:
+def _pass(block_ref: "weakref.ref[nn.Module]", inner, recompute: bool) -> Iterator[None]:
     """One pass over a checkpointed block: the forward, or its recompute (which must leave the
     block's state as the forward left it). A recompute may stop early, by an exception once every
-    needed tensor is back, before region hooks close: every pass starts and ends with none open."""
+    needed tensor is back, before region hooks close: every pass starts and ends with none open.
+    ``block_ref``: a weak reference (see :class:`RecomputedBlock`), read when the pass starts."""
     _region.depth = 0
     try:
-        with _state_restored(block) if recompute else nullcontext(), uncached_autocast() if recompute else nullcontext(), inner:
+        with _state_restored(_alive(block_ref)) if recompute else nullcontext(), \
+                uncached_autocast() if recompute else nullcontext(), inner:
             yield
     finally:
         _region.depth = 0
@@ -138,25 +142,48 @@ def _state_restored(block: nn.Module) -> Iterator[None]:
             setattr(m, k, v)
 
 
+def _alive(block_ref: "weakref.ref[nn.Module]") -> nn.Module:
+    block = block_ref()
+    if block is None:
+        raise RuntimeError("a recomputed block's backward ran after its model was freed: keep the model alive "
+                           "until the backward of its forward is done")
+    return block
+
+
+def _run_block(block_ref: "weakref.ref[nn.Module]", *args, **kwargs):
+    """The block's own forward (compiled if ``compile_inner`` made one), looked up when it runs."""
+    block = _alive(block_ref)
+    inner = getattr(block, "_compiled_forward", None) or super(RecomputedBlock, block).forward
+    return inner(*args, **kwargs)
+
+
 class RecomputedBlock:
-    """Mixin placed in front of a block's class by :func:`apply_recompute`."""
+    """Mixin placed in front of a block's class by :func:`apply_recompute`.
+
+    What the checkpoint keeps for the backward (the function to run again, its recompute's
+    context) reaches the block only through a weak reference. The saved tensors' hooks hold the
+    checkpoint, and the block holds tensors of its own graph (the MoE's ``aux_loss``): a strong
+    reference would close a cycle through autograd's C++ graph, which Python's garbage collector
+    cannot see. A step's backward breaks it, but a forward that fails (out of memory, say) would
+    keep the whole model and its activations alive for good."""
 
     recompute_mode: str = "full"
 
     def forward(self, *args, **kwargs):
         if not torch.is_grad_enabled():  # evaluation: nothing is saved, nothing to recompute
             return super().forward(*args, **kwargs)
+        block_ref = weakref.ref(self)
+        mode, offload = self.recompute_mode, getattr(self, "offload", None)  # offload: activation_memory.apply_offload
 
         def contexts():
-            if self.recompute_mode == "selective":
-                offload = getattr(self, "offload", None)  # set by activation_memory.apply_offload
+            if mode == "selective":
                 fwd, rec = _selective_contexts(*((offload.pack, offload.unpack) if offload is not None else ()))
             else:
                 fwd, rec = nullcontext(), nullcontext()
-            return _pass(self, fwd, recompute=False), _pass(self, rec, recompute=True)
+            return _pass(block_ref, fwd, recompute=False), _pass(block_ref, rec, recompute=True)
 
-        inner = getattr(self, "_compiled_forward", None) or super().forward
-        return checkpoint(inner, *args, use_reentrant=False, context_fn=contexts, **kwargs)
+        return checkpoint(functools.partial(_run_block, block_ref), *args, use_reentrant=False, context_fn=contexts,
+                          **kwargs)
 
     def compile_inner(self, backend: str = "inductor") -> None:
         """trainer.compile with recompute: compile the block's own forward and keep the
@@ -172,9 +199,23 @@ def _versions(out) -> list:
     return [t._version if isinstance(t, torch.Tensor) else None for t in tree_leaves(out)]
 
 
+def _detached(t):
+    """``t`` without autograd history, as an alias that shares its version counter (so an in-place
+    change after it was kept is still seen). Called below autograd, where a plain ``detach`` would
+    make an alias with a counter of its own: the in-place/view key is switched back on for it."""
+    if not isinstance(t, torch.Tensor):
+        return t
+    with torch._C._SetExcludeDispatchKeyGuard(torch._C.DispatchKey.ADInplaceOrView, False):
+        return t.detach()
+
+
 class _Keep(TorchDispatchMode):
     """Selective recompute's forward: the outputs of the ops the policy saves go into ``kept``, in
-    order, each through ``pack``, with their version counters."""
+    order, each through ``pack``, with their version counters. What stays on the device is kept
+    detached (the same storage and version counter): the output itself gets its ``grad_fn`` once
+    this op returns, and its graph's saved tensors hold the checkpoint that holds ``kept``, a cycle
+    through autograd's C++ graph that Python's garbage collector cannot break (after a forward that
+    fails, it would keep every activation and weight alive)."""
 
     def __init__(self, kept: deque, pack: Callable):
         super().__init__()
@@ -184,7 +225,8 @@ class _Keep(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         if _policy(SelectiveCheckpointContext(is_recompute=False), func, *args, **kwargs) == CheckpointPolicy.MUST_SAVE:
-            self.kept.append((func, tree_map_only(torch.Tensor, self.pack, out), _versions(out)))
+            kept = tree_map_only(torch.Tensor, lambda t: _detached(self.pack(t)), out)
+            self.kept.append((func, kept, _versions(out)))
         return out
 
 
