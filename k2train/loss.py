@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
+from torch.utils.checkpoint import checkpoint
 
 from .kernels.cross_entropy import cross_entropy
 from .parallel.recompute import uncached_autocast
@@ -77,14 +77,8 @@ class NextTokenLoss:
         B, S, _ = output.shape
         step = max(1, self.chunk_tokens // B)  # chunks cut the sequence; every chunk holds B x step tokens
         total = output.new_zeros((), dtype=torch.float32)
-        # Each chunk's recompute runs to its end (the cross entropy's last reduction, nothing more):
-        # stopping early raises out of torch's C++ cross entropy, and with the CUDA allocator's
-        # history recording Python stacks (profiling.memory_snapshot, bench_trainer.py --peak) that
-        # surfaced as "SystemError: cross_entropy_loss returned NULL without setting an exception"
-        with set_checkpoint_early_stop(False):
-            for start in range(0, S, step):
-                end = min(start + step, S)
-                total = total + checkpoint(_head_chunk_loss, output[:, start:end], self.head.weight,
-                                           labels[:, start:end], self.impl, use_reentrant=False,
-                                           context_fn=_chunk_contexts)
+        for start in range(0, S, step):
+            end = min(start + step, S)
+            total = total + checkpoint(_head_chunk_loss, output[:, start:end], self.head.weight, labels[:, start:end],
+                                       self.impl, use_reentrant=False, context_fn=_chunk_contexts)
         return total
