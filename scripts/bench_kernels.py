@@ -10,7 +10,8 @@ transformers' grouped_mm experts), permute/combine, RMSNorm and SwiGLU bandwidth
 copy), the fp32 gradient accumulator (vs torch's mixed-dtype in-place add), FP8 tile
 quantize/dequantize of the experts' inputs (vs a copy of the bytes they move), PCIe to pinned host
 memory each way and both at once (what activation offload can hide), the fused cross entropy (vs
-torch's under autocast and from fp32 logits). Each of ours is
+torch's under autocast and from fp32 logits), the router's fp32 matmul as split bf16 GEMMs (vs the
+fp32 GEMM it was). Each of ours is
 checked against its reference on the same random inputs before timing.
 """
 from __future__ import annotations
@@ -52,6 +53,7 @@ bootstrap_k2train()
 from k2train.kernels.cross_entropy import cross_entropy  # noqa: E402
 from k2train.kernels.fp8 import dequantize_tiles, quantize_tiles  # noqa: E402
 from k2train.kernels.grad_accumulate import accumulate_  # noqa: E402
+from k2train.kernels.split_matmul import linear_fp32  # noqa: E402
 from k2train.kernels.moe import build_routing, combine, moe_experts_forward, permute  # noqa: E402
 from k2train.kernels.newton_schulz import zeropower_ns_batched, zeropower_ns_reference  # noqa: E402
 from k2train.optim.newton_schulz import ns_flops  # noqa: E402
@@ -347,6 +349,34 @@ def loss(copy_gbps):
     del x
 
 
+def router(copy_gbps):
+    # K2's router on one B2 x S4096 micro-batch, forward and backward: fp32 logits from bf16 hidden
+    # states and bf16 weights (K2's setup) or fp32 master weights under autocast
+    T, D, E = 8192, 7168, 384
+    for w_dtype in (torch.bfloat16, torch.float32):
+        x = torch.randn(T, D, device=DEV).to(torch.bfloat16).requires_grad_()
+        w = (torch.randn(E, D, device=DEV) * D**-0.5).to(w_dtype).requires_grad_()
+        x_ = x.float() if w_dtype == torch.float32 else x  # under autocast the norm hands over fp32
+        g = torch.randn(T, E, device=DEV)
+        ref = [t.double() for t in torch.autograd.grad(F.linear(x_.double(), w.double()), (x, w), g.double())]
+        ref_out = F.linear(x_.double(), w.double())
+        runs = {"anchor: fp32 GEMM": "fp32", "ours, split bf16 GEMMs": "split"}
+        base = None
+        for name, mode in runs.items():
+            out = linear_fp32(x_, w, mode)
+            grads = torch.autograd.grad(out, (x, w), g)
+            errs = " ".join(f"{rel(a, r):.1e}" for a, r in zip((out, *grads), (ref_out, *ref)))
+
+            def step(mode=mode):
+                torch.autograd.grad(linear_fp32(x_, w, mode), (x, w), g)
+            t = bench(step)
+            base = base or t
+            row(f"router fwd+bwd [{T}, {D}] x [{E}], {str(w_dtype)[6:]} weight, {name}", t,
+                anchor_ms=base if mode != "fp32" else None, flops=3 * 2 * T * D * E,
+                note=f"rel err out/dx/dw vs fp64 {errs}")
+        del x, w, x_
+
+
 def _autocast_ce(x, labels):
     with torch.autocast("cuda", dtype=torch.bfloat16):
         return F.cross_entropy(x, labels, reduction="sum")
@@ -354,7 +384,7 @@ def _autocast_ce(x, labels):
 
 def main():
     import argparse
-    sections = {"accumulate": accumulate, "pcie": pcie, "loss": loss, "fp8": fp8, "norms": norms, "moe": moe,
+    sections = {"accumulate": accumulate, "pcie": pcie, "loss": loss, "router": router, "fp8": fp8, "norms": norms, "moe": moe,
                 "ns": lambda copy_gbps: newton_schulz()}
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", nargs="+", choices=list(sections), default=list(sections))

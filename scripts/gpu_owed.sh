@@ -19,12 +19,15 @@
 #   bash scripts/gpu_owed.sh 16  # the fused cross entropy (model.loss_impl=triton): GPU test, kernel against torch's,
 #                                # end to end and k2_small's 32K peak with and without (all but the proxy's end to
 #                                # end ran on an H100 on 2026-12-05: docs/performance.md)
-#   bash scripts/gpu_owed.sh 17  # one K2 MoE layer with every kernel fused (norms, SwiGLU), eager and compiled, and
+#   bash scripts/gpu_owed.sh 17  # the router's split fp32 matmul (test, against the fp32 GEMM); one K2 MoE layer
+#                                # with every kernel fused (norms, SwiGLU), eager and compiled, and
 #                                # where its B=2 step spends GPU time (the 400 TFLOP/s target; 347 measured)
 #   bash scripts/gpu_owed.sh 18  # part 15's offload rows on an H100 (80 GB): the proxy with a 32K vocabulary (the
 #                                # blocks' activations as the proxy's; the embedding and head 35 GiB smaller)
 #   bash scripts/gpu_owed.sh 12  # no host sync inside a step: the GPU test, the loop's profile (syncs per step, GPU idle),
-#                                # the loop against steps timed one by one (the sync each step used to make)
+#                                # the loop against steps timed one by one (the sync each step used to make); SET="..."
+#                                # adds overrides (an H100: SET="model.vocab_size=32768 model.bos_token_id=32000
+#                                # model.eos_token_id=32001", the proxy's blocks with a 35 GiB smaller embedding and head)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -91,12 +94,12 @@ case "${1:-}" in
     echo "== no host sync inside a step, evaluation and profile (GPU tests), then the trainer's loop profiled: syncs per step, GPU idle"
     timeout 150 python3 -m pytest -q -m gpu tests/test_trainer.py -k "host_sync or evaluation_and_profile" 2>&1 | tail -3
     timeout 200 python3 scripts/bench_e2e.py --optim adamw muonclip --micro 8 --steps 6 --profile --top 4 \
-        --set trainer.param_dtype=bfloat16 2>&1 | tee "$OUT/e2e_idle.txt"
+        --set trainer.param_dtype=bfloat16 ${SET:-} 2>&1 | tee "$OUT/e2e_idle.txt"
     echo "== the same, each step timed on its own between device synchronizations (what the loop saves)"
     timeout 120 python3 scripts/bench_e2e.py --optim adamw --micro 1 8 --steps 6 --sync-steps \
-        --set trainer.param_dtype=bfloat16 2>&1 | tee "$OUT/e2e_sync_steps.txt"
+        --set trainer.param_dtype=bfloat16 ${SET:-} 2>&1 | tee "$OUT/e2e_sync_steps.txt"
     timeout 120 python3 scripts/bench_e2e.py --optim adamw --micro 1 8 --steps 6 \
-        --set trainer.param_dtype=bfloat16 2>&1 | tee "$OUT/e2e_loop_steps.txt"
+        --set trainer.param_dtype=bfloat16 ${SET:-} 2>&1 | tee "$OUT/e2e_loop_steps.txt"
     ;;
 16)
     echo "== the fused cross entropy: the GPU test (K2's vocabulary), the kernel against torch's, end to end"
@@ -116,6 +119,9 @@ case "${1:-}" in
         --set model.vocab_size=32768 model.bos_token_id=32000 model.eos_token_id=32001 2>&1 | tee "$OUT/memory_offload_v32k.txt"
     ;;
 17)
+    echo "== the router's fp32 matmul as split bf16 GEMMs: GPU test (eager, compiled), against the fp32 GEMM"
+    timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_split_matmul.py 2>&1 | tail -3
+    timeout 60 python3 scripts/bench_kernels.py --only router 2>&1 | tee "$OUT/router.txt"
     echo "== one K2 MoE layer, all Triton (attention, MoE, norms, SwiGLU), eager then compiled; the B=2 step's kernels"
     # two ~64 GiB layers one after the other: on an 80 GB card only without fragmentation
     PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout 400 python3 scripts/bench_layer.py --skip-hf --skip-small --fused --profile 2>&1 | tee "$OUT/bench_layer_fused.txt"

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..kernels.moe import build_routing, combine, expert_mlp_saved, moe_experts_forward, permute
+from ..kernels.split_matmul import linear_fp32
 from ..kernels.swiglu import swiglu
 
 
@@ -47,9 +48,9 @@ class Router(nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns scores [T, E] (fp32), chosen experts [T, K] and their gate weights [T, K] (fp32)."""
-        # fp32 scores, also under autocast (which would run this matmul in bf16)
-        with torch.autocast(x_TD.device.type, enabled=False):
-            scores_TE = F.linear(x_TD.float(), self.weight.float()).sigmoid()
+        # fp32 scores, also under autocast (which would run this matmul in bf16); on CUDA as split
+        # bf16 GEMMs summed in fp32 (k2train.kernels.split_matmul)
+        scores_TE = linear_fp32(x_TD, self.weight).sigmoid()
         with torch.no_grad():
             topk_idx_TK = torch.topk(scores_TE + self.e_score_correction_bias, self.top_k, dim=-1, sorted=False)[1]
         topk_w_TK = scores_TE.gather(1, topk_idx_TK)

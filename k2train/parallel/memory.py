@@ -156,12 +156,13 @@ def layer_activation_bytes(
     # bytes of the expert input and of the SwiGLU inputs (gate, up outputs) per element
     e = 1 + 4 / 128 if fp8_moe_inputs else a
     probs = 4 * H * seq_len if eager else 0
-    # the fp32 router keeps its fp32 input: a copy of a bf16 input, or under autocast the norm's
-    # fp32 output, which the other consumers keep only as bf16 copies
-    router_copy = 4 * D if a != 4 else 0
+    # the fp32 router (k2train.kernels.split_matmul) keeps its input as it comes: under autocast
+    # the norm's fp32 output (or its two bf16 parts), which the other consumers keep only as bf16
+    # copies; a bf16 input is the norm's output that the others keep too
+    residual = residual_bytes or a
+    router_copy = 4 * D if a == 2 and residual == 4 else 0
     fused_swiglu = 3 if cfg.moe_impl == "triton" else 4  # gate, up, h (+ silu(gate) unfused)
     ffn_saved = 3 if cfg.mlp_impl == "triton" else 4  # the same for the dense/shared SwiGLU FFN
-    residual = residual_bytes or a
     if recompute == "full":
         return (residual_bytes or a) * D  # the block input; the layer is recomputed in its backward
     if recompute == "selective":
