@@ -84,6 +84,24 @@ def mla_attention(q, k, v, softmax_scale, causal=True, doc_ids=None):
     return out, max_logit_H
 
 
+def _doc_spans(doc_ids: torch.Tensor) -> torch.Tensor:
+    """int32 [B, 2, S]: for each position, the first position of its document's run and one past
+    its last, so the kernels visit only the blocks that hold a row's own document. Packed
+    documents have non-decreasing ids (each document one run); a row of the batch whose ids are
+    not (an id that comes back later) gets (0, S) everywhere: no block skipped, only masked.
+    Device ops only (no host sync)."""
+    B, S = doc_ids.shape
+    pos = torch.arange(S, device=doc_ids.device)
+    new = torch.ones(B, S, dtype=torch.bool, device=doc_ids.device)
+    new[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    start = torch.where(new, pos, 0).cummax(dim=1).values
+    last = torch.ones_like(new)
+    last[:, :-1] = new[:, 1:]
+    end = torch.where(last, pos + 1, S).flip(1).cummin(dim=1).values.flip(1)
+    runs = (doc_ids[:, 1:] >= doc_ids[:, :-1]).all(dim=1, keepdim=True)
+    return torch.stack([torch.where(runs, start, 0), torch.where(runs, end, S)], dim=1).to(torch.int32).contiguous()
+
+
 def _split_dims(dqk: int, dv: int) -> tuple[int, int, int]:
     """D1 + D2 >= Dqk with both powers of two >= 16; block width for Dv."""
     d1 = 1 << (dqk - 1).bit_length() - 1  # largest power of two strictly below dqk
@@ -113,11 +131,12 @@ def _mla_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_id
     # Per (b*h, query block) maxima; sized for the smallest BLOCK_M any config uses.
     max_blk = torch.full((B * H, triton.cdiv(S, _MIN_BLOCK)), float("-inf"), device=q.device)
     doc = doc_ids if doc_ids is not None else lse  # dummy pointer when unused
+    span = _doc_spans(doc_ids) if doc_ids is not None else lse
     sdoc = (doc_ids.stride(0), doc_ids.stride(1)) if doc_ids is not None else (0, 0)
     grid = lambda meta: (triton.cdiv(S, meta["BLOCK_M"]), B * H)  # noqa: E731
     kernel, cfg = _launcher("fwd", common["IEEE"])
     kernel[grid](
-        q, k, v, out, lse, max_blk, doc, softmax_scale,
+        q, k, v, out, lse, max_blk, doc, span, softmax_scale,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *sdoc,
         H, S, max_blk.shape[1], **common, **cfg,
     )
@@ -135,6 +154,7 @@ def _mla_attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     delta = torch.empty_like(lse)
     doc = doc_ids if doc_ids is not None else lse
+    span = _doc_spans(doc_ids) if doc_ids is not None else lse
     sdoc = (doc_ids.stride(0), doc_ids.stride(1)) if doc_ids is not None else (0, 0)
     _bwd_delta_kernel[(triton.cdiv(S, 64), B * H)](
         out, dout, delta, *out.stride(), *dout.stride(), H, S,
@@ -148,7 +168,7 @@ def _mla_attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     grid_kv = lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * H)  # noqa: E731
     kernel, cfg = _launcher("dkdv", common["IEEE"])
     kernel[grid_kv](
-        q, k, v, dout, lse, delta, dk, dv, doc, dqacc, softmax_scale,
+        q, k, v, dout, lse, delta, dk, dv, doc, span, dqacc, softmax_scale,
         *strides, *dk.stride(), *dv.stride(), *sdoc, H, S, ATOMIC_DQ=atomic, **common, **cfg,
     )
     if atomic:
@@ -157,7 +177,7 @@ def _mla_attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     grid_q = lambda meta: (triton.cdiv(S, meta["BLOCK_M"]), B * H)  # noqa: E731
     kernel, cfg = _launcher("dq", common["IEEE"])
     kernel[grid_q](
-        q, k, v, dout, lse, delta, dq, doc, softmax_scale,
+        q, k, v, dout, lse, delta, dq, doc, span, softmax_scale,
         *strides, *dq.stride(), *sdoc, H, S, **common, **cfg,
     )
     return dq, dk, dv
@@ -299,6 +319,18 @@ if triton is not None:
         return x
 
     @triton.jit
+    def _doc_bounds(span_ptr, offs, S, HAS_DOC: tl.constexpr):
+        """[lo, hi): the positions any row in ``offs`` can attend to (its documents' runs);
+        [0, S) without documents."""
+        if HAS_DOC:
+            lo = tl.min(tl.load(span_ptr + offs, mask=offs < S, other=S), 0)
+            hi = tl.max(tl.load(span_ptr + S + offs, mask=offs < S, other=0), 0)
+        else:
+            lo = 0
+            hi = S
+        return lo, hi
+
+    @triton.jit
     def _fwd_step(acc, l_i, m_i, q1, q2, k_base, v_base, doc_q, doc_ptr, start_n, offs_m, qk_scale,
                   stride_ks, stride_kd, stride_vs, stride_vd, stride_ds, S,
                   DQK: tl.constexpr, DV: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
@@ -328,7 +360,7 @@ if triton is not None:
         return acc, l_i, m_new
 
     @triton.jit
-    def _fwd_kernel(Q, K, V, O, LSE, MAXBLK, DOC, softmax_scale,
+    def _fwd_kernel(Q, K, V, O, LSE, MAXBLK, DOC, SPAN, softmax_scale,
                     sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
                     sob, soh, sos, sod, sdb, sds, H, S, n_maxblk,
                     DQK: tl.constexpr, DV: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
@@ -356,8 +388,10 @@ if triton is not None:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BDV], tl.float32)
+        lo, hi = _doc_bounds(SPAN + b * 2 * S, offs_m, S, HAS_DOC)
+        lo = lo // BLOCK_N * BLOCK_N  # key blocks before the rows' documents are skipped
         if CAUSAL:
-            for start_n in range(0, start_m, BLOCK_N):  # fully visible blocks
+            for start_n in range(lo, start_m, BLOCK_N):  # fully visible blocks
                 acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q1, q2, k_base, v_base, doc_q, doc_ptr,
                                           start_n, offs_m, qk_scale, sks, skd, svs, svd, sds, S,
                                           DQK, DV, D1, D2, BDV, BLOCK_N, False, False, HAS_DOC,
@@ -368,7 +402,7 @@ if triton is not None:
                                           DQK, DV, D1, D2, BDV, BLOCK_N, True, not EVEN_S, HAS_DOC,
                                           UPCAST, IEEE)
         else:
-            for start_n in range(0, S, BLOCK_N):
+            for start_n in range(lo, hi, BLOCK_N):
                 acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q1, q2, k_base, v_base, doc_q, doc_ptr,
                                           start_n, offs_m, qk_scale, sks, skd, svs, svd, sds, S,
                                           DQK, DV, D1, D2, BDV, BLOCK_N, False, not EVEN_S, HAS_DOC,
@@ -449,7 +483,7 @@ if triton is not None:
         return dk1, dk2, dv
 
     @triton.jit
-    def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, DOC, DQACC, softmax_scale,
+    def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, DOC, SPAN, DQACC, softmax_scale,
                      sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
                      sdob, sdoh, sdos, sdod, sdkb, sdkh, sdks, sdkd, sdvb, sdvh, sdvs, sdvd,
                      sdb, sds, H, S,
@@ -482,6 +516,7 @@ if triton is not None:
         dk1 = tl.zeros([BLOCK_N, D1], tl.float32)
         dk2 = tl.zeros([BLOCK_N, D2], tl.float32)
         dv = tl.zeros([BLOCK_N, BDV], tl.float32)
+        lo, hi = _doc_bounds(SPAN + b * 2 * S, offs_n, S, HAS_DOC)  # the query rows that can see these keys
         if CAUSAL:
             lo = start_n + BLOCK_N
             for start_m in range(start_n, start_n + BLOCK_N, BLOCK_M):  # the diagonal block
@@ -491,8 +526,8 @@ if triton is not None:
                                           DQK, DV, D1, D2, BDV, BLOCK_M, True, not EVEN_S, HAS_DOC,
                                           UPCAST, IEEE, ATOMIC_DQ)
         else:
-            lo = 0
-        for start_m in range(lo, S, BLOCK_M):  # query blocks that see the whole key block
+            lo = lo // BLOCK_M * BLOCK_M
+        for start_m in range(lo, hi, BLOCK_M):  # query blocks that see the whole key block
             dk1, dk2, dv = _dkdv_step(dk1, dk2, dv, k1, k2, v, q_base, do_base, lse_ptr,
                                       delta_ptr, doc_k, doc_ptr, dqacc_base, softmax_scale,
                                       start_m, offs_n, qk_scale, sqs, sqd, sdos, sdod, sds, S,
@@ -530,7 +565,7 @@ if triton is not None:
         return dq1, dq2
 
     @triton.jit
-    def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DOC, softmax_scale,
+    def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DOC, SPAN, softmax_scale,
                    sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
                    sdob, sdoh, sdos, sdod, sdqb, sdqh, sdqs, sdqd, sdb, sds, H, S,
                    DQK: tl.constexpr, DV: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
@@ -560,8 +595,10 @@ if triton is not None:
         qk_scale = softmax_scale * 1.4426950408889634
         dq1 = tl.zeros([BLOCK_M, D1], tl.float32)
         dq2 = tl.zeros([BLOCK_M, D2], tl.float32)
+        lo, hi = _doc_bounds(SPAN + b * 2 * S, offs_m, S, HAS_DOC)
+        lo = lo // BLOCK_N * BLOCK_N
         if CAUSAL:
-            for start_n in range(0, start_m, BLOCK_N):
+            for start_n in range(lo, start_m, BLOCK_N):
                 dq1, dq2 = _dq_step(dq1, dq2, q1, q2, do, lse, delta, k_base, v_base, doc_q, doc_ptr,
                                     start_n, offs_m, qk_scale, sks, skd, svs, svd, sds, S, DQK, DV,
                                     D1, D2, BDV, BLOCK_N, False, False, HAS_DOC, UPCAST, IEEE)
@@ -570,7 +607,7 @@ if triton is not None:
                                     start_n, offs_m, qk_scale, sks, skd, svs, svd, sds, S, DQK, DV,
                                     D1, D2, BDV, BLOCK_N, True, not EVEN_S, HAS_DOC, UPCAST, IEEE)
         else:
-            for start_n in range(0, S, BLOCK_N):
+            for start_n in range(lo, hi, BLOCK_N):
                 dq1, dq2 = _dq_step(dq1, dq2, q1, q2, do, lse, delta, k_base, v_base, doc_q, doc_ptr,
                                     start_n, offs_m, qk_scale, sks, skd, svs, svd, sds, S, DQK, DV,
                                     D1, D2, BDV, BLOCK_N, False, not EVEN_S, HAS_DOC, UPCAST, IEEE)

@@ -1,6 +1,7 @@
 """Check and time the MLA attention kernel against SDPA (cuDNN), FlexAttention and padded flash.
 
     python scripts/bench_attention.py [--out DIR] [--quick]
+    python scripts/bench_attention.py --docs   # packed documents: ours with doc_ids vs FlexAttention's document mask
 
 1. Correctness: bf16 (and one fp32) on the GPU, fresh random inputs, against the fp32
    explicit-logits reference: relative error of out, dq, dk, dv and max_logit_H.
@@ -193,17 +194,50 @@ def best_configs():
     return out
 
 
+def bench_documents(B=2, S=4096):
+    """fwd+bwd with packed documents of equal length: the kernels visit only the blocks of each
+    row's own document, so the time should fall with the document length, as FlexAttention's
+    document block mask does (TorchTitan's way to mask documents)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    flex = torch.compile(flex_attention)
+    rows = []
+    for doc_len in (S, 2048, 512):
+        doc_ids = (torch.arange(S, device="cuda") // doc_len).expand(B, S).contiguous()
+        errs, _, ok = check_one(B, 1024, torch.bfloat16, True, seed=doc_len)  # random documents, vs fp32
+        ids = doc_ids[0]
+        mask = create_block_mask(lambda b, h, qi, ki: (qi >= ki) & (ids[qi] == ids[ki]), None, None, S, S,
+                                 device="cuda")
+        impls = {"ours, doc_ids": lambda q, k, v: attn.mla_attention(q, k, v, DQK**-0.5, causal=True, doc_ids=doc_ids)[0],
+                 "flex, document mask": lambda q, k, v: flex(q, k, v, block_mask=mask, scale=DQK**-0.5)}
+        # causal pairs inside documents, for the rate
+        pairs = B * H * (S // doc_len) * doc_len * doc_len / 2
+        for name, fn in impls.items():
+            ms = time_impl(fn, B, S, True)
+            rate = 2 * pairs * (DQK + DV) * 3.5 / ms / 1e9
+            rows.append(dict(impl=name, doc_len=doc_len, ms=ms, tflops=rate, check_ok=ok))
+            print(f"  {name:22s} B{B} S{S} documents of {doc_len:5d}: fwd+bwd {ms:8.3f} ms, {rate:6.0f} TFLOP/s "
+                  f"of in-document work (correctness {'ok' if ok else 'FAILED'})", flush=True)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--quick", action="store_true", help="only B2 S4096, no FlexAttention")
     ap.add_argument("--lean", action="store_true",
                     help="--quick, untuned first configs, 4 correctness cases, fwd+bwd of ours and cuDNN")
+    ap.add_argument("--docs", action="store_true", help="only the packed-documents rows")
     args = ap.parse_args()
     t0 = time.time()
     env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                python=platform.python_version(), cudnn=torch.backends.cudnn.version())
     print(env)
+    if args.docs:
+        os.makedirs(args.out, exist_ok=True)
+        rows = bench_documents()
+        with open(os.path.join(args.out, "bench_attention_docs.json"), "w") as f:
+            json.dump(dict(env=env, documents=rows), f, indent=1)
+        sys.exit(0 if all(r["check_ok"] for r in rows) else 1)
     args.quick = args.quick or args.lean
     result = dict(env=env, correctness=check_correctness(args.lean), timings=[], configs={}, breakdown={})
     attn.AUTOTUNE = not args.lean
