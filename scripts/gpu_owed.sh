@@ -24,6 +24,7 @@
 #                                # where its B=2 step spends GPU time (the 400 TFLOP/s target; 347 measured)
 #   bash scripts/gpu_owed.sh 18  # part 15's offload rows on an H100 (80 GB): the proxy with a 32K vocabulary (the
 #                                # blocks' activations as the proxy's; the embedding and head 35 GiB smaller)
+#   bash scripts/gpu_owed.sh 19  # attention with packed documents (block skipping) against FlexAttention's document mask
 #   bash scripts/gpu_owed.sh 12  # no host sync inside a step: the GPU test, the loop's profile (syncs per step, GPU idle),
 #                                # the loop against steps timed one by one (the sync each step used to make); SET="..."
 #                                # adds overrides (an H100: SET="model.vocab_size=32768 model.bos_token_id=32000
@@ -126,8 +127,14 @@ case "${1:-}" in
     # two ~64 GiB layers one after the other: on an 80 GB card only without fragmentation
     PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout 400 python3 scripts/bench_layer.py --skip-hf --skip-small --fused --profile 2>&1 | tee "$OUT/bench_layer_fused.txt"
     ;;
+19)
+    echo "== attention with packed documents: the GPU tests, then fwd+bwd with documents of 4096 / 2048 / 512 tokens"
+    echo "   (the kernels skip other documents' blocks) against FlexAttention's document mask"
+    timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernel_attention.py 2>&1 | tail -3
+    timeout 300 python3 scripts/bench_attention.py --docs 2>&1 | tee "$OUT/attention_docs.txt"
+    ;;
 *)
-    echo "usage: bash scripts/gpu_owed.sh 4|8|9|10|11|12|13|14|15|16|17|18" >&2
+    echo "usage: bash scripts/gpu_owed.sh 4|8|9|10|11|12|13|14|15|16|17|18|19" >&2
     exit 2
     ;;
 esac
