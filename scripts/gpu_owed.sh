@@ -87,8 +87,9 @@ case "${1:-}" in
     echo "== what PCIe carries to pinned host memory (offload's ceiling), then the offload rows at 4K (the proxy,"
     echo "   MuonClip, 8 micro-batches) after the in-flight bound, against none"
     [ -n "${PCIE:-}" ] && timeout 60 python3 scripts/bench_kernels.py --only pcie 2>&1 | tee "$OUT/pcie.txt"
+    # ROWS=... picks fewer (bench_trainer's --only: '|'-separated names, '$' for an exact one)
     timeout 450 python3 scripts/bench_trainer.py memory --steps 3 \
-        --only 'muonclip m=8 none$|muonclip m=8 offload$|muonclip m=8 offload+selective$|muonclip m=8 fp8+offload+selective$' \
+        --only "${ROWS:-muonclip m=8 none\$|muonclip m=8 offload\$|muonclip m=8 offload+selective\$|muonclip m=8 fp8+offload+selective\$}" \
         2>&1 | tee "$OUT/memory_offload.txt"
     ;;
 12)
