@@ -358,8 +358,8 @@ def router(copy_gbps):
         w = (torch.randn(E, D, device=DEV) * D**-0.5).to(w_dtype).requires_grad_()
         x_ = x.float() if w_dtype == torch.float32 else x  # under autocast the norm hands over fp32
         g = torch.randn(T, E, device=DEV)
-        ref = [t.double() for t in torch.autograd.grad(F.linear(x_.double(), w.double()), (x, w), g.double())]
         ref_out = F.linear(x_.double(), w.double())
+        ref = torch.autograd.grad(ref_out, (x, w), g.double())
         runs = {"anchor: fp32 GEMM": "fp32", "ours, split bf16 GEMMs": "split"}
         base = None
         for name, mode in runs.items():
@@ -384,8 +384,8 @@ def _autocast_ce(x, labels):
 
 def main():
     import argparse
-    sections = {"accumulate": accumulate, "pcie": pcie, "loss": loss, "router": router, "fp8": fp8, "norms": norms, "moe": moe,
-                "ns": lambda copy_gbps: newton_schulz()}
+    sections = {"accumulate": accumulate, "pcie": pcie, "loss": loss, "router": router, "fp8": fp8, "norms": norms,
+                "moe": moe, "ns": lambda copy_gbps: newton_schulz()}
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", nargs="+", choices=list(sections), default=list(sections))
     args = ap.parse_args()

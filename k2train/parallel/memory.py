@@ -164,7 +164,7 @@ def layer_activation_bytes(
     fused_swiglu = 3 if cfg.moe_impl == "triton" else 4  # gate, up, h (+ silu(gate) unfused)
     ffn_saved = 3 if cfg.mlp_impl == "triton" else 4  # the same for the dense/shared SwiGLU FFN
     if recompute == "full":
-        return (residual_bytes or a) * D  # the block input; the layer is recomputed in its backward
+        return residual * D  # the block input; the layer is recomputed in its backward
     if recompute == "selective":
         # K2 (k2train/parallel/recompute.py): norms, SwiGLU, RoPE, the MLA up-projections (q_b,
         # kv_b and what follows up to attention) and casts are recomputed; their inputs stay.
