@@ -25,6 +25,7 @@
 #   bash scripts/gpu_owed.sh 18  # part 15's offload rows on an H100 (80 GB): the proxy with a 32K vocabulary (the
 #                                # blocks' activations as the proxy's; the embedding and head 35 GiB smaller)
 #   bash scripts/gpu_owed.sh 19  # attention with packed documents (block skipping) against FlexAttention's document mask
+#                                # (ran on an H100 on 2026-12-05: docs/kernels_attention.md)
 #   bash scripts/gpu_owed.sh 12  # no host sync inside a step: the GPU test, the loop's profile (syncs per step, GPU idle),
 #                                # the loop against steps timed one by one (the sync each step used to make); SET="..."
 #                                # adds overrides (an H100: SET="model.vocab_size=32768 model.bos_token_id=32000
