@@ -3,6 +3,7 @@
     python scripts/bench_kernels.py            # prints a table; writes $OUT/bench_kernels.json
     python scripts/bench_kernels.py --only accumulate norms   # some sections
     python scripts/bench_kernels.py --only pcie               # what activation offload can move per second
+    python scripts/bench_kernels.py --only gemm               # the experts' grouped GEMMs against the memory floor
 
 Rows: Newton-Schulz on the K2 layer slice (vs torch.optim.Muon's NS and step, and plain batched bf16
 torch), the MoE expert path fwd+bwd (vs the torch._grouped_mm reference in k2train.model.moe and HF
@@ -11,8 +12,9 @@ copy), the fp32 gradient accumulator (vs torch's mixed-dtype in-place add), FP8 
 quantize/dequantize of the experts' inputs (vs a copy of the bytes they move), PCIe to pinned host
 memory each way and both at once (what activation offload can hide), the fused cross entropy (vs
 torch's under autocast and from fp32 logits), the router's fp32 matmul as split bf16 GEMMs (vs the
-fp32 GEMM it was). Each of ours is
-checked against its reference on the same random inputs before timing.
+fp32 GEMM it was), and each of the routed experts' grouped GEMMs (torch._grouped_mm) against the
+bytes it must move (`--only gemm`). Each of ours is checked against its reference on the same random
+inputs before timing.
 """
 from __future__ import annotations
 
