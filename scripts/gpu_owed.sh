@@ -16,12 +16,14 @@
 #                                # k2_small rows passed on an H100 on 2026-12-05, where --peak failed in the chunked loss)
 #   bash scripts/gpu_owed.sh 15  # the offload rows at 4K after the in-flight bound (step time, peak vs planner);
 #                                # PCIE=1 measures PCIe first (53/54 GB/s on an H100 host, 2026-12-05)
+#                                # (its short ROWS ran on the H200 on 2026-12-05 evening: -0.9% to +0.7%)
 #   bash scripts/gpu_owed.sh 16  # the fused cross entropy (model.loss_impl=triton): GPU test, kernel against torch's,
 #                                # end to end and k2_small's 32K peak with and without (all but the proxy's end to
 #                                # end ran on an H100 on 2026-12-05: docs/performance.md)
 #   bash scripts/gpu_owed.sh 17  # the router's split fp32 matmul (test, against the fp32 GEMM); one K2 MoE layer
 #                                # with every kernel fused (norms, SwiGLU), eager and compiled, and
-#                                # where its B=2 step spends GPU time (the 400 TFLOP/s target; 347 measured)
+#                                # where its B=2 step spends GPU time (the 400 TFLOP/s target; the H200 measured 393
+#                                # compiled on 2026-12-05 evening, the H100 365)
 #   bash scripts/gpu_owed.sh 18  # part 15's offload rows on an H100 (80 GB): the proxy with a 32K vocabulary (the
 #                                # blocks' activations as the proxy's; the embedding and head 35 GiB smaller)
 #   bash scripts/gpu_owed.sh 19  # attention with packed documents (block skipping) against FlexAttention's document mask
