@@ -103,12 +103,23 @@ def top_kernels(step, top=15):
         prof.export_chrome_trace(f"{tmp}/trace.json")
         events = json.load(open(f"{tmp}/trace.json"))["traceEvents"]
     by_name: dict[str, float] = {}
+    spans = []
     for e in events:
         if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"):
             by_name[e["name"]] = by_name.get(e["name"], 0.0) + e["dur"] / 1e3
+            spans.append((e["ts"], e["ts"] + e["dur"]))
     total = sum(by_name.values())
     rows = sorted(((ms, ms / total, name) for name, ms in by_name.items()), reverse=True)
-    print(f"    GPU work of one step: {total:.2f} ms in all; the top {top}:")
+    # the GPU's idle time between the step's first and last kernel: launch gaps between kernels
+    # (a few microseconds each on the device even when queued) and any wait for the host
+    spans.sort()
+    idle, end = 0.0, spans[0][1] if spans else 0.0
+    for start, stop in spans[1:]:
+        idle += max(0.0, start - end)
+        end = max(end, stop)
+    span_ms = (end - spans[0][0]) / 1e3 if spans else 0.0
+    print(f"    GPU work of one step: {total:.2f} ms in all, {len(spans)} kernels/copies over {span_ms:.2f} ms "
+          f"(idle between them {idle / 1e3:.2f} ms); the top {top}:")
     for ms, share, name in rows[:top]:
         print(f"    {ms:8.3f} ms {share:6.1%}  {name[:110]}")
     return rows[:top]
