@@ -99,7 +99,7 @@ def linear_fp32(x_TD: torch.Tensor, w_ED: torch.Tensor, mode: str = "auto") -> t
         raise ValueError(f"linear_fp32 mode={mode!r}: use auto, split, fp32 or emulate")
     if mode == "auto":
         # a bf16 input only: splitting an fp32 input (autocast's fp32 norm output) costs two passes
-        # over it, and the nine GEMMs of two split operands gain little (1.36x on an H100)
+        # over it, and the nine GEMMs of two split operands gain little (1.38x on an H100)
         split = x_TD.dtype == torch.bfloat16 and w_ED.dtype in (torch.float32, torch.bfloat16)
         mode = "split" if split and x_TD.is_cuda and _MM_OUT_DTYPE else "fp32"
     with torch.autocast(x_TD.device.type, enabled=False):

@@ -382,8 +382,8 @@ def router(copy_gbps):
 def gemm(copy_gbps):
     # The routed experts' grouped GEMMs (torch._grouped_mm, CUTLASS) at K2's widths (D 7168, I 2048)
     # for 65,536 routed rows (one B2 x S4096 micro-batch, 8 experts a token) over 384 / 24 experts:
-    # 171 rows per expert (all of K2's experts on one GPU: bound by memory) and 2,731 (EP16: bound
-    # by the tensor cores). "of copy": the bytes a GEMM must move at least (weights once,
+    # 171 rows per expert (all of K2's experts on one GPU: bound by memory on an H100, near the ridge
+    # on an H200) and 2,731 (EP16: bound by the tensor cores). "of copy": the bytes a GEMM must move at least (weights once,
     # activations once) over the time, against a device copy's bandwidth; the input's gradient of
     # gate and up is two GEMMs and a sum. (The weights' gradients with dy^T copied K-major need each
     # expert's rows in multiples of 8, else CUTLASS asserts on the device; with rows padded so, that
