@@ -535,12 +535,6 @@ class JobConfig:
                 "configurations by timing, so the order of their sums can change from run to run; use "
                 "trainer.compile=false for bitwise reproducible runs"
             )
-        if t.compile and self.parallel.recompute == "selective":
-            _fail(
-                "trainer.compile=true with parallel.recompute=selective: the selective policy runs on "
-                "eager ops and cannot see inside compiled blocks; use parallel.recompute=full (compiled "
-                "blocks, recomputed whole) or trainer.compile=false"
-            )
         if t.seq_len > m.max_position_embeddings:
             _fail(f"trainer.seq_len={t.seq_len} exceeds model.max_position_embeddings={m.max_position_embeddings}")
         return self

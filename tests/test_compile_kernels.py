@@ -269,7 +269,7 @@ def _check_model_compiled(backend, device, tol, num_layers=4, S=33, autocast=Fal
     model.init_weights(seed=0)
     if fp8:
         apply_fp8_storage(model)
-    if recompute != "none":  # compiled inside, the checkpoint around it stays eager (apply_compile)
+    if recompute != "none":  # full: compiled inside an eager checkpoint; selective: compiled with it (apply_compile)
         apply_recompute(model, recompute)
     tokens = torch.randint(0, cfg.vocab_size, (2, S), device=device)
     doc_ids = _doc_ids(2, S - 1).to(device)
@@ -306,6 +306,13 @@ def test_model_compiled_inside_full_recompute_matches_eager():
     _check_model_compiled("aot_eager", "cpu", 1e-5, num_layers=3, S=17, recompute="full")
 
 
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16_storage", "fp8_moe_inputs"])
+def test_model_compiled_with_selective_recompute_matches_eager(fp8):
+    # the checkpoint compiled with the block inside it: the selective policy tags the traced graph
+    # and the partitioner recomputes inside the compiled backward
+    _check_model_compiled("aot_eager", "cpu", 1e-5, num_layers=3, S=17, fp8=fp8, recompute="selective")
+
+
 @pytest.mark.slow  # inductor's C++ compiles: about a minute on two cores with a cold cache
 def test_model_compiled_with_inductor_matches_eager():
     _check_model_compiled("inductor", "cpu", 1e-5, num_layers=2, S=25)
@@ -313,8 +320,8 @@ def test_model_compiled_with_inductor_matches_eager():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("fp8, recompute", [(False, "none"), (True, "none"), (False, "full")],
-                         ids=["bf16", "fp8_moe_inputs", "full_recompute"])
+@pytest.mark.parametrize("fp8, recompute", [(False, "none"), (True, "none"), (False, "full"), (True, "selective")],
+                         ids=["bf16", "fp8_moe_inputs", "full_recompute", "fp8_selective_recompute"])
 def test_gpu_model_compiled_with_inductor_matches_eager(fp8, recompute):
     """As the trainer runs it: fp32 weights under bf16 autocast, the Triton kernels on bf16 (norms on
     the fp32 residual stream), torch._grouped_mm experts, inductor per block. Eager and compiled

@@ -16,8 +16,10 @@ collectives outside the functional API.
 
 With ``parallel.recompute=full`` the block's own forward is compiled and the checkpoint stays
 around it in eager mode: only the eager checkpoint can undo a recompute's second count of the
-routed tokens (k2train/parallel/recompute.py). Selective recompute with compile is refused by the
-config check (its op policy runs on eager ops).
+routed tokens (k2train/parallel/recompute.py). With ``selective`` the checkpoint is compiled with
+the block inside it: the policy tags the traced graph, the partitioner recomputes inside the
+compiled backward, and a compiled backward recomputes only what the gradients need, so the
+forward's state updates run once (``RecomputedBlock.compile_inner``).
 """
 
 from torch import nn

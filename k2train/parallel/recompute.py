@@ -35,10 +35,16 @@ from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Callable, Iterator
 
 import torch
+import torch.fx.traceback as fx_traceback
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map, tree_map_only
-from torch.utils.checkpoint import CheckpointPolicy, SelectiveCheckpointContext, checkpoint
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    SelectiveCheckpointContext,
+    checkpoint,
+    create_selective_checkpoint_contexts,
+)
 
 from ..kernels import attention, moe  # noqa: F401  (they register the k2kernels ops the policy names)
 
@@ -92,6 +98,40 @@ def _policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     if op.overloadpacket in _SAVED and not _in_recomputed_linear():
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _traced_in_recomputed_linear() -> bool:
+    """While torch.compile traces a checkpointed block (the eager forward hooks do not run then):
+    is the op at hand inside one of :data:`RECOMPUTED_LINEARS`? The tracer hands each op the
+    metadata of the graph node it comes from, whose module stack ends with the innermost module
+    (``...self_attn.q_b_proj``)."""
+    stack = fx_traceback.get_current_meta().get("nn_module_stack") or {}
+    return bool(stack) and str(list(stack.values())[-1][0]).rsplit(".", 1)[-1] in RECOMPUTED_LINEARS
+
+
+def _traced_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """:func:`_policy` for a compiled block: the same ops kept, the recomputed linears found by the
+    traced node's module stack."""
+    if op.overloadpacket in _SAVED and not _traced_in_recomputed_linear():
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _compiled_selective_contexts(block_ref: "weakref.ref[nn.Module]") -> Callable:
+    """The ``context_fn`` of a block compiled with its checkpoint (one per block, made once: the
+    compiler takes it as a constant). Traced (the compiler runs the checkpoint over the graph's
+    nodes, their metadata preserved): torch's selective contexts, which tag each node for the
+    partitioner. Where the block did not compile as one graph (a graph break inside, e.g. the
+    per-expert loop or EP's all-to-all), the checkpoint runs eagerly: then the eager contexts,
+    with the recompute's state restore."""
+
+    def contexts():
+        if fx_traceback.has_preserved_node_meta():
+            return create_selective_checkpoint_contexts(_traced_policy)
+        fwd, rec = _selective_contexts()
+        return _pass(block_ref, fwd, recompute=False), _pass(block_ref, rec, recompute=True)
+
+    return contexts
 
 
 @contextmanager
@@ -172,6 +212,10 @@ class RecomputedBlock:
     def forward(self, *args, **kwargs):
         if not torch.is_grad_enabled():  # evaluation: nothing is saved, nothing to recompute
             return super().forward(*args, **kwargs)
+        compiled = getattr(self, "_compiled_checkpoint", None)
+        if compiled is not None:  # selective recompute compiled whole (compile_inner)
+            with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True):
+                return compiled(*args, **kwargs)
         block_ref = weakref.ref(self)
         mode, offload = self.recompute_mode, getattr(self, "offload", None)  # offload: activation_memory.apply_offload
 
@@ -186,9 +230,22 @@ class RecomputedBlock:
                           **kwargs)
 
     def compile_inner(self, backend: str = "inductor") -> None:
-        """trainer.compile with recompute: compile the block's own forward and keep the
-        checkpoint around it in eager mode, where the recompute's state restore runs."""
-        self._compiled_forward = torch.compile(super().forward, backend=backend)
+        """trainer.compile with recompute. Full: compile the block's own forward and keep the
+        checkpoint around it in eager mode, where the recompute's state restore runs. Selective:
+        compile the checkpoint with the block inside it (:meth:`_checkpointed`), so that the
+        policy tags the traced graph's nodes and the compiler's partitioner keeps what it saves and
+        recomputes the rest inside the compiled backward. There the recompute is only the ops the
+        gradients need: the forward's updates of module state (routed-token counts, max logits,
+        ``aux_loss``) run once, in the forward, and nothing needs restoring."""
+        if self.recompute_mode == "selective":
+            self._checkpoint_contexts = _compiled_selective_contexts(weakref.ref(self))
+            self._compiled_checkpoint = torch.compile(self._checkpointed, backend=backend)
+        else:
+            self._compiled_forward = torch.compile(super().forward, backend=backend)
+
+    def _checkpointed(self, *args, **kwargs):
+        return checkpoint(super().forward, *args, use_reentrant=False,
+                          context_fn=self._checkpoint_contexts, **kwargs)
 
 
 def _same(x):
