@@ -126,7 +126,7 @@ def _compiled_selective_contexts(block_ref: "weakref.ref[nn.Module]") -> Callabl
     with the recompute's state restore."""
 
     def contexts():
-        if fx_traceback.has_preserved_node_meta():
+        if fx_traceback.should_preserve_node_meta:  # set while the compiler runs the checkpoint (torch >= 2.11)
             return create_selective_checkpoint_contexts(_traced_policy)
         fwd, rec = _selective_contexts()
         return _pass(block_ref, fwd, recompute=False), _pass(block_ref, rec, recompute=True)
