@@ -424,6 +424,11 @@ class TrainerConfig:
     gc_interval: int = 50
     # torch.compile each transformer block (k2train/parallel/compile.py).
     compile: bool = False
+    # torch.compile's mode for the blocks: default, max-autotune-no-cudagraphs (inductor times
+    # its GEMM and kernel configurations at the first step), reduce-overhead or max-autotune (each
+    # block's forward and backward replayed as CUDA graphs: no launch gaps; with bf16 weights,
+    # without pipeline parallelism or full recompute).
+    compile_mode: str = "default"
     # The LM head and the cross entropy on chunks of this many tokens, each recomputed in the
     # backward: the logits of the whole micro-batch never exist at once (0: in one piece).
     loss_chunk_tokens: int = 0
@@ -529,6 +534,29 @@ class JobConfig:
                 f"trainer.loss_chunk_tokens={t.loss_chunk_tokens} with parallel.tp={self.parallel.tp}: the vocabulary-"
                 "parallel loss already splits the logits over the tp ranks; set trainer.loss_chunk_tokens=0"
             )
+        modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+        if t.compile_mode not in modes:
+            _fail(f"trainer.compile_mode={t.compile_mode!r}: choose one of {', '.join(modes)}")
+        if t.compile_mode != "default" and not t.compile:
+            _fail(f"trainer.compile_mode={t.compile_mode} without trainer.compile=true: set trainer.compile=true, "
+                  "or leave trainer.compile_mode=default")
+        if t.compile_mode in ("reduce-overhead", "max-autotune"):
+            if self.parallel.pp > 1:
+                _fail(f"trainer.compile_mode={t.compile_mode} with parallel.pp={self.parallel.pp}: CUDA graphs replay "
+                      "into one memory pool, and a pipeline schedule runs several micro-batches' forwards before "
+                      "their backwards, whose outputs a replay would overwrite; use trainer.compile_mode="
+                      "max-autotune-no-cudagraphs or default")
+            if t.param_dtype != "bfloat16":
+                _fail(f"trainer.compile_mode={t.compile_mode} with trainer.param_dtype={t.param_dtype}: the fp32 "
+                      "gradient of an fp32 weight comes out of the backward's CUDA graph and would stay in the graphs' "
+                      "memory pool from one micro-batch to the next, where the next replay writes; use "
+                      "trainer.param_dtype=bfloat16 (each bf16 gradient is added into the fp32 main_grad as it "
+                      "arrives) or trainer.compile_mode=max-autotune-no-cudagraphs")
+            if self.parallel.recompute == "full":
+                _fail(f"trainer.compile_mode={t.compile_mode} with parallel.recompute=full: the compiled forward runs "
+                      "again inside the backward, where its CUDA graph would replay over the outputs the backward "
+                      "still reads; use parallel.recompute=selective (recomputed inside the compiled backward) "
+                      "or trainer.compile_mode=max-autotune-no-cudagraphs")
         if t.compile and t.deterministic:
             _fail(
                 "trainer.deterministic=true with trainer.compile=true: compiled kernels choose their reduction "

@@ -201,8 +201,8 @@ class Trainer:
         # it runs the LM head itself, chunk by chunk
         self.loss = NextTokenLoss(t.loss_chunk_tokens, cp_group=dims.group("cp_mesh"), impl=cfg.model.loss_impl)
         placed = parallelize(
-            model, dims, cfg.parallel, compile=t.compile, seq_len=t.seq_len, micro_batch_size=t.micro_batch_size,
-            num_microbatches=self.num_microbatches, loss_fn=self.loss, device=self.device,
+            model, dims, cfg.parallel, compile=t.compile, compile_mode=t.compile_mode, seq_len=t.seq_len,
+            micro_batch_size=t.micro_batch_size, num_microbatches=self.num_microbatches, loss_fn=self.loss, device=self.device,
             head_in_loss=bool(t.loss_chunk_tokens), hidden_dtype=torch.bfloat16 if t.param_dtype == "bfloat16" else None,
         )
         self.parts, self.pipeline = placed.parts, placed.pipeline
@@ -479,9 +479,12 @@ class Trainer:
             # in between), which casts every weight once a step instead of once per micro-batch.
             # No forward follows the last backward: the cache goes before it, so each copy goes
             # when its layer's backward is done instead of staying to the end of the step.
+            graphs = t.compile and t.compile_mode in ("reduce-overhead", "max-autotune")
             with autocast:
                 for i, batch in enumerate(batches):
                     b = to_device(batch, device)
+                    if graphs:  # a new replay of the blocks' CUDA graphs: the last micro-batch's outputs are used up
+                        torch.compiler.cudagraph_mark_step_begin()
                     with loss_context(tp_mesh):
                         # the model's output (logits, or the final hidden states for a chunked loss)
                         # is not held here: it goes once the loss has what its backward needs

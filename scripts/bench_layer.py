@@ -5,6 +5,8 @@ then one k2_small training step (tokens/s, MFU by the Megatron convention).
     python scripts/bench_layer.py [--skip-hf] [--skip-layer] [--skip-small]   # prints a table; $OUT/bench_layer.json
     python scripts/bench_layer.py --skip-hf --skip-small --fused [--profile]  # only the all-Triton rows, eager and
                                   # compiled (norms and SwiGLU fused too), with the B=2 step's top GPU kernels
+    ... --fused --compile-mode reduce-overhead [max-autotune-no-cudagraphs ...]  # compiled rows in these modes too
+                                  # (trainer.compile_mode; reduce-overhead replays each step as CUDA graphs)
 
 Layer FLOPs (Megatron count, docs/performance.md#anchors): 6*T*(attention params + 9 experts' params)
 + 6*T*S*64*(192+128)/2. The HF layer and ours are built and timed one after the other (each
@@ -125,9 +127,10 @@ def top_kernels(step, top=15):
     return rows[:top]
 
 
-def bench_ours(attn_impl, moe_impl, anchors, fused=False, compile=False, profile_b=None):
+def bench_ours(attn_impl, moe_impl, anchors, fused=False, compile=False, profile_b=None, mode="default"):
     """``fused``: the norms and the dense SwiGLU (shared expert) in Triton too; ``compile``: the
-    block under torch.compile (the kernels stay opaque custom ops; the plain-torch rest is fused)."""
+    block under torch.compile (the kernels stay opaque custom ops; the plain-torch rest is fused),
+    in torch.compile's ``mode`` (as ``trainer.compile_mode``)."""
     from k2train.model import Block
     from k2train.model.rope import rope_table
     impls = dict(norm_impl="triton", mlp_impl="triton") if fused else {}
@@ -138,8 +141,10 @@ def bench_ours(attn_impl, moe_impl, anchors, fused=False, compile=False, profile
     for name, p in block.named_parameters():
         torch.nn.init.normal_(p, std=0.006) if p.ndim > 1 else torch.nn.init.ones_(p)
     cos_table, sin_table = (t.cuda() for t in rope_table(cfg))
-    run = torch.compile(block) if compile else block
-    label = f"attn={attn_impl} moe={moe_impl}" + (" norm,mlp=triton" if fused else "") + (" compiled" if compile else "")
+    run = torch.compile(block, mode=None if mode == "default" else mode) if compile else block
+    graphs = compile and mode in ("reduce-overhead", "max-autotune")
+    label = (f"attn={attn_impl} moe={moe_impl}" + (" norm,mlp=triton" if fused else "") + (" compiled" if compile else "")
+             + (f" mode={mode}" if compile and mode != "default" else ""))
     for B in (1, 2):
         x = torch.randn(B, SEQ, 7168, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         cos, sin = cos_table[:SEQ].expand(B, SEQ, -1), sin_table[:SEQ].expand(B, SEQ, -1)
@@ -147,6 +152,8 @@ def bench_ours(attn_impl, moe_impl, anchors, fused=False, compile=False, profile
 
         def step():
             block.zero_grad(set_to_none=True)
+            if graphs:  # as the trainer does before each micro-batch
+                torch.compiler.cudagraph_mark_step_begin()
             run(x, cos, sin).backward(g)
         ms, peak = time_step(step)
         record(f"ours: Block {label} B={B} S={SEQ}", ms, B * SEQ, peak, anchors.get(B))
@@ -207,6 +214,11 @@ def main():
         runs += [("ours all triton", lambda: bench_ours("triton", "triton", anchors, fused=True, profile_b=prof)),
                  ("ours all triton compiled",
                   lambda: bench_ours("triton", "triton", anchors, fused=True, compile=True, profile_b=prof))]
+        modes = sys.argv[sys.argv.index("--compile-mode") + 1:] if "--compile-mode" in sys.argv else []
+        for mode in [m for m in modes if not m.startswith("--")]:
+            runs.append((f"ours all triton compiled mode={mode}",
+                         lambda mode=mode: bench_ours("triton", "triton", anchors, fused=True, compile=True,
+                                                      profile_b=prof, mode=mode)))
     elif "--skip-layer" not in sys.argv:
         runs += [("ours triton/triton", lambda: bench_ours("triton", "triton", anchors)),
                  ("ours sdpa/triton", lambda: bench_ours("sdpa", "triton", anchors)),

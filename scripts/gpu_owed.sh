@@ -28,6 +28,12 @@
 #                                # blocks' activations as the proxy's; the embedding and head 35 GiB smaller)
 #   bash scripts/gpu_owed.sh 19  # attention with packed documents (block skipping) against FlexAttention's document mask
 #                                # (ran on an H100 on 2026-12-05: docs/kernels_attention.md)
+#   bash scripts/gpu_owed.sh 20  # compile with selective recompute and with CUDA graphs (trainer.compile_mode=reduce-overhead,
+#                                # 2026-12-05 night, CPU-tested only): the GPU tests, then the K2 layer compiled in the
+#                                # default mode and as CUDA graphs (the 400 TFLOP/s target: 393 compiled, ~3.1 ms of the
+#                                # B=2 step's 67.45 ms idle between kernels), with the idle line of --profile
+#   bash scripts/gpu_owed.sh 21  # the proxy end to end, compiled, AdamW, 8 micro-batches, bf16 weights: no recompute,
+#                                # selective recompute, CUDA graphs (one process each)
 #   bash scripts/gpu_owed.sh 12  # no host sync inside a step: the GPU test, the loop's profile (syncs per step, GPU idle),
 #                                # the loop against steps timed one by one (the sync each step used to make); SET="..."
 #                                # adds overrides (an H100: SET="model.vocab_size=32768 model.bos_token_id=32000
@@ -137,8 +143,23 @@ case "${1:-}" in
     timeout 320 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernel_attention.py 2>&1 | tail -3  # ~200 s warm; more cold
     timeout 300 python3 scripts/bench_attention.py --docs 2>&1 | tee "$OUT/attention_docs.txt"
     ;;
+20)
+    echo "== compile with selective recompute, compile with CUDA graphs: the GPU tests"
+    timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_compile_kernels.py tests/test_recompute.py \
+        -k "selective or cuda_graphs" 2>&1 | tail -4
+    echo "== one K2 MoE layer, all Triton: eager, compiled, compiled as CUDA graphs (B=2 step profiled in each)"
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout 360 python3 scripts/bench_layer.py --skip-hf --skip-small \
+        --fused --profile --compile-mode reduce-overhead 2>&1 | tee "$OUT/bench_layer_graphs.txt"
+    ;;
+21)
+    echo "== the proxy compiled, AdamW, 8 micro-batches, bf16 weights, fused loss: none / selective / CUDA graphs"
+    for extra in "" "parallel.recompute=selective" "trainer.compile_mode=reduce-overhead"; do
+        timeout 180 python3 scripts/bench_e2e.py --optim adamw --micro 8 --steps 6 --set trainer.param_dtype=bfloat16 \
+            model.loss_impl=triton trainer.compile=true $extra 2>&1 | tee -a "$OUT/e2e_compile_modes.txt"
+    done
+    ;;
 *)
-    echo "usage: bash scripts/gpu_owed.sh 4|8|9|10|11|12|13|14|15|16|17|18|19" >&2
+    echo "usage: bash scripts/gpu_owed.sh 4|8|9|10|11|12|13|14|15|16|17|18|19|20|21" >&2
     exit 2
     ;;
 esac

@@ -283,6 +283,53 @@ def test_compiled_selective_recompute_with_a_graph_break_runs_eagerly_and_exactl
         assert torch.equal(got[2][k], b), k
 
 
+BF16 = ["trainer.dtype=bfloat16", "trainer.param_dtype=bfloat16"]
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["trainer.compile=true", "trainer.compile_mode=fast"], "choose one of default, reduce-overhead"),
+    (["trainer.compile_mode=max-autotune-no-cudagraphs"], "set trainer.compile=true"),
+    (["trainer.compile=true", "trainer.compile_mode=reduce-overhead", "parallel=pp2", *BF16], "a pipeline schedule runs"),
+    (["trainer.compile=true", "trainer.compile_mode=max-autotune", "parallel.recompute=full", *BF16],
+     "use parallel.recompute=selective"),
+    (["trainer.compile=true", "trainer.compile_mode=reduce-overhead"], "use trainer.param_dtype=bfloat16"),
+], ids=["unknown", "without_compile", "cuda_graphs_with_pp", "cuda_graphs_with_full_recompute", "cuda_graphs_fp32_weights"])
+def test_compile_mode_is_checked_with_a_way_out(overrides, match):
+    from k2train.config import load_config
+
+    with pytest.raises(Exception, match=match):
+        load_config(overrides).validate()
+    load_config(["trainer.compile=true", "trainer.compile_mode=reduce-overhead", "parallel.recompute=selective", *BF16]
+                ).validate()
+
+
+@pytest.mark.slow  # inductor compiles the blocks: ~1-5 min on 2 cores with a cold cache
+def test_trainer_compile_mode_reduce_overhead_matches_eager(tmp_path, one_thread):
+    """The CUDA-graph mode's path through the trainer (bf16 weights, a step marker before each
+    micro-batch); on the CPU inductor runs no graphs, so this checks the plumbing and the numbers
+    (bf16: compiled and eager round differently), and the GPU test below the graphs."""
+    ref = _trainer_losses(tmp_path / "eager", *BF16)
+    got = _trainer_losses(tmp_path / "compiled", *BF16, "trainer.compile=true", "trainer.compile_mode=reduce-overhead",
+                          "parallel.recompute=selective")
+    assert all(abs(a - b) <= 1e-2 * abs(b) for a, b in zip(got, ref)), (got, ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("recompute", ["none", "selective"])
+def test_gpu_trainer_compiled_with_cuda_graphs_matches_eager(tmp_path, recompute):
+    """k2_tiny with every kernel in Triton, bf16 weights, four micro-batches a step: the blocks
+    compiled with ``trainer.compile_mode=reduce-overhead`` (each block's forward and backward
+    replayed as CUDA graphs) give eager's losses to bf16 rounding (compiled and eager round
+    differently; observed on the CPU path: 1e-6 in fp32)."""
+    common = ["trainer.device=cuda", *BF16, "trainer.steps=4", "trainer.global_batch_size=8",
+              "model.attn_impl=triton", "model.moe_impl=triton", "model.norm_impl=triton", "model.mlp_impl=triton",
+              f"parallel.recompute={recompute}"]
+    ref = _trainer_losses(tmp_path / "eager", *common)
+    got = _trainer_losses(tmp_path / "graphs", *common, "trainer.compile=true", "trainer.compile_mode=reduce-overhead")
+    assert all(abs(a - b) <= 1e-2 * abs(b) for a, b in zip(got, ref)), (got, ref)
+
+
 def test_compile_with_tensor_parallelism_is_refused():
     from k2train.config import load_config
 

@@ -20,6 +20,9 @@ routed tokens (k2train/parallel/recompute.py). With ``selective`` the checkpoint
 the block inside it: the policy tags the traced graph, the partitioner recomputes inside the
 compiled backward, and a compiled backward recomputes only what the gradients need, so the
 forward's state updates run once (``RecomputedBlock.compile_inner``).
+
+``trainer.compile_mode`` is torch.compile's mode for every block; the CUDA-graph modes
+(``reduce-overhead``, ``max-autotune``) have the config check's conditions (docs/parallelism.md).
 """
 
 from torch import nn
@@ -27,11 +30,13 @@ from torch import nn
 from .recompute import RecomputedBlock
 
 
-def apply_compile(model: nn.Module, backend: str = "inductor") -> nn.Module:
-    """Compile every block in ``model.layers`` in place; returns ``model``."""
+def apply_compile(model: nn.Module, backend: str = "inductor", mode: str = "default") -> nn.Module:
+    """Compile every block in ``model.layers`` in place; returns ``model``. ``mode``: torch.compile's
+    (``trainer.compile_mode``)."""
+    mode = None if mode == "default" else mode
     for block in model.layers.values():
         if isinstance(block, RecomputedBlock):
-            block.compile_inner(backend)
+            block.compile_inner(backend, mode)
         else:
-            block.compile(backend=backend)
+            block.compile(backend=backend, mode=mode)
     return model

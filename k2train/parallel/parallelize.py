@@ -51,6 +51,7 @@ def parallelize(
     cfg: ParallelConfig,
     *,
     compile: bool,
+    compile_mode: str = "default",
     seq_len: int,
     micro_batch_size: int,
     num_microbatches: int,
@@ -99,5 +100,5 @@ def parallelize(
         if offload is not None:
             apply_offload(part, offload, cfg.offload_layers)
         if compile:
-            apply_compile(part)
+            apply_compile(part, mode=compile_mode)
     return ParallelModel(parts, pipeline)

@@ -32,7 +32,7 @@ import threading
 import weakref
 from collections import deque
 from contextlib import ExitStack, contextmanager, nullcontext
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.fx.traceback as fx_traceback
@@ -229,7 +229,7 @@ class RecomputedBlock:
         return checkpoint(functools.partial(_run_block, block_ref), *args, use_reentrant=False, context_fn=contexts,
                           **kwargs)
 
-    def compile_inner(self, backend: str = "inductor") -> None:
+    def compile_inner(self, backend: str = "inductor", mode: Optional[str] = None) -> None:
         """trainer.compile with recompute. Full: compile the block's own forward and keep the
         checkpoint around it in eager mode, where the recompute's state restore runs. Selective:
         compile the checkpoint with the block inside it (:meth:`_checkpointed`), so that the
@@ -239,9 +239,9 @@ class RecomputedBlock:
         ``aux_loss``) run once, in the forward, and nothing needs restoring."""
         if self.recompute_mode == "selective":
             self._checkpoint_contexts = _compiled_selective_contexts(weakref.ref(self))
-            self._compiled_checkpoint = torch.compile(self._checkpointed, backend=backend)
+            self._compiled_checkpoint = torch.compile(self._checkpointed, backend=backend, mode=mode)
         else:
-            self._compiled_forward = torch.compile(super().forward, backend=backend)
+            self._compiled_forward = torch.compile(super().forward, backend=backend, mode=mode)
 
     def _checkpointed(self, *args, **kwargs):
         return checkpoint(super().forward, *args, use_reentrant=False,
