@@ -513,12 +513,6 @@ class JobConfig:
                 f"(parallel.tp={self.parallel.tp}) splits the vocabulary over its ranks (its loss is torch's "
                 "loss_parallel); use model.loss_impl=torch"
             )
-        if t.compile and self.parallel.tp > 1:
-            _fail(
-                f"trainer.compile=true with parallel.tp={self.parallel.tp}: compiling the DTensor blocks fails in "
-                "torch's tracing (AttributeError: 'Tensor' object has no attribute '_local_tensor', torch 2.13); "
-                "use trainer.compile=false with tensor parallelism"
-            )
         p = self.parallel
         if p.offload_activations and p.recompute == "full":
             _fail(

@@ -34,6 +34,8 @@
 #                                # B=2 step's 67.45 ms idle between kernels), with the idle line of --profile
 #   bash scripts/gpu_owed.sh 21  # the proxy end to end, compiled, AdamW, 8 micro-batches, bf16 weights: no recompute,
 #                                # selective recompute, CUDA graphs (one process each)
+#   bash scripts/gpu_owed.sh 22  # side by side at ONE micro-batch (part 9 is eight): TorchTitan compiled, then k2train
+#                                # compiled and eager, bf16 weights, fused loss (the issue's >= 1.1x at one micro-batch)
 #   bash scripts/gpu_owed.sh 12  # no host sync inside a step: the GPU test, the loop's profile (syncs per step, GPU idle),
 #                                # the loop against steps timed one by one (the sync each step used to make); SET="..."
 #                                # adds overrides (an H100: SET="model.vocab_size=32768 model.bos_token_id=32000
@@ -143,6 +145,13 @@ case "${1:-}" in
     timeout 320 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernel_attention.py 2>&1 | tail -3  # ~200 s warm; more cold
     timeout 300 python3 scripts/bench_attention.py --docs 2>&1 | tee "$OUT/attention_docs.txt"
     ;;
+22)
+    echo "== TorchTitan compiled at 1 micro-batch, then k2train compiled and eager (bf16 weights, fused loss), one after the other"
+    timeout 330 python3 scripts/bench_e2e.py --run-titan .titan --titan-runs compile --optim adamw --micro 1 --steps 8 \
+        --set trainer.param_dtype=bfloat16 model.loss_impl=triton trainer.compile=true 2>&1 | tee "$OUT/e2e_side_by_side_m1.txt"
+    timeout 150 python3 scripts/bench_e2e.py --titan "$OUT/titan" --optim adamw --micro 1 --steps 8 \
+        --set trainer.param_dtype=bfloat16 model.loss_impl=triton 2>&1 | tee -a "$OUT/e2e_side_by_side_m1.txt"
+    ;;
 20)
     echo "== compile with selective recompute, compile with CUDA graphs: the GPU tests"
     timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_compile_kernels.py tests/test_recompute.py \
@@ -159,7 +168,7 @@ case "${1:-}" in
     done
     ;;
 *)
-    echo "usage: bash scripts/gpu_owed.sh 4|8|9|10|11|12|13|14|15|16|17|18|19|20|21" >&2
+    echo "usage: bash scripts/gpu_owed.sh 4|8|9|10|11|12|13|14|15|16|17|18|19|20|21|22" >&2
     exit 2
     ;;
 esac

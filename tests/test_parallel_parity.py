@@ -74,6 +74,20 @@ def test_layout_matches_single_process(layout_optim):
 K2_MEMORY = dict(fp8_moe_inputs=True, recompute="selective")  # K2's recipe on the GPU (offload is a CPU no-op)
 
 
+@slow  # inductor compiles the blocks in every process: 15-50 s a layout on 2 cores
+@pytest.mark.parametrize("layout", [dict(tp=2), dict(tp=2, recompute="selective"), dict(ep=2), dict(pp=2)],
+                         ids=["tp2", "tp2_selective", "ep2", "pp2"])
+def test_compiled_layout_matches_single_process(layout):
+    """trainer.compile=true under each parallelism against the eager single process, to the same
+    tolerances as eager layouts (inductor reorders fp32 arithmetic a little). TP's blocks compile
+    with DTensors inside; EP's all-to-all breaks each MoE block's graph; PP compiles each stage's
+    blocks."""
+    import dataclasses
+
+    par = h.run_parallel(layout, trainer=dataclasses.replace(h.TRAINER, compile=True))
+    assert_parity(par, h.run_reference())
+
+
 @pytest.mark.parametrize("layout", [dict(ep=2), pytest.param(dict(pp=2), marks=slow)], ids=["ep2", "pp2"])
 def test_fp8_storage_with_selective_recompute_matches_single_process(layout):
     # FP8 tiles are per token row, so every layout quantizes the same values: the same bounds as

@@ -330,13 +330,6 @@ def test_gpu_trainer_compiled_with_cuda_graphs_matches_eager(tmp_path, recompute
     assert all(abs(a - b) <= 1e-2 * abs(b) for a, b in zip(got, ref)), (got, ref)
 
 
-def test_compile_with_tensor_parallelism_is_refused():
-    from k2train.config import load_config
-
-    with pytest.raises(Exception, match="use trainer.compile=false with tensor parallelism"):
-        load_config(["trainer.compile=true", "parallel=tp2"]).validate()
-
-
 def test_selective_recompute_refuses_a_kept_output_modified_in_place():
     """A matmul output the policy keeps, then scaled in place by the forward: the recompute would
     read the scaled value where the forward read the product; it stops with an error instead."""

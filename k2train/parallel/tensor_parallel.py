@@ -104,6 +104,8 @@ def apply_tp(model: nn.Module, tp_mesh) -> None:
         "lm_head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False),
     }
     parallelize_module(model, tp_mesh, {k: v for k, v in top.items() if getattr(model, k, None) is not None})
+    if getattr(model, "embed_tokens", None) is not None:
+        model.embed_tokens.register_forward_hook(_wait_for_embedding)
     for block in model.layers.values():
         parallelize_module(block, tp_mesh, _block_plan(block))
         attn = block.self_attn
@@ -112,6 +114,16 @@ def apply_tp(model: nn.Module, tp_mesh) -> None:
         attn.max_logit = torch.full((attn.num_heads,), float("-inf"), device=attn.max_logit.device)
         attn.kv_a_proj_with_mqa.register_forward_hook(_rope_key_grad_hook(attn.qk_rope_head_dim, tp_mesh.get_group()))
     model.register_forward_pre_hook(_full_position_ids(tp), with_kwargs=True)
+
+
+def _wait_for_embedding(module: nn.Module, inputs: tuple, out: torch.Tensor) -> torch.Tensor:
+    """The embedding's output as a plain tensor. ``RowwiseParallel`` reduce-scatters it
+    asynchronously and hands on an ``AsyncCollectiveTensor``; a compiled block that takes one as
+    its input gives the redistribution behind it a plain tensor for a gradient in the backward,
+    where a DTensor is expected (``'Tensor' object has no attribute '_local_tensor'``, torch 2.13).
+    Copying it (``[B, S/tp, D]``, once per micro-batch) waits for the collective and leaves the
+    autograd path through DTensor's own conversion."""
+    return out.clone()
 
 
 class _SumRopeKeyGrad(torch.autograd.Function):
