@@ -5,7 +5,8 @@ Legend: T tokens, D hidden, E experts, I expert hidden, K experts per token, N =
 
     route   = build_routing(topk_idx_TK, E)      # stable sort of the (token, slot) pairs by expert
     x_ND    = permute(x_TD, route.pos_TK)        # Triton: each token row read once, written K times
-    gate/up = grouped_linear(x_ND, w_{gate,up}_EID, route.offs_E)   # torch._grouped_mm (CUTLASS)
+    gate/up = grouped_linear(x_ND, w_{gate,up}_EID, route.offs_E)   # torch._grouped_mm (CUTLASS); one backward
+                                                 # with the permute: their dx summed in its gather
     h_NI    = swiglu(gate, up)                   # Triton, fused fwd/bwd
     y_ND    = grouped_linear(h_NI, w_down_EDI, route.offs_E)
     y_TD    = combine(y_ND, topk_w_TK, route.pos_TK)  # Triton: sum_k w[t,k] * y[pos[t,k]], no atomics
@@ -44,9 +45,10 @@ if triton is not None:
             tl.store(XP + p * s_xp + cols, x, mask=mask)
 
     @triton.jit
-    def _gather_sum_kernel(Y, POS, W, OUT, D, s_y, s_out, K: tl.constexpr, HAS_W: tl.constexpr,
-                           BLOCK: tl.constexpr):
-        """OUT[t] = sum_k w[t, k] * Y[pos[t, k]] (fp32 sum): combine forward, permute backward."""
+    def _gather_sum_kernel(Y, Y2, POS, W, OUT, D, s_y, s_y2, s_out, K: tl.constexpr, HAS_W: tl.constexpr,
+                           HAS_Y2: tl.constexpr, BLOCK: tl.constexpr):
+        """OUT[t] = sum_k w[t, k] * (Y[pos[t, k]] (+ Y2[pos[t, k]])) (fp32 sum): combine forward,
+        permute backward (with Y2: of two GEMMs that read the permuted rows, summed here)."""
         t = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < D
@@ -54,6 +56,8 @@ if triton is not None:
         for k in tl.static_range(K):
             p = tl.load(POS + t * K + k).to(tl.int64)
             y = tl.load(Y + p * s_y + cols, mask=mask, other=0.0).to(tl.float32)
+            if HAS_Y2:
+                y += tl.load(Y2 + p * s_y2 + cols, mask=mask, other=0.0).to(tl.float32)
             if HAS_W:
                 y = y * tl.load(W + t * K + k).to(tl.float32)
             acc += y
@@ -119,17 +123,20 @@ def _block(D: int, kernel) -> tuple[int, int]:
     return block, max(1, min(8, block // 256))
 
 
-def _gather_sum(y_ND, pos_TK, w_TK):
-    """out[t] = sum_k w[t, k] * y[pos[t, k]] (unit weights without w) in y's dtype, [T, D]."""
+def _gather_sum(y_ND, pos_TK, w_TK, y2_ND=None):
+    """out[t] = sum_k w[t, k] * (y + y2)[pos[t, k]] (unit weights without w, no y2 without it) in
+    y's dtype, [T, D]."""
+    has_y2 = y2_ND is not None
     y_ND = y_ND.contiguous()
+    y2_ND = y2_ND.contiguous() if has_y2 else y_ND
     T, K = pos_TK.shape
     D = y_ND.shape[1]
     out = torch.empty(T, D, device=y_ND.device, dtype=y_ND.dtype)
     block, warps = _block(D, _gather_sum_kernel)
     if T > 0:
         _gather_sum_kernel[(T, triton.cdiv(D, block))](
-            y_ND, pos_TK, w_TK if w_TK is not None else pos_TK, out, D, y_ND.stride(0), out.stride(0),
-            K=K, HAS_W=w_TK is not None, BLOCK=block, num_warps=warps)
+            y_ND, y2_ND, pos_TK, w_TK if w_TK is not None else pos_TK, out, D, y_ND.stride(0), y2_ND.stride(0),
+            out.stride(0), K=K, HAS_W=w_TK is not None, HAS_Y2=has_y2, BLOCK=block, num_warps=warps)
     return out
 
 
@@ -154,6 +161,13 @@ def _permute_op(x_TD: torch.Tensor, pos_TK: torch.Tensor) -> torch.Tensor:
 def _permute_bwd_op(dx_ND: torch.Tensor, pos_TK: torch.Tensor) -> torch.Tensor:
     """dx_TD: each token's K row gradients summed (a gather, no atomics)."""
     return _gather_sum(dx_ND, pos_TK, None)
+
+
+@torch.library.custom_op("k2kernels::moe_permute_bwd_sum", mutates_args=())
+def _permute_bwd_sum_op(dx_a_ND: torch.Tensor, dx_b_ND: torch.Tensor, pos_TK: torch.Tensor) -> torch.Tensor:
+    """dx_TD of permuted rows read by two GEMMs (the experts' gate and up projections): each
+    token's K row gradients of both summed in one pass, without their sum [N, D] in between."""
+    return _gather_sum(dx_a_ND, pos_TK, None, dx_b_ND)
 
 
 @torch.library.custom_op("k2kernels::moe_combine", mutates_args=())
@@ -186,6 +200,11 @@ def _permute_fake(x_TD, pos_TK):
 @_permute_bwd_op.register_fake
 def _permute_bwd_fake(dx_ND, pos_TK):
     return dx_ND.new_empty(pos_TK.shape[0], dx_ND.shape[1])
+
+
+@_permute_bwd_sum_op.register_fake
+def _permute_bwd_sum_fake(dx_a_ND, dx_b_ND, pos_TK):
+    return dx_a_ND.new_empty(pos_TK.shape[0], dx_a_ND.shape[1])
 
 
 @_combine_op.register_fake
@@ -434,8 +453,41 @@ def moe_experts_forward(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_w_TK
         x_TD, w_gate_EID, w_up_EID, w_down_EDI = (t.to(dt) for t in (x_TD, w_gate_EID, w_up_EID, w_down_EDI))
     with torch.no_grad():
         routing = build_routing(topk_idx_TK, E)
-    x_ND = permute(x_TD, routing)
-    h_NI = swiglu(grouped_linear(x_ND, w_gate_EID, routing.offs_E, use_grouped_mm),
-                  grouped_linear(x_ND, w_up_EID, routing.offs_E, use_grouped_mm))
-    y_ND = grouped_linear(h_NI, w_down_EDI, routing.offs_E, use_grouped_mm)
+    if _triton_ok(x_TD):
+        gate, up = _PermuteGateUp.apply(x_TD, routing.pos_TK, routing.offs_E, w_gate_EID, w_up_EID, use_grouped_mm)
+    else:
+        x_ND = permute(x_TD, routing)
+        gate = grouped_linear(x_ND, w_gate_EID, routing.offs_E, use_grouped_mm)
+        up = grouped_linear(x_ND, w_up_EID, routing.offs_E, use_grouped_mm)
+    y_ND = grouped_linear(swiglu(gate, up), w_down_EDI, routing.offs_E, use_grouped_mm)
     return combine(y_ND, topk_w_TK, routing)
+
+
+class _PermuteGateUp(torch.autograd.Function):
+    """(gate, up) = (x_ND w_gate_e^T, x_ND w_up_e^T) with x_ND = permute(x_TD): the same ops as
+    :func:`permute` and two :func:`grouped_linear` (each still seen by selective recompute's policy
+    and by torch.compile), with one backward for the three. The input gradients of the two GEMMs
+    are summed where the permute's backward gathers each token's K rows (``moe_permute_bwd_sum``),
+    instead of autograd adding them into an [N, D] tensor first: one pass over 3 x [N, D] less."""
+
+    @staticmethod
+    def forward(ctx, x_TD, pos_TK, offs_E, w_gate_EID, w_up_EID, use_grouped_mm):
+        x_ND = _permute_op(x_TD, pos_TK)
+        gate = grouped_linear(x_ND, w_gate_EID, offs_E, use_grouped_mm)
+        up = grouped_linear(x_ND, w_up_EID, offs_E, use_grouped_mm)
+        ctx.save_for_backward(x_ND, pos_TK, offs_E, w_gate_EID, w_up_EID)
+        ctx.use_grouped_mm = use_grouped_mm
+        return gate, up
+
+    @staticmethod
+    def backward(ctx, dgate_NI, dup_NI):
+        x_ND, pos_TK, offs_E, w_gate, w_up = ctx.saved_tensors
+        ugm, E = ctx.use_grouped_mm, w_gate.shape[0]
+        dgate_NI, dup_NI = dgate_NI.contiguous(), dup_NI.contiguous()
+        dw_gate = grouped_weight_grad(x_ND, dgate_NI, offs_E, E, ugm) if ctx.needs_input_grad[3] else None
+        dw_up = grouped_weight_grad(x_ND, dup_NI, offs_E, E, ugm) if ctx.needs_input_grad[4] else None
+        dx_TD = None
+        if ctx.needs_input_grad[0]:
+            dx_TD = _permute_bwd_sum_op(grouped_linear(dgate_NI, w_gate.transpose(1, 2), offs_E, ugm),
+                                        grouped_linear(dup_NI, w_up.transpose(1, 2), offs_E, ugm), pos_TK)
+        return dx_TD, None, None, dw_gate, dw_up, None

@@ -204,6 +204,7 @@ def _op_cases():
         "mla_attention_bwd": (OPS.mla_attention_bwd, (torch.randn_like(out), q, k, v, out, lse, doc, 0.3, True)),
         "moe_permute": (OPS.moe_permute, (*grad(xm), rt.pos_TK)),
         "moe_permute_bwd": (OPS.moe_permute_bwd, (xs, rt.pos_TK)),
+        "moe_permute_bwd_sum": (OPS.moe_permute_bwd_sum, (xs, torch.randn_like(xs), rt.pos_TK)),
         "moe_combine": (OPS.moe_combine, (*grad(xs, wm), rt.pos_TK)),
         "moe_combine_bwd": (OPS.moe_combine_bwd, (xm, xs, wm, rt.pos_TK)),
         "grouped_linear_loop": (OPS.grouped_linear_loop, (*grad(xs, ws[0]), rt.offs_E)),
@@ -218,9 +219,9 @@ def _op_cases():
 
 
 _OP_NAMES = ["rmsnorm_residual_fwd", "rmsnorm_fwd", "rmsnorm_bwd", "swiglu_fwd", "swiglu_bwd", "mla_attention_fwd",
-             "mla_attention_bwd", "moe_permute", "moe_permute_bwd", "moe_combine", "moe_combine_bwd",
-             "grouped_linear_loop", "grouped_weight_grad_loop", "expert_mlp_saved_fwd", "expert_mlp_saved_fwd_fp8",
-             "expert_mlp_saved_bwd", "cross_entropy_fwd", "cross_entropy_bwd"]
+             "mla_attention_bwd", "moe_permute", "moe_permute_bwd", "moe_permute_bwd_sum", "moe_combine",
+             "moe_combine_bwd", "grouped_linear_loop", "grouped_weight_grad_loop", "expert_mlp_saved_fwd",
+             "expert_mlp_saved_fwd_fp8", "expert_mlp_saved_bwd", "cross_entropy_fwd", "cross_entropy_bwd"]
 
 
 @pytest.mark.parametrize("name", _OP_NAMES)

@@ -30,9 +30,9 @@ def _random_case(T, D, I, E, K, dtype, seed):
     return cast(x), idx.to(DEV), w.to(DEV).requires_grad_(), [cast(t) for t in ws]
 
 
-def _check(T, D, I, E, K, dtype, tol, seed=0):
+def _check(T, D, I, E, K, dtype, tol, seed=0, loop=False):
     x, idx, w, ws = _random_case(T, D, I, E, K, dtype, seed)
-    y = moe_experts_forward(x, idx, w, *ws, grouped_mm_supported(x))
+    y = moe_experts_forward(x, idx, w, *ws, grouped_mm_supported(x) and not loop)
     dy = torch.randn_like(y)
     y.backward(dy)
     xr, wr = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
@@ -46,8 +46,11 @@ def _check(T, D, I, E, K, dtype, tol, seed=0):
 
 
 @pytest.mark.parametrize("T,D,I,E,K", [(13, 24, 16, 6, 2), (20, 40, 24, 8, 3)])
-def test_moe_fp32_matches_loop(T, D, I, E, K):
-    _check(T, D, I, E, K, torch.float32, 1e-5, seed=T)
+@pytest.mark.parametrize("loop", [False, True], ids=["grouped_mm", "expert_loop"])
+def test_moe_fp32_matches_loop(T, D, I, E, K, loop):
+    # the permute, gate and up GEMMs share one backward (their input gradients summed in the
+    # permute's gather): with torch._grouped_mm and with the per-expert loop
+    _check(T, D, I, E, K, torch.float32, 1e-5, seed=T, loop=loop)
 
 
 def test_permute_combine_roundtrip_and_grads():
