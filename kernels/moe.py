@@ -116,6 +116,12 @@ def _triton_ok(t: torch.Tensor) -> bool:
     return triton is not None and runs_on(t, _gather_sum_kernel)
 
 
+def triton_moe_available(t: torch.Tensor) -> bool:
+    """Whether the permute/combine kernels run on ``t``'s device here (CUDA, or CPU under
+    TRITON_INTERPRET=1)."""
+    return _triton_ok(t)
+
+
 def _block(D: int, kernel) -> tuple[int, int]:
     if _interpreted(kernel):
         return triton.next_power_of_2(min(D, 64)), 1
@@ -332,9 +338,11 @@ _grouped_linear_loop.register_autograd(_grouped_linear_loop_backward, setup_cont
 # scales and for x, which the autograd keeps as the input itself.
 @torch.library.custom_op("k2kernels::expert_mlp_saved_fwd", mutates_args=())
 def _expert_mlp_fwd(x_ND: torch.Tensor, w_gate_EID: torch.Tensor, w_up_EID: torch.Tensor, w_down_EDI: torch.Tensor,
-                    offs_E: torch.Tensor, use_grouped_mm: bool,
-                    fp8: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                        torch.Tensor]:
+                    offs_E: torch.Tensor, use_grouped_mm: bool, fp8: bool,
+                    pos_TK: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                    torch.Tensor, torch.Tensor, torch.Tensor]:
+    if pos_TK is not None:  # x is x_TD: the permute runs here (and its backward with this op's)
+        x_ND = _permute_op(x_ND, pos_TK)
     dt = x_ND.dtype
     wg, wu, wd = (w.to(dt) for w in (w_gate_EID, w_up_EID, w_down_EDI))
     gate = grouped_linear(x_ND, wg, offs_E, use_grouped_mm)
@@ -344,15 +352,19 @@ def _expert_mlp_fwd(x_ND: torch.Tensor, w_gate_EID: torch.Tensor, w_up_EID: torc
     if fp8:
         return (y, *quantize_tiles(x_ND), *quantize_tiles(gate), *quantize_tiles(up))
     empty = x_ND.new_empty(0)
-    return y, empty, empty.clone(), gate.contiguous(), empty.clone(), up.contiguous(), empty.clone()
+    kept_x = x_ND if pos_TK is not None else empty  # else the autograd keeps the input x_ND itself
+    return y, kept_x, empty.clone(), gate.contiguous(), empty.clone(), up.contiguous(), empty.clone()
 
 
 @torch.library.custom_op("k2kernels::expert_mlp_saved_bwd", mutates_args=())
 def _expert_mlp_bwd(dy_ND: torch.Tensor, x: torch.Tensor, x_scale: Optional[torch.Tensor], gate: torch.Tensor,
                     gate_scale: Optional[torch.Tensor], up: torch.Tensor, up_scale: Optional[torch.Tensor],
                     w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, offs_E: torch.Tensor,
-                    use_grouped_mm: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                    use_grouped_mm: bool,
+                    pos_TK: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dw_gate, dw_up, dw_down); x, gate and up are FP8 tiles where their scales are given.
+    With ``pos_TK`` (the forward permuted x_TD itself) dx is x_TD's: the gate and up input
+    gradients summed where each token's K rows are gathered, with no [N, D] sum in between.
 
     Under autocast the weights are fp32 and the compute bf16: each weight's bf16 copy lives only
     around its own GEMM and each weight gradient leaves in the weight's dtype as soon as it is made,
@@ -374,18 +386,20 @@ def _expert_mlp_bwd(dy_ND: torch.Tensor, x: torch.Tensor, x_scale: Optional[torc
     dw_gate = grouped_weight_grad(x, dgate, offs_E, E, ugm).to(w_gate.dtype)
     dw_up = grouped_weight_grad(x, dup, offs_E, E, ugm).to(w_up.dtype)
     del x
-    dx = grouped_linear(dgate, w_gate.to(dt).transpose(1, 2), offs_E, ugm)
-    dx = dx + grouped_linear(dup, w_up.to(dt).transpose(1, 2), offs_E, ugm)
+    dx_gate = grouped_linear(dgate, w_gate.to(dt).transpose(1, 2), offs_E, ugm)
+    dx_up = grouped_linear(dup, w_up.to(dt).transpose(1, 2), offs_E, ugm)
+    dx = _gather_sum(dx_gate, pos_TK, None, dx_up) if pos_TK is not None else dx_gate + dx_up
     return tuple(t.contiguous() for t in (dx, dw_gate, dw_up, dw_down))
 
 
 @_expert_mlp_fwd.register_fake
-def _expert_mlp_fwd_fake(x_ND, w_gate_EID, w_up_EID, w_down_EDI, offs_E, use_grouped_mm, fp8):
-    N, D = x_ND.shape
+def _expert_mlp_fwd_fake(x_ND, w_gate_EID, w_up_EID, w_down_EDI, offs_E, use_grouped_mm, fp8, pos_TK=None):
+    N, D = (pos_TK.numel(), x_ND.shape[1]) if pos_TK is not None else x_ND.shape
     I = w_gate_EID.shape[1]
     y = x_ND.new_empty(N, D)
     if not fp8:
-        return y, x_ND.new_empty(0), x_ND.new_empty(0), x_ND.new_empty(N, I), x_ND.new_empty(0), x_ND.new_empty(N, I), \
+        kept_x = x_ND.new_empty(N, D) if pos_TK is not None else x_ND.new_empty(0)
+        return y, kept_x, x_ND.new_empty(0), x_ND.new_empty(N, I), x_ND.new_empty(0), x_ND.new_empty(N, I), \
             x_ND.new_empty(0)
     kept = []
     for width in (D, I, I):
@@ -395,40 +409,44 @@ def _expert_mlp_fwd_fake(x_ND, w_gate_EID, w_up_EID, w_down_EDI, offs_E, use_gro
 
 @_expert_mlp_bwd.register_fake
 def _expert_mlp_bwd_fake(dy_ND, x, x_scale, gate, gate_scale, up, up_scale, w_gate, w_up, w_down, offs_E,
-                         use_grouped_mm):
-    return (dy_ND.new_empty(dy_ND.shape[0], w_gate.shape[2]), w_gate.new_empty(w_gate.shape),
+                         use_grouped_mm, pos_TK=None):
+    rows = pos_TK.shape[0] if pos_TK is not None else dy_ND.shape[0]
+    return (dy_ND.new_empty(rows, w_gate.shape[2]), w_gate.new_empty(w_gate.shape),
             w_up.new_empty(w_up.shape), w_down.new_empty(w_down.shape))
 
 
 def _save_expert_mlp(ctx, inputs, output):
-    x_ND, w_gate, w_up, w_down, offs_E, use_grouped_mm, fp8 = inputs
+    x_ND, w_gate, w_up, w_down, offs_E, use_grouped_mm, fp8, pos_TK = inputs
     _, qx, sx, qg, sg, qu, su = output
-    if not fp8:
+    if not fp8 and pos_TK is None:
         qx = x_ND
-    ctx.save_for_backward(qx, sx, qg, sg, qu, su, w_gate, w_up, w_down, offs_E)
+    ctx.save_for_backward(qx, sx, qg, sg, qu, su, w_gate, w_up, w_down, offs_E, pos_TK)
     ctx.use_grouped_mm, ctx.fp8 = use_grouped_mm, fp8
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)  # no zero-filled gradients for what is kept
 
 
 def _expert_mlp_backward(ctx, dy_ND, *_kept):
-    qx, sx, qg, sg, qu, su, w_gate, w_up, w_down, offs_E = ctx.saved_tensors
+    qx, sx, qg, sg, qu, su, w_gate, w_up, w_down, offs_E, pos_TK = ctx.saved_tensors
     if not ctx.fp8:
         sx = sg = su = None
     dx, dw_gate, dw_up, dw_down = _expert_mlp_bwd(dy_ND, qx, sx, qg, sg, qu, su, w_gate, w_up, w_down, offs_E,
-                                                  ctx.use_grouped_mm)
-    return dx, dw_gate, dw_up, dw_down, None, None, None
+                                                  ctx.use_grouped_mm, pos_TK)
+    return dx, dw_gate, dw_up, dw_down, None, None, None, None
 
 
 _expert_mlp_fwd.register_autograd(_expert_mlp_backward, setup_context=_save_expert_mlp)
 
 
 def expert_mlp_saved(x_ND: torch.Tensor, w_gate_EID: torch.Tensor, w_up_EID: torch.Tensor, w_down_EDI: torch.Tensor,
-                     offs_E: torch.Tensor, use_grouped_mm: bool, fp8: bool = True) -> torch.Tensor:
+                     offs_E: torch.Tensor, use_grouped_mm: bool, fp8: bool = True,
+                     pos_TK: Optional[torch.Tensor] = None) -> torch.Tensor:
     """down_e(silu(gate_e(x)) * up_e(x)) on expert-ordered rows [N, D] (rows offs[e-1]:offs[e] of
     expert e), differentiable in x and the three weights, keeping only x, gate and up for the
-    backward: as FP8 tiles with ``fp8`` (``parallel.fp8_moe_inputs``), else as they are."""
-    return _expert_mlp_fwd(x_ND, w_gate_EID, w_up_EID, w_down_EDI, offs_E, use_grouped_mm, fp8)[0]
+    backward: as FP8 tiles with ``fp8`` (``parallel.fp8_moe_inputs``), else as they are. With
+    ``pos_TK`` (Triton only) x is the tokens [T, D] and the op permutes them itself (``permute``),
+    so that its backward sums the gate and up input gradients in the permute's gather."""
+    return _expert_mlp_fwd(x_ND, w_gate_EID, w_up_EID, w_down_EDI, offs_E, use_grouped_mm, fp8, pos_TK)[0]
 
 
 def moe_experts_forward(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_w_TK: torch.Tensor,

@@ -155,13 +155,16 @@ def test_moe_experts_compile_without_graph_breaks(backend):
         assert _rel(got, ref) <= 1e-5
 
 
+@pytest.mark.parametrize("permuted", [False, True], ids=["rows", "tokens"])
 @pytest.mark.parametrize("fp8", [False, True], ids=["kept", "fp8"])
-def test_saved_expert_mlp_compiles_without_graph_breaks(fp8):
+def test_saved_expert_mlp_compiles_without_graph_breaks(fp8, permuted):
     torch.manual_seed(4)
     x, idx, w, ws = _moe_case(T=16, D=160, I=48)  # D > 128: two FP8 tiles per row, the last one partial
 
     def fn(x, w, a, b, c):
         r = build_routing(idx, a.shape[0])
+        if permuted:  # the op permutes the tokens itself
+            return combine(expert_mlp_saved(x, a, b, c, r.offs_E, False, fp8, pos_TK=r.pos_TK), w, r)
         return combine(expert_mlp_saved(permute(x, r), a, b, c, r.offs_E, False, fp8), w, r)
 
     _check_compiled(fn, [x, w, *ws])
@@ -211,6 +214,7 @@ def _op_cases():
         "grouped_weight_grad_loop": (OPS.grouped_weight_grad_loop, (xs, rows_I(), rt.offs_E, 6)),
         "expert_mlp_saved_fwd": (OPS.expert_mlp_saved_fwd, (*grad(xs, *ws), rt.offs_E, False, False)),
         "expert_mlp_saved_fwd_fp8": (OPS.expert_mlp_saved_fwd, (*grad(xs, *ws), rt.offs_E, False, True)),
+        "expert_mlp_saved_fwd_permuted": (OPS.expert_mlp_saved_fwd, (*grad(xm, *ws), rt.offs_E, False, False, rt.pos_TK)),
         "expert_mlp_saved_bwd": (OPS.expert_mlp_saved_bwd, (torch.randn_like(xs), xs, None, rows_I(), None, rows_I(),
                                                             None, *ws, rt.offs_E, False)),
         "cross_entropy_fwd": (OPS.cross_entropy_fwd, (*grad(logits), labels, -100)),
@@ -221,7 +225,8 @@ def _op_cases():
 _OP_NAMES = ["rmsnorm_residual_fwd", "rmsnorm_fwd", "rmsnorm_bwd", "swiglu_fwd", "swiglu_bwd", "mla_attention_fwd",
              "mla_attention_bwd", "moe_permute", "moe_permute_bwd", "moe_permute_bwd_sum", "moe_combine",
              "moe_combine_bwd", "grouped_linear_loop", "grouped_weight_grad_loop", "expert_mlp_saved_fwd",
-             "expert_mlp_saved_fwd_fp8", "expert_mlp_saved_bwd", "cross_entropy_fwd", "cross_entropy_bwd"]
+             "expert_mlp_saved_fwd_fp8", "expert_mlp_saved_fwd_permuted", "expert_mlp_saved_bwd", "cross_entropy_fwd",
+             "cross_entropy_bwd"]
 
 
 @pytest.mark.parametrize("name", _OP_NAMES)

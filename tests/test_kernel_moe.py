@@ -7,7 +7,7 @@ import torch
 
 
 pytest.importorskip("triton")
-from k2train.kernels.moe import build_routing, combine, moe_experts_forward, permute  # noqa: E402
+from k2train.kernels.moe import build_routing, combine, expert_mlp_saved, moe_experts_forward, permute  # noqa: E402
 from k2train.model.moe import experts_reference, grouped_mm_supported  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -51,6 +51,27 @@ def test_moe_fp32_matches_loop(T, D, I, E, K, loop):
     # the permute, gate and up GEMMs share one backward (their input gradients summed in the
     # permute's gather): with torch._grouped_mm and with the per-expert loop
     _check(T, D, I, E, K, torch.float32, 1e-5, seed=T, loop=loop)
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["kept", "fp8"])
+def test_saved_expert_mlp_permuting_its_tokens_matches_permute_then_op(fp8):
+    """``expert_mlp_saved(x_TD, ..., pos_TK=...)`` (the op permutes, and its backward sums the gate
+    and up input gradients in the permute's gather) against ``permute`` then the op on the rows:
+    the same output and gradients (fp32: to rounding; the sums' order differs)."""
+    T, D, I, E, K = 16, 160, 48, 6, 2
+    x, idx, w, ws = _random_case(T, D, I, E, K, torch.float32, seed=3)
+    r = build_routing(idx, E)
+    runs = []
+    for fused in (False, True):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w, *ws)]
+        xi, wi, a, b, c = leaves
+        y_ND = (expert_mlp_saved(xi, a, b, c, r.offs_E, False, fp8, pos_TK=r.pos_TK) if fused
+                else expert_mlp_saved(permute(xi, r), a, b, c, r.offs_E, False, fp8))
+        out = combine(y_ND, wi, r)
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(9)).to(DEV))
+        runs.append([out.detach(), *(t.grad for t in leaves)])
+    for got, ref in zip(*reversed(runs)):
+        assert _rel(got, ref) < 1e-6
 
 
 def test_permute_combine_roundtrip_and_grads():

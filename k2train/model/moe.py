@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from ..kernels.moe import build_routing, combine, expert_mlp_saved, moe_experts_forward, permute
+from ..kernels.moe import build_routing, combine, expert_mlp_saved, moe_experts_forward, permute, triton_moe_available
 from ..kernels.split_matmul import linear_fp32
 from ..kernels.swiglu import swiglu
 
@@ -100,8 +100,13 @@ def experts_fp8_saved(x_TD, topk_idx_TK, topk_w_TK, w_gate_EID, w_up_EID, w_down
     dt = compute_dtype(x_TD)
     routing = build_routing(topk_idx_TK, w_gate_EID.shape[0])
     order_impl = "auto" if impl == "triton" else "torch"
-    x_ND = permute(x_TD.to(dt), routing, order_impl)
-    y_ND = expert_mlp_saved(x_ND, w_gate_EID, w_up_EID, w_down_EDI, routing.offs_E, grouped_mm_supported(x_ND))
+    x_TD = x_TD.to(dt)
+    if order_impl == "auto" and triton_moe_available(x_TD):  # the op permutes (one backward with the permute's)
+        y_ND = expert_mlp_saved(x_TD, w_gate_EID, w_up_EID, w_down_EDI, routing.offs_E, grouped_mm_supported(x_TD),
+                                pos_TK=routing.pos_TK)
+    else:
+        x_ND = permute(x_TD, routing, order_impl)
+        y_ND = expert_mlp_saved(x_ND, w_gate_EID, w_up_EID, w_down_EDI, routing.offs_E, grouped_mm_supported(x_ND))
     return combine(y_ND, topk_w_TK, routing, order_impl)
 
 
