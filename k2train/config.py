@@ -382,6 +382,11 @@ class ProfileConfig:
             _fail(f"trainer.profile.ranks={list(self.ranks)} must list ranks >= 0 ([]: every rank)")
 
 
+# trainer.compile_mode: torch.compile's modes, and those that replay the blocks as CUDA graphs.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
+
+
 @dataclass
 class TrainerConfig:
     steps: int = 200
@@ -528,13 +533,12 @@ class JobConfig:
                 f"trainer.loss_chunk_tokens={t.loss_chunk_tokens} with parallel.tp={self.parallel.tp}: the vocabulary-"
                 "parallel loss already splits the logits over the tp ranks; set trainer.loss_chunk_tokens=0"
             )
-        modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-        if t.compile_mode not in modes:
-            _fail(f"trainer.compile_mode={t.compile_mode!r}: choose one of {', '.join(modes)}")
+        if t.compile_mode not in COMPILE_MODES:
+            _fail(f"trainer.compile_mode={t.compile_mode!r}: choose one of {', '.join(COMPILE_MODES)}")
         if t.compile_mode != "default" and not t.compile:
             _fail(f"trainer.compile_mode={t.compile_mode} without trainer.compile=true: set trainer.compile=true, "
                   "or leave trainer.compile_mode=default")
-        if t.compile_mode in ("reduce-overhead", "max-autotune"):
+        if t.compile_mode in CUDA_GRAPH_COMPILE_MODES:
             if self.parallel.pp > 1:
                 _fail(f"trainer.compile_mode={t.compile_mode} with parallel.pp={self.parallel.pp}: CUDA graphs replay "
                       "into one memory pool, and a pipeline schedule runs several micro-batches' forwards before "

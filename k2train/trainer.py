@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointManager, load_model_weights
 from .checkpoint_layout import git_revision
-from .config import JobConfig, job_config_to_dict
+from .config import CUDA_GRAPH_COMPILE_MODES, JobConfig, job_config_to_dict
 from .convert import export_hf
 from .data_pipeline.loader import build_data_loader, has_validation_data, load_tokenizer, validation_sets
 from .faults import LossSpikeDetector, NonFiniteGuard, PreemptionHandler, collective_timeout, init_distributed
@@ -479,7 +479,7 @@ class Trainer:
             # in between), which casts every weight once a step instead of once per micro-batch.
             # No forward follows the last backward: the cache goes before it, so each copy goes
             # when its layer's backward is done instead of staying to the end of the step.
-            graphs = t.compile and t.compile_mode in ("reduce-overhead", "max-autotune")
+            graphs = t.compile and t.compile_mode in CUDA_GRAPH_COMPILE_MODES
             with autocast:
                 for i, batch in enumerate(batches):
                     b = to_device(batch, device)

@@ -112,14 +112,10 @@ def build_routing(topk_idx_TK: torch.Tensor, num_experts: int) -> Routing:
     return Routing(pos_N.view(T, K).to(torch.int32), offs_E, order_N)
 
 
-def _triton_ok(t: torch.Tensor) -> bool:
-    return triton is not None and runs_on(t, _gather_sum_kernel)
-
-
 def triton_moe_available(t: torch.Tensor) -> bool:
     """Whether the permute/combine kernels run on ``t``'s device here (CUDA, or CPU under
     TRITON_INTERPRET=1)."""
-    return _triton_ok(t)
+    return triton is not None and runs_on(t, _gather_sum_kernel)
 
 
 def _block(D: int, kernel) -> tuple[int, int]:
@@ -251,7 +247,7 @@ def permute(x_TD: torch.Tensor, routing: Routing, impl: str = "auto") -> torch.T
     ``impl``: "auto" (Triton where it runs), "torch". Both are deterministic: the torch version
     gathers each of the K copies once (a permutation), so its backward has no colliding writes
     and sums a token's K gradients in slot order."""
-    if impl == "auto" and _triton_ok(x_TD):
+    if impl == "auto" and triton_moe_available(x_TD):
         return _permute_op(x_TD, routing.pos_TK)
     K = routing.pos_TK.shape[1]
     return x_TD.repeat_interleave(K, dim=0)[routing.order_N]
@@ -260,7 +256,7 @@ def permute(x_TD: torch.Tensor, routing: Routing, impl: str = "auto") -> torch.T
 def combine(y_ND: torch.Tensor, topk_w_TK: torch.Tensor, routing: Routing, impl: str = "auto") -> torch.Tensor:
     """out[t] = sum_k w[t, k] * y[pos[t, k]] in y's dtype (fp32 sum); differentiable in y and w.
     Deterministic, as :func:`permute` (``impl`` likewise)."""
-    if impl == "auto" and _triton_ok(y_ND):
+    if impl == "auto" and triton_moe_available(y_ND):
         return _combine_op(y_ND, topk_w_TK, routing.pos_TK)
     T, K = routing.pos_TK.shape
     y_TKD = y_ND[routing.pos_TK.reshape(-1).long()].view(T, K, -1)
@@ -471,7 +467,7 @@ def moe_experts_forward(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_w_TK
         x_TD, w_gate_EID, w_up_EID, w_down_EDI = (t.to(dt) for t in (x_TD, w_gate_EID, w_up_EID, w_down_EDI))
     with torch.no_grad():
         routing = build_routing(topk_idx_TK, E)
-    if _triton_ok(x_TD):
+    if triton_moe_available(x_TD):
         gate, up = _PermuteGateUp.apply(x_TD, routing.pos_TK, routing.offs_E, w_gate_EID, w_up_EID, use_grouped_mm)
     else:
         x_ND = permute(x_TD, routing)

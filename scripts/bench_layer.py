@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_kernels import bootstrap_k2train  # noqa: E402  (also maps kernels/ and optim/)
 
 bootstrap_k2train()
-from k2train.config import ModelConfig  # noqa: E402
+from k2train.config import CUDA_GRAPH_COMPILE_MODES, ModelConfig  # noqa: E402
 
 RES: dict = {}
 SEQ = 4096
@@ -142,7 +142,7 @@ def bench_ours(attn_impl, moe_impl, anchors, fused=False, compile=False, profile
         torch.nn.init.normal_(p, std=0.006) if p.ndim > 1 else torch.nn.init.ones_(p)
     cos_table, sin_table = (t.cuda() for t in rope_table(cfg))
     run = torch.compile(block, mode=None if mode == "default" else mode) if compile else block
-    graphs = compile and mode in ("reduce-overhead", "max-autotune")
+    graphs = compile and mode in CUDA_GRAPH_COMPILE_MODES
     label = (f"attn={attn_impl} moe={moe_impl}" + (" norm,mlp=triton" if fused else "") + (" compiled" if compile else "")
              + (f" mode={mode}" if compile and mode != "default" else ""))
     for B in (1, 2):
